@@ -1,0 +1,3 @@
+from dnnrun.cli import main
+
+main()

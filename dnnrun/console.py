@@ -1,0 +1,79 @@
+"""The terminal: one Rich console for the progress bar, log lines and the results table."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+console = Console()
+if not console.is_terminal:
+    console.width = max(console.width, 120)  # logs and CI output: don't wrap log lines at 80 columns
+
+REFRESH_S = 0.1  # the bar reads the loss (a device sync on GPU) at most this often
+
+
+class EpochBar:
+    """A progress bar per epoch: step, loss and samples/s. Cheap per step: it only looks at the
+    clock, and reads the loss from the device when it redraws."""
+
+    def __init__(self, enabled: bool, epochs: int):
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[rate]} samples/s"),
+            TimeElapsedColumn(),
+            console=console,
+            disable=not (enabled and console.is_terminal),
+        )
+        self.epochs = epochs
+        self.task = None
+
+    def __enter__(self) -> EpochBar:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def start_epoch(self, epoch: int, steps: int) -> None:
+        self.task = self.progress.add_task(f"epoch {epoch}/{self.epochs}", total=steps, loss="-", rate="-")
+        self.started = self.last = time.perf_counter()
+        self.samples = 0
+
+    def step(self, i: int, loss: torch.Tensor, batch: int) -> None:
+        self.samples += batch
+        now = time.perf_counter()
+        if now - self.last >= REFRESH_S:
+            self._draw(i, loss, now)
+
+    def end_epoch(self, i: int, loss: torch.Tensor) -> None:
+        self._draw(i, loss, time.perf_counter())
+
+    def _draw(self, i: int, loss: torch.Tensor, now: float) -> None:
+        self.last = now
+        rate = self.samples / max(now - self.started, 1e-9)
+        self.progress.update(self.task, completed=i, loss=f"{loss.item():.4f}", rate=f"{rate:,.0f}")
+
+
+def results_table(summary: dict) -> Table:
+    table = Table(title=f"dnnrun: {summary['status']}", title_justify="left")
+    table.add_column("metric")
+    table.add_column("final", justify="right")
+    table.add_column(f"best (epoch {summary['best'].get('epoch', '-')})", justify="right")
+    final, best = summary["final"], summary["best"]
+    for name in ("train/loss", "train/acc", "val/loss", "val/acc"):
+        table.add_row(name, _fmt(final.get(name)), _fmt(best.get(name)))
+    for name, value in summary["test"].items():
+        if name.startswith("test/"):
+            table.add_row(f"{name} ({summary['test']['weights']} weights)", _fmt(value), "")
+    return table
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}"

@@ -1,0 +1,253 @@
+"""Datasets held as tensors on the training device.
+
+A loader returns whole uint8 arrays (N, features) on the CPU. `load` filters classes, carves the
+validation split (and a test split for sets without one) with a fixed seed, caps the training set,
+moves the compact uint8 tensors to the device and converts them to float32 once, there. Training
+batches are index slices of a `randperm`; there is no per-sample Dataset/collate path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from dnnrun.errors import DataError
+from dnnrun.schema import Problems, parse
+
+DEFAULT_ROOT = "~/.cache/dnnrun-data"
+
+
+@dataclasses.dataclass
+class Arrays:
+    """What a loader returns: uint8 (or float) features (N, D) and int64 labels, on the CPU."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor | None  # None: the set has no official test split; one is carved out
+    y_test: torch.Tensor | None
+    max_value: float  # the raw value that scaling=unit maps to 1.0
+    n_classes: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Loaders: (root, download, **params) -> Arrays
+
+
+def digits(root: Path, download: bool) -> Arrays:
+    """scikit-learn's bundled 8x8 handwritten digits: 1,797 images, pixel values 0..16."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.as_tensor(bunch.data, dtype=torch.uint8)
+    y = torch.as_tensor(bunch.target, dtype=torch.int64)
+    return Arrays(x, y, None, None, max_value=16.0, n_classes=10)
+
+
+def synthetic(
+    root: Path,
+    download: bool,
+    n_samples: int = 1200,
+    n_features: int = 32,
+    n_classes: int = 4,
+    noise: float = 120.0,
+    seed: int = 0,
+) -> Arrays:
+    """Deterministic Gaussian blobs around random uint8 prototypes: a quick, learnable set for tests."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randint(0, 256, (n_classes, n_features), generator=g).float()
+    y = torch.arange(n_samples) % n_classes
+    y = y[torch.randperm(n_samples, generator=g)]
+    x = centers[y] + noise * torch.randn(n_samples, n_features, generator=g)
+    x = x.round().clamp(0, 255).to(torch.uint8)
+    return Arrays(x, y, None, None, max_value=255.0, n_classes=n_classes)
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchvisionSet:
+    """A torchvision dataset class and where it expects its files, for the message when they are missing."""
+
+    class_name: str
+    folder: str  # under root
+    files: tuple[str, ...]
+    url: str
+
+    def __call__(self, root: Path, download: bool) -> Arrays:  # the same (root, download) as every loader
+        import torchvision.datasets
+
+        cls = getattr(torchvision.datasets, self.class_name)
+        try:
+            train = cls(str(root), train=True, download=download)
+            test = cls(str(root), train=False, download=download)
+        except Exception as exc:  # torchvision raises RuntimeError or URLError; the cause goes in the message
+            where = root / self.folder
+            reason = " ".join(str(exc).split())[:300]  # torchvision's messages span lines
+            how = "and could not download them" if download else "and data.download=false"
+            raise DataError(
+                f"{self.class_name}: cannot load the files under {where} ({reason}), {how}.\n"
+                f"Put {', '.join(self.files)} in {where} (from {self.url}), or point data.root "
+                f"(or the DNNRUN_DATA environment variable) at a folder that has them."
+            ) from None
+        return Arrays(
+            x_train=_flat_uint8(train.data),
+            y_train=torch.as_tensor(train.targets, dtype=torch.int64),
+            x_test=_flat_uint8(test.data),
+            y_test=torch.as_tensor(test.targets, dtype=torch.int64),
+            max_value=255.0,
+            n_classes=len(train.classes),
+        )
+
+
+def _flat_uint8(data: Any) -> torch.Tensor:
+    x = torch.as_tensor(data)
+    return x.reshape(len(x), -1).to(torch.uint8)
+
+
+_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+
+DATASETS: dict[str, Callable[..., Arrays]] = {
+    "digits": digits,
+    "synthetic": synthetic,
+    "mnist": TorchvisionSet("MNIST", "MNIST/raw", _MNIST_FILES, "https://ossci-datasets.s3.amazonaws.com/mnist/"),
+    "fashion_mnist": TorchvisionSet(
+        "FashionMNIST", "FashionMNIST/raw", _MNIST_FILES, "https://github.com/zalandoresearch/fashion-mnist"
+    ),
+    "cifar10": TorchvisionSet(
+        "CIFAR10", "", ("cifar-10-python.tar.gz",), "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    name: str
+    root: str = DEFAULT_ROOT  # torchvision sets are downloaded to and cached here
+    download: bool = True  # try to download torchvision sets whose files are missing
+    val_size: float = 0.1  # < 1: fraction of the training set; >= 1: number of examples
+    test_size: float = 0.2  # only for sets without an official test split (digits, synthetic)
+    scaling: Literal["none", "unit", "standardize"] = "standardize"  # unit: to [0, 1]
+    classes: list[int] | None = None  # keep only these labels, relabelled 0..k-1 in this order
+    max_train: int | None = None  # keep at most this many training examples (after the validation split)
+    split_seed: int = 0  # fixes which examples go to validation (and test), whatever the training seed
+    params: dict[str, Any] = dataclasses.field(default_factory=dict)  # the loader's own options
+
+    def check(self, problems: Problems, key: str) -> None:
+        for name in ("val_size", "test_size"):
+            value = getattr(self, name)
+            if value <= 0 or (value >= 1 and not float(value).is_integer()):
+                problems.add(f"{key}.{name}", f"must be a fraction in (0, 1) or a whole number of examples, got {value}")
+        if self.max_train is not None and self.max_train < 1:
+            problems.add(f"{key}.max_train", f"must be >= 1 or null, got {self.max_train}")
+        if self.classes is not None and (len(self.classes) < 2 or len(set(self.classes)) != len(self.classes)):
+            problems.add(f"{key}.classes", f"must list at least two distinct labels, got {self.classes}")
+
+
+def parse_data(raw, key: str, problems: Problems) -> DataConfig | None:
+    return parse(DataConfig, raw, key, problems, registry=DATASETS, kind="dataset")
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits on the device
+
+
+@dataclasses.dataclass
+class Split:
+    x: torch.Tensor  # (N, features) float32, on the training device
+    y: torch.Tensor  # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Mini-batches in a random order drawn from `generator` (in order when it is None)."""
+        n = len(self)
+        if generator is None:
+            for i in range(0, n, batch_size):
+                yield self.x[i : i + batch_size], self.y[i : i + batch_size]
+            return
+        order = torch.randperm(n, generator=generator).to(self.x.device)
+        for i in range(0, n, batch_size):
+            idx = order[i : i + batch_size]
+            yield self.x[idx], self.y[idx]
+
+
+@dataclasses.dataclass
+class Data:
+    train: Split
+    val: Split
+    test: Split
+    n_features: int
+    n_classes: int
+
+
+def _count(size: float, n: int) -> int:
+    return int(size) if size >= 1 else max(1, round(size * n))
+
+
+def _split_off(x: torch.Tensor, y: torch.Tensor, size: float, seed: int, what: str):
+    n = len(y)
+    k = _count(size, n)
+    if k >= n:
+        raise DataError(f"{what} of {k} examples leaves none of the {n} for training; lower it")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    rest, held = order[k:], order[:k]
+    return x[rest], y[rest], x[held], y[held]
+
+
+def _keep_classes(x: torch.Tensor, y: torch.Tensor, classes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    mapping = torch.full((int(y.max()) + 1,), -1, dtype=torch.int64)
+    mapping[torch.tensor(classes)] = torch.arange(len(classes))
+    keep = mapping[y] >= 0
+    return x[keep], mapping[y[keep]]
+
+
+def load(cfg: DataConfig, device: torch.device) -> Data:
+    root = Path(os.path.expanduser(cfg.root))
+    arrays = DATASETS[cfg.name](root, cfg.download, **cfg.params)
+    x_train, y_train, x_test, y_test = arrays.x_train, arrays.y_train, arrays.x_test, arrays.y_test
+    n_classes = arrays.n_classes
+    if cfg.classes is not None:
+        bad = [c for c in cfg.classes if not 0 <= c < n_classes]
+        if bad:
+            raise DataError(f"data.classes: {bad} are not labels of {cfg.name} (valid: 0..{n_classes - 1})")
+        x_train, y_train = _keep_classes(x_train, y_train, cfg.classes)
+        if x_test is not None:
+            x_test, y_test = _keep_classes(x_test, y_test, cfg.classes)
+        n_classes = len(cfg.classes)
+    if x_test is None:
+        x_train, y_train, x_test, y_test = _split_off(x_train, y_train, cfg.test_size, cfg.split_seed, "data.test_size")
+    # A different seed stream from the test split's, so the two carve-outs are independent.
+    x_train, y_train, x_val, y_val = _split_off(x_train, y_train, cfg.val_size, cfg.split_seed + 1, "data.val_size")
+    if cfg.max_train is not None:
+        x_train, y_train = x_train[: cfg.max_train], y_train[: cfg.max_train]
+
+    # uint8 crosses to the device (4x less to copy); the float conversion happens once, there.
+    splits = {
+        name: (x.to(device).float(), y.to(device))
+        for name, x, y in (("train", x_train, y_train), ("val", x_val, y_val), ("test", x_test, y_test))
+    }
+    scale = _scaler(cfg.scaling, splits["train"][0], arrays.max_value)
+    return Data(
+        **{name: Split(scale(x), y) for name, (x, y) in splits.items()},
+        n_features=x_train.shape[1],
+        n_classes=n_classes,
+    )
+
+
+def _scaler(scaling: str, x_train: torch.Tensor, max_value: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    if scaling == "none":
+        return lambda x: x
+    if scaling == "unit":
+        return lambda x: x / max_value
+    mean = x_train.mean(0)
+    std = x_train.std(0)
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))  # a constant feature (e.g. an image border) stays 0
+    return lambda x: (x - mean) / std

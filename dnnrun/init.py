@@ -1,0 +1,69 @@
+"""Weight initializers, applied to every Linear weight (biases start at zero).
+
+Glorot, He and LeCun are one function, `variance_scaling_`, with different data: the presets in
+conf/init/ set its scale, mode and distribution. Fans follow PyTorch's (out, in, *kernel) layout.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+from dnnrun.schema import POSITIVE, Choice, Problems, check_rules, parse_choice
+
+# A truncated normal cut at two standard deviations has variance 0.87962566^2 of the untruncated
+# one; dividing the standard deviation by it makes the variance after truncation the target.
+_TRUNCATED_STD = 0.87962566103423978
+
+
+@torch.no_grad()
+def variance_scaling_(
+    weight: torch.Tensor,
+    scale: float = 1.0,
+    mode: Literal["fan_in", "fan_out", "fan_avg"] = "fan_in",
+    distribution: Literal["normal", "truncated_normal", "uniform"] = "truncated_normal",
+) -> None:
+    """Draw weights with variance scale / fan (Glorot: 1/fan_avg, He: 2/fan_in, LeCun: 1/fan_in).
+
+    `normal` is the plain normal; `truncated_normal` cuts at +-2 std (Keras' choice, no outliers);
+    `uniform` uses the limit sqrt(3 * variance), which has the same variance.
+    """
+    receptive = math.prod(weight.shape[2:])
+    fan_in, fan_out = weight.shape[1] * receptive, weight.shape[0] * receptive
+    fan = {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2}[mode]
+    variance = scale / fan
+    if distribution == "normal":
+        weight.normal_(0.0, math.sqrt(variance))
+    elif distribution == "truncated_normal":
+        std = math.sqrt(variance) / _TRUNCATED_STD
+        nn.init.trunc_normal_(weight, 0.0, std, -2 * std, 2 * std)
+    else:
+        limit = math.sqrt(3 * variance)
+        weight.uniform_(-limit, limit)
+
+
+INITIALIZERS = {
+    "variance_scaling": variance_scaling_,
+}
+
+RULES = {"scale": POSITIVE}
+
+
+def parse(raw, key: str, problems: Problems) -> Choice | None:
+    choice = parse_choice(raw, INITIALIZERS, key, "initializer", problems)
+    if choice is not None:
+        check_rules(choice.params, RULES, key, problems)
+    return choice
+
+
+def initialize(model: nn.Module, choice: Choice) -> None:
+    """Apply the chosen initializer to every Linear weight and zero every Linear bias."""
+    init_ = INITIALIZERS[choice.name]
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            init_(module.weight, **choice.params)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)

@@ -1,0 +1,69 @@
+"""What a run writes besides checkpoints: metrics.jsonl (one line per epoch) and summary.json."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dnnrun.checkpoint import atomic_write
+
+
+def _jsonable(x: Any) -> Any:
+    """NaN and infinities are not JSON: they are written as null (a diverged loss stays visible as null)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def write_json(path: Path, obj: Any) -> None:
+    text = json.dumps(_jsonable(obj), indent=2) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+class MetricsLog:
+    """metrics.jsonl: appended and flushed after every epoch; rewritten whole on resume so that it
+    holds exactly the epochs of the checkpoint the run continues from."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def rewrite(self, records: list[dict]) -> None:
+        text = "".join(json.dumps(_jsonable(r)) + "\n" for r in records)
+        atomic_write(self.path, lambda f: f.write(text.encode()))
+
+    def append(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(_jsonable(record)) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version(), "torch": torch.__version__}
+    for dist in ("dnnrun", "hydra-core", "omegaconf", "numpy", "torchvision"):
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)

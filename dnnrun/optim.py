@@ -1,0 +1,38 @@
+"""Optimizers by name. A YAML in conf/optimizer/ sets `name:` and the optimizer's own keyword
+arguments (PyTorch's names: lr, momentum, nesterov, betas, eps, weight_decay, ...)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dnnrun.schema import FRACTION, NON_NEGATIVE, POSITIVE, Choice, Problems, check_rules, parse_choice
+
+OPTIMIZERS = {
+    "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+}
+
+RULES = {"lr": POSITIVE, "momentum": FRACTION, "weight_decay": NON_NEGATIVE, "eps": POSITIVE}
+
+
+def parse(raw, key: str, problems: Problems) -> Choice | None:
+    choice = parse_choice(raw, OPTIMIZERS, key, "optimizer", problems)
+    if choice is not None:
+        check_rules(choice.params, RULES, key, problems)
+        betas = choice.params.get("betas")
+        if betas is not None and not (len(betas) == 2 and all(0 <= b < 1 for b in betas)):
+            problems.add(f"{key}.betas", f"must be two numbers in [0, 1), got {list(betas)}")
+    return choice
+
+
+def param_groups(model: nn.Module) -> list[dict]:
+    """Weight decay applies to weight matrices only: biases and norm scales/shifts (all 1-D) are exempt."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build(choice: Choice, model: nn.Module) -> torch.optim.Optimizer:
+    return OPTIMIZERS[choice.name](param_groups(model), **choice.params)

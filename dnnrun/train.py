@@ -1,0 +1,393 @@
+"""The training loop: `run(cfg, run_dir)` trains one model and leaves a complete run directory.
+
+Read `run` top to bottom: set up, maybe resume, then epochs of shuffled mini-batches with a
+validation pass, a checkpoint and an early-stopping check after each, and a test pass at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dnnrun import checkpoint, data as data_mod, optim, regularizers
+from dnnrun.console import EpochBar, console, results_table
+from dnnrun.errors import UserError
+from dnnrun.metrics import MetricsLog, describe_device, versions, write_json
+from dnnrun.model import MODELS, count_parameters
+from dnnrun.schedules import Schedule
+from dnnrun.schema import Problems
+
+if TYPE_CHECKING:
+    from dnnrun.config import RunConfig
+
+log = logging.getLogger("dnnrun")
+
+
+@dataclasses.dataclass(frozen=True)
+class EarlyStopping:
+    patience: int | None = None  # epochs without improvement of trainer.monitor before stopping; null: never
+    min_delta: float = 0.0  # a smaller change does not count as an improvement
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerConfig:
+    epochs: int = 20
+    batch_size: int = 32
+    eval_batch_size: int = 1024  # evaluation only: larger is faster and changes nothing
+    device: str = "auto"  # auto (CUDA if present, else CPU) | cpu | cuda | cuda:N | mps
+    seed: int = 0  # one seed for initialization, shuffling and dropout
+    deterministic: bool = False  # deterministic kernels only (slower on GPU)
+    amp: bool = False  # mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling)
+    clip_value: float | None = None  # clip each gradient element to [-v, v]
+    clip_norm: float | None = None  # rescale the gradients when their global L2 norm exceeds this
+    monitor: Literal["val/loss", "val/acc"] = "val/loss"  # picks best.pt and drives early stopping
+    early_stopping: EarlyStopping = dataclasses.field(default_factory=EarlyStopping)
+    restore_best: bool = True  # test (and leave in memory) the best epoch's weights, not the last
+    resume: str | None = None  # null: fresh start | auto: last.pt in the run directory | a checkpoint path
+    limit_batches: int | None = None  # train on at most this many batches per epoch (debugging)
+    detect_anomaly: bool = False  # autograd anomaly detection: names the op that made a NaN (slow)
+    progress: bool = True  # Rich progress bar (on terminals only)
+
+    def check(self, problems: Problems, key: str) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size", "limit_batches"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                problems.add(f"{key}.{name}", f"must be >= 1, got {value}")
+        for name in ("clip_value", "clip_norm"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                problems.add(f"{key}.{name}", f"must be > 0 or null, got {value}")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            problems.add(f"{key}.device", f"expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        patience = self.early_stopping.patience
+        if patience is not None and patience < 1:
+            problems.add(f"{key}.early_stopping.patience", f"must be >= 1 or null, got {patience}")
+        if self.early_stopping.min_delta < 0:
+            problems.add(f"{key}.early_stopping.min_delta", f"must be >= 0, got {self.early_stopping.min_delta}")
+
+    @property
+    def maximize(self) -> bool:
+        return self.monitor.endswith("acc")
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up helpers
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"trainer.device={name}, but no CUDA device is available; use trainer.device=auto or cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"trainer.device={name}, but there are {torch.cuda.device_count()} CUDA devices")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("trainer.device=mps, but MPS is not available; use trainer.device=auto or cpu")
+    return device
+
+
+def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
+    last = run_dir / "checkpoints" / "last.pt"
+    if resume is None:
+        if last.exists():
+            raise UserError(
+                f"{run_dir} already holds a checkpoint; continue it with trainer.resume=auto, "
+                f"or start a new run in another directory (hydra.run.dir=...)"
+            )
+        return None
+    if resume == "auto":
+        if last.exists():
+            return last
+        log.warning("trainer.resume=auto: no checkpoint in %s; starting fresh", last.parent)
+        return None
+    path = Path(resume).expanduser()
+    if not path.is_file():
+        raise UserError(f"trainer.resume: no checkpoint file at {path}")
+    return path
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.benchmark = False
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
+
+
+def mixed_precision(enabled: bool, device: torch.device):
+    """(autocast context factory, GradScaler or None). fp16 needs loss scaling; bf16 does not."""
+    if not enabled:
+        return contextlib.nullcontext, None
+    if device.type != "cuda":
+        log.warning("trainer.amp=true works on CUDA only; training in float32 on %s", device)
+        return contextlib.nullcontext, None
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if dtype is torch.float16 else None
+    return (lambda: torch.autocast("cuda", dtype=dtype)), scaler
+
+
+# ---------------------------------------------------------------------------------------------
+# One epoch, one evaluation
+
+
+def clip_gradients(params, clip_value: float | None, clip_norm: float | None) -> None:
+    """Clip by value (each element into [-v, v]), then by norm (rescale if the global L2 norm > n)."""
+    if clip_value is None and clip_norm is None:
+        return
+    params = [p for p in params if p.grad is not None]
+    if clip_value is not None:
+        nn.utils.clip_grad_value_(params, clip_value)
+    if clip_norm is not None:
+        nn.utils.clip_grad_norm_(params, clip_norm)
+
+
+def train_epoch(
+    model: nn.Module,
+    split: data_mod.Split,
+    optimizer: torch.optim.Optimizer,
+    schedule: Schedule,
+    reg: regularizers.Regularization,
+    tc: TrainerConfig,
+    shuffle: torch.Generator,
+    autocast,
+    scaler,
+    bar: EpochBar,
+) -> tuple[float, float, int]:
+    """Returns (mean loss, accuracy, steps taken). Loss and accuracy are running figures over the
+    epoch's batches, in training mode (dropout on), as Keras reports them."""
+    model.train()
+    loss_sum = torch.zeros((), device=split.x.device)
+    correct = torch.zeros((), device=split.x.device, dtype=torch.int64)
+    seen = steps = 0
+    for xb, yb in split.batches(tc.batch_size, shuffle):
+        if tc.limit_batches is not None and steps >= tc.limit_batches:
+            break
+        with autocast():
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        else:
+            loss.backward()
+        clip_gradients(model.parameters(), tc.clip_value, tc.clip_norm)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        if schedule.per == "step":
+            schedule.step()
+        steps += 1
+        seen += len(yb)
+        loss_sum += loss.detach() * len(yb)
+        correct += (logits.argmax(1) == yb).sum()
+        bar.step(steps, loss, len(yb))
+    bar.end_epoch(steps, loss_sum / max(seen, 1))
+    return (loss_sum / seen).item(), (correct / seen).item(), steps
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: data_mod.Split, batch_size: int, autocast) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) over the whole split, in evaluation mode."""
+    model.eval()
+    loss_sum = torch.zeros((), device=split.x.device)
+    correct = torch.zeros((), device=split.x.device, dtype=torch.int64)
+    for xb, yb in split.batches(batch_size):
+        with autocast():
+            logits = model(xb)
+        loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum")
+        correct += (logits.argmax(1) == yb).sum()
+    return (loss_sum / len(split)).item(), (correct / len(split)).item()
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def run(cfg: RunConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
+    """Train as configured; write metrics, checkpoints, summary and log under run_dir."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "run.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    summary: dict[str, Any] = {"status": "running", "started": _now(), "run_dir": str(run_dir)}
+    try:
+        return _train(cfg, run_dir, summary)
+    except KeyboardInterrupt:
+        _finish(run_dir, summary, "interrupted")
+        raise
+    except Exception as exc:
+        _finish(run_dir, summary, "failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+def _train(cfg: RunConfig, run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    tc = cfg.trainer
+    wall_start = time.perf_counter()
+    device = resolve_device(tc.device)
+    resume_from = resolve_resume(tc.resume, run_dir)
+    seed_everything(tc.seed, tc.deterministic)
+    torch.autograd.set_detect_anomaly(tc.detect_anomaly)
+
+    data = data_mod.load(cfg.data, device)
+    reg = regularizers.combine(cfg.regularizer)
+    model = MODELS[cfg.model.name](cfg.model, data.n_features, data.n_classes, cfg.act, cfg.norm, cfg.init, reg)
+    model.to(device)
+    optimizer = optim.build(cfg.optimizer, model)
+    steps_per_epoch = math.ceil(len(data.train) / tc.batch_size)
+    if tc.limit_batches is not None:
+        steps_per_epoch = min(steps_per_epoch, tc.limit_batches)
+    schedule = Schedule(cfg.schedule, optimizer, steps_per_epoch, tc.epochs)
+    shuffle = torch.Generator().manual_seed(tc.seed)
+    autocast, scaler = mixed_precision(tc.amp, device)
+
+    ckpt_dir = run_dir / "checkpoints"
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    # Counters and early-stopping state: everything besides modules that a resume must restore.
+    state: dict[str, Any] = {"epoch": 0, "step": 0, "best": None, "best_epoch": None, "bad_epochs": 0, "history": []}
+    if resume_from is not None:
+        ckpt = checkpoint.load(resume_from, map_location=device)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        schedule.load_state_dict(ckpt["schedule"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        state = ckpt["trainer"]
+        checkpoint.restore_rng(ckpt["rng"], shuffle)
+        if resume_from.resolve() != (ckpt_dir / "last.pt").resolve() and (resume_from.parent / "best.pt").exists():
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(resume_from.parent / "best.pt", ckpt_dir / "best.pt")
+        log.info("resumed from %s after epoch %d (step %d)", resume_from, state["epoch"], state["step"])
+    metrics.rewrite(state["history"])
+
+    summary.update(
+        parameters=count_parameters(model),
+        device=describe_device(device),
+        data={"train": len(data.train), "val": len(data.val), "test": len(data.test),
+              "features": data.n_features, "classes": data.n_classes},
+    )
+    write_json(run_dir / "summary.json", summary)
+    log.info(
+        "%s: %d train / %d val / %d test examples, %d features, %d classes; %s parameters on %s",
+        cfg.data.name, len(data.train), len(data.val), len(data.test), data.n_features, data.n_classes,
+        f"{summary['parameters']:,}", summary["device"],
+    )
+
+    stop_reason = None
+    with EpochBar(tc.progress, tc.epochs) as bar:
+        for epoch in range(state["epoch"] + 1, tc.epochs + 1):
+            epoch_start = time.perf_counter()
+            bar.start_epoch(epoch, steps_per_epoch)
+            train_loss, train_acc, steps = train_epoch(
+                model, data.train, optimizer, schedule, reg, tc, shuffle, autocast, scaler, bar
+            )
+            val_loss, val_acc = evaluate(model, data.val, tc.eval_batch_size, autocast)
+            state["step"] += steps
+            record = {
+                "epoch": epoch,
+                "step": state["step"],
+                "train/loss": train_loss,
+                "train/acc": train_acc,
+                "val/loss": val_loss,
+                "val/acc": val_acc,
+                "lr": optimizer.param_groups[0]["lr"],  # the rate of this epoch's last step
+                "time/epoch_s": time.perf_counter() - epoch_start,
+            }
+            if schedule.per == "epoch":
+                schedule.step()
+
+            value = record[tc.monitor]
+            improved = state["best"] is None or (
+                value > state["best"] + tc.early_stopping.min_delta
+                if tc.maximize
+                else value < state["best"] - tc.early_stopping.min_delta
+            )
+            if improved:
+                state.update(best=value, best_epoch=epoch, bad_epochs=0)
+            else:
+                state["bad_epochs"] += 1
+            state["epoch"] = epoch
+            state["history"].append(record)
+            metrics.append(record)
+
+            checkpoint.save(ckpt_dir / "last.pt", {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "trainer": state,
+                "rng": checkpoint.rng_state(shuffle),
+                "config": cfg.raw,
+            })
+            if improved:
+                checkpoint.atomic_write(ckpt_dir / "best.pt", lambda f: f.write((ckpt_dir / "last.pt").read_bytes()))
+            log.info(
+                "epoch %d/%d  train/loss %.4f  train/acc %.4f  val/loss %.4f  val/acc %.4f  lr %.3g%s",
+                epoch, tc.epochs, train_loss, train_acc, val_loss, val_acc, record["lr"], "  *" if improved else "",
+            )
+            patience = tc.early_stopping.patience
+            if patience is not None and state["bad_epochs"] >= patience:
+                stop_reason = f"early stopping: {tc.monitor} did not improve for {patience} epochs"
+                log.info(stop_reason)
+                break
+
+    weights = "last"
+    if tc.restore_best and state["best_epoch"] is not None and state["best_epoch"] != state["epoch"]:
+        model.load_state_dict(checkpoint.load(ckpt_dir / "best.pt", map_location=device)["model"])
+        weights = "best"
+        log.info("restored the weights of epoch %d (best %s)", state["best_epoch"], tc.monitor)
+    test_loss, test_acc = evaluate(model, data.test, tc.eval_batch_size, autocast)
+
+    history = state["history"]
+    best = next((r for r in history if r["epoch"] == state["best_epoch"]), {})
+    summary.update(
+        epochs_run=state["epoch"],
+        steps=state["step"],
+        stop_reason=stop_reason,
+        final=history[-1] if history else {},
+        best={"monitor": tc.monitor, "value": state["best"], **best},
+        test={"test/loss": test_loss, "test/acc": test_acc, "weights": weights},
+        wall_time_s=time.perf_counter() - wall_start,
+    )
+    _finish(run_dir, summary, "completed")
+    console.print(results_table(summary))
+    log.info("run directory: %s", run_dir)
+    return summary
+
+
+def _finish(run_dir: Path, summary: dict[str, Any], status: str, error: str | None = None) -> None:
+    summary.update(status=status, finished=_now(), versions=versions())
+    if error is not None:
+        summary["error"] = error
+    write_json(run_dir / "summary.json", summary)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

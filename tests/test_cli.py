@@ -1,0 +1,96 @@
+"""The installed `dnnrun` command, run in a subprocess as a user would."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_cli
+from dnnrun.metrics import read_jsonl
+
+EPOCH_KEYS = {"epoch", "step", "train/loss", "train/acc", "val/loss", "val/acc", "lr", "time/epoch_s"}
+
+
+def test_dnnrun_trains_and_leaves_a_complete_run_directory(tmp_path: Path):
+    run = tmp_path / "run"
+    result = run_cli("data=synthetic", "trainer.epochs=2", "optimizer=adam", "act=elu", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for name in (".hydra/config.yaml", ".hydra/overrides.yaml", "metrics.jsonl", "summary.json", "run.log",
+                 "checkpoints/last.pt", "checkpoints/best.pt"):
+        assert (run / name).is_file(), name
+    records = read_jsonl(run / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert all(set(r) == EPOCH_KEYS for r in records)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["test"]["test/acc"] > 0.5  # four separable classes: chance is 0.25
+    assert "epoch 2/2" in (run / "run.log").read_text()
+    assert "test/acc" in result.stdout  # the results table
+    snapshot = (run / ".hydra/config.yaml").read_text()
+    assert "name: elu" in snapshot and "name: adam" in snapshot
+
+
+def test_plain_dnnrun_trains_digits_with_no_network(tmp_path: Path):
+    result = run_cli(cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (summary_path,) = (tmp_path / "outputs").glob("*/*/summary.json")  # outputs/<date>/<time>/
+    summary = json.loads(summary_path.read_text())
+    assert summary["status"] == "completed" and summary["epochs_run"] == 20
+    assert summary["data"] == {"train": 1294, "val": 144, "test": 359, "features": 64, "classes": 10}
+    assert summary["test"]["test/acc"] > 0.9
+
+
+def test_python_dash_m_dnnrun_works(tmp_path: Path):
+    result = run_cli("data=synthetic", "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, module=True)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "completed"
+
+
+def test_multirun_writes_one_directory_per_job(tmp_path: Path):
+    sweep = tmp_path / "sweep"
+    result = run_cli("-m", "act=relu,elu", "data=synthetic", "trainer.epochs=1", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    jobs = sorted(p.parent.name for p in sweep.glob("*/summary.json"))
+    assert jobs == ["0_act=relu,data=synthetic,trainer.epochs=1", "1_act=elu,data=synthetic,trainer.epochs=1"]
+
+
+BAD_INPUTS = {
+    "type": (["trainer.epochs=abc"], ["trainer.epochs", "expected an integer", "'abc'"]),
+    "negative lr": (["optimizer.lr=-1"], ["optimizer.lr", "must be > 0", "-1"]),
+    "nan lr": (["optimizer.lr=nan"], ["optimizer.lr", "finite"]),
+    "misspelled key": (["trainer.epochz=3"], ["trainer.epochz", "valid:", "epochs", "did you mean 'epochs'"]),
+    "added unknown parameter": (["+optimizer.momentun=0.9"], ["optimizer.momentun", "did you mean 'momentum'"]),
+    "unknown option": (["optimizer=adamm"], ["adamm", "valid: adam, sgd", "did you mean 'adam'"]),
+    "unknown option in a sweep": (["-m", "act=relu,elu,eluu"], ["eluu", "valid: elu, relu"]),
+    "several at once": (["optimizer.lr=abc", "trainer.epochs=0", "data.val_size=2.5"],
+                        ["3 problems", "optimizer.lr", "trainer.epochs", "data.val_size"]),
+    "missing resume file": (["trainer.resume=/nonexistent/last.pt"], ["trainer.resume", "/nonexistent/last.pt"]),
+    "missing dataset files": (["data=fashion_mnist", "data.root=ROOT", "data.download=false"],
+                              ["ROOT/FashionMNIST/raw", "train-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]),
+    "override syntax": (["trainer.epochs=["], ["trainer.epochs=["]),
+}
+
+
+@pytest.mark.parametrize("args, expected", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
+def test_bad_input_exits_2_with_a_message_and_no_traceback(tmp_path: Path, args, expected):
+    root = tmp_path / "empty"
+    args = [a.replace("ROOT", str(root)) for a in args]
+    expected = [e.replace("ROOT", str(root)) for e in expected]
+    run = tmp_path / "run"
+    result = run_cli(*args, f"hydra.run.dir={run}", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "Traceback" not in output
+    for text in expected:
+        assert text in output, (text, output)
+    assert not (run / "checkpoints").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_requested_without_cuda_exits_2(tmp_path: Path):
+    result = run_cli("data=synthetic", "trainer.device=cuda", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "no CUDA device" in result.stderr and "Traceback" not in result.stderr

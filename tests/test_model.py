@@ -1,0 +1,63 @@
+"""The MLP builder: block structure, norm placement, bias handling and initialization."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from dnnrun.model import ModelConfig, count_parameters, mlp
+from dnnrun.norms import NormConfig
+from dnnrun.regularizers import Regularization
+from dnnrun.schema import Choice
+
+HE = Choice("variance_scaling", {"scale": 2.0, "mode": "fan_in", "distribution": "truncated_normal"})
+GLOROT_UNIFORM = Choice("variance_scaling", {"scale": 1.0, "mode": "fan_avg", "distribution": "uniform"})
+BN = NormConfig("batchnorm", "before", {"momentum": 0.1, "eps": 1e-5})
+
+
+def build(hidden=(30, 20), norm=NormConfig("none"), init=HE, act=Choice("relu"), **kw):
+    return mlp(ModelConfig("mlp", list(hidden), **kw), 16, 5, act, norm, init, Regularization())
+
+
+def test_blocks_are_named_and_ordered():
+    net = build()
+    assert [name for name, _ in net.named_children()] == ["hidden1", "hidden2", "output"]
+    assert [type(m) for m in net.hidden1] == [nn.Linear, nn.ReLU]
+    assert (net.hidden1.linear.in_features, net.hidden2.linear.in_features, net.output.out_features) == (16, 30, 5)
+    assert net(torch.randn(7, 16)).shape == (7, 5)
+
+
+def test_depth_times_width_replaces_hidden():
+    net = build(hidden=(300, 100), depth=4, width=8)
+    assert [m.linear.out_features for m in list(net)[:-1]] == [8, 8, 8, 8]
+
+
+def test_batchnorm_before_the_activation_drops_the_linear_bias():
+    net = build(norm=BN)
+    assert [type(m) for m in net.hidden1] == [nn.Linear, nn.BatchNorm1d, nn.ReLU]
+    assert net.hidden1.linear.bias is None and net.output.bias is not None
+    assert net.hidden1.norm.momentum == 0.1
+
+
+def test_batchnorm_after_the_activation_keeps_the_bias():
+    net = build(norm=NormConfig("batchnorm", "after", {}))
+    assert [type(m) for m in net.hidden1] == [nn.Linear, nn.ReLU, nn.BatchNorm1d]
+    assert net.hidden1.linear.bias is not None
+
+
+def test_initializer_applies_to_every_linear_weight_and_biases_start_at_zero():
+    net = build(hidden=(1000, 1000), init=HE)
+    for layer in (net.hidden2.linear, net.output):
+        fan_in = layer.in_features
+        assert layer.weight.var().item() == pytest.approx(2 / fan_in, rel=0.05)
+        assert torch.count_nonzero(layer.bias) == 0
+    glorot = build(hidden=(1000, 1000), init=GLOROT_UNIFORM).hidden2.linear.weight
+    assert glorot.abs().max().item() <= math.sqrt(6 / 2000)
+    assert glorot.var().item() == pytest.approx(1 / 1000, rel=0.05)
+
+
+def test_count_parameters():
+    assert count_parameters(build()) == (16 * 30 + 30) + (30 * 20 + 20) + (20 * 5 + 5)

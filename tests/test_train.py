@@ -1,0 +1,203 @@
+"""`train.run` in-process on synthetic data: the run directory, checkpoints, early stopping, resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_config
+from dnnrun import checkpoint, train
+from dnnrun.errors import UserError
+from dnnrun.metrics import read_jsonl
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["model"]
+
+
+def test_run_writes_metrics_summary_log_and_checkpoints(run_dir: Path):
+    summary = train.run(make_config("trainer.epochs=3"), run_dir)
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert [r["step"] for r in records] == [27, 54, 81]  # 864 training examples / 32 per batch
+    assert all(0 <= r["val/acc"] <= 1 and r["lr"] == 0.01 and r["time/epoch_s"] > 0 for r in records)
+    assert records[-1]["train/loss"] < records[0]["train/loss"]
+
+    on_disk = json.loads((run_dir / "summary.json").read_text())
+    assert on_disk["status"] == summary["status"] == "completed"
+    assert on_disk["final"] == records[-1]
+    assert on_disk["best"]["monitor"] == "val/loss"
+    assert on_disk["best"]["value"] == min(r["val/loss"] for r in records)
+    assert on_disk["test"]["test/acc"] > 0.6
+    assert on_disk["parameters"] == 32 * 300 + 300 + 300 * 100 + 100 + 100 * 4 + 4
+    assert on_disk["device"] == "cpu" and on_disk["versions"]["torch"] == torch.__version__
+    assert on_disk["data"] == {"train": 864, "val": 96, "test": 240, "features": 32, "classes": 4}
+    assert "epoch 3/3" in (run_dir / "run.log").read_text()
+
+
+def test_checkpoints_are_plain_data_loaded_with_weights_only(run_dir: Path):
+    cfg = make_config("trainer.epochs=2", "norm=batchnorm", "optimizer=adam")
+    train.run(cfg, run_dir)
+    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["format"] == "dnnrun-checkpoint" and ckpt["version"] == 1
+    assert set(ckpt) >= {"model", "optimizer", "schedule", "trainer", "rng", "config"}
+    assert ckpt["config"] == cfg.raw and isinstance(ckpt["config"], dict)
+    assert (ckpt["trainer"]["epoch"], ckpt["trainer"]["step"]) == (2, 54)
+    assert "hidden1.norm.running_mean" in ckpt["model"] and "hidden1.linear.bias" not in ckpt["model"]
+    assert set(ckpt["rng"]) == {"torch", "cuda", "shuffle", "python", "numpy"}
+    assert not list((run_dir / "checkpoints").glob(".*tmp*"))  # no temporary file left behind
+
+
+def test_early_stopping_stops_after_patience_and_restores_the_best_weights(run_dir: Path, monkeypatch):
+    real_evaluate = train.evaluate
+    val_losses = iter([1.0, 0.5, 0.7, 0.6, 0.8, 0.4])
+
+    def scripted(model, split, batch_size, autocast):
+        loss, acc = real_evaluate(model, split, batch_size, autocast)
+        return (next(val_losses), acc) if len(split) == 96 else (loss, acc)  # the validation split
+
+    monkeypatch.setattr(train, "evaluate", scripted)
+    cfg = make_config("trainer.epochs=6", "trainer.early_stopping.patience=3")
+    summary = train.run(cfg, run_dir)
+    assert summary["epochs_run"] == 5 and summary["best"]["epoch"] == 2
+    assert "did not improve for 3 epochs" in summary["stop_reason"]
+    assert summary["test"]["weights"] == "best"
+    best = _weights(run_dir / "checkpoints" / "best.pt")
+    last = _weights(run_dir / "checkpoints" / "last.pt")
+    assert torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)["trainer"]["epoch"] == 2
+    assert not all(torch.equal(best[k], last[k]) for k in best)
+
+
+def test_min_delta_and_accuracy_monitoring(run_dir: Path, monkeypatch):
+    accs = iter([0.5, 0.505, 0.7, 0.69])
+    monkeypatch.setattr(train, "evaluate", lambda m, s, b, a: (1.0, next(accs)) if len(s) == 96 else (1.0, 0.0))
+    cfg = make_config("trainer.epochs=4", "trainer.monitor=val/acc", "trainer.early_stopping.min_delta=0.01")
+    summary = train.run(cfg, run_dir)
+    assert summary["best"]["epoch"] == 3 and summary["best"]["value"] == 0.7  # 0.505 is within min_delta
+
+
+def _interrupt_after_epoch(monkeypatch, k: int) -> None:
+    """Stop the run like Ctrl-C right after the k-th epoch's checkpoint is written."""
+    real_save = checkpoint.save
+    calls = {"n": 0}
+
+    def save(path, state):
+        real_save(path, state)
+        calls["n"] += 1
+        if calls["n"] == k:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save", save)
+
+
+RESUMABLE = ("trainer.epochs=4", "norm=batchnorm", "optimizer=adam", "model.hidden=[64,32]")
+
+
+def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path: Path, monkeypatch):
+    train.run(make_config(*RESUMABLE), tmp_path / "straight")
+
+    with monkeypatch.context() as m:
+        _interrupt_after_epoch(m, 2)
+        with pytest.raises(KeyboardInterrupt):
+            train.run(make_config(*RESUMABLE), tmp_path / "resumed")
+    assert json.loads((tmp_path / "resumed" / "summary.json").read_text())["status"] == "interrupted"
+    summary = train.run(make_config(*RESUMABLE, "trainer.resume=auto"), tmp_path / "resumed")
+
+    assert summary["status"] == "completed"
+    straight = _weights(tmp_path / "straight" / "checkpoints" / "last.pt")
+    resumed = _weights(tmp_path / "resumed" / "checkpoints" / "last.pt")
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    a = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
+    b = read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
+    assert [r["epoch"] for r in b] == [1, 2, 3, 4]  # nothing lost, nothing duplicated
+    assert [r["val/loss"] for r in a] == [r["val/loss"] for r in b]
+
+
+def test_resuming_without_the_rng_state_does_not_match(tmp_path: Path, monkeypatch):
+    """The control for the test above: it can fail, because the shuffling order matters."""
+    train.run(make_config(*RESUMABLE), tmp_path / "straight")
+    with monkeypatch.context() as m:
+        _interrupt_after_epoch(m, 2)
+        with pytest.raises(KeyboardInterrupt):
+            train.run(make_config(*RESUMABLE), tmp_path / "resumed")
+    monkeypatch.setattr(checkpoint, "restore_rng", lambda state, shuffle: None)
+    train.run(make_config(*RESUMABLE, "trainer.resume=auto"), tmp_path / "resumed")
+    straight = _weights(tmp_path / "straight" / "checkpoints" / "last.pt")
+    resumed = _weights(tmp_path / "resumed" / "checkpoints" / "last.pt")
+    assert not all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_resume_from_a_path_continues_in_a_new_directory(tmp_path: Path):
+    train.run(make_config("trainer.epochs=2"), tmp_path / "first")
+    source = tmp_path / "first" / "checkpoints" / "last.pt"
+    summary = train.run(make_config("trainer.epochs=3", f"trainer.resume={source}"), tmp_path / "second")
+    assert summary["epochs_run"] == 3
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "second" / "metrics.jsonl")] == [1, 2, 3]
+    assert (tmp_path / "second" / "checkpoints" / "best.pt").is_file()
+
+
+def test_resume_auto_without_a_checkpoint_starts_fresh_with_a_warning(run_dir: Path, caplog):
+    with caplog.at_level(logging.WARNING, logger="dnnrun"):
+        summary = train.run(make_config("trainer.epochs=1", "trainer.resume=auto"), run_dir)
+    assert summary["epochs_run"] == 1
+    assert "no checkpoint" in caplog.text and "starting fresh" in caplog.text
+
+
+def test_resume_from_a_missing_file_is_a_user_error(run_dir: Path):
+    with pytest.raises(UserError, match="trainer.resume: no checkpoint file at /no/such.pt"):
+        train.run(make_config("trainer.resume=/no/such.pt"), run_dir)
+
+
+def test_a_fresh_run_never_overwrites_an_existing_checkpoint(run_dir: Path):
+    train.run(make_config("trainer.epochs=1"), run_dir)
+    before = (run_dir / "checkpoints" / "last.pt").read_bytes()
+    with pytest.raises(UserError, match="already holds a checkpoint; continue it with trainer.resume=auto"):
+        train.run(make_config("trainer.epochs=1"), run_dir)
+    assert (run_dir / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_a_failure_is_recorded_in_the_summary(run_dir: Path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(train, "train_epoch", broken)
+    with pytest.raises(RuntimeError):
+        train.run(make_config(), run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"] == "RuntimeError: disk on fire"
+
+
+def test_same_seed_same_run_other_seed_other_run(tmp_path: Path):
+    a = train.run(make_config("trainer.epochs=2", "trainer.deterministic=true"), tmp_path / "a")
+    b = train.run(make_config("trainer.epochs=2", "trainer.deterministic=true"), tmp_path / "b")
+    c = train.run(make_config("trainer.epochs=2", "trainer.seed=1"), tmp_path / "c")
+    assert a["final"]["val/loss"] == b["final"]["val/loss"]
+    assert a["final"]["val/loss"] != c["final"]["val/loss"]
+
+
+def test_limit_batches_and_amp_on_cpu(run_dir: Path, caplog):
+    with caplog.at_level(logging.WARNING, logger="dnnrun"):
+        summary = train.run(make_config("trainer.epochs=2", "trainer.limit_batches=5", "trainer.amp=true"), run_dir)
+    assert summary["steps"] == 10
+    assert "amp=true works on CUDA only" in caplog.text
+
+
+def test_clipping_by_value_and_by_norm():
+    def grad_after(clip_value, clip_norm):
+        p = torch.nn.Parameter(torch.zeros(2))
+        p.grad = torch.tensor([0.9, 100.0])
+        train.clip_gradients([p], clip_value, clip_norm)
+        return p.grad
+
+    assert torch.allclose(grad_after(1.0, None), torch.tensor([0.9, 1.0]))
+    assert torch.allclose(grad_after(None, 1.0), torch.tensor([0.00899964, 0.9999595]), atol=1e-7)
+
+
+def test_training_with_clipping_runs(run_dir: Path):
+    summary = train.run(make_config("trainer.epochs=1", "trainer.clip_value=0.5", "trainer.clip_norm=1.0"), run_dir)
+    assert summary["status"] == "completed"
