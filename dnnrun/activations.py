@@ -6,16 +6,51 @@ import inspect
 
 from torch import nn
 
-from dnnrun.schema import Choice, Problems, parse_choice
+from dnnrun.schema import NON_NEGATIVE, Choice, Problems, check_rules, parse_choice
+
+
+def leaky_relu(alpha: float = 0.01) -> nn.Module:
+    """z for z > 0, alpha * z below: the leak keeps units from dying."""
+    return nn.LeakyReLU(alpha)
+
+
+def elu(alpha: float = 1.0) -> nn.Module:
+    """z for z > 0, alpha * (exp(z) - 1) below: tends to -alpha for very negative z."""
+    return nn.ELU(alpha)
+
+
+def rrelu(lower: float = 1 / 8, upper: float = 1 / 3) -> nn.Module:
+    """Randomized leaky ReLU: in training each negative input's slope is drawn from U(lower, upper);
+    in evaluation the slope is fixed to (lower + upper) / 2."""
+    return nn.RReLU(lower, upper)
+
+
+def prelu(num_features: int, per_unit: bool = False, init: float = 0.25) -> nn.Module:
+    """Parametric leaky ReLU: the slope is learned, one shared by the layer or one per unit."""
+    return nn.PReLU(num_features if per_unit else 1, init)
+
 
 ACTIVATIONS = {
+    "sigmoid": nn.Sigmoid,
+    "tanh": nn.Tanh,
     "relu": nn.ReLU,
-    "elu": nn.ELU,  # alpha: the value ELU tends to for very negative inputs is -alpha
+    "leaky_relu": leaky_relu,
+    "rrelu": rrelu,
+    "prelu": prelu,
+    "elu": elu,
+    "selu": nn.SELU,  # fixed lambda and alpha: self-normalizing with LeCun init and standardized inputs
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,  # also called swish: z * sigmoid(z)
 }
 
 
 def parse(raw, key: str, problems: Problems) -> Choice | None:
-    return parse_choice(raw, ACTIVATIONS, key, "activation", problems)
+    choice = parse_choice(raw, ACTIVATIONS, key, "activation", problems)
+    if choice is not None:
+        check_rules(choice.params, {"alpha": NON_NEGATIVE, "lower": NON_NEGATIVE}, key, problems)
+        if choice.name == "rrelu" and choice.params.get("lower", 1 / 8) > choice.params.get("upper", 1 / 3):
+            problems.add(f"{key}.lower", "must not exceed upper")
+    return choice
 
 
 def build(choice: Choice, width: int) -> nn.Module:

@@ -72,6 +72,62 @@ def _remove_if_empty(run_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# --help: every group and every option, each with the first comment line of its YAML.
+
+GROUP_HELP = {
+    "data": "the dataset, its splits and input scaling",
+    "model": "the network",
+    "init": "how every Linear weight is initialized (biases start at zero)",
+    "act": "the hidden layers' activation function",
+    "norm": "a normalization layer in each hidden block",
+    "optimizer": "the update rule",
+    "schedule": "how the learning rate changes during training",
+    "regularizer": "penalties, dropout and constraints; a list selects several: regularizer=[l2,dropout]",
+    "trainer": "epochs, batch size, device, seed, early stopping, clipping, resuming",
+    "experiment": "presets that set several groups at once",
+}
+
+
+def describe(path: Path) -> str:
+    """The first comment line of a YAML option, its one-line description."""
+    for line in path.read_text().splitlines():
+        if line.startswith("#") and "@package" not in line:
+            return line.lstrip("#").strip()
+    return ""
+
+
+def help_text() -> str:
+    defaults: dict[str, object] = {}
+    for entry in OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "config.yaml"))["defaults"]:
+        if isinstance(entry, dict):
+            defaults.update(entry)
+    groups = [g for g in GROUP_HELP if (CONFIG_DIR / g).is_dir()]
+    groups += sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name not in GROUP_HELP)
+    lines = [
+        "usage: dnnrun [-m] [group=option ...] [group.key=value ...]",
+        "",
+        "Trains a PyTorch model built from config groups and writes metrics, checkpoints and a summary",
+        "to a run directory under outputs/. -m (--multirun) sweeps comma-separated values: act=relu,elu.",
+    ]
+    for group in groups:
+        default = defaults.get(group)
+        default = ",".join(default) if isinstance(default, list) else default
+        lines += ["", f"{group}: {GROUP_HELP.get(group, '')}" + (f" (default: {default})" if default else "")]
+        for path in sorted((CONFIG_DIR / group).glob("*.yaml")):
+            lines.append(f"  {path.stem:<20} {describe(path)}")
+    lines += [
+        "",
+        "examples:",
+        "  dnnrun optimizer=adam act=elu",
+        "  dnnrun -m act=sigmoid,relu,elu,selu init=glorot_uniform,he_normal",
+        "  dnnrun experiment=self_normalizing trainer.epochs=50",
+        "  dnnrun --cfg job optimizer=nadam      print the composed config (every key you can override)",
+        "  dnnrun --hydra-help                   Hydra's own flags",
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
 # Command-line overrides are checked before Hydra runs, so that a typo in an option or a key gets
 # the list of valid names, a suggestion and exit code 2.
 
@@ -171,6 +227,9 @@ def _overrides_from_argv(argv: list[str]) -> list[str] | None:
 
 
 def main() -> None:
+    if {"--help", "-h"} & set(sys.argv[1:]):
+        print(help_text())
+        return
     overrides = _overrides_from_argv(sys.argv[1:])
     if overrides:
         problems = check_overrides(overrides)

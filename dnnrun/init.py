@@ -45,17 +45,52 @@ def variance_scaling_(
         weight.uniform_(-limit, limit)
 
 
+@torch.no_grad()
+def random_normal_(weight: torch.Tensor, mean: float = 0.0, std: float = 1.0) -> None:
+    """N(mean, std^2) whatever the layer's size: the pre-2010 habit that makes deep nets fail."""
+    weight.normal_(mean, std)
+
+
+@torch.no_grad()
+def random_uniform_(weight: torch.Tensor, low: float = -1.0, high: float = 1.0) -> None:
+    weight.uniform_(low, high)
+
+
+def orthogonal_(weight: torch.Tensor, gain: float = 1.0) -> None:
+    """A (semi-)orthogonal matrix times gain (Saxe et al. 2014): W W^T = gain^2 I for the smaller side."""
+    nn.init.orthogonal_(weight, gain)
+
+
+def torch_default_(weight: torch.Tensor) -> None:
+    """What nn.Linear does by itself: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), variance 1 / (3 fan_in).
+    (dnnrun still starts the biases at zero.)"""
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+
+
 INITIALIZERS = {
-    "variance_scaling": variance_scaling_,
+    "variance_scaling": variance_scaling_,  # Glorot, He, LeCun: presets in conf/init/
+    "random_normal": random_normal_,
+    "random_uniform": random_uniform_,
+    "orthogonal": orthogonal_,
+    "torch_default": torch_default_,
 }
 
-RULES = {"scale": POSITIVE}
+
+def is_lecun(choice: Choice) -> bool:
+    """Variance 1 / fan_in: what SELU's self-normalization assumes."""
+    p = choice.params
+    return choice.name == "variance_scaling" and p.get("scale", 1.0) == 1.0 and p.get("mode", "fan_in") == "fan_in"
+
+
+RULES = {"scale": POSITIVE, "std": POSITIVE, "gain": POSITIVE}
 
 
 def parse(raw, key: str, problems: Problems) -> Choice | None:
     choice = parse_choice(raw, INITIALIZERS, key, "initializer", problems)
     if choice is not None:
         check_rules(choice.params, RULES, key, problems)
+        if choice.params.get("low", -1.0) >= choice.params.get("high", 1.0):
+            problems.add(f"{key}.low", "must be below high")
     return choice
 
 

@@ -48,8 +48,10 @@ def mlp(
 ) -> nn.Sequential:
     """Blocks are named hidden1..hiddenN, then `output`, so layers can be found by name."""
     layers: OrderedDict[str, nn.Module] = OrderedDict()
-    if reg.dropout > 0:
-        layers["input_dropout"] = reg.dropout_layer(reg.dropout)
+    if norm.on_inputs:
+        layers["input_norm"] = norm.layer(in_features)
+    if reg.input_dropout > 0:
+        layers["input_dropout"] = reg.dropout_layer(reg.input_dropout)
     width_in = in_features
     for i, width in enumerate(cfg.widths, start=1):
         block: OrderedDict[str, nn.Module] = OrderedDict()

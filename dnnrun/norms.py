@@ -21,6 +21,8 @@ NORMS = {
     "none": Norm(build=None, cancels_bias=False),
     # momentum is PyTorch's: running = (1 - momentum) * running + momentum * batch (Keras' 0.99 is 0.01)
     "batchnorm": Norm(build=nn.BatchNorm1d, cancels_bias=True),
+    # normalizes each example over its units; a per-unit bias before it is not cancelled
+    "layernorm": Norm(build=nn.LayerNorm, cancels_bias=False),
 }
 
 
@@ -28,10 +30,13 @@ NORMS = {
 class NormConfig:
     name: str
     placement: Literal["before", "after"] = "before"  # before or after the activation
+    on_inputs: bool = False  # also normalize the raw inputs with a layer of this kind (in place of standardizing)
     params: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def check(self, problems: Problems, key: str) -> None:
         check_rules(self.params, {"eps": POSITIVE, "momentum": FRACTION}, key, problems)
+        if self.on_inputs and NORMS.get(self.name, NORMS["none"]).build is None:
+            problems.add(f"{key}.on_inputs", f"needs a normalization layer; norm '{self.name}' has none")
 
     @property
     def drops_bias(self) -> bool:

@@ -6,20 +6,30 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dnnrun.regularizers import is_weight_matrix
 from dnnrun.schema import FRACTION, NON_NEGATIVE, POSITIVE, Choice, Problems, check_rules, parse_choice
 
+# Momentum and Nesterov are SGD with settings (conf/optimizer/momentum.yaml, nesterov.yaml).
 OPTIMIZERS = {
     "sgd": torch.optim.SGD,
+    "adagrad": torch.optim.Adagrad,
+    "rmsprop": torch.optim.RMSprop,
     "adam": torch.optim.Adam,
+    "adamax": torch.optim.Adamax,
+    "nadam": torch.optim.NAdam,
+    "adamw": torch.optim.AdamW,
 }
 
-RULES = {"lr": POSITIVE, "momentum": FRACTION, "weight_decay": NON_NEGATIVE, "eps": POSITIVE}
+RULES = {"lr": POSITIVE, "momentum": FRACTION, "weight_decay": NON_NEGATIVE, "eps": POSITIVE,
+         "alpha": FRACTION, "momentum_decay": NON_NEGATIVE, "initial_accumulator_value": NON_NEGATIVE}
 
 
 def parse(raw, key: str, problems: Problems) -> Choice | None:
     choice = parse_choice(raw, OPTIMIZERS, key, "optimizer", problems)
     if choice is not None:
         check_rules(choice.params, RULES, key, problems)
+        if choice.params.get("nesterov") and not choice.params.get("momentum"):
+            problems.add(f"{key}.nesterov", "needs momentum > 0 (use optimizer=nesterov)")
         betas = choice.params.get("betas")
         if betas is not None and not (len(betas) == 2 and all(0 <= b < 1 for b in betas)):
             problems.add(f"{key}.betas", f"must be two numbers in [0, 1), got {list(betas)}")
@@ -27,9 +37,9 @@ def parse(raw, key: str, problems: Problems) -> Choice | None:
 
 
 def param_groups(model: nn.Module) -> list[dict]:
-    """Weight decay applies to weight matrices only: biases and norm scales/shifts (all 1-D) are exempt."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    """Weight decay applies to weight matrices only, never to biases or normalization parameters."""
+    decay = [p for p in model.parameters() if p.requires_grad and is_weight_matrix(p)]
+    no_decay = [p for p in model.parameters() if p.requires_grad and not is_weight_matrix(p)]
     groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dnnrun import checkpoint, data as data_mod, optim, regularizers
+from dnnrun import advice, checkpoint, data as data_mod, optim, regularizers
 from dnnrun.console import EpochBar, console, results_table
 from dnnrun.errors import UserError
 from dnnrun.metrics import MetricsLog, describe_device, versions, write_json
@@ -172,9 +172,9 @@ def train_epoch(
     autocast,
     scaler,
     bar: EpochBar,
-) -> tuple[float, float, int]:
-    """Returns (mean loss, accuracy, steps taken). Loss and accuracy are running figures over the
-    epoch's batches, in training mode (dropout on), as Keras reports them."""
+) -> tuple[float, float, int, float]:
+    """Returns (mean loss, accuracy, steps taken, the last step's learning rate). Loss and accuracy
+    are running figures over the epoch's batches, in training mode (dropout on), as Keras reports them."""
     model.train()
     loss_sum = torch.zeros((), device=split.x.device)
     correct = torch.zeros((), device=split.x.device, dtype=torch.int64)
@@ -185,18 +185,22 @@ def train_epoch(
         with autocast():
             logits = model(xb)
             loss = F.cross_entropy(logits, yb)
+        penalty = reg.penalty(model)  # l1/l2 on the weights: in the gradient, not in the reported loss
+        objective = loss if penalty is None else loss + penalty
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
-            scaler.scale(loss).backward()
+            scaler.scale(objective).backward()
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         else:
-            loss.backward()
+            objective.backward()
         clip_gradients(model.parameters(), tc.clip_value, tc.clip_norm)
+        lr = optimizer.param_groups[0]["lr"]
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
         else:
             optimizer.step()
+        reg.after_step(model)  # e.g. max-norm
         if schedule.per == "step":
             schedule.step()
         steps += 1
@@ -205,7 +209,7 @@ def train_epoch(
         correct += (logits.argmax(1) == yb).sum()
         bar.step(steps, loss, len(yb))
     bar.end_epoch(steps, loss_sum / max(seen, 1))
-    return (loss_sum / seen).item(), (correct / seen).item(), steps
+    return (loss_sum / seen).item(), (correct / seen).item(), steps, lr
 
 
 @torch.no_grad()
@@ -255,6 +259,9 @@ def _train(cfg: RunConfig, run_dir: Path, summary: dict[str, Any]) -> dict[str, 
     resume_from = resolve_resume(tc.resume, run_dir)
     seed_everything(tc.seed, tc.deterministic)
     torch.autograd.set_detect_anomaly(tc.detect_anomaly)
+    summary["warnings"] = advice.warnings(cfg)
+    for message in summary["warnings"]:
+        log.warning(message)
 
     data = data_mod.load(cfg.data, device)
     reg = regularizers.combine(cfg.regularizer)
@@ -305,7 +312,7 @@ def _train(cfg: RunConfig, run_dir: Path, summary: dict[str, Any]) -> dict[str, 
         for epoch in range(state["epoch"] + 1, tc.epochs + 1):
             epoch_start = time.perf_counter()
             bar.start_epoch(epoch, steps_per_epoch)
-            train_loss, train_acc, steps = train_epoch(
+            train_loss, train_acc, steps, lr = train_epoch(
                 model, data.train, optimizer, schedule, reg, tc, shuffle, autocast, scaler, bar
             )
             val_loss, val_acc = evaluate(model, data.val, tc.eval_batch_size, autocast)
@@ -317,11 +324,11 @@ def _train(cfg: RunConfig, run_dir: Path, summary: dict[str, Any]) -> dict[str, 
                 "train/acc": train_acc,
                 "val/loss": val_loss,
                 "val/acc": val_acc,
-                "lr": optimizer.param_groups[0]["lr"],  # the rate of this epoch's last step
+                "lr": lr,  # the rate of this epoch's last step
                 "time/epoch_s": time.perf_counter() - epoch_start,
             }
             if schedule.per == "epoch":
-                schedule.step()
+                schedule.step(record)
 
             value = record[tc.monitor]
             improved = state["best"] is None or (

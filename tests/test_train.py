@@ -94,7 +94,10 @@ def _interrupt_after_epoch(monkeypatch, k: int) -> None:
     monkeypatch.setattr(checkpoint, "save", save)
 
 
-RESUMABLE = ("trainer.epochs=4", "norm=batchnorm", "optimizer=adam", "model.hidden=[64,32]")
+# Batch norm (running buffers), Adam (moment estimates), 1cycle (step counter, momentum) and dropout
+# (the global RNG) all carry state that a resume must restore.
+RESUMABLE = ("trainer.epochs=4", "norm=batchnorm", "optimizer=momentum", "schedule=onecycle", "regularizer=[dropout]",
+             "model.hidden=[64,32]")
 
 
 def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path: Path, monkeypatch):

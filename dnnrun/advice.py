@@ -1,0 +1,34 @@
+"""Combinations that defeat their own purpose: dnnrun warns about them and trains anyway."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from dnnrun.init import is_lecun
+from dnnrun.regularizers import combine
+
+if TYPE_CHECKING:
+    from dnnrun.config import RunConfig
+
+
+def warnings(cfg: RunConfig) -> list[str]:
+    found = []
+    if cfg.act.name == "selu":
+        # SELU keeps activations at mean 0 / variance 1 layer after layer (Klambauer et al. 2017) only
+        # under LeCun initialization, standardized inputs and a plain stack of dense layers.
+        if cfg.norm.name != "none":
+            found.append(f"act=selu with norm={cfg.norm.name}: SELU normalizes by itself; the norm layers "
+                         "undo its self-normalization (use norm=none)")
+        if not is_lecun(cfg.init):
+            found.append("act=selu without LeCun initialization (variance 1 / fan_in): the network will not "
+                         "self-normalize (use init=lecun_normal)")
+        reg = combine(cfg.regularizer)
+        if reg.dropout_layer is nn.Dropout and (reg.dropout > 0 or reg.input_dropout > 0):
+            found.append("act=selu with plain dropout: it shifts the mean and variance SELU relies on "
+                         "(use regularizer=[alpha_dropout])")
+        if cfg.data.scaling != "standardize" and not cfg.norm.on_inputs:
+            found.append(f"act=selu with data.scaling={cfg.data.scaling}: self-normalization assumes "
+                         "standardized inputs (use data.scaling=standardize)")
+    return found

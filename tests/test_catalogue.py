@@ -1,0 +1,93 @@
+"""Every option of every group, and every experiment preset, trains on synthetic data.
+
+Parametrized over the YAML files and the registries, so a new option is covered automatically.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import make_config
+from dnnrun import activations, advice, data, init, model, norms, optim, regularizers, schedules, train
+from dnnrun.cli import CONFIG_DIR
+
+REGISTRIES = {
+    "data": data.DATASETS,
+    "model": model.MODELS,
+    "init": init.INITIALIZERS,
+    "act": activations.ACTIVATIONS,
+    "norm": norms.NORMS,
+    "optimizer": optim.OPTIMIZERS,
+    "schedule": schedules.SCHEDULES,
+    "regularizer": regularizers.REGULARIZERS,
+}
+TRAINABLE = ["init", "act", "norm", "optimizer", "schedule", "regularizer"]
+OPTIONS = [(g, p.stem) for g in TRAINABLE for p in sorted((CONFIG_DIR / g).glob("*.yaml"))]
+EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+
+
+def _names_in_yaml(group: str) -> set[str]:
+    names = set()
+    for path in (CONFIG_DIR / group).glob("*.yaml"):
+        node = OmegaConf.to_container(OmegaConf.load(path))
+        nodes = node.values() if group == "regularizer" else [node]  # regularizer files nest under their name
+        names |= {n["name"] for n in nodes}
+    return names
+
+
+@pytest.mark.parametrize("group", REGISTRIES)
+def test_every_registry_entry_has_a_yaml_and_every_yaml_a_registry_entry(group):
+    assert _names_in_yaml(group) == set(REGISTRIES[group])
+
+
+@pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_trains_a_few_steps_with_a_finite_loss(group, option, tmp_path):
+    value = f"[{option}]" if group == "regularizer" else option
+    summary = train.run(make_config(f"{group}={value}", "trainer.epochs=2", "trainer.limit_batches=4",
+                                    "model.hidden=[32,16]"), tmp_path)
+    assert summary["status"] == "completed" and summary["steps"] == 8
+    for name in ("train/loss", "val/loss"):
+        assert math.isfinite(summary["final"][name])
+    assert math.isfinite(summary["test"]["test/loss"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_preset_trains(experiment, tmp_path):
+    cfg = make_config(f"experiment={experiment}", "data=synthetic", "trainer.epochs=4")
+    summary = train.run(cfg, tmp_path)
+    assert summary["status"] == "completed" and summary["epochs_run"] >= 1
+    assert summary["test"]["test/acc"] > 0.5  # chance is 0.25 on four classes
+    assert summary["warnings"] == []  # no preset combines options that defeat each other
+
+
+def test_presets_set_what_they_promise():
+    dnn = make_config("experiment=default_dnn")
+    assert (dnn.act.name, dnn.norm.name, dnn.schedule.name, dnn.optimizer.params["momentum"]) == ("elu", "batchnorm", "onecycle", 0.9)
+    assert dnn.init.params == {"scale": 2.0, "mode": "fan_in", "distribution": "truncated_normal"}
+    assert [c.name for c in dnn.regularizer] == ["l2"] and dnn.trainer.early_stopping.patience == 10
+    snn = make_config("experiment=self_normalizing")
+    assert (snn.act.name, snn.norm.name, snn.data.scaling) == ("selu", "none", "standardize") and init.is_lecun(snn.init)
+    fast = make_config("experiment=fast_default")
+    assert (fast.act.name, fast.norm.name, fast.optimizer.name, fast.schedule.name) == ("elu", "batchnorm", "adam", "constant")
+    assert [c.name for c in fast.regularizer] == ["dropout"]
+
+
+def test_selu_warnings_name_what_defeats_self_normalization():
+    found = advice.warnings(make_config("act=selu", "norm=batchnorm", "init=he_normal", "regularizer=[dropout]",
+                                        "data.scaling=unit"))
+    assert len(found) == 4
+    text = "\n".join(found)
+    for hint in ("norm=none", "init=lecun_normal", "regularizer=[alpha_dropout]", "data.scaling=standardize"):
+        assert hint in text
+    assert advice.warnings(make_config("experiment=self_normalizing", "regularizer=[alpha_dropout]")) == []
+    assert advice.warnings(make_config("act=relu", "norm=batchnorm", "regularizer=[dropout]")) == []
+
+
+def test_warnings_do_not_refuse_and_are_recorded(tmp_path):
+    summary = train.run(make_config("act=selu", "trainer.epochs=1"), tmp_path)
+    assert summary["status"] == "completed"
+    assert any("LeCun" in w for w in summary["warnings"])

@@ -1,0 +1,101 @@
+"""Penalties, dropout, alpha dropout and max-norm do what their definitions say."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import make_config
+from dnnrun.errors import ConfigError
+from dnnrun.model import MODELS
+from dnnrun.regularizers import combine
+
+
+def _model_and_reg(*overrides: str):
+    cfg = make_config("model.hidden=[16,12]", *overrides)
+    reg = combine(cfg.regularizer)
+    return MODELS["mlp"](cfg.model, 8, 3, cfg.act, cfg.norm, cfg.init, reg), reg
+
+
+def _nonzero_biases(net: nn.Module) -> None:
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if p.ndim == 1:
+                p.fill_(3.0)  # a penalty that counted biases or norm parameters would show it
+
+
+@pytest.mark.parametrize("option, l1, l2", [("l1", 1e-3, 0.0), ("l2", 0.0, 1e-3), ("l1_l2", 1e-3, 2e-3)])
+def test_penalties_sum_over_weight_matrices_only(option, l1, l2):
+    overrides = {"l1": ["regularizer.l1.factor=1e-3"], "l2": ["regularizer.l2.factor=1e-3"],
+                 "l1_l2": ["regularizer.l1_l2.l1=1e-3", "regularizer.l1_l2.l2=2e-3"]}[option]
+    net, reg = _model_and_reg(f"regularizer=[{option}]", "norm=batchnorm", *overrides)
+    _nonzero_biases(net)
+    weights = [net.hidden1.linear.weight, net.hidden2.linear.weight, net.output.weight]
+    expected = l1 * sum(w.abs().sum() for w in weights) + l2 * sum((w**2).sum() for w in weights)
+    assert torch.allclose(reg.penalty(net), expected)
+
+
+def test_no_penalty_without_l1_or_l2():
+    _, reg = _model_and_reg("regularizer=[dropout]")
+    assert reg.penalty(nn.Linear(2, 2)) is None
+
+
+def test_dropout_sits_on_the_inputs_and_hidden_layers_never_after_the_output():
+    net, _ = _model_and_reg("regularizer=[dropout]", "regularizer.dropout.rate=0.3", "regularizer.dropout.input_rate=0.1")
+    names = [n for n, m in net.named_modules() if isinstance(m, nn.Dropout)]
+    assert names == ["input_dropout", "hidden1.dropout", "hidden2.dropout"]
+    assert net.input_dropout.p == 0.1 and net.hidden1.dropout.p == 0.3
+    assert list(net._modules)[-1] == "output"
+
+
+def test_dropout_zeroes_about_rate_and_scales_the_rest_in_training_only():
+    torch.manual_seed(0)
+    net, _ = _model_and_reg("regularizer=[dropout]", "regularizer.dropout.rate=0.3")
+    layer = net.hidden1.dropout
+    x = torch.ones(200_000)
+    y = layer.train()(x)
+    assert (y == 0).float().mean().item() == pytest.approx(0.3, abs=0.005)
+    assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / 0.7))
+    assert torch.equal(layer.eval()(x), x)
+
+
+def test_alpha_dropout_keeps_mean_and_variance_of_standardized_inputs():
+    torch.manual_seed(0)
+    net, _ = _model_and_reg("regularizer=[alpha_dropout]", "regularizer.alpha_dropout.rate=0.2", "act=selu")
+    layer = net.hidden1.dropout
+    assert isinstance(layer, nn.AlphaDropout)
+    x = torch.randn(500_000)
+    y = layer.train()(x)
+    # dropped units all take the same value (alpha' after the affine correction): about rate of them
+    _, counts = y.unique(return_counts=True)
+    assert counts.max().item() / len(y) == pytest.approx(0.2, abs=0.005)
+    assert y.mean().item() == pytest.approx(0.0, abs=0.01)
+    assert y.var().item() == pytest.approx(1.0, abs=0.01)
+    assert torch.equal(layer.eval()(x), x)
+
+
+def test_max_norm_caps_every_units_incoming_weights_after_a_step():
+    net, reg = _model_and_reg("regularizer=[max_norm]", "regularizer.max_norm.max_value=0.5")
+    optimizer = torch.optim.SGD(net.parameters(), lr=10.0)
+    net(torch.randn(32, 8)).pow(2).sum().backward()
+    optimizer.step()
+    before = net.hidden1.linear.weight.norm(dim=1)
+    assert before.max() > 0.5  # the large step pushed rows past the cap
+    reg.after_step(net)
+    for layer in (net.hidden1.linear, net.hidden2.linear, net.output):
+        norms = layer.weight.norm(dim=1)
+        assert torch.all(norms <= 0.5 + 1e-6)
+    small = before <= 0.5  # rows already within the cap are left unchanged
+    after = net.hidden1.linear.weight.norm(dim=1)
+    assert torch.allclose(after[small], before[small])
+
+
+def test_regularizers_compose():
+    _, reg = _model_and_reg("regularizer=[l2,dropout,max_norm]")
+    assert (reg.l2, reg.dropout, reg.max_norm) == (1e-4, 0.2, 1.0)
+
+
+def test_two_regularizers_setting_the_same_thing_is_a_config_error():
+    with pytest.raises(ConfigError, match="dropout and alpha_dropout both set dropout, input_dropout, dropout_layer"):
+        make_config("regularizer=[dropout,alpha_dropout]")
