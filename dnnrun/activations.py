@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+from collections.abc import Callable
 
 from torch import nn
 
@@ -30,17 +32,27 @@ def prelu(num_features: int, per_unit: bool = False, init: float = 0.25) -> nn.M
     return nn.PReLU(num_features if per_unit else 1, init)
 
 
+@dataclasses.dataclass(frozen=True)
+class Activation:
+    build: Callable[..., nn.Module]
+    # Saturating units: near these outputs the derivative is ~0, so a unit stuck there stops learning.
+    asymptotes: tuple[float, float] | None = None
+    # Units that output exactly 0 over a whole half-line can die: zero output (and gradient) for every input.
+    can_die: bool = False
+
+
 ACTIVATIONS = {
-    "sigmoid": nn.Sigmoid,
-    "tanh": nn.Tanh,
-    "relu": nn.ReLU,
-    "leaky_relu": leaky_relu,
-    "rrelu": rrelu,
-    "prelu": prelu,
-    "elu": elu,
-    "selu": nn.SELU,  # fixed lambda and alpha: self-normalizing with LeCun init and standardized inputs
-    "gelu": nn.GELU,
-    "silu": nn.SiLU,  # also called swish: z * sigmoid(z)
+    "sigmoid": Activation(nn.Sigmoid, asymptotes=(0.0, 1.0)),
+    "tanh": Activation(nn.Tanh, asymptotes=(-1.0, 1.0)),
+    "relu": Activation(nn.ReLU, can_die=True),
+    "leaky_relu": Activation(leaky_relu),
+    "rrelu": Activation(rrelu),
+    "prelu": Activation(prelu),
+    "elu": Activation(elu),
+    # fixed lambda and alpha: self-normalizing with LeCun init and standardized inputs
+    "selu": Activation(nn.SELU),
+    "gelu": Activation(nn.GELU),
+    "silu": Activation(nn.SiLU),  # also called swish: z * sigmoid(z)
 }
 
 
@@ -55,7 +67,7 @@ def parse(raw, key: str, problems: Problems) -> Choice | None:
 
 def build(choice: Choice, width: int) -> nn.Module:
     """One activation module for a layer of `width` units (factories that need it take num_features)."""
-    factory = ACTIVATIONS[choice.name]
+    factory = ACTIVATIONS[choice.name].build
     if "num_features" in inspect.signature(factory).parameters:
         return factory(width, **choice.params)
     return factory(**choice.params)

@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 from rich.logging import RichHandler
 from rich.text import Text
 
-from dnnrun.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, UserError
+from dnnrun.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, Diverged, UserError
 from dnnrun.schema import did_you_mean, unknown
 
 EXIT_INTERRUPTED = 130
@@ -62,6 +62,9 @@ def _task(cfg: DictConfig) -> float | None:
         _error(str(exc))
         _remove_if_empty(run_dir)
         sys.exit(getattr(exc, "exit_code", EXIT_BAD_INPUT))
+    except Diverged as exc:
+        _error(f"{exc} (run directory: {run_dir})")
+        sys.exit(exc.exit_code)
     return summary["best"]["value"]  # what a sweeper (e.g. Optuna) optimizes
 
 
@@ -83,7 +86,8 @@ GROUP_HELP = {
     "optimizer": "the update rule",
     "schedule": "how the learning rate changes during training",
     "regularizer": "penalties, dropout and constraints; a list selects several: regularizer=[l2,dropout]",
-    "trainer": "epochs, batch size, device, seed, early stopping, clipping, resuming",
+    "trainer": "epochs, batch size, device, seed, early stopping, clipping, resuming, diagnostics",
+    "logger": "where metrics go besides the run directory's JSON lines",
     "experiment": "presets that set several groups at once",
 }
 

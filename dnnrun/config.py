@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from dnnrun import activations, init, optim, regularizers, schedules
+from dnnrun import activations, init, loggers, optim, regularizers, schedules
 from dnnrun.data import DataConfig, parse_data
 from dnnrun.model import MODELS, ModelConfig
 from dnnrun.norms import NormConfig, parse_norm
@@ -24,6 +24,7 @@ class RunConfig:
     schedule: Choice
     regularizer: list[Choice]
     trainer: TrainerConfig
+    logger: Choice
     raw: dict[str, Any]  # the plain config as composed, stored in checkpoints and summaries
 
 
@@ -38,6 +39,7 @@ GROUPS = {
     "schedule": schedules.parse,
     "regularizer": regularizers.parse,
     "trainer": lambda raw, key, problems: parse(TrainerConfig, raw, key, problems),
+    "logger": loggers.parse,
 }
 
 

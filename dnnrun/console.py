@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import time
 
-import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 console = Console()
 if not console.is_terminal:
     console.width = max(console.width, 120)  # logs and CI output: don't wrap log lines at 80 columns
 
-REFRESH_S = 0.1  # the bar reads the loss (a device sync on GPU) at most this often
+REFRESH_S = 0.1  # seconds between redraws of the progress bar
 
 
 class EpochBar:
-    """A progress bar per epoch: step, loss and samples/s. Cheap per step: it only looks at the
-    clock, and reads the loss from the device when it redraws."""
+    """A progress bar per epoch: step, loss and samples/s. Cheap per step: it looks at the clock
+    and redraws at most every REFRESH_S seconds."""
 
     def __init__(self, enabled: bool, epochs: int):
         self.progress = Progress(
@@ -46,19 +46,19 @@ class EpochBar:
         self.started = self.last = time.perf_counter()
         self.samples = 0
 
-    def step(self, i: int, loss: torch.Tensor, batch: int) -> None:
+    def step(self, i: int, loss: float, batch: int) -> None:
         self.samples += batch
         now = time.perf_counter()
         if now - self.last >= REFRESH_S:
             self._draw(i, loss, now)
 
-    def end_epoch(self, i: int, loss: torch.Tensor) -> None:
+    def end_epoch(self, i: int, loss: float) -> None:
         self._draw(i, loss, time.perf_counter())
 
-    def _draw(self, i: int, loss: torch.Tensor, now: float) -> None:
+    def _draw(self, i: int, loss: float, now: float) -> None:
         self.last = now
         rate = self.samples / max(now - self.started, 1e-9)
-        self.progress.update(self.task, completed=i, loss=f"{loss.item():.4f}", rate=f"{rate:,.0f}")
+        self.progress.update(self.task, completed=i, loss=f"{loss:.4f}", rate=f"{rate:,.0f}")
 
 
 def results_table(summary: dict) -> Table:
@@ -73,6 +73,14 @@ def results_table(summary: dict) -> Table:
         if name.startswith("test/"):
             table.add_row(f"{name} ({summary['test']['weights']} weights)", _fmt(value), "")
     return table
+
+
+def print_diagnosis(found: list[str]) -> None:
+    """The end-of-run diagnosis; nothing is printed when nothing is wrong."""
+    if found:
+        console.print(Text("diagnosis:", style="bold yellow"))
+        for sentence in found:
+            console.print(Text(f"  - {sentence}"), soft_wrap=True)
 
 
 def _fmt(value) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3
 
 
 class UserError(Exception):
@@ -25,3 +26,13 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A dataset that cannot be found, read or filtered as asked."""
+
+
+class Diverged(Exception):
+    """A NaN or infinity in the loss or a gradient: training cannot go on from here."""
+
+    exit_code = EXIT_DIVERGED
+
+    def __init__(self, step: int, what: str):
+        self.step, self.what = step, what
+        super().__init__(f"training diverged at step {step}: {what}")

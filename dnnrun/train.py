@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -22,9 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dnnrun import advice, checkpoint, data as data_mod, optim, regularizers
-from dnnrun.console import EpochBar, console, results_table
-from dnnrun.errors import UserError
+from dnnrun import advice, checkpoint, data as data_mod, diagnostics, faults, loggers, optim, regularizers
+from dnnrun.activations import ACTIVATIONS
+from dnnrun.console import EpochBar, console, print_diagnosis, results_table
+from dnnrun.diagnostics import DiagnosticsConfig, Monitor
+from dnnrun.errors import Diverged, UserError
 from dnnrun.metrics import MetricsLog, describe_device, versions, write_json
 from dnnrun.model import MODELS, count_parameters
 from dnnrun.schedules import Schedule
@@ -60,6 +64,7 @@ class TrainerConfig:
     limit_batches: int | None = None  # train on at most this many batches per epoch (debugging)
     detect_anomaly: bool = False  # autograd anomaly detection: names the op that made a NaN (slow)
     progress: bool = True  # Rich progress bar (on terminals only)
+    diagnostics: DiagnosticsConfig = dataclasses.field(default_factory=DiagnosticsConfig)
 
     def check(self, problems: Problems, key: str) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "limit_batches"):
@@ -150,66 +155,96 @@ def mixed_precision(enabled: bool, device: torch.device):
 # One epoch, one evaluation
 
 
-def clip_gradients(params, clip_value: float | None, clip_norm: float | None) -> None:
-    """Clip by value (each element into [-v, v]), then by norm (rescale if the global L2 norm > n)."""
+def clip_gradients(params, clip_value: float | None, clip_norm: float | None) -> torch.Tensor | None:
+    """Clip by value (each element into [-v, v]), then by norm (rescale if the global L2 norm > n).
+    Returns the global norm before clipping by norm, when that is done."""
     if clip_value is None and clip_norm is None:
-        return
+        return None
     params = [p for p in params if p.grad is not None]
     if clip_value is not None:
         nn.utils.clip_grad_value_(params, clip_value)
     if clip_norm is not None:
-        nn.utils.clip_grad_norm_(params, clip_norm)
+        return nn.utils.clip_grad_norm_(params, clip_norm)
+    return None
+
+
+@dataclasses.dataclass
+class Parts:
+    """What an optimizer step works with."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    reg: regularizers.Regularization
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    scaler: torch.amp.GradScaler | None
+    monitor: Monitor
+    fault: faults.Fault | None = None
 
 
 def train_epoch(
-    model: nn.Module,
-    split: data_mod.Split,
-    optimizer: torch.optim.Optimizer,
-    schedule: Schedule,
-    reg: regularizers.Regularization,
-    tc: TrainerConfig,
-    shuffle: torch.Generator,
-    autocast,
-    scaler,
-    bar: EpochBar,
+    p: Parts, split: data_mod.Split, tc: TrainerConfig, shuffle: torch.Generator, bar: EpochBar, step: int, epoch: int
 ) -> tuple[float, float, int, float]:
-    """Returns (mean loss, accuracy, steps taken, the last step's learning rate). Loss and accuracy
-    are running figures over the epoch's batches, in training mode (dropout on), as Keras reports them."""
+    """One pass over the shuffled training split; `step` counts the optimizer steps before it.
+
+    Returns (mean loss, accuracy, steps taken, the last step's learning rate). Loss and accuracy
+    are running figures over the epoch's batches, in training mode (dropout on), as Keras reports
+    them. Raises Diverged at the first non-finite loss (or gradient, where it is measured).
+    """
+    model, optimizer = p.model, p.optimizer
     model.train()
-    loss_sum = torch.zeros((), device=split.x.device)
-    correct = torch.zeros((), device=split.x.device, dtype=torch.int64)
+    loss_sum = 0.0
+    predictions, targets = [], []  # compared once at the end of the epoch: fewer small ops per step
     seen = steps = 0
     for xb, yb in split.batches(tc.batch_size, shuffle):
         if tc.limit_batches is not None and steps >= tc.limit_batches:
             break
-        with autocast():
+        step += 1
+        watch = p.monitor.due(step)
+        if watch:
+            p.monitor.watch_activations()
+        with p.autocast():
             logits = model(xb)
             loss = F.cross_entropy(logits, yb)
-        penalty = reg.penalty(model)  # l1/l2 on the weights: in the gradient, not in the reported loss
+        if p.fault is not None and p.fault.step == step:  # DNNRUN_FAULT=nan@step=N, for tests
+            loss = loss * float("nan")
+        # Read every step (like Keras' TerminateOnNaN): a NaN must stop the run before it spreads.
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise Diverged(step, f"the training loss is {loss_value}")
+        penalty = p.reg.penalty(model)  # l1/l2 on the weights: in the gradient, not in the reported loss
         objective = loss if penalty is None else loss + penalty
         optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(objective).backward()
-            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        if p.scaler is not None:
+            p.scaler.scale(objective).backward()
+            p.scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         else:
             objective.backward()
-        clip_gradients(model.parameters(), tc.clip_value, tc.clip_norm)
+        total_norm = clip_gradients(model.parameters(), tc.clip_value, tc.clip_norm)
+        if total_norm is not None and p.scaler is None and not torch.isfinite(total_norm):
+            raise Diverged(step, f"the gradient norm is {total_norm.item()}")
+        if watch:
+            p.monitor.before_update()
         lr = optimizer.param_groups[0]["lr"]
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
+        if p.scaler is not None:
+            p.scaler.step(optimizer)  # skips the step when fp16 gradients overflowed
+            p.scaler.update()
         else:
             optimizer.step()
-        reg.after_step(model)  # e.g. max-norm
-        if schedule.per == "step":
-            schedule.step()
+        p.reg.after_step(model)  # e.g. max-norm
+        if p.schedule.per == "step":
+            p.schedule.step()
+        if watch:
+            p.monitor.record(step, epoch)
         steps += 1
         seen += len(yb)
-        loss_sum += loss.detach() * len(yb)
-        correct += (logits.argmax(1) == yb).sum()
-        bar.step(steps, loss, len(yb))
+        loss_sum += loss_value * len(yb)
+        predictions.append(logits.detach().argmax(1))
+        targets.append(yb)
+        bar.step(steps, loss_value, len(yb))
     bar.end_epoch(steps, loss_sum / max(seen, 1))
-    return (loss_sum / seen).item(), (correct / seen).item(), steps, lr
+    correct = (torch.cat(predictions) == torch.cat(targets)).sum().item()
+    return loss_sum / seen, correct / seen, steps, lr
 
 
 @torch.no_grad()
@@ -241,6 +276,8 @@ def run(cfg: RunConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
     summary: dict[str, Any] = {"status": "running", "started": _now(), "run_dir": str(run_dir)}
     try:
         return _train(cfg, run_dir, summary)
+    except Diverged:
+        raise  # _train has recorded it, with the diagnosis
     except KeyboardInterrupt:
         _finish(run_dir, summary, "interrupted")
         raise
@@ -257,6 +294,7 @@ def _train(cfg: RunConfig, run_dir: Path, summary: dict[str, Any]) -> dict[str, 
     wall_start = time.perf_counter()
     device = resolve_device(tc.device)
     resume_from = resolve_resume(tc.resume, run_dir)
+    fault = faults.from_env()
     seed_everything(tc.seed, tc.deterministic)
     torch.autograd.set_detect_anomaly(tc.detect_anomaly)
     summary["warnings"] = advice.warnings(cfg)
@@ -271,28 +309,28 @@ def _train(cfg: RunConfig, run_dir: Path, summary: dict[str, Any]) -> dict[str, 
     steps_per_epoch = math.ceil(len(data.train) / tc.batch_size)
     if tc.limit_batches is not None:
         steps_per_epoch = min(steps_per_epoch, tc.limit_batches)
-    schedule = Schedule(cfg.schedule, optimizer, steps_per_epoch, tc.epochs)
-    shuffle = torch.Generator().manual_seed(tc.seed)
     autocast, scaler = mixed_precision(tc.amp, device)
+    logger = loggers.build(cfg.logger, run_dir)
+    diag_path = run_dir / "diagnostics.jsonl"
+    monitor = Monitor(model, ACTIVATIONS[cfg.act.name], tc.diagnostics.every, diag_path, logger,
+                      check_gradients=scaler is None)
+    p = Parts(model, optimizer, Schedule(cfg.schedule, optimizer, steps_per_epoch, tc.epochs), reg,
+              autocast, scaler, monitor, fault)
+    shuffle = torch.Generator().manual_seed(tc.seed)
+    probe = data.val.x[:512]  # a fixed batch for the activation snapshots
 
     ckpt_dir = run_dir / "checkpoints"
     metrics = MetricsLog(run_dir / "metrics.jsonl")
+    snapshots_path = run_dir / "activations.json"
     # Counters and early-stopping state: everything besides modules that a resume must restore.
     state: dict[str, Any] = {"epoch": 0, "step": 0, "best": None, "best_epoch": None, "bad_epochs": 0, "history": []}
     if resume_from is not None:
-        ckpt = checkpoint.load(resume_from, map_location=device)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        schedule.load_state_dict(ckpt["schedule"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        state = ckpt["trainer"]
-        checkpoint.restore_rng(ckpt["rng"], shuffle)
-        if resume_from.resolve() != (ckpt_dir / "last.pt").resolve() and (resume_from.parent / "best.pt").exists():
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(resume_from.parent / "best.pt", ckpt_dir / "best.pt")
-        log.info("resumed from %s after epoch %d (step %d)", resume_from, state["epoch"], state["step"])
+        state = _resume(resume_from, p, shuffle, ckpt_dir, device)
+        snapshots = json.loads(snapshots_path.read_text()) if snapshots_path.exists() else {}
+    else:
+        snapshots = {"start": diagnostics.snapshot(model, probe)}
     metrics.rewrite(state["history"])
+    diagnostics.truncate(diag_path, state["step"])
 
     summary.update(
         parameters=count_parameters(model),
@@ -307,72 +345,78 @@ def _train(cfg: RunConfig, run_dir: Path, summary: dict[str, Any]) -> dict[str, 
         f"{summary['parameters']:,}", summary["device"],
     )
 
-    stop_reason = None
-    with EpochBar(tc.progress, tc.epochs) as bar:
-        for epoch in range(state["epoch"] + 1, tc.epochs + 1):
-            epoch_start = time.perf_counter()
-            bar.start_epoch(epoch, steps_per_epoch)
-            train_loss, train_acc, steps, lr = train_epoch(
-                model, data.train, optimizer, schedule, reg, tc, shuffle, autocast, scaler, bar
-            )
-            val_loss, val_acc = evaluate(model, data.val, tc.eval_batch_size, autocast)
-            state["step"] += steps
-            record = {
-                "epoch": epoch,
-                "step": state["step"],
-                "train/loss": train_loss,
-                "train/acc": train_acc,
-                "val/loss": val_loss,
-                "val/acc": val_acc,
-                "lr": lr,  # the rate of this epoch's last step
-                "time/epoch_s": time.perf_counter() - epoch_start,
-            }
-            if schedule.per == "epoch":
-                schedule.step(record)
+    stop_reason = diverged = None
+    try:
+        with EpochBar(tc.progress, tc.epochs) as bar:
+            for epoch in range(state["epoch"] + 1, tc.epochs + 1):
+                epoch_start = time.perf_counter()
+                bar.start_epoch(epoch, steps_per_epoch)
+                train_loss, train_acc, steps, lr = train_epoch(p, data.train, tc, shuffle, bar, state["step"], epoch)
+                val_loss, val_acc = evaluate(model, data.val, tc.eval_batch_size, autocast)
+                state["step"] += steps
+                if not math.isfinite(val_loss):
+                    raise Diverged(state["step"], f"the validation loss is {val_loss}")
+                record = {
+                    "epoch": epoch,
+                    "step": state["step"],
+                    "train/loss": train_loss,
+                    "train/acc": train_acc,
+                    "val/loss": val_loss,
+                    "val/acc": val_acc,
+                    "lr": lr,  # the rate of this epoch's last step
+                    "time/epoch_s": time.perf_counter() - epoch_start,
+                }
+                if p.schedule.per == "epoch":
+                    p.schedule.step(record)
 
-            value = record[tc.monitor]
-            improved = state["best"] is None or (
-                value > state["best"] + tc.early_stopping.min_delta
-                if tc.maximize
-                else value < state["best"] - tc.early_stopping.min_delta
-            )
-            if improved:
-                state.update(best=value, best_epoch=epoch, bad_epochs=0)
-            else:
-                state["bad_epochs"] += 1
-            state["epoch"] = epoch
-            state["history"].append(record)
-            metrics.append(record)
+                value = record[tc.monitor]
+                improved = state["best"] is None or (
+                    value > state["best"] + tc.early_stopping.min_delta
+                    if tc.maximize
+                    else value < state["best"] - tc.early_stopping.min_delta
+                )
+                if improved:
+                    state.update(best=value, best_epoch=epoch, bad_epochs=0)
+                else:
+                    state["bad_epochs"] += 1
+                state["epoch"] = epoch
+                state["history"].append(record)
+                metrics.append(record)
+                logger.epoch(record)
+                _save_checkpoints(ckpt_dir, p, state, shuffle, cfg.raw, improved)
+                log.info(
+                    "epoch %d/%d  train/loss %.4f  train/acc %.4f  val/loss %.4f  val/acc %.4f  lr %.3g%s",
+                    epoch, tc.epochs, train_loss, train_acc, val_loss, val_acc, lr, "  *" if improved else "",
+                )
+                patience = tc.early_stopping.patience
+                if patience is not None and state["bad_epochs"] >= patience:
+                    stop_reason = f"early stopping: {tc.monitor} did not improve for {patience} epochs"
+                    log.info(stop_reason)
+                    break
+    except Diverged as exc:
+        diverged = exc
+        kept = (f"checkpoints/last.pt (epoch {state['epoch']}) is untouched" if state["epoch"]
+                else "no epoch had finished, so there is no checkpoint")
+        log.error("%s; the run stops here: %s", exc, kept)
 
-            checkpoint.save(ckpt_dir / "last.pt", {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "trainer": state,
-                "rng": checkpoint.rng_state(shuffle),
-                "config": cfg.raw,
-            })
-            if improved:
-                checkpoint.atomic_write(ckpt_dir / "best.pt", lambda f: f.write((ckpt_dir / "last.pt").read_bytes()))
-            log.info(
-                "epoch %d/%d  train/loss %.4f  train/acc %.4f  val/loss %.4f  val/acc %.4f  lr %.3g%s",
-                epoch, tc.epochs, train_loss, train_acc, val_loss, val_acc, record["lr"], "  *" if improved else "",
-            )
-            patience = tc.early_stopping.patience
-            if patience is not None and state["bad_epochs"] >= patience:
-                stop_reason = f"early stopping: {tc.monitor} did not improve for {patience} epochs"
-                log.info(stop_reason)
-                break
-
-    weights = "last"
-    if tc.restore_best and state["best_epoch"] is not None and state["best_epoch"] != state["epoch"]:
-        model.load_state_dict(checkpoint.load(ckpt_dir / "best.pt", map_location=device)["model"])
-        weights = "best"
-        log.info("restored the weights of epoch %d (best %s)", state["best_epoch"], tc.monitor)
-    test_loss, test_acc = evaluate(model, data.test, tc.eval_batch_size, autocast)
+    # End of the run, whatever ended it: test, snapshots, diagnosis, plots, summary.
+    test = None
+    if diverged is None:
+        weights = "last"
+        if tc.restore_best and state["best_epoch"] is not None and state["best_epoch"] != state["epoch"]:
+            model.load_state_dict(checkpoint.load(ckpt_dir / "best.pt", map_location=device)["model"])
+            weights = "best"
+            log.info("restored the weights of epoch %d (best %s)", state["best_epoch"], tc.monitor)
+        test_loss, test_acc = evaluate(model, data.test, tc.eval_batch_size, autocast)
+        test = {"test/loss": test_loss, "test/acc": test_acc, "weights": weights}
+        snapshots["end"] = diagnostics.snapshot(model, probe)
+    write_json(snapshots_path, snapshots)
+    logger.close()
 
     history = state["history"]
+    found = diagnostics.diagnose(history, diagnostics.read(diag_path), data.n_classes)
+    if diverged is not None:
+        found.insert(0, f"training diverged at step {diverged.step}: {diverged.what}")
     best = next((r for r in history if r["epoch"] == state["best_epoch"]), {})
     summary.update(
         epochs_run=state["epoch"],
@@ -380,13 +424,56 @@ def _train(cfg: RunConfig, run_dir: Path, summary: dict[str, Any]) -> dict[str, 
         stop_reason=stop_reason,
         final=history[-1] if history else {},
         best={"monitor": tc.monitor, "value": state["best"], **best},
-        test={"test/loss": test_loss, "test/acc": test_acc, "weights": weights},
+        test=test,
+        diagnosis=found,
         wall_time_s=time.perf_counter() - wall_start,
     )
+    if tc.diagnostics.plots:
+        from dnnrun.plots import plot_run  # matplotlib is imported only when plots are drawn
+
+        plot_run(run_dir)
+    if diverged is not None:
+        summary["diverged_at_step"] = diverged.step
+        _finish(run_dir, summary, "diverged", error=str(diverged))
+        print_diagnosis(found)
+        raise diverged
     _finish(run_dir, summary, "completed")
     console.print(results_table(summary))
+    print_diagnosis(found)
     log.info("run directory: %s", run_dir)
     return summary
+
+
+def _resume(path: Path, p: Parts, shuffle: torch.Generator, ckpt_dir: Path, device: torch.device) -> dict[str, Any]:
+    """Load a checkpoint into the parts and the RNGs; returns the trainer state it holds."""
+    ckpt = checkpoint.load(path, map_location=device)
+    p.model.load_state_dict(ckpt["model"])
+    p.optimizer.load_state_dict(ckpt["optimizer"])
+    p.schedule.load_state_dict(ckpt["schedule"])
+    if p.scaler is not None and ckpt.get("scaler"):
+        p.scaler.load_state_dict(ckpt["scaler"])
+    checkpoint.restore_rng(ckpt["rng"], shuffle)
+    if path.resolve() != (ckpt_dir / "last.pt").resolve() and (path.parent / "best.pt").exists():
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path.parent / "best.pt", ckpt_dir / "best.pt")
+    state = ckpt["trainer"]
+    log.info("resumed from %s after epoch %d (step %d)", path, state["epoch"], state["step"])
+    return state
+
+
+def _save_checkpoints(ckpt_dir: Path, p: Parts, state: dict, shuffle: torch.Generator, config: dict, improved: bool) -> None:
+    """last.pt after every epoch; best.pt, a copy of it, when the monitored metric improved."""
+    checkpoint.save(ckpt_dir / "last.pt", {
+        "model": p.model.state_dict(),
+        "optimizer": p.optimizer.state_dict(),
+        "schedule": p.schedule.state_dict(),
+        "scaler": p.scaler.state_dict() if p.scaler is not None else None,
+        "trainer": state,
+        "rng": checkpoint.rng_state(shuffle),
+        "config": config,
+    })
+    if improved:
+        checkpoint.atomic_write(ckpt_dir / "best.pt", lambda f: f.write((ckpt_dir / "last.pt").read_bytes()))
 
 
 def _finish(run_dir: Path, summary: dict[str, Any], status: str, error: str | None = None) -> None:

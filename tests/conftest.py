@@ -24,9 +24,11 @@ def compose_raw(*overrides: str) -> dict:
 
 
 def make_config(*overrides: str) -> RunConfig:
-    """A run on the small synthetic set, quiet, for a few epochs unless overridden."""
+    """A run on the small synthetic set, quiet, for a few epochs and without plots unless overridden
+    (drawing them takes longer than such a run; tests/test_diagnostics.py checks them)."""
     return parse_run_config(
-        compose_raw("data=synthetic", "trainer.epochs=3", "trainer.progress=false", *overrides)
+        compose_raw("data=synthetic", "trainer.epochs=3", "trainer.progress=false", "trainer.diagnostics.plots=false",
+                    *overrides)
     )
 
 

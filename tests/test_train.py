@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import make_config
-from dnnrun import checkpoint, train
+from dnnrun import checkpoint, diagnostics, train
 from dnnrun.errors import UserError
 from dnnrun.metrics import read_jsonl
 
@@ -96,7 +96,7 @@ def _interrupt_after_epoch(monkeypatch, k: int) -> None:
 
 # Batch norm (running buffers), Adam (moment estimates), 1cycle (step counter, momentum) and dropout
 # (the global RNG) all carry state that a resume must restore.
-RESUMABLE = ("trainer.epochs=4", "norm=batchnorm", "optimizer=momentum", "schedule=onecycle", "regularizer=[dropout]",
+RESUMABLE = ("trainer.epochs=4", "trainer.diagnostics.every=10", "norm=batchnorm", "optimizer=momentum", "schedule=onecycle", "regularizer=[dropout]",
              "model.hidden=[64,32]")
 
 
@@ -119,6 +119,9 @@ def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path: Path
     b = read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
     assert [r["epoch"] for r in b] == [1, 2, 3, 4]  # nothing lost, nothing duplicated
     assert [r["val/loss"] for r in a] == [r["val/loss"] for r in b]
+    # The per-layer statistics after the resume are those of the uninterrupted run, once each.
+    assert diagnostics.read(tmp_path / "resumed" / "diagnostics.jsonl") == diagnostics.read(
+        tmp_path / "straight" / "diagnostics.jsonl")
 
 
 def test_resuming_without_the_rng_state_does_not_match(tmp_path: Path, monkeypatch):

@@ -1,0 +1,208 @@
+"""Plots of a run, drawn from the files in its directory (PNG, matplotlib's Agg backend).
+
+    dnnrun-plot RUN_DIR                    (re)draw RUN_DIR/plots/*.png
+    dnnrun-plot --activations [--out DIR]  every registered activation and its derivative
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display needed, and never an interactive window
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.colors import LogNorm  # noqa: E402
+
+from dnnrun import diagnostics  # noqa: E402
+from dnnrun.activations import ACTIVATIONS  # noqa: E402
+from dnnrun.metrics import read_jsonl  # noqa: E402
+
+SIZE = (10, 6)  # inches; at DPI this is 1000 x 600 pixels
+DPI = 100
+RUN_PLOTS = ("learning_curves", "gradient_flow", "activations", "unit_health")
+MAX_PANELS = 8  # layers drawn in the activation-distribution plot
+
+
+def _save(fig, path: Path) -> Path:
+    fig.set_size_inches(*SIZE)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def _placeholder(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
+    ax.set_axis_off()
+
+
+def _extent(steps: list[int], rows: int) -> tuple[float, float, float, float]:
+    """Cells centred on their steps, rows top to bottom (a single record gets a cell of width 1)."""
+    half = (steps[1] - steps[0]) / 2 if len(steps) > 1 else 0.5
+    return steps[0] - half, steps[-1] + half, rows - 0.5, -0.5
+
+
+def learning_curves(history: list[dict], path: Path) -> Path:
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2)
+    epochs = [r["epoch"] for r in history]
+    for split, style in (("train", "-"), ("val", "--")):
+        loss_ax.plot(epochs, [r[f"{split}/loss"] for r in history], style, label=f"{split} loss")
+        acc_ax.plot(epochs, [r[f"{split}/acc"] for r in history], style, label=f"{split} accuracy")
+    lr_ax = loss_ax.twinx()
+    lr_ax.plot(epochs, [r["lr"] for r in history], ":", color="grey", label="learning rate")
+    lr_ax.set_ylabel("learning rate")
+    if history and all(r["lr"] and r["lr"] > 0 for r in history):
+        lr_ax.set_yscale("log")
+    loss_ax.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    acc_ax.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    handles = loss_ax.get_legend_handles_labels()[0] + lr_ax.get_legend_handles_labels()[0]
+    loss_ax.legend(handles=handles, loc="upper right")
+    acc_ax.legend(loc="lower right")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def gradient_flow(records: list[dict], path: Path) -> Path:
+    fig, ax = plt.subplots()
+    layers = list(records[0]["layers"]) if records else []
+    values = [[r["layers"].get(layer, {}).get("grad_norm") or float("nan") for r in records] for layer in layers]
+    positive = [v for row in values for v in row if v > 0 and math.isfinite(v)]
+    if not positive:
+        _placeholder(ax, "no gradient statistics recorded (trainer.diagnostics.every=0?)")
+        return _save(fig, path)
+    grid = [[v if v > 0 else float("nan") for v in row] for row in values]
+    steps = [r["step"] for r in records]
+    image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis",
+                      norm=LogNorm(vmin=min(positive), vmax=max(positive)), extent=_extent(steps, len(layers)))
+    ax.set_yticks(range(len(layers)), layers)
+    ax.set(xlabel="step", title="gradient flow: L2 norm of each layer's weight gradient (log scale)")
+    fig.colorbar(image, ax=ax, label="gradient norm")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def activations(snapshots: dict, path: Path) -> Path:
+    layers = list(snapshots.get("end") or snapshots.get("start") or {})
+    if len(layers) > MAX_PANELS:  # deep nets: evenly spaced layers, the first and the last included
+        layers = [layers[round(i * (len(layers) - 1) / (MAX_PANELS - 1))] for i in range(MAX_PANELS)]
+    if not layers:
+        fig, ax = plt.subplots()
+        _placeholder(ax, "no activation snapshots recorded")
+        return _save(fig, path)
+    cols = min(4, len(layers))
+    rows = math.ceil(len(layers) / cols)
+    fig, axes = plt.subplots(rows, cols, squeeze=False)
+    for ax, layer in zip(axes.flat, layers):
+        for when, style in (("start", "--"), ("end", "-")):
+            h = snapshots.get(when, {}).get(layer)
+            if h:
+                counts = h["counts"]
+                width = (h["high"] - h["low"]) / len(counts)
+                centres = [h["low"] + (i + 0.5) * width for i in range(len(counts))]
+                total = sum(counts) or 1
+                ax.plot(centres, [c / total for c in counts], style, label=when)
+        ax.set_yscale("log")  # the spike of exact zeros (ReLU) would flatten everything else
+        ax.set_title(layer, fontsize=9)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(layers):]:
+        ax.set_axis_off()
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle("activation distributions per layer (fraction per bin, log scale), at the start and the end of training")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def unit_health(records: list[dict], path: Path) -> Path:
+    """Dead (ReLU) and saturated (sigmoid/tanh) fractions as layer x step maps, one per kind present."""
+    layers = [layer for layer in (records[0]["layers"] if records else {}) if layer != "output"]
+    kinds = [k for k in ("dead", "saturated") if any(k in r["layers"].get(layer, {}) for r in records for layer in layers)]
+    if not kinds:
+        fig, ax = plt.subplots()
+        _placeholder(ax, "no dead or saturated units to track for this activation (only ReLU, sigmoid and tanh)")
+        return _save(fig, path)
+    fig, axes = plt.subplots(1, len(kinds), squeeze=False)
+    steps = [r["step"] for r in records]
+    for ax, kind in zip(axes.flat, kinds):
+        grid = [[r["layers"].get(layer, {}).get(kind, float("nan")) for r in records] for layer in layers]
+        image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="magma", vmin=0, vmax=1,
+                          extent=_extent(steps, len(layers)))
+        ax.set_yticks(range(len(layers)), layers)
+        ax.set(xlabel="step", title=f"fraction of {kind} units")
+        fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_run(run_dir: Path) -> list[Path]:
+    """Draw every plot of a run into RUN_DIR/plots/ from its metrics, diagnostics and snapshots."""
+    run_dir = Path(run_dir)
+    out = run_dir / "plots"
+    out.mkdir(exist_ok=True)
+    history = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
+    records = diagnostics.read(run_dir / "diagnostics.jsonl")
+    snapshots_path = run_dir / "activations.json"
+    snapshots = json.loads(snapshots_path.read_text()) if snapshots_path.exists() else {}
+    return [
+        learning_curves(history, out / "learning_curves.png"),
+        gradient_flow(records, out / "gradient_flow.png"),
+        activations(snapshots, out / "activations.png"),
+        unit_health(records, out / "unit_health.png"),
+    ]
+
+
+def activation_functions(path: Path) -> Path:
+    """Every registered activation and its derivative over [-5, 5] (derivatives by autograd)."""
+    names = sorted(ACTIVATIONS)
+    cols = 4
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, squeeze=False, sharex=True)
+    z = torch.linspace(-5, 5, 401, dtype=torch.float64, requires_grad=True)
+    for ax, name in zip(axes.flat, names):
+        module = ACTIVATIONS[name].build(1) if name == "prelu" else ACTIVATIONS[name].build()
+        module = module.double().eval()
+        out = module(z)
+        (grad,) = torch.autograd.grad(out.sum(), z)
+        ax.plot(z.detach(), out.detach(), label="f(z)")
+        ax.plot(z.detach(), grad, "--", label="f'(z)")
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_title(name, fontsize=9)
+        ax.tick_params(labelsize=7)
+        asymptotes = ACTIVATIONS[name].asymptotes
+        if asymptotes:  # where the output hugs an asymptote the derivative vanishes
+            for a in asymptotes:
+                ax.axhline(a, color="red", lw=0.5, ls=":")
+    for ax in list(axes.flat)[len(names):]:
+        ax.set_axis_off()
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle("activation functions (solid) and their derivatives (dashed) on [-5, 5]")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dnnrun-plot", description="Draw a run's plots, or the activation functions.")
+    parser.add_argument("run_dir", nargs="?", type=Path, help="a run directory (with metrics.jsonl)")
+    parser.add_argument("--activations", action="store_true", help="draw every activation and its derivative")
+    parser.add_argument("--out", type=Path, default=Path("outputs"), help="folder for --activations (default: outputs)")
+    args = parser.parse_args(argv)
+    if args.activations:
+        args.out.mkdir(parents=True, exist_ok=True)
+        print(activation_functions(args.out / "activation_functions.png"))
+        return 0
+    if args.run_dir is None:
+        parser.error("give a run directory, or --activations")
+    if not (args.run_dir / "metrics.jsonl").is_file():
+        print(f"error: {args.run_dir} is not a dnnrun run directory (no metrics.jsonl)", file=sys.stderr)
+        return 2
+    for path in plot_run(args.run_dir):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
