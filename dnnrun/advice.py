@@ -15,6 +15,9 @@ if TYPE_CHECKING:
 
 def warnings(cfg: RunConfig) -> list[str]:
     found = []
+    t = cfg.transfer
+    if t.source is None and (t.freeze or t.unfreeze_after is not None or t.layers is not None or t.replace is not None or t.add):
+        found.append("transfer settings without transfer.source have no effect: this run trains from scratch")
     if cfg.act.name == "selu":
         # SELU keeps activations at mean 0 / variance 1 layer after layer (Klambauer et al. 2017) only
         # under LeCun initialization, standardized inputs and a plain stack of dense layers.

@@ -46,9 +46,9 @@ def _error(message: str) -> None:
 def _task(cfg: DictConfig) -> float | None:
     global _task_started
     _task_started = True
-    from dnnrun.config import parse_run_config  # torch is imported here, after Hydra has parsed argv
+    from dnnrun import evaluate, lr_find, train  # torch is imported here, after Hydra has parsed argv
+    from dnnrun.config import parse_run_config
     from dnnrun.console import console
-    from dnnrun.train import run
 
     logger = logging.getLogger("dnnrun")
     if not any(isinstance(h, RichHandler) for h in logger.handlers):
@@ -56,8 +56,12 @@ def _task(cfg: DictConfig) -> float | None:
         logger.propagate = False
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        raw = OmegaConf.to_container(cfg, resolve=True)
-        summary = run(parse_run_config(raw), run_dir)
+        run_cfg = parse_run_config(OmegaConf.to_container(cfg, resolve=True))
+        if run_cfg.mode == "lr_find":
+            return lr_find.run(run_cfg, run_dir)["suggestion"]
+        if run_cfg.mode == "evaluate":
+            return evaluate.run(run_cfg, run_dir)["deterministic"]["accuracy"]
+        summary = train.run(run_cfg, run_dir)
     except (UserError, OmegaConfBaseException) as exc:
         _error(str(exc))
         _remove_if_empty(run_dir)
@@ -88,6 +92,7 @@ GROUP_HELP = {
     "regularizer": "penalties, dropout and constraints; a list selects several: regularizer=[l2,dropout]",
     "trainer": "epochs, batch size, device, seed, early stopping, clipping, resuming, diagnostics",
     "logger": "where metrics go besides the run directory's JSON lines",
+    "pretrain": "training the hidden layers without labels before supervised training",
     "experiment": "presets that set several groups at once",
 }
 
@@ -125,6 +130,8 @@ def help_text() -> str:
         "  dnnrun optimizer=adam act=elu",
         "  dnnrun -m act=sigmoid,relu,elu,selu init=glorot_uniform,he_normal",
         "  dnnrun experiment=self_normalizing trainer.epochs=50",
+        "  dnnrun mode=lr_find optimizer=adam            the learning-rate range test",
+        "  dnnrun mode=evaluate evaluate.checkpoint=PATH evaluate.mc_samples=30",
         "  dnnrun --cfg job optimizer=nadam      print the composed config (every key you can override)",
         "  dnnrun --hydra-help                   Hydra's own flags",
     ]

@@ -32,6 +32,7 @@ class Arrays:
     y_test: torch.Tensor | None
     max_value: float  # the raw value that scaling=unit maps to 1.0
     n_classes: int
+    shape: tuple[int, ...] | None = None  # one example's shape before flattening: (H, W) or (H, W, C)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,7 +46,7 @@ def digits(root: Path, download: bool) -> Arrays:
     bunch = load_digits()
     x = torch.as_tensor(bunch.data, dtype=torch.uint8)
     y = torch.as_tensor(bunch.target, dtype=torch.int64)
-    return Arrays(x, y, None, None, max_value=16.0, n_classes=10)
+    return Arrays(x, y, None, None, max_value=16.0, n_classes=10, shape=(8, 8))
 
 
 def synthetic(
@@ -99,6 +100,7 @@ class TorchvisionSet:
             y_test=torch.as_tensor(test.targets, dtype=torch.int64),
             max_value=255.0,
             n_classes=len(train.classes),
+            shape=tuple(torch.as_tensor(train.data).shape[1:]),
         )
 
 
@@ -186,6 +188,8 @@ class Data:
     test: Split
     n_features: int
     n_classes: int
+    shape: tuple[int, ...] | None  # one example's shape before flattening, for image-aware code
+    unlabeled: torch.Tensor  # every training input, also those that max_train leaves without their label
 
 
 def _count(size: float, n: int) -> int:
@@ -226,6 +230,7 @@ def load(cfg: DataConfig, device: torch.device) -> Data:
         x_train, y_train, x_test, y_test = _split_off(x_train, y_train, cfg.test_size, cfg.split_seed, "data.test_size")
     # A different seed stream from the test split's, so the two carve-outs are independent.
     x_train, y_train, x_val, y_val = _split_off(x_train, y_train, cfg.val_size, cfg.split_seed + 1, "data.val_size")
+    x_unlabeled = x_train
     if cfg.max_train is not None:
         x_train, y_train = x_train[: cfg.max_train], y_train[: cfg.max_train]
 
@@ -235,10 +240,16 @@ def load(cfg: DataConfig, device: torch.device) -> Data:
         for name, x, y in (("train", x_train, y_train), ("val", x_val, y_val), ("test", x_test, y_test))
     }
     scale = _scaler(cfg.scaling, splits["train"][0], arrays.max_value)
+    train = Split(scale(splits["train"][0]), splits["train"][1])
     return Data(
-        **{name: Split(scale(x), y) for name, (x, y) in splits.items()},
+        train=train,
+        val=Split(scale(splits["val"][0]), splits["val"][1]),
+        test=Split(scale(splits["test"][0]), splits["test"][1]),
         n_features=x_train.shape[1],
         n_classes=n_classes,
+        shape=arrays.shape,
+        # the same tensor as train.x unless max_train dropped some labels
+        unlabeled=train.x if cfg.max_train is None else scale(x_unlabeled.to(device).float()),
     )
 
 

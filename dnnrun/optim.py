@@ -3,6 +3,8 @@ arguments (PyTorch's names: lr, momentum, nesterov, betas, eps, weight_decay, ..
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 from torch import nn
 
@@ -36,13 +38,20 @@ def parse(raw, key: str, problems: Problems) -> Choice | None:
     return choice
 
 
-def param_groups(model: nn.Module) -> list[dict]:
-    """Weight decay applies to weight matrices only, never to biases or normalization parameters."""
-    decay = [p for p in model.parameters() if p.requires_grad and is_weight_matrix(p)]
-    no_decay = [p for p in model.parameters() if p.requires_grad and not is_weight_matrix(p)]
-    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+def param_groups(model: nn.Module, reused: Collection[str] = ()) -> list[dict]:
+    """Weight decay applies to weight matrices only, never to biases or normalization parameters.
+    Parameters reused from a transfer source get groups of their own (marked "reused"), so that
+    their learning rate can be scaled apart. Frozen parameters stay in: they get no gradient, so
+    the optimizer leaves them alone until they are unfrozen."""
+    groups = []
+    for is_reused in (False, True):
+        for decay in (True, False):
+            params = [p for n, p in model.named_parameters()
+                      if (n in reused) == is_reused and is_weight_matrix(p) == decay]
+            if params:
+                groups.append({"params": params, "reused": is_reused, **({} if decay else {"weight_decay": 0.0})})
+    return groups
 
 
-def build(choice: Choice, model: nn.Module) -> torch.optim.Optimizer:
-    return OPTIMIZERS[choice.name](param_groups(model), **choice.params)
+def build(choice: Choice, model: nn.Module, reused: Collection[str] = ()) -> torch.optim.Optimizer:
+    return OPTIMIZERS[choice.name](param_groups(model, reused), **choice.params)

@@ -184,6 +184,24 @@ def activation_functions(path: Path) -> Path:
     return _save(fig, path)
 
 
+def lr_find_plot(result: dict, path: Path) -> Path:
+    fig, ax = plt.subplots()
+    ax.plot(result["lrs"], result["losses"], alpha=0.3, label="loss")
+    ax.plot(result["lrs"], result["smoothed"], label="smoothed loss")
+    if result.get("suggestion"):
+        ax.axvline(result["suggestion"], color="green", ls="--", label=f"suggestion {result['suggestion']:.1e}")
+    if result.get("min_loss_lr"):
+        ax.axvline(result["min_loss_lr"], color="red", ls=":", label=f"minimum {result['min_loss_lr']:.1e}")
+    ax.set_xscale("log")
+    finite = [v for v in result["smoothed"] if math.isfinite(v)]
+    if finite:  # keep the explosion from squashing the interesting part
+        ax.set_ylim(min(finite) * 0.9, min(max(finite), 4 * min(finite)) * 1.1)
+    ax.set(xlabel="learning rate (log scale)", ylabel="training loss", title="learning-rate range test")
+    ax.legend()
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dnnrun-plot", description="Draw a run's plots, or the activation functions.")
     parser.add_argument("run_dir", nargs="?", type=Path, help="a run directory (with metrics.jsonl)")

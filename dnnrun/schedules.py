@@ -196,6 +196,13 @@ class Schedule:
             if cycle_momentum and group.get("momentum", 0) > 0:
                 group["momentum"] = self.rate.momentum(self.t)
 
+    def scale_reused(self, factor: float) -> None:
+        """Multiply the rate of the param groups reused from a transfer source (on unfreezing)."""
+        for i, group in enumerate(self.optimizer.param_groups):
+            if group.get("reused"):
+                self.base_lrs[i] *= factor
+        self._apply()
+
     def step(self, metrics: dict[str, float] | None = None) -> None:
         """Advance by one step or one epoch; an epoch's validation metrics feed performance scheduling."""
         self.t += 1

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dnnrun import advice, checkpoint, data as data_mod, diagnostics, faults, loggers, optim, regularizers
+from dnnrun import (advice, checkpoint, data as data_mod, diagnostics, faults, loggers, optim, pretrain,
+                    regularizers, transfer)
 from dnnrun.activations import ACTIVATIONS
 from dnnrun.console import EpochBar, console, print_diagnosis, results_table
 from dnnrun.diagnostics import DiagnosticsConfig, Monitor
@@ -180,6 +181,7 @@ class Parts:
     scaler: torch.amp.GradScaler | None
     monitor: Monitor
     fault: faults.Fault | None = None
+    frozen: list[nn.Module] = dataclasses.field(default_factory=list)  # norm layers kept in eval mode (transfer.freeze)
 
 
 def train_epoch(
@@ -193,6 +195,8 @@ def train_epoch(
     """
     model, optimizer = p.model, p.optimizer
     model.train()
+    for module in p.frozen:  # frozen batch norm keeps its running statistics
+        module.eval()
     loss_sum = 0.0
     predictions, targets = [], []  # compared once at the end of the epoch: fewer small ops per step
     seen = steps = 0
@@ -302,10 +306,15 @@ def _train(cfg: RunConfig, run_dir: Path, summary: dict[str, Any]) -> dict[str, 
         log.warning(message)
 
     data = data_mod.load(cfg.data, device)
-    reg = regularizers.combine(cfg.regularizer)
-    model = MODELS[cfg.model.name](cfg.model, data.n_features, data.n_classes, cfg.act, cfg.norm, cfg.init, reg)
+    source = transfer.load_source(cfg.transfer) if cfg.transfer.source else None
+    model, reg = build_model(cfg, data, transfer.model_config(cfg.model, cfg.transfer, source) if source else None)
     model.to(device)
-    optimizer = optim.build(cfg.optimizer, model)
+    reused_layers, reused = [], []
+    if source is not None:
+        reused_layers = transfer.reused_layers(cfg.transfer, source)
+        reused = transfer.reuse(model, source, reused_layers, data.n_features)
+        summary["transfer"] = transfer.describe(cfg.transfer, reused_layers, transfer.source_widths(source))
+    optimizer = optim.build(cfg.optimizer, model, reused)
     steps_per_epoch = math.ceil(len(data.train) / tc.batch_size)
     if tc.limit_batches is not None:
         steps_per_epoch = min(steps_per_epoch, tc.limit_batches)
@@ -323,12 +332,20 @@ def _train(cfg: RunConfig, run_dir: Path, summary: dict[str, Any]) -> dict[str, 
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     snapshots_path = run_dir / "activations.json"
     # Counters and early-stopping state: everything besides modules that a resume must restore.
-    state: dict[str, Any] = {"epoch": 0, "step": 0, "best": None, "best_epoch": None, "bad_epochs": 0, "history": []}
+    state: dict[str, Any] = {"epoch": 0, "step": 0, "best": None, "best_epoch": None, "bad_epochs": 0, "history": [],
+                             "unfrozen": False}
     if resume_from is not None:
         state = _resume(resume_from, p, shuffle, ckpt_dir, device)
         snapshots = json.loads(snapshots_path.read_text()) if snapshots_path.exists() else {}
     else:
-        snapshots = {"start": diagnostics.snapshot(model, probe)}
+        if cfg.pretrain.name != "none":
+            summary["pretrain"] = pretrain.run(cfg.pretrain, model, data.unlabeled, data.shape, tc.seed)
+            checkpoint.save(ckpt_dir / "pretrained.pt", {"model": model.state_dict(), "config": cfg.raw})
+        snapshots = {"start": diagnostics.snapshot(model, probe)}  # where supervised training starts
+    frozen = bool(reused) and cfg.transfer.freeze and not state["unfrozen"]
+    if frozen:
+        transfer.set_frozen(model, reused, True)
+        p.frozen = transfer.frozen_modules(model, reused_layers)
     metrics.rewrite(state["history"])
     diagnostics.truncate(diag_path, state["step"])
 
@@ -349,6 +366,13 @@ def _train(cfg: RunConfig, run_dir: Path, summary: dict[str, Any]) -> dict[str, 
     try:
         with EpochBar(tc.progress, tc.epochs) as bar:
             for epoch in range(state["epoch"] + 1, tc.epochs + 1):
+                if frozen and not transfer.is_frozen(cfg.transfer, epoch - 1):
+                    transfer.set_frozen(model, reused, False)
+                    frozen, p.frozen = False, []
+                    p.schedule.scale_reused(cfg.transfer.unfreeze_lr_factor)  # saved with the schedule's state
+                    state["unfrozen"] = True
+                    log.info("transfer: reused layers unfrozen for epoch %d, their learning rate x %g",
+                             epoch, cfg.transfer.unfreeze_lr_factor)
                 epoch_start = time.perf_counter()
                 bar.start_epoch(epoch, steps_per_epoch)
                 train_loss, train_acc, steps, lr = train_epoch(p, data.train, tc, shuffle, bar, state["step"], epoch)
@@ -442,6 +466,14 @@ def _train(cfg: RunConfig, run_dir: Path, summary: dict[str, Any]) -> dict[str, 
     print_diagnosis(found)
     log.info("run directory: %s", run_dir)
     return summary
+
+
+def build_model(cfg: RunConfig, data: data_mod.Data, model_cfg=None) -> tuple[nn.Module, regularizers.Regularization]:
+    """The model the config describes, for this data (`model_cfg` replaces cfg.model, e.g. for transfer)."""
+    reg = regularizers.combine(cfg.regularizer)
+    model_cfg = model_cfg or cfg.model
+    model = MODELS[model_cfg.name](model_cfg, data.n_features, data.n_classes, cfg.act, cfg.norm, cfg.init, reg)
+    return model, reg
 
 
 def _resume(path: Path, p: Parts, shuffle: torch.Generator, ckpt_dir: Path, device: torch.device) -> dict[str, Any]:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -23,13 +25,19 @@ def compose_raw(*overrides: str) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-def make_config(*overrides: str) -> RunConfig:
-    """A run on the small synthetic set, quiet, for a few epochs and without plots unless overridden
-    (drawing them takes longer than such a run; tests/test_diagnostics.py checks them)."""
-    return parse_run_config(
-        compose_raw("data=synthetic", "trainer.epochs=3", "trainer.progress=false", "trainer.diagnostics.plots=false",
-                    *overrides)
-    )
+# Options that only work together with others (checked and documented where they are defined).
+COMPANIONS = {
+    "pretrain=rbm": ["act=sigmoid"],  # RBMs are made of sigmoid units
+    "pretrain=rotation": ["data=digits"],  # needs square images
+}
+
+
+def make_config(*overrides: str, data: str | None = "synthetic") -> RunConfig:
+    """A run on the small synthetic set (data=None: the data the overrides pick), quiet, for a few
+    epochs and without plots unless overridden (drawing them takes longer than such a run;
+    tests/test_diagnostics.py checks them)."""
+    base = ["trainer.epochs=3", "trainer.progress=false", "trainer.diagnostics.plots=false"]
+    return parse_run_config(compose_raw(*([f"data={data}"] if data else []), *base, *overrides))
 
 
 def run_cli(*args: str, cwd: Path, module: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -42,6 +50,27 @@ def run_cli(*args: str, cwd: Path, module: bool = False, env: dict | None = None
         timeout=300,
         env={**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})},
     )
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    magic = {1: 2049, 3: 2051}[array.ndim]
+    header = struct.pack(">" + "I" * (1 + array.ndim), magic, *array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def write_mnist_like(raw: Path, n_train: int = 40, n_test: int = 12) -> dict[str, np.ndarray]:
+    """Tiny MNIST-format IDX files (random pixels, labels cycling through 0..9) in torchvision's raw folder."""
+    raw.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28)),
+        "train-labels-idx1-ubyte": np.arange(n_train) % 10,
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28)),
+        "t10k-labels-idx1-ubyte": np.arange(n_test) % 10,
+    }
+    for name, array in arrays.items():
+        write_idx(raw / name, array)
+    return arrays
 
 
 @pytest.fixture

@@ -3,9 +3,7 @@ files written here (no download)."""
 
 from __future__ import annotations
 
-import gzip
 import pickle
-import struct
 from pathlib import Path
 from urllib.error import URLError
 
@@ -14,6 +12,7 @@ import pytest
 import torch
 import torchvision.datasets
 
+from conftest import write_mnist_like
 from dnnrun import data
 from dnnrun.data import Arrays, DataConfig, load
 from dnnrun.errors import DataError
@@ -132,29 +131,9 @@ def test_batches_are_index_slices_of_a_permutation():
 # torchvision loaders on tiny files
 
 
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    magic = {1: 2049, 3: 2051}[array.ndim]
-    header = struct.pack(">" + "I" * (1 + array.ndim), magic, *array.shape)
-    path.write_bytes(header + array.astype(np.uint8).tobytes())
-
-
-def _write_mnist_like(raw: Path, n_train: int = 40, n_test: int = 12) -> dict[str, np.ndarray]:
-    raw.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    arrays = {
-        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28)),
-        "train-labels-idx1-ubyte": np.arange(n_train) % 10,
-        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28)),
-        "t10k-labels-idx1-ubyte": np.arange(n_test) % 10,
-    }
-    for name, array in arrays.items():
-        _write_idx(raw / name, array)
-    return arrays
-
-
 @pytest.mark.parametrize("name, folder", [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
 def test_idx_files_load_through_torchvision(tmp_path: Path, name, folder):
-    arrays = _write_mnist_like(tmp_path / folder / "raw")
+    arrays = write_mnist_like(tmp_path / folder / "raw")
     d = load(DataConfig(name=name, root=str(tmp_path), download=False, val_size=10, scaling="none"), CPU)
     assert (len(d.train), len(d.val), len(d.test), d.n_features, d.n_classes) == (30, 10, 12, 784, 10)
     expected = torch.from_numpy(arrays["t10k-images-idx3-ubyte"].reshape(12, -1)).float()

@@ -1,0 +1,133 @@
+"""The learning-rate range test (Smith 2015): train for a few hundred steps while the rate grows
+exponentially from very small to very large, and watch the loss fall, flatten, then explode.
+
+`dnnrun mode=lr_find` writes lr_find.json and plots/lr_find.png into its own run directory and
+prints a suggested rate: where the smoothed loss falls fastest, before its minimum. It writes no
+checkpoint, so it never touches a training run's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from dnnrun import data as data_mod, optim
+from dnnrun.console import console
+from dnnrun.metrics import write_json
+from dnnrun.schema import Problems
+
+if TYPE_CHECKING:
+    from dnnrun.config import RunConfig
+
+log = logging.getLogger("dnnrun")
+
+
+@dataclasses.dataclass(frozen=True)
+class LRFindConfig:
+    start_lr: float = 1e-7
+    end_lr: float = 10.0
+    steps: int = 300  # the rate reaches end_lr at the last step
+    smoothing: float = 0.98  # weight of the past in the loss's moving average
+    diverge_factor: float = 4.0  # stop once the smoothed loss exceeds this multiple of its minimum
+
+    def check(self, problems: Problems, key: str) -> None:
+        if not 0 < self.start_lr < self.end_lr:
+            problems.add(f"{key}.start_lr", f"must be > 0 and below end_lr ({self.end_lr}), got {self.start_lr}")
+        if self.steps < 10:
+            problems.add(f"{key}.steps", f"must be >= 10, got {self.steps}")
+        if not 0 <= self.smoothing < 1:
+            problems.add(f"{key}.smoothing", f"must be in [0, 1), got {self.smoothing}")
+        if self.diverge_factor <= 1:
+            problems.add(f"{key}.diverge_factor", f"must be > 1, got {self.diverge_factor}")
+
+
+def find(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, split: data_mod.Split, batch_size: int,
+    cfg: LRFindConfig, generator: torch.Generator,
+) -> dict[str, Any]:
+    """Run the range test; the model and optimizer are spent afterwards."""
+    ratios = [g["lr"] / optimizer.param_groups[0]["lr"] for g in optimizer.param_groups]
+    growth = (cfg.end_lr / cfg.start_lr) ** (1 / (cfg.steps - 1))
+    lrs, losses, smoothed = [], [], []
+    average, best, stop = 0.0, math.inf, "reached end_lr"
+    model.train()
+    t = 0
+    while t < cfg.steps:
+        for xb, yb in split.batches(batch_size, generator):
+            lr = cfg.start_lr * growth**t
+            for group, ratio in zip(optimizer.param_groups, ratios):
+                group["lr"] = lr * ratio
+            loss = F.cross_entropy(model(xb), yb)
+            value = loss.item()
+            if not math.isfinite(value):
+                stop = "the loss became non-finite"
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            average = cfg.smoothing * average + (1 - cfg.smoothing) * value
+            smooth = average / (1 - cfg.smoothing ** (t + 1))  # bias-corrected moving average
+            lrs.append(lr)
+            losses.append(value)
+            smoothed.append(smooth)
+            best = min(best, smooth)
+            t += 1
+            if smooth > cfg.diverge_factor * best:
+                stop = f"the smoothed loss exceeded {cfg.diverge_factor:g}x its minimum"
+                break
+            if t >= cfg.steps:
+                break
+        else:
+            continue
+        break
+    return {"lrs": lrs, "losses": losses, "smoothed": smoothed, "stopped": stop, **suggest(lrs, smoothed)}
+
+
+def suggest(lrs: list[float], smoothed: list[float]) -> dict[str, Any]:
+    """The rate where the smoothed loss falls fastest (against log lr), before its minimum; and the
+    rate of the minimum. Training at the minimum's rate is usually already too fast."""
+    if len(lrs) < 3:
+        return {"suggestion": None, "min_loss_lr": lrs[-1] if lrs else None}
+    low = min(range(len(smoothed)), key=smoothed.__getitem__)
+    logs = [math.log10(lr) for lr in lrs]
+    slopes = [(smoothed[i + 1] - smoothed[i - 1]) / (logs[i + 1] - logs[i - 1]) for i in range(1, max(low, 2))]
+    steepest = 1 + min(range(len(slopes)), key=slopes.__getitem__)
+    return {"suggestion": lrs[steepest], "min_loss_lr": lrs[low], "falling": [lrs[0], lrs[low]]}
+
+
+def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
+    from dnnrun.train import build_model, resolve_device, seed_everything  # the same builders as training
+
+    tc = cfg.trainer
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(tc.device)
+    seed_everything(tc.seed, tc.deterministic)
+    data = data_mod.load(cfg.data, device)
+    model, _ = build_model(cfg, data)
+    model.to(device)
+    optimizer = optim.build(cfg.optimizer, model)
+    result = find(model, optimizer, data.train, tc.batch_size, cfg.lr_find, torch.Generator().manual_seed(tc.seed))
+    result.update(optimizer=cfg.optimizer.name, batch_size=tc.batch_size, steps=len(result["lrs"]))
+    write_json(run_dir / "lr_find.json", result)
+    from dnnrun.plots import lr_find_plot
+
+    (run_dir / "plots").mkdir(exist_ok=True)
+    lr_find_plot(result, run_dir / "plots" / "lr_find.png")
+    write_json(run_dir / "summary.json", {"status": "completed", "mode": "lr_find", "suggestion": result["suggestion"],
+                                          "min_loss_lr": result["min_loss_lr"], "stopped": result["stopped"]})
+    if result["suggestion"] is None:
+        console.print(f"lr_find: the loss exploded after {len(result['lrs'])} steps; start lower (lr_find.start_lr)")
+    else:
+        console.print(
+            f"lr_find: {len(result['lrs'])} steps, stopped because {result['stopped']}; the loss falls fastest at "
+            f"lr {result['suggestion']:.2e} (minimum at {result['min_loss_lr']:.2e}).\n"
+            f"Suggested: optimizer={cfg.optimizer.name} optimizer.lr={result['suggestion']:.2g}   "
+            f"(curve: {run_dir / 'plots' / 'lr_find.png'})"
+        )
+    return result

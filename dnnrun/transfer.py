@@ -1,0 +1,136 @@
+"""Transfer learning: start from the hidden layers of another run's checkpoint.
+
+The new model keeps the source's first `layers` hidden layers (their widths and weights), can
+re-initialize one of them (`replace`), stacks `add` new hidden layers on top and always gets a new
+output layer for this run's classes. This run's act/norm/regularizer groups build the layers, so
+they must match the source's where weights are reused (a shape mismatch is reported).
+Reused layers can be frozen, then unfrozen after some epochs with a smaller learning rate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dnnrun import checkpoint
+from dnnrun.errors import UserError
+from dnnrun.model import ModelConfig
+from dnnrun.schema import Problems
+
+log = logging.getLogger("dnnrun")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransferConfig:
+    source: str | None = None  # a dnnrun checkpoint (e.g. outputs/task_a/checkpoints/best.pt); null: no transfer
+    layers: int | None = None  # reuse the source's first k hidden layers; null: all of them
+    replace: int | None = None  # give this reused hidden layer (1-based) fresh weights, e.g. layers=4 replace=4
+    add: list[int] = dataclasses.field(default_factory=list)  # widths of new hidden layers on top
+    freeze: bool = False  # keep the reused layers' weights (and batch-norm statistics) fixed
+    unfreeze_after: int | None = None  # epochs after which frozen layers train again; null: never
+    unfreeze_lr_factor: float = 1.0  # multiplies the reused layers' learning rate when they unfreeze
+
+    def check(self, problems: Problems, key: str) -> None:
+        for name in ("layers", "replace", "unfreeze_after"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                problems.add(f"{key}.{name}", f"must be >= 1 or null, got {value}")
+        if any(w < 1 for w in self.add):
+            problems.add(f"{key}.add", f"every width must be >= 1, got {self.add}")
+        if self.unfreeze_lr_factor <= 0:
+            problems.add(f"{key}.unfreeze_lr_factor", f"must be > 0, got {self.unfreeze_lr_factor}")
+        if self.replace is not None and self.layers is not None and self.replace > self.layers:
+            problems.add(f"{key}.replace", f"must be one of the reused layers 1..{self.layers}, got {self.replace}")
+
+
+def load_source(cfg: TransferConfig) -> dict[str, torch.Tensor]:
+    """The source checkpoint's model state dict (read with weights_only=True)."""
+    path = Path(cfg.source).expanduser()
+    if not path.is_file():
+        raise UserError(f"transfer.source: no checkpoint file at {path}")
+    return checkpoint.load(path)["model"]
+
+
+def source_widths(state: dict[str, torch.Tensor]) -> list[int]:
+    widths = []
+    while f"hidden{len(widths) + 1}.linear.weight" in state:
+        widths.append(state[f"hidden{len(widths) + 1}.linear.weight"].shape[0])
+    return widths
+
+
+def reused_layers(cfg: TransferConfig, state: dict[str, torch.Tensor]) -> list[int]:
+    """1-based indices of the hidden layers whose weights are copied."""
+    available = len(source_widths(state))
+    k = available if cfg.layers is None else cfg.layers
+    if k > available:
+        raise UserError(f"transfer.layers={k}, but the source has {available} hidden layers")
+    if cfg.replace is not None and cfg.replace > k:
+        raise UserError(f"transfer.replace={cfg.replace} is not among the {k} reused hidden layers")
+    return [i for i in range(1, k + 1) if i != cfg.replace]
+
+
+def model_config(model: ModelConfig, cfg: TransferConfig, state: dict[str, torch.Tensor]) -> ModelConfig:
+    """The source's first k widths (the replaced layer keeps its width), then the added layers."""
+    widths = source_widths(state)
+    k = len(widths) if cfg.layers is None else cfg.layers
+    return dataclasses.replace(model, hidden=widths[:k] + list(cfg.add), depth=None, width=None)
+
+
+def reuse(model: nn.Module, state: dict[str, torch.Tensor], layers: list[int], in_features: int) -> list[str]:
+    """Copy the source's weights for the reused layers into `model`; returns the parameter names copied."""
+    source_in = state["hidden1.linear.weight"].shape[1]
+    if source_in != in_features:
+        raise UserError(
+            f"transfer.source was trained on inputs of {source_in} features; this run's data has "
+            f"{in_features}. Transfer needs the same inputs (same dataset family and image size)."
+        )
+    prefixes = [f"hidden{i}." for i in layers] + ["input_norm."]
+    target = model.state_dict()
+    copied, problems = {}, []
+    for name, tensor in state.items():
+        if not name.startswith(tuple(prefixes)):
+            continue
+        if name not in target:
+            problems.append(f"{name} is in the source but not in this model")
+        elif target[name].shape != tensor.shape:
+            problems.append(f"{name}: source {tuple(tensor.shape)}, this model {tuple(target[name].shape)}")
+        else:
+            copied[name] = tensor
+    missing = [n for n in target if n.startswith(tuple(prefixes[:-1])) and n not in copied]
+    problems += [f"{name} is in this model but not in the source" for name in missing]
+    if problems:
+        raise UserError(
+            "transfer.source does not fit this model (use the same act and norm as the source):\n  - "
+            + "\n  - ".join(problems)
+        )
+    model.load_state_dict(copied, strict=False)
+    params = {n for n, _ in model.named_parameters()}
+    log.info("transfer: reused hidden layers %s from %s", ", ".join(map(str, layers)) or "none", "the source")
+    return [n for n in copied if n in params]
+
+
+def frozen_modules(model: nn.Module, layers: list[int]) -> list[nn.Module]:
+    """Normalization layers of the reused blocks: kept in evaluation mode while frozen."""
+    blocks = [getattr(model, f"hidden{i}") for i in layers] + [getattr(model, "input_norm", None)]
+    return [m for b in blocks if b is not None for m in b.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def set_frozen(model: nn.Module, names: list[str], frozen: bool) -> None:
+    params = dict(model.named_parameters())
+    for name in names:
+        params[name].requires_grad_(not frozen)
+
+
+def is_frozen(cfg: TransferConfig, epochs_done: int) -> bool:
+    """Frozen for the first `unfreeze_after` epochs (for ever when that is null)."""
+    return cfg.freeze and (cfg.unfreeze_after is None or epochs_done < cfg.unfreeze_after)
+
+
+def describe(cfg: TransferConfig, layers: list[int], widths: list[int]) -> dict[str, Any]:
+    return {"source": cfg.source, "reused_layers": layers, "replaced": cfg.replace, "widths": widths,
+            "freeze": cfg.freeze, "unfreeze_after": cfg.unfreeze_after, "unfreeze_lr_factor": cfg.unfreeze_lr_factor}

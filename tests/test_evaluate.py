@@ -1,0 +1,75 @@
+"""Evaluating a checkpoint, with and without MC dropout."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_config, run_cli
+from dnnrun import evaluate, train
+from dnnrun.data import load
+
+
+def _model(*overrides: str):
+    cfg = make_config(*overrides)
+    data = load(cfg.data, torch.device("cpu"))
+    torch.manual_seed(0)
+    model, _ = train.build_model(cfg, data)
+    return model, data
+
+
+def test_mc_dropout_without_dropout_equals_the_deterministic_evaluation():
+    model, data = _model("regularizer=[dropout]", "regularizer.dropout.rate=0", "regularizer.dropout.input_rate=0")
+    deterministic = evaluate.predict(model, data.test.x, 64)
+    passes = evaluate.predict(model, data.test.x, 64, samples=5)
+    assert passes.shape == (5, *deterministic.shape)
+    assert all(torch.equal(p, deterministic) for p in passes)
+
+
+def test_mc_dropout_passes_differ_and_batch_norm_stays_in_evaluation_mode():
+    model, data = _model("regularizer=[dropout]", "norm=batchnorm")
+    running = model.hidden1.norm.running_mean.clone()
+    passes = evaluate.predict(model, data.test.x, 64, samples=4)
+    assert not torch.equal(passes[0], passes[1])
+    assert torch.equal(model.hidden1.norm.running_mean, running)  # batch norm did not update its statistics
+    assert not model.training and not model.hidden1.dropout.training  # back to evaluation mode afterwards
+
+
+def test_scores_follow_their_definitions():
+    probs = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.5, 0.5]])
+    y = torch.tensor([0, 1, 1, 0])
+    s = evaluate.scores(probs, y, bins=2)
+    # predictions 0, 0, 1, 0 (a tie goes to the first class): 3 of 4 right
+    assert s["accuracy"] == 0.75
+    assert s["nll"] == pytest.approx(-(math.log(0.9) + math.log(0.4) + math.log(0.7) + math.log(0.5)) / 4)
+    entropy = lambda p: -sum(q * math.log(q) for q in p)  # noqa: E731
+    assert s["entropy"] == pytest.approx(sum(entropy(p) for p in probs.tolist()) / 4)
+    # bins (0, 0.5]: the 0.5 example, right, conf 0.5 -> |1 - 0.5| * 1/4;
+    # (0.5, 1]: confidences 0.9, 0.6, 0.7, accuracy 2/3 -> |2/3 - 0.7333| * 3/4
+    assert s["ece"] == pytest.approx(0.25 * 0.5 + 0.75 * abs(2 / 3 - (0.9 + 0.6 + 0.7) / 3))
+
+
+def test_dnnrun_mode_evaluate_reports_deterministic_and_mc_dropout_figures(tmp_path: Path):
+    summary = train.run(make_config("regularizer=[dropout]", "trainer.epochs=3"), tmp_path / "trained")
+    best = tmp_path / "trained" / "checkpoints" / "best.pt"
+    run = tmp_path / "eval"
+    result = run_cli("mode=evaluate", f"evaluate.checkpoint={best}", "evaluate.mc_samples=10",
+                     f"hydra.run.dir={run}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "MC dropout (10 passes)" in result.stdout
+    report = json.loads((run / "evaluation.json").read_text())
+    assert report["examples"] == 240 and report["split"] == "test"
+    assert report["deterministic"]["accuracy"] == pytest.approx(summary["test"]["test/acc"])
+    mc = report["mc_dropout"]
+    assert mc["samples"] == 10 and mc["dropout_layers"] == 3 and mc["spread"] > 0
+    for name in ("accuracy", "nll", "ece", "entropy"):
+        assert math.isfinite(mc[name])
+
+
+def test_evaluate_without_a_checkpoint_exits_2(tmp_path: Path):
+    result = run_cli("mode=evaluate", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
+    assert result.returncode == 2 and "evaluate.checkpoint" in result.stderr

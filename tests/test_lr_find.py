@@ -1,0 +1,43 @@
+"""The learning-rate range test."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from conftest import make_config, run_cli
+from dnnrun import lr_find, optim, train
+from dnnrun.data import load
+
+
+def test_the_curve_falls_then_explodes_and_the_suggestion_lies_where_it_falls():
+    cfg = make_config("lr_find.start_lr=1e-5", "lr_find.end_lr=100", "lr_find.steps=200")
+    data = load(cfg.data, torch.device("cpu"))
+    torch.manual_seed(0)
+    model, _ = train.build_model(cfg, data)
+    result = lr_find.find(model, optim.build(cfg.optimizer, model), data.train, 32, cfg.lr_find,
+                          torch.Generator().manual_seed(0))
+    lrs, smoothed = result["lrs"], result["smoothed"]
+    low = smoothed.index(min(smoothed))
+    assert 10 < low < len(lrs) - 1
+    assert smoothed[low] < 0.5 * smoothed[0]  # it falls ...
+    assert result["stopped"] != "reached end_lr" and len(lrs) < 200  # ... then explodes, which stops the test
+    assert smoothed[-1] > 4 * smoothed[low] or "non-finite" in result["stopped"]
+    suggestion = result["suggestion"]
+    assert lrs[0] < suggestion < result["min_loss_lr"] == lrs[low]  # inside the falling region
+    i = lrs.index(suggestion)
+    assert smoothed[i + 1] < smoothed[i - 1]  # and the loss is falling there
+
+
+def test_dnnrun_mode_lr_find_writes_its_results_and_no_checkpoint(tmp_path: Path):
+    run = tmp_path / "find"
+    result = run_cli("mode=lr_find", "data=synthetic", "lr_find.steps=100", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Suggested: optimizer=sgd optimizer.lr=" in result.stdout
+    found = json.loads((run / "lr_find.json").read_text())
+    assert len(found["lrs"]) == len(found["losses"]) == found["steps"] and found["suggestion"] > 0
+    assert (run / "plots" / "lr_find.png").stat().st_size > 10_000
+    assert not (run / "checkpoints").exists()
+    assert json.loads((run / "summary.json").read_text())["mode"] == "lr_find"

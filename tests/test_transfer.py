@@ -1,0 +1,114 @@
+"""Transfer learning from a dnnrun checkpoint: reuse, replace, add, freeze, unfreeze."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_config
+from dnnrun import train, transfer
+from dnnrun.data import load
+from dnnrun.errors import UserError
+
+SOURCE = ("model.hidden=[32,16,8]", "norm=batchnorm", "trainer.epochs=2")
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    """A trained source run on the synthetic data (4 classes)."""
+    run = tmp_path_factory.mktemp("source")
+    train.run(make_config(*SOURCE), run)
+    return run / "checkpoints" / "best.pt"
+
+
+def _model(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["model"]
+
+
+def _target_model(source: Path, *overrides: str):
+    """The model as a run with these transfer settings starts training."""
+    cfg = make_config("norm=batchnorm", f"transfer.source={source}", *overrides)
+    data = load(cfg.data, torch.device("cpu"))
+    state = transfer.load_source(cfg.transfer)
+    model, _ = train.build_model(cfg, data, transfer.model_config(cfg.model, cfg.transfer, state))
+    layers = transfer.reused_layers(cfg.transfer, state)
+    return model, transfer.reuse(model, state, layers, data.n_features), layers
+
+
+def test_reused_tensors_equal_the_sources_and_the_rest_is_new(source: Path):
+    src = _model(source)
+    model, reused, layers = _target_model(source, "transfer.layers=2", "transfer.add=[12]")
+    assert layers == [1, 2]
+    assert [b.linear.out_features for n, b in model.named_children() if n.startswith("hidden")] == [32, 16, 12]
+    state = model.state_dict()
+    for name in ("hidden1.linear.weight", "hidden1.norm.weight", "hidden1.norm.running_mean",
+                 "hidden2.linear.weight", "hidden2.norm.running_var"):
+        assert torch.equal(state[name], src[name]), name
+    assert not any(n.startswith(("hidden3", "output")) for n in reused)
+    assert sorted(reused) == sorted(n for n, _ in model.named_parameters() if n.startswith(("hidden1.", "hidden2.")))
+
+
+def test_replace_gives_one_reused_layer_fresh_weights(source: Path):
+    src = _model(source)
+    model, reused, layers = _target_model(source, "transfer.layers=3", "transfer.replace=3")
+    assert layers == [1, 2] and model.hidden3.linear.out_features == 8
+    assert torch.equal(model.hidden2.linear.weight, src["hidden2.linear.weight"])
+    assert not torch.equal(model.hidden3.linear.weight, src["hidden3.linear.weight"])
+
+
+def test_frozen_layers_stay_bit_identical_then_train_with_a_scaled_rate_after_unfreezing(source: Path, tmp_path: Path):
+    src = _model(source)
+    settings = ("norm=batchnorm", f"transfer.source={source}", "transfer.freeze=true", "transfer.unfreeze_after=2",
+                "transfer.unfreeze_lr_factor=0.1")
+    run = tmp_path / "target"
+    summary = train.run(make_config(*settings, "trainer.epochs=2", "trainer.restore_best=false"), run)
+    assert summary["transfer"]["reused_layers"] == [1, 2, 3]
+    after_frozen = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    for name, tensor in src.items():
+        if name.startswith("hidden"):  # weights, biases and batch-norm statistics alike
+            assert torch.equal(after_frozen["model"][name], tensor), name
+    assert not torch.equal(after_frozen["model"]["output.weight"], src["output.weight"][:4])  # the new head trained
+    groups = after_frozen["optimizer"]["param_groups"]
+    assert {g["lr"] for g in groups} == {0.01}
+
+    train.run(make_config(*settings, "trainer.epochs=4", "trainer.resume=auto"), run)  # epochs 3 and 4: unfrozen
+    unfrozen = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert not torch.equal(unfrozen["model"]["hidden1.linear.weight"], src["hidden1.linear.weight"])
+    assert not torch.equal(unfrozen["model"]["hidden1.norm.running_mean"], src["hidden1.norm.running_mean"])
+    lrs = {g["reused"]: g["lr"] for g in unfrozen["optimizer"]["param_groups"]}
+    assert lrs == {False: 0.01, True: pytest.approx(0.001)}
+
+
+def test_unfreezing_works_without_batch_norm(tmp_path: Path):
+    train.run(make_config("model.hidden=[16,8]", "trainer.epochs=1"), tmp_path / "plain")
+    src = tmp_path / "plain" / "checkpoints" / "last.pt"
+    summary = train.run(make_config(f"transfer.source={src}", "transfer.freeze=true", "transfer.unfreeze_after=1",
+                                    "transfer.unfreeze_lr_factor=0.5", "trainer.epochs=2"), tmp_path / "target")
+    last = torch.load(tmp_path / "target" / "checkpoints" / "last.pt", weights_only=True)
+    assert not torch.equal(last["model"]["hidden1.linear.weight"], _model(src)["hidden1.linear.weight"])
+    assert {g["reused"]: g["lr"] for g in last["optimizer"]["param_groups"]} == {False: 0.01, True: 0.005}
+    assert last["trainer"]["unfrozen"] and summary["status"] == "completed"
+
+
+def test_a_source_with_other_inputs_is_refused_with_what_differs(source: Path, tmp_path: Path):
+    cfg = make_config("norm=batchnorm", f"transfer.source={source}", data="digits")
+    with pytest.raises(UserError, match="trained on inputs of 32 features; this run's data has 64"):
+        train.run(cfg, tmp_path)
+
+
+def test_a_source_with_another_norm_is_refused(source: Path, tmp_path: Path):
+    with pytest.raises(UserError, match="use the same act and norm as the source") as info:
+        train.run(make_config(f"transfer.source={source}"), tmp_path)
+    assert "hidden1.norm.weight is in the source but not in this model" in str(info.value)
+
+
+def test_settings_without_a_source_warn(tmp_path: Path):
+    summary = train.run(make_config("transfer.freeze=true", "trainer.epochs=1"), tmp_path)
+    assert any("no effect" in w for w in summary["warnings"])
+
+
+def test_a_missing_source_file_is_a_user_error(tmp_path: Path):
+    with pytest.raises(UserError, match="transfer.source: no checkpoint file at /no/such.pt"):
+        train.run(make_config("transfer.source=/no/such.pt"), tmp_path)
