@@ -17,10 +17,11 @@ FORMAT = "dnnrun-checkpoint"
 VERSION = 1
 
 
-def atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write, before_rename=None) -> None:
     """Write through `write(file)` to a temporary file in the same folder, fsync it, then rename.
 
     A crash leaves either the old file or the new one under `path`, never a torn one.
+    `before_rename` (tests' fault injection) runs when the temporary file is complete.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -29,6 +30,8 @@ def atomic_write(path: Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -40,8 +43,8 @@ def atomic_write(path: Path, write) -> None:
         os.close(dir_fd)
 
 
-def save(path: Path, state: dict[str, Any]) -> None:
-    atomic_write(path, lambda f: torch.save({"format": FORMAT, "version": VERSION, **state}, f))
+def save(path: Path, state: dict[str, Any], before_rename=None) -> None:
+    atomic_write(path, lambda f: torch.save({"format": FORMAT, "version": VERSION, **state}, f), before_rename)
 
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

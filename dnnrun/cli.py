@@ -3,24 +3,28 @@ plain typed objects and calls `train.run(cfg, run_dir)`."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import logging
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from rich.logging import RichHandler
 from rich.text import Text
 
-from dnnrun.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, Diverged, UserError
+from dnnrun.errors import (EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, Diverged,
+                           UserError)
 from dnnrun.schema import did_you_mean, unknown
 
-EXIT_INTERRUPTED = 130
 
 
 def _config_dir() -> Path:
@@ -34,6 +38,7 @@ def _config_dir() -> Path:
 
 CONFIG_DIR = _config_dir()
 _task_started = False  # tells a Hydra composition failure (bad input) from a failure inside a run
+_sweep_failed = False  # set by SweepReport: some job of the sweep did not complete
 
 
 def _error(message: str) -> None:
@@ -44,38 +49,148 @@ def _error(message: str) -> None:
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
 def _task(cfg: DictConfig) -> float | None:
+    """One run, or one job of a sweep. In a sweep a failing job records its status.json and lets
+    the others go on; the sweep's end (SweepReport) lists the failures."""
     global _task_started
     _task_started = True
-    from dnnrun import evaluate, lr_find, train  # torch is imported here, after Hydra has parsed argv
-    from dnnrun.config import parse_run_config
+    from dnnrun import distributed, sweeps  # torch is imported here, after Hydra has parsed argv
     from dnnrun.console import console
 
+    hc = HydraConfig.get()
+    sweeping = hc.mode == RunMode.MULTIRUN
+    rank, _ = distributed.init_from_env()
+    run_dir = Path(distributed.broadcast(hc.runtime.output_dir))  # rank 0's: the one that is written
+    job = {"num": hc.job.num if sweeping else None, "overrides": list(hc.overrides.task)}
+    if rank > 0:
+        console.quiet = True  # rank 0 speaks for all
+    else:
+        _log_to(console)
+    if sweeping and (sweeps.status(run_dir) or {}).get("status") == "completed":
+        logging.getLogger("dnnrun").info("job %s already completed in %s: skipped", hc.job.num, run_dir)
+        return (sweeps.read_run(run_dir).get(_monitor(cfg)))
+    try:
+        code, value, failure = _run(cfg, run_dir, hc, sweeping, rank)
+    finally:
+        distributed.shutdown()
+    error = _describe(failure)
+    if rank == 0:
+        status = {EXIT_OK: "completed", EXIT_DIVERGED: "diverged", EXIT_INTERRUPTED: "interrupted"}.get(code, "failed")
+        if code == EXIT_BAD_INPUT and not sweeping and _remove_if_empty(run_dir):
+            pass  # a single run refused before it started leaves nothing behind
+        else:
+            sweeps.write_status(run_dir, status, code, job, error)
+        if sweeping:
+            sweeps.update_table(Path(hc.sweep.dir))
+    if code == EXIT_INTERNAL and not sweeping:
+        raise failure  # Hydra prints the traceback; exit code 1
+    if code == EXIT_INTERRUPTED or (code and not sweeping):
+        sys.exit(code)
+    # What a sweeper (e.g. Optuna) optimizes: the best value of trainer.monitor. A failed job gives
+    # NaN, which Optuna records as a failed trial before going on with the next.
+    return float("nan") if code else value
+
+
+def _run(cfg: DictConfig, run_dir: Path, hc, sweeping: bool, rank: int) -> tuple[int, float | None, BaseException | None]:
+    """(exit code, the value for a sweeper, what went wrong) of one run; prints what went wrong."""
+    from dnnrun import evaluate, lr_find, train
+    from dnnrun.config import parse_run_config
+
+    try:
+        run_cfg = _for_this_process(parse_run_config(OmegaConf.to_container(cfg, resolve=True)), hc, run_dir,
+                                    sweeping, rank)
+        if run_cfg.mode == "lr_find":
+            return EXIT_OK, lr_find.run(run_cfg, run_dir)["suggestion"], None
+        if run_cfg.mode == "evaluate":
+            return EXIT_OK, evaluate.run(run_cfg, run_dir)["deterministic"]["accuracy"], None
+        summary = train.run(run_cfg, run_dir if rank == 0 else Path(hc.runtime.output_dir))
+        return EXIT_OK, summary["best"]["value"], None
+    except (UserError, OmegaConfBaseException) as exc:
+        _error(str(exc))
+        return getattr(exc, "exit_code", EXIT_BAD_INPUT), None, exc
+    except Diverged as exc:
+        _error(f"{exc} (run directory: {run_dir})")
+        return exc.exit_code, None, exc
+    except KeyboardInterrupt as exc:
+        _error(f"interrupted (run directory: {run_dir})")
+        return EXIT_INTERRUPTED, None, exc
+    except Exception as exc:
+        if sweeping:
+            logging.getLogger("dnnrun").exception("job %s failed", hc.job.num)
+        return EXIT_INTERNAL, None, exc
+
+
+def _for_this_process(run_cfg, hc, run_dir: Path, sweeping: bool, rank: int):
+    """What only the launcher knows: threads and GPU of a parallel job, resuming a requeued job,
+    and, under torchrun, where rank 0 keeps the checkpoints."""
+    import dataclasses
+    import os
+
+    import torch
+
+    trainer = run_cfg.trainer
+    launcher = OmegaConf.select(hc, "launcher._target_", default="") or ""
+    if "joblib" in launcher:  # several jobs share this machine's cores and GPUs
+        cores = os.cpu_count() or 1
+        n_jobs = OmegaConf.select(hc, "launcher.n_jobs", default=-1)
+        jobs = n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)
+        if trainer.threads is None:
+            trainer = dataclasses.replace(trainer, threads=max(1, cores // jobs))
+        if trainer.device == "auto" and torch.cuda.device_count() > 1:
+            trainer = dataclasses.replace(trainer, device=f"cuda:{hc.job.num % torch.cuda.device_count()}")
+    if sweeping and trainer.resume is None and (run_dir / "checkpoints" / "last.pt").exists():
+        trainer = dataclasses.replace(trainer, resume="auto")  # a requeued or re-run job continues
+    if rank > 0 and trainer.resume == "auto":  # this rank's own directory is a scratch one
+        last = run_dir / "checkpoints" / "last.pt"
+        trainer = dataclasses.replace(trainer, resume=str(last) if last.exists() else None)
+    return dataclasses.replace(run_cfg, trainer=trainer)
+
+
+def _describe(failure: BaseException | None) -> str | None:
+    if failure is None:
+        return None
+    if isinstance(failure, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(failure, (UserError, Diverged)):
+        return str(failure)
+    return f"{type(failure).__name__}: {failure}"
+
+
+def _monitor(cfg: DictConfig) -> str:
+    return OmegaConf.select(cfg, "trainer.monitor", default="val/loss")
+
+
+def _log_to(console) -> None:
     logger = logging.getLogger("dnnrun")
     if not any(isinstance(h, RichHandler) for h in logger.handlers):
         logger.addHandler(RichHandler(console=console, show_path=False, show_time=False, markup=False))
         logger.propagate = False
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    try:
-        run_cfg = parse_run_config(OmegaConf.to_container(cfg, resolve=True))
-        if run_cfg.mode == "lr_find":
-            return lr_find.run(run_cfg, run_dir)["suggestion"]
-        if run_cfg.mode == "evaluate":
-            return evaluate.run(run_cfg, run_dir)["deterministic"]["accuracy"]
-        summary = train.run(run_cfg, run_dir)
-    except (UserError, OmegaConfBaseException) as exc:
-        _error(str(exc))
-        _remove_if_empty(run_dir)
-        sys.exit(getattr(exc, "exit_code", EXIT_BAD_INPUT))
-    except Diverged as exc:
-        _error(f"{exc} (run directory: {run_dir})")
-        sys.exit(exc.exit_code)
-    return summary["best"]["value"]  # what a sweeper (e.g. Optuna) optimizes
 
 
-def _remove_if_empty(run_dir: Path) -> None:
+def _remove_if_empty(run_dir: Path) -> bool:
     """A run refused before it started leaves no directory holding only Hydra's config snapshot."""
     if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra"}:
         shutil.rmtree(run_dir)
+        return True
+    return False
+
+
+class SweepReport(Callback):
+    """At the end of a sweep: rewrite sweep.csv, list every job that did not complete, and make
+    the sweep exit non-zero if there was one (configured in conf/config.yaml: hydra.callbacks)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        global _sweep_failed
+        from dnnrun import sweeps
+
+        rows = sweeps.update_table(Path(config.hydra.sweep.dir))
+        failed = [r for r in rows if r["status"] != "completed"]
+        print(f"sweep: {len(rows) - len(failed)} of {len(rows)} jobs completed; table: {config.hydra.sweep.dir}/sweep.csv")
+        for row in failed:
+            _error(f"job {row['job']} ({row['overrides'] or 'no overrides'}): {row['status']}"
+                   + (f": {row['error']}" if row.get("error") else ""))
+        if failed:
+            _sweep_failed = True
+            raise SystemExit(EXIT_INTERNAL)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,7 +226,7 @@ def help_text() -> str:
         if isinstance(entry, dict):
             defaults.update(entry)
     groups = [g for g in GROUP_HELP if (CONFIG_DIR / g).is_dir()]
-    groups += sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name not in GROUP_HELP)
+    groups += sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name not in GROUP_HELP and p.name != "hydra")
     lines = [
         "usage: dnnrun [-m] [group=option ...] [group.key=value ...]",
         "",
@@ -133,6 +248,10 @@ def help_text() -> str:
         "  dnnrun mode=lr_find optimizer=adam            the learning-rate range test",
         "  dnnrun mode=evaluate evaluate.checkpoint=PATH evaluate.mc_samples=30",
         "  dnnrun --cfg job optimizer=nadam      print the composed config (every key you can override)",
+        "",
+        "sweeps (pip install -e \".[sweeps]\"): -m hydra/launcher=joblib (parallel jobs), hydra/launcher=slurm,",
+        "  -m experiment=search (Optuna); torchrun --nproc_per_node=N -m dnnrun ... (one run on N GPUs);",
+        "  dnnrun-report SWEEP_DIR; dnnrun-plot RUN_DIR",
         "  dnnrun --hydra-help                   Hydra's own flags",
     ]
     return "\n".join(lines)
@@ -237,10 +356,22 @@ def _overrides_from_argv(argv: list[str]) -> list[str] | None:
     return list(args.overrides)
 
 
+def _scratch_dir_for_other_ranks() -> None:
+    """Under torchrun, ranks other than 0 run in a scratch directory: only rank 0 writes outputs/."""
+    from dnnrun.distributed import launched_rank
+
+    if launched_rank() > 0:
+        scratch = tempfile.mkdtemp(prefix=f"dnnrun-rank{launched_rank()}-")
+        atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+        argv = [a for a in sys.argv[1:] if not a.startswith("hydra.run.dir=")]
+        sys.argv[1:] = [*argv, f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
+
+
 def main() -> None:
     if {"--help", "-h"} & set(sys.argv[1:]):
         print(help_text())
         return
+    _scratch_dir_for_other_ranks()
     overrides = _overrides_from_argv(sys.argv[1:])
     if overrides:
         problems = check_overrides(overrides)
@@ -250,7 +381,7 @@ def main() -> None:
     try:
         _task()
     except SystemExit as exc:
-        if exc.code == EXIT_INTERNAL and not _task_started:
+        if exc.code == EXIT_INTERNAL and not _task_started and not _sweep_failed:
             sys.exit(EXIT_BAD_INPUT)  # Hydra could not compose the config: it has printed why
         raise
     except KeyboardInterrupt:

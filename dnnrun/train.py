@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dnnrun import (advice, checkpoint, data as data_mod, diagnostics, faults, loggers, optim, pretrain,
-                    regularizers, transfer)
+from dnnrun import (advice, checkpoint, data as data_mod, diagnostics, distributed, faults, loggers, optim,
+                    pretrain, regularizers, transfer)
 from dnnrun.activations import ACTIVATIONS
 from dnnrun.console import EpochBar, console, print_diagnosis, results_table
 from dnnrun.diagnostics import DiagnosticsConfig, Monitor
@@ -65,10 +65,11 @@ class TrainerConfig:
     limit_batches: int | None = None  # train on at most this many batches per epoch (debugging)
     detect_anomaly: bool = False  # autograd anomaly detection: names the op that made a NaN (slow)
     progress: bool = True  # Rich progress bar (on terminals only)
+    threads: int | None = None  # CPU threads for torch; null: PyTorch's choice (a parallel sweep divides the cores)
     diagnostics: DiagnosticsConfig = dataclasses.field(default_factory=DiagnosticsConfig)
 
     def check(self, problems: Problems, key: str) -> None:
-        for name in ("epochs", "batch_size", "eval_batch_size", "limit_batches"):
+        for name in ("epochs", "batch_size", "eval_batch_size", "limit_batches", "threads"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 problems.add(f"{key}.{name}", f"must be >= 1, got {value}")
@@ -94,8 +95,10 @@ class TrainerConfig:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "auto" or (name == "cuda" and distributed.rank_world()[1] > 1):
+        if torch.cuda.is_available():  # under torchrun, each rank on its own GPU
+            return torch.device("cuda", distributed.local_rank() if distributed.rank_world()[1] > 1 else 0)
+        return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"trainer.device={name}, but no CUDA device is available; use trainer.device=auto or cpu")
@@ -182,6 +185,9 @@ class Parts:
     monitor: Monitor
     fault: faults.Fault | None = None
     frozen: list[nn.Module] = dataclasses.field(default_factory=list)  # norm layers kept in eval mode (transfer.freeze)
+    forward: nn.Module | None = None  # the model wrapped in DistributedDataParallel under torchrun, else the model
+    rank: int = 0
+    world: int = 1
 
 
 def train_epoch(
@@ -200,24 +206,31 @@ def train_epoch(
     loss_sum = 0.0
     predictions, targets = [], []  # compared once at the end of the epoch: fewer small ops per step
     seen = steps = 0
-    for xb, yb in split.batches(tc.batch_size, shuffle):
+    forward = p.forward or model
+    for xb, yb in split.batches(tc.batch_size, shuffle):  # under torchrun: the same global batches on every rank
         if tc.limit_batches is not None and steps >= tc.limit_batches:
             break
         step += 1
+        global_size = len(yb)
+        if p.world > 1:  # this rank's slice of the global batch
+            xb, yb = xb[p.rank :: p.world], yb[p.rank :: p.world]
         watch = p.monitor.due(step)
         if watch:
             p.monitor.watch_activations()
         with p.autocast():
-            logits = model(xb)
+            logits = forward(xb)
             loss = F.cross_entropy(logits, yb)
-        if p.fault is not None and p.fault.step == step:  # DNNRUN_FAULT=nan@step=N, for tests
+        if p.fault is not None and p.fault.kind == "nan" and p.fault.at("step", step):  # tests' fault injection
             loss = loss * float("nan")
         # Read every step (like Keras' TerminateOnNaN): a NaN must stop the run before it spreads.
         loss_value = loss.item()
-        if not math.isfinite(loss_value):
+        if not math.isfinite(loss_value) or (p.world > 1 and not _finite_everywhere(loss_value, xb.device)):
             raise Diverged(step, f"the training loss is {loss_value}")
+        # DDP averages the ranks' gradients; weighting by the slice's share of the global batch makes that
+        # the gradient of the global batch's mean loss, whatever the slice sizes.
+        objective = loss * (len(yb) * p.world / global_size) if p.world > 1 else loss
         penalty = p.reg.penalty(model)  # l1/l2 on the weights: in the gradient, not in the reported loss
-        objective = loss if penalty is None else loss + penalty
+        objective = objective if penalty is None else objective + penalty
         optimizer.zero_grad(set_to_none=True)
         if p.scaler is not None:
             p.scaler.scale(objective).backward()
@@ -240,6 +253,8 @@ def train_epoch(
             p.schedule.step()
         if watch:
             p.monitor.record(step, epoch)
+        if p.fault is not None and p.fault.kind != "nan" and p.fault.at("step", step):
+            p.fault.fire()
         steps += 1
         seen += len(yb)
         loss_sum += loss_value * len(yb)
@@ -248,7 +263,13 @@ def train_epoch(
         bar.step(steps, loss_value, len(yb))
     bar.end_epoch(steps, loss_sum / max(seen, 1))
     correct = (torch.cat(predictions) == torch.cat(targets)).sum().item()
+    loss_sum, correct, seen = distributed.sum_across([loss_sum, correct, seen], split.x.device)
     return loss_sum / seen, correct / seen, steps, lr
+
+
+def _finite_everywhere(value: float, device: torch.device) -> bool:
+    """Under torchrun every rank must stop at the same step, or the others would wait for it for ever."""
+    return distributed.sum_across([0.0 if math.isfinite(value) else 1.0], device)[0] == 0
 
 
 @torch.no_grad()
@@ -301,6 +322,8 @@ def _train(cfg: RunConfig, run_dir: Path, summary: dict[str, Any]) -> dict[str, 
     fault = faults.from_env()
     seed_everything(tc.seed, tc.deterministic)
     torch.autograd.set_detect_anomaly(tc.detect_anomaly)
+    if tc.threads is not None:
+        torch.set_num_threads(tc.threads)
     summary["warnings"] = advice.warnings(cfg)
     for message in summary["warnings"]:
         log.warning(message)
@@ -308,6 +331,9 @@ def _train(cfg: RunConfig, run_dir: Path, summary: dict[str, Any]) -> dict[str, 
     data = data_mod.load(cfg.data, device)
     source = transfer.load_source(cfg.transfer) if cfg.transfer.source else None
     model, reg = build_model(cfg, data, transfer.model_config(cfg.model, cfg.transfer, source) if source else None)
+    rank, world = distributed.rank_world()
+    if world > 1 and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over the global batch
     model.to(device)
     reused_layers, reused = [], []
     if source is not None:
@@ -324,7 +350,10 @@ def _train(cfg: RunConfig, run_dir: Path, summary: dict[str, Any]) -> dict[str, 
     monitor = Monitor(model, ACTIVATIONS[cfg.act.name], tc.diagnostics.every, diag_path, logger,
                       check_gradients=scaler is None)
     p = Parts(model, optimizer, Schedule(cfg.schedule, optimizer, steps_per_epoch, tc.epochs), reg,
-              autocast, scaler, monitor, fault)
+              autocast, scaler, monitor, fault, rank=rank, world=world)
+    if world > 1:
+        p.forward = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        torch.manual_seed(tc.seed + rank)  # the same initial weights everywhere, other dropout masks per rank
     shuffle = torch.Generator().manual_seed(tc.seed)
     probe = data.val.x[:512]  # a fixed batch for the activation snapshots
 
@@ -352,6 +381,8 @@ def _train(cfg: RunConfig, run_dir: Path, summary: dict[str, Any]) -> dict[str, 
     summary.update(
         parameters=count_parameters(model),
         device=describe_device(device),
+        threads=torch.get_num_threads(),
+        processes=world,
         data={"train": len(data.train), "val": len(data.val), "test": len(data.test),
               "features": data.n_features, "classes": data.n_classes},
     )
@@ -408,6 +439,8 @@ def _train(cfg: RunConfig, run_dir: Path, summary: dict[str, Any]) -> dict[str, 
                 metrics.append(record)
                 logger.epoch(record)
                 _save_checkpoints(ckpt_dir, p, state, shuffle, cfg.raw, improved)
+                if p.fault is not None and p.fault.at("epoch", epoch):
+                    p.fault.fire()
                 log.info(
                     "epoch %d/%d  train/loss %.4f  train/acc %.4f  val/loss %.4f  val/acc %.4f  lr %.3g%s",
                     epoch, tc.epochs, train_loss, train_acc, val_loss, val_acc, lr, "  *" if improved else "",
@@ -452,7 +485,7 @@ def _train(cfg: RunConfig, run_dir: Path, summary: dict[str, Any]) -> dict[str, 
         diagnosis=found,
         wall_time_s=time.perf_counter() - wall_start,
     )
-    if tc.diagnostics.plots:
+    if tc.diagnostics.plots and rank == 0:
         from dnnrun.plots import plot_run  # matplotlib is imported only when plots are drawn
 
         plot_run(run_dir)
@@ -495,6 +528,7 @@ def _resume(path: Path, p: Parts, shuffle: torch.Generator, ckpt_dir: Path, devi
 
 def _save_checkpoints(ckpt_dir: Path, p: Parts, state: dict, shuffle: torch.Generator, config: dict, improved: bool) -> None:
     """last.pt after every epoch; best.pt, a copy of it, when the monitored metric improved."""
+    before_rename = p.fault.on_save if p.fault is not None else None
     checkpoint.save(ckpt_dir / "last.pt", {
         "model": p.model.state_dict(),
         "optimizer": p.optimizer.state_dict(),
@@ -503,7 +537,7 @@ def _save_checkpoints(ckpt_dir: Path, p: Parts, state: dict, shuffle: torch.Gene
         "trainer": state,
         "rng": checkpoint.rng_state(shuffle),
         "config": config,
-    })
+    }, before_rename)
     if improved:
         checkpoint.atomic_write(ckpt_dir / "best.pt", lambda f: f.write((ckpt_dir / "last.pt").read_bytes()))
 

@@ -62,7 +62,7 @@ def test_help_lists_every_group_and_option_with_a_description(tmp_path: Path):
 
     result = run_cli("--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    for group in (p for p in CONFIG_DIR.iterdir() if p.is_dir()):
+    for group in (p for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name != "hydra"):
         assert GROUP_HELP.get(group.name), f"no description for group {group.name}"
         assert f"{group.name}: {GROUP_HELP[group.name]}" in result.stdout
         for option in group.glob("*.yaml"):

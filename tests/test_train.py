@@ -85,8 +85,8 @@ def _interrupt_after_epoch(monkeypatch, k: int) -> None:
     real_save = checkpoint.save
     calls = {"n": 0}
 
-    def save(path, state):
-        real_save(path, state)
+    def save(path, state, before_rename=None):
+        real_save(path, state, before_rename)
         calls["n"] += 1
         if calls["n"] == k:
             raise KeyboardInterrupt

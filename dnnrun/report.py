@@ -1,0 +1,192 @@
+"""dnnrun-report: compare runs side by side.
+
+    dnnrun-report SWEEP_DIR                 a sweep's jobs
+    dnnrun-report RUN_DIR RUN_DIR ...       any runs (finished, still going or failed)
+    dnnrun-report ... --out DIR             where report.md, report.csv and the figures go
+
+The swept values (the overrides that differ between runs) become columns; runs that differ only by
+trainer.seed are grouped into mean +- std; groups are ranked by their best validation metric.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from dnnrun.console import console
+from dnnrun.sweeps import is_run_dir, job_dirs, read_run
+
+METRICS = ("val/loss", "val/acc", "test/loss", "test/acc", "epochs", "time_s")
+SEED = "trainer.seed"
+
+
+def collect(paths: list[Path]) -> list[dict[str, Any]]:
+    runs = []
+    for path in paths:
+        jobs = job_dirs(path)
+        if jobs and not (path / "metrics.jsonl").exists():
+            runs += [read_run(job) for job in jobs]
+        elif is_run_dir(path):
+            runs.append(read_run(path))
+        else:
+            raise SystemExit(f"error: {path} is neither a run directory nor a sweep directory")
+    return runs
+
+
+def swept_keys(runs: list[dict[str, Any]]) -> list[str]:
+    """The overrides whose values differ between the runs, in the order they first appear."""
+    keys: list[str] = []
+    for run in runs:
+        keys += [k for k in run["overrides"] if k not in keys]
+    return [k for k in keys if len({run["overrides"].get(k) for run in runs}) > 1]
+
+
+def group(runs: list[dict[str, Any]], keys: list[str]) -> list[dict[str, Any]]:
+    """Runs with the same swept values except the seed form one group: metrics as mean and std."""
+    settings = [k for k in keys if k != SEED]
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault(tuple(run["overrides"].get(k, "-") for k in settings), []).append(run)
+    out = []
+    for values, members in groups.items():
+        row: dict[str, Any] = dict(zip(settings, values))
+        row["runs"] = len(members)
+        row["status"] = ", ".join(sorted({m["status"] for m in members}))
+        row["members"] = members
+        for metric in METRICS:
+            numbers = [m[metric] for m in members if isinstance(m.get(metric), (int, float)) and math.isfinite(m[metric])]
+            row[metric] = statistics.fmean(numbers) if numbers else None
+            row[f"{metric} std"] = statistics.stdev(numbers) if len(numbers) > 1 else None
+        out.append(row)
+    return out
+
+
+def rank(groups: list[dict[str, Any]], monitor: str) -> list[dict[str, Any]]:
+    """Best first by the monitored validation metric; groups without one last."""
+    sign = -1 if monitor.endswith("acc") else 1
+    return sorted(groups, key=lambda g: (g[monitor] is None, sign * (g[monitor] or 0)))
+
+
+def _fmt(row: dict[str, Any], metric: str) -> str:
+    value, std = row.get(metric), row.get(f"{metric} std")
+    if value is None:
+        return "-"
+    digits = 1 if metric in ("time_s", "epochs") else 4
+    return f"{value:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+def table(groups: list[dict[str, Any]], settings: list[str], monitor: str) -> Table:
+    t = Table(title=f"ranked by best {monitor}", title_justify="left")
+    for column in ["#", *settings, "runs", "status", *METRICS]:
+        t.add_column(column, justify="left" if column in settings or column == "status" else "right")
+    for i, row in enumerate(groups, start=1):
+        t.add_row(str(i), *[str(row[k]) for k in settings], str(row["runs"]), row["status"],
+                  *[_fmt(row, m) for m in METRICS])
+    return t
+
+
+def write_markdown(groups: list[dict[str, Any]], settings: list[str], monitor: str, path: Path, figures: list[Path]) -> None:
+    header = ["#", *settings, "runs", "status", *METRICS]
+    lines = [f"# dnnrun report", "", f"Ranked by the best {monitor} of each run (mean ± std over seeds).", "",
+             "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for i, row in enumerate(groups, start=1):
+        cells = [str(i), *[str(row[k]) for k in settings], str(row["runs"]), row["status"], *[_fmt(row, m) for m in METRICS]]
+        lines.append("| " + " | ".join(cells) + " |")
+    failures = [m for row in groups for m in row["members"] if m["status"] not in ("completed", "running")]
+    if failures:
+        lines += ["", "## Runs that did not complete", ""]
+        lines += [f"- `{m['name']}`: {m['status']}" + (f": {m['error']}" if m.get("error") else "") for m in failures]
+    lines += ["", "## Figures", ""] + [f"![{f.stem}]({f.name})" for f in figures]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_csv(groups: list[dict[str, Any]], settings: list[str], path: Path) -> None:
+    columns = [*settings, "runs", "status"] + [c for m in METRICS for c in (m, f"{m} std")]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(groups)
+
+
+def figures(runs: list[dict[str, Any]], settings: list[str], monitor: str, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dnnrun.plots import DPI, SIZE
+
+    written = []
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=SIZE)
+    for run in runs:
+        label = " ".join(f"{k}={run['overrides'].get(k, '-')}" for k in settings) or run["name"]
+        epochs = [r["epoch"] for r in run["history"]]
+        loss_ax.plot(epochs, [r["val/loss"] for r in run["history"]], label=label)
+        acc_ax.plot(epochs, [r["val/acc"] for r in run["history"]], label=label)
+    loss_ax.set(xlabel="epoch", ylabel="validation loss", title="validation loss")
+    acc_ax.set(xlabel="epoch", ylabel="validation accuracy", title="validation accuracy")
+    if len(runs) <= 12:
+        acc_ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "learning_curves.png", dpi=DPI)
+    plt.close(fig)
+    written.append(out / "learning_curves.png")
+    for key in [k for k in settings]:
+        values = sorted({run["overrides"].get(key, "-") for run in runs}, key=_natural)
+        fig, ax = plt.subplots(figsize=SIZE)
+        for x, value in enumerate(values):
+            ys = [r[monitor] for r in runs if r["overrides"].get(key, "-") == value and r[monitor] is not None]
+            ax.scatter([x] * len(ys), ys, alpha=0.6)
+            if ys:
+                ax.plot([x - 0.2, x + 0.2], [statistics.fmean(ys)] * 2, color="black")
+        ax.set_xticks(range(len(values)), values)
+        ax.set(xlabel=key, ylabel=f"best {monitor}", title=f"best {monitor} by {key} (dots: runs, bars: means)")
+        fig.tight_layout()
+        path = out / f"param_{key.replace('/', '_')}.png"
+        fig.savefig(path, dpi=DPI)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _natural(value: str):
+    try:
+        return (0, float(value), value)
+    except ValueError:
+        return (1, 0.0, value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dnnrun-report", description="Compare dnnrun runs side by side.")
+    parser.add_argument("paths", nargs="+", type=Path, help="sweep directories or run directories")
+    parser.add_argument("--out", type=Path, help="where the report goes (default: the sweep directory, "
+                                                  "or outputs/report for several paths)")
+    args = parser.parse_args(argv)
+    runs = collect(args.paths)
+    if not runs:
+        print("error: no runs found in " + ", ".join(map(str, args.paths)), file=sys.stderr)
+        return 2
+    out = args.out or (args.paths[0] if len(args.paths) == 1 and not is_run_dir(args.paths[0]) else Path("outputs/report"))
+    out.mkdir(parents=True, exist_ok=True)
+    monitors = {run["monitor"] for run in runs}
+    monitor = monitors.pop() if len(monitors) == 1 else "val/acc"
+    keys = swept_keys(runs)
+    settings = [k for k in keys if k != SEED]
+    groups = rank(group(runs, keys), monitor)
+    drawn = figures(runs, settings, monitor, out)
+    write_markdown(groups, settings, monitor, out / "report.md", drawn)
+    write_csv(groups, settings, out / "report.csv")
+    console.print(table(groups, settings, monitor))
+    print(f"report: {out / 'report.md'}, {out / 'report.csv'}, {len(drawn)} figures")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

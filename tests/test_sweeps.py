@@ -1,0 +1,143 @@
+"""Sweeps: job statuses, failures, re-runs, reports, and the launchers and sweepers they run on."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import make_config, run_cli
+from dnnrun import report, sweeps, train
+
+
+def _status(job: Path) -> str:
+    return json.loads((job / "status.json").read_text())["status"]
+
+
+def test_a_failing_job_leaves_the_others_and_a_rerun_finishes_only_it(tmp_path: Path):
+    sweep = tmp_path / "sweep"
+    args = ["-m", "data=synthetic", "trainer.epochs=1,2,3", f"hydra.sweep.dir={sweep}"]
+    first = run_cli(*args, cwd=tmp_path, env={"DNNRUN_FAULT": "raise@epoch=3"})  # only the 3-epoch job gets there
+    assert first.returncode == 1, first.stdout + first.stderr
+    jobs = sweeps.job_dirs(sweep)
+    assert [_status(j) for j in jobs] == ["completed", "completed", "failed"]
+    assert "sweep: 2 of 3 jobs completed" in first.stdout
+    assert "job 2 (data=synthetic trainer.epochs=3): failed: InjectedFault: DNNRUN_FAULT: injected failure at epoch 3" \
+        in first.stderr
+    with open(sweep / "sweep.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["job"], r["status"], r["epochs"]) for r in rows] == [("0", "completed", "1"), ("1", "completed", "2"),
+                                                                      ("2", "failed", "3")]
+    finished = {j.name: (j / "checkpoints" / "last.pt").stat().st_mtime_ns for j in jobs[:2]}
+
+    second = run_cli(*args, cwd=tmp_path)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert [_status(j) for j in jobs] == ["completed"] * 3
+    assert {j.name: (j / "checkpoints" / "last.pt").stat().st_mtime_ns for j in jobs[:2]} == finished  # skipped
+    assert "resumed from" in (jobs[2] / "run.log").read_text()  # the failed job continued from its checkpoint
+    assert [r["epoch"] for r in _history(jobs[2])] == [1, 2, 3]
+
+
+def _history(job: Path) -> list[dict]:
+    return [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_dnnrun_report_ranks_groups_seeds_and_writes_its_files(tmp_path: Path):
+    sweep = tmp_path / "sweep"
+    result = run_cli("-m", "data=synthetic", "trainer.epochs=2", "act=relu,elu", "trainer.seed=0,1",
+                     f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    shown = subprocess.run([str(Path(sys.executable).parent / "dnnrun-report"), str(sweep)], cwd=tmp_path,
+                           capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    for name in ("report.md", "report.csv", "learning_curves.png", "param_act.png"):
+        assert (sweep / name).stat().st_size > 0, name
+
+    summaries = {}
+    for job in sweeps.job_dirs(sweep):
+        o = sweeps.overrides(job)
+        summaries[(o["act"], o["trainer.seed"])] = json.loads((job / "summary.json").read_text())
+    with open(sweep / "report.csv") as f:
+        rows = {r["act"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"relu", "elu"}
+    for act, row in rows.items():
+        assert row["runs"] == "2"
+        for metric, read in (("val/loss", lambda s: s["best"]["val/loss"]), ("test/acc", lambda s: s["test"]["test/acc"])):
+            values = [read(summaries[(act, seed)]) for seed in ("0", "1")]
+            assert float(row[metric]) == pytest.approx(statistics.fmean(values))
+            assert float(row[f"{metric} std"]) == pytest.approx(statistics.stdev(values))
+    ranked = [line for line in (sweep / "report.md").read_text().splitlines() if line.startswith("| 1 ")]
+    best = min(rows, key=lambda a: float(rows[a]["val/loss"]))
+    assert ranked and f"| {best} |" in ranked[0]
+
+
+def test_a_report_over_single_runs_shows_each_with_its_summary(tmp_path: Path):
+    a = train.run(make_config("trainer.epochs=1", "act=tanh"), tmp_path / "a")
+    b = train.run(make_config("trainer.epochs=1", "act=relu"), tmp_path / "b")
+    runs = report.collect([tmp_path / "a", tmp_path / "b"])
+    assert [r["test/acc"] for r in runs] == [a["test"]["test/acc"], b["test"]["test/acc"]]
+    assert [r["status"] for r in runs] == ["completed", "completed"]
+
+
+def test_joblib_runs_jobs_in_parallel_dividing_the_cores(tmp_path: Path):
+    sweep = tmp_path / "sweep"
+    result = run_cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "data=synthetic", "trainer.epochs=1",
+                     "act=relu,elu", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    jobs = sweeps.job_dirs(sweep)
+    assert [_status(j) for j in jobs] == ["completed", "completed"]
+    threads = [json.loads((j / "summary.json").read_text())["threads"] for j in jobs]
+    assert threads == [max(1, (os.cpu_count() or 1) // 2)] * 2
+    assert (sweep / "sweep.csv").exists()
+
+
+def test_submitit_requeues_a_timed_out_job_which_finishes_as_if_uninterrupted(tmp_path: Path):
+    sweep = tmp_path / "sweep"
+    # USR2 is what Slurm sends before a job's time limit and what submitit's local executor sends too.
+    result = run_cli("-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", "data=synthetic",
+                     "trainer.epochs=4", f"hydra.sweep.dir={sweep}", cwd=tmp_path, env={"DNNRUN_FAULT": "usr2@epoch=2"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    (job,) = sweeps.job_dirs(sweep)
+    assert _status(job) == "completed"
+    logs = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_log.err"))
+    assert "Caught signal SIGUSR2" in logs
+    assert "resumed from" in (job / "run.log").read_text()
+    train.run(make_config("trainer.epochs=4"), tmp_path / "straight")
+    requeued = torch.load(job / "checkpoints" / "last.pt", weights_only=True)["model"]
+    straight = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(requeued[k], straight[k]) for k in straight)
+
+
+def test_the_optuna_search_preset_gets_the_monitored_metric_back(tmp_path: Path):
+    sweep = tmp_path / "sweep"
+    result = run_cli("-m", "experiment=search", "hydra.sweeper.n_trials=3", "data=synthetic", "trainer.epochs=1",
+                     f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    found = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    best = [json.loads((j / "summary.json").read_text())["best"]["value"] for j in sweeps.job_dirs(sweep)]
+    assert len(best) == 3 and found["best_value"] == pytest.approx(min(best))
+    assert set(found["best_params"]) == {"optimizer.lr", "regularizer.dropout.rate", "model.width"}
+
+
+def test_torchrun_with_two_processes_matches_one_process_with_the_same_global_batch(tmp_path: Path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dnnrun",
+               "data=synthetic", "trainer.epochs=2", f"hydra.run.dir={tmp_path / 'ddp'}"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["processes"] == 2
+    single = train.run(make_config("trainer.epochs=2"), tmp_path / "single")
+    a = torch.load(tmp_path / "ddp" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "single" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert summary["final"]["train/loss"] == pytest.approx(single["final"]["train/loss"], rel=1e-5)
+    assert summary["final"]["val/acc"] == pytest.approx(single["final"]["val/acc"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "single"]  # rank 1 wrote nothing here
