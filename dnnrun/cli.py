@@ -8,6 +8,7 @@ import contextlib
 import io
 import logging
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -21,8 +22,8 @@ from omegaconf.errors import OmegaConfBaseException
 from rich.logging import RichHandler
 from rich.text import Text
 
-from dnnrun.errors import (EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, Diverged,
-                           UserError)
+from dnnrun.errors import (EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED,
+                           Diverged, Interrupted, RunError, UserError)
 from dnnrun.schema import did_you_mean, unknown
 
 
@@ -37,7 +38,7 @@ def _config_dir() -> Path:
 
 
 CONFIG_DIR = _config_dir()
-_task_started = False  # tells a Hydra composition failure (bad input) from a failure inside a run
+_launched = False  # set once Hydra has composed the config: tells its composition errors (bad input) from the rest
 _sweep_failed = False  # set by SweepReport: some job of the sweep did not complete
 
 
@@ -51,8 +52,6 @@ def _error(message: str) -> None:
 def _task(cfg: DictConfig) -> float | None:
     """One run, or one job of a sweep. In a sweep a failing job records its status.json and lets
     the others go on; the sweep's end (SweepReport) lists the failures."""
-    global _task_started
-    _task_started = True
     from dnnrun import distributed, sweeps  # torch is imported here, after Hydra has parsed argv
     from dnnrun.console import console
 
@@ -65,6 +64,19 @@ def _task(cfg: DictConfig) -> float | None:
         console.quiet = True  # rank 0 speaks for all
     else:
         _log_to(console)
+    sweep_dir = Path(hc.sweep.dir) if sweeping else None
+    root = OmegaConf.select(cfg, "outputs", default="outputs")
+    places = {"hydra.sweep.dir": sweep_dir, "the job directory (hydra.sweep.subdir)": run_dir} if sweeping \
+        else {"hydra.run.dir": run_dir}
+    outside = _outside_outputs(root, places)
+    if outside:  # Hydra made the directory already; nothing more is written there
+        _error(outside)
+        _remove_if_empty(run_dir)
+        if sweeping and not _outside_outputs(root, {"hydra.sweep.dir": sweep_dir}):  # the failure stays in the sweep
+            sweeps.write_status(sweep_dir / f"{hc.job.num}_rejected", "failed", EXIT_BAD_INPUT, job, outside)
+            sweeps.update_table(sweep_dir)
+            return float("nan")
+        sys.exit(EXIT_BAD_INPUT)
     if sweeping and (sweeps.status(run_dir) or {}).get("status") == "completed":
         logging.getLogger("dnnrun").info("job %s already completed in %s: skipped", hc.job.num, run_dir)
         return (sweeps.read_run(run_dir).get(_monitor(cfg)))
@@ -74,17 +86,18 @@ def _task(cfg: DictConfig) -> float | None:
         distributed.shutdown()
     error = _describe(failure)
     if rank == 0:
-        status = {EXIT_OK: "completed", EXIT_DIVERGED: "diverged", EXIT_INTERRUPTED: "interrupted"}.get(code, "failed")
+        status = {EXIT_OK: "completed", EXIT_DIVERGED: "diverged", EXIT_INTERRUPTED: "interrupted",
+                  EXIT_TERMINATED: "interrupted"}.get(code, "failed")
         if code == EXIT_BAD_INPUT and not sweeping and _remove_if_empty(run_dir):
             pass  # a single run refused before it started leaves nothing behind
         else:
             sweeps.write_status(run_dir, status, code, job, error)
         if sweeping:
             sweeps.update_table(Path(hc.sweep.dir))
-    if code == EXIT_INTERNAL and not sweeping:
-        raise failure  # Hydra prints the traceback; exit code 1
-    if code == EXIT_INTERRUPTED or (code and not sweeping):
-        sys.exit(code)
+    if code == EXIT_INTERNAL and not sweeping and not isinstance(failure, RunError):
+        raise failure  # a bug: Hydra prints the traceback; exit code 1
+    if code in (EXIT_INTERRUPTED, EXIT_TERMINATED) or (code and not sweeping):
+        sys.exit(code)  # a signal stops a whole sweep too
     # What a sweeper (e.g. Optuna) optimizes: the best value of trainer.monitor. A failed job gives
     # NaN, which Optuna records as a failed trial before going on with the next.
     return float("nan") if code else value
@@ -107,12 +120,12 @@ def _run(cfg: DictConfig, run_dir: Path, hc, sweeping: bool, rank: int) -> tuple
     except (UserError, OmegaConfBaseException) as exc:
         _error(str(exc))
         return getattr(exc, "exit_code", EXIT_BAD_INPUT), None, exc
-    except Diverged as exc:
+    except (Diverged, RunError) as exc:
         _error(f"{exc} (run directory: {run_dir})")
         return exc.exit_code, None, exc
-    except KeyboardInterrupt as exc:
-        _error(f"interrupted (run directory: {run_dir})")
-        return EXIT_INTERRUPTED, None, exc
+    except (Interrupted, KeyboardInterrupt) as exc:
+        _error(f"{exc or 'interrupted'} (run directory: {run_dir})")
+        return getattr(exc, "exit_code", EXIT_INTERRUPTED), None, exc
     except Exception as exc:
         if sweeping:
             logging.getLogger("dnnrun").exception("job %s failed", hc.job.num)
@@ -150,9 +163,19 @@ def _describe(failure: BaseException | None) -> str | None:
         return None
     if isinstance(failure, KeyboardInterrupt):
         return "interrupted"
-    if isinstance(failure, (UserError, Diverged)):
+    if isinstance(failure, (UserError, Diverged, RunError, Interrupted)):
         return str(failure)
     return f"{type(failure).__name__}: {failure}"
+
+
+def _outside_outputs(root: str, places: dict[str, Path]) -> str | None:
+    """Runs write only under the outputs root; writing elsewhere takes setting that root (outputs=...)."""
+    base = Path(root).expanduser().resolve()
+    for what, path in places.items():
+        if not path.resolve().is_relative_to(base):
+            return (f"{what} resolves to {path.resolve()}, outside the outputs root {base}; choose a directory "
+                    f"under it, or set the root: outputs=DIR")
+    return None
 
 
 def _monitor(cfg: DictConfig) -> str:
@@ -176,7 +199,17 @@ def _remove_if_empty(run_dir: Path) -> bool:
 
 class SweepReport(Callback):
     """At the end of a sweep: rewrite sweep.csv, list every job that did not complete, and make
-    the sweep exit non-zero if there was one (configured in conf/config.yaml: hydra.callbacks)."""
+    the sweep exit non-zero if there was one (configured in conf/config.yaml: hydra.callbacks).
+    It also notes when Hydra has composed the config and launches: a failure after that is not a
+    config error."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        global _launched
+        _launched = True
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        global _launched
+        _launched = True
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         global _sweep_failed
@@ -356,6 +389,16 @@ def _overrides_from_argv(argv: list[str]) -> list[str] | None:
     return list(args.overrides)
 
 
+def _check_torch() -> None:
+    """Checkpoint loading relies on torch.load(weights_only=True) with the fixes of PyTorch 2.10."""
+    import torch
+
+    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
+    if (major, minor) < (2, 10):
+        _error(f"dnnrun needs PyTorch 2.10 or later (its safe checkpoint loader); this is {torch.__version__}")
+        sys.exit(EXIT_BAD_INPUT)
+
+
 def _scratch_dir_for_other_ranks() -> None:
     """Under torchrun, ranks other than 0 run in a scratch directory: only rank 0 writes outputs/."""
     from dnnrun.distributed import launched_rank
@@ -367,10 +410,18 @@ def _scratch_dir_for_other_ranks() -> None:
         sys.argv[1:] = [*argv, f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
 
 
+def _terminate(signum: int, frame) -> None:
+    raise Interrupted(signum)
+
+
 def main() -> None:
+    # SIGTERM (docker stop, schedulers) stops dnnrun like Ctrl-C, also as a container's PID 1, which
+    # gets no default signal handling; during training, train.run takes over to save first.
+    signal.signal(signal.SIGTERM, _terminate)
     if {"--help", "-h"} & set(sys.argv[1:]):
         print(help_text())
         return
+    _check_torch()
     _scratch_dir_for_other_ranks()
     overrides = _overrides_from_argv(sys.argv[1:])
     if overrides:
@@ -381,9 +432,9 @@ def main() -> None:
     try:
         _task()
     except SystemExit as exc:
-        if exc.code == EXIT_INTERNAL and not _task_started and not _sweep_failed:
+        if exc.code == EXIT_INTERNAL and not _launched and not _sweep_failed:
             sys.exit(EXIT_BAD_INPUT)  # Hydra could not compose the config: it has printed why
         raise
-    except KeyboardInterrupt:
-        _error("interrupted")
-        sys.exit(EXIT_INTERRUPTED)
+    except (Interrupted, KeyboardInterrupt) as exc:  # before or between runs: nothing to save
+        _error(str(exc) or "interrupted")
+        sys.exit(getattr(exc, "exit_code", EXIT_INTERRUPTED))

@@ -35,6 +35,7 @@ class RunConfig:
     pretrain: Choice
     transfer: TransferConfig
     mode: Mode  # train | lr_find (the learning-rate range test) | evaluate (a checkpoint, MC dropout)
+    outputs: str  # the root that run and sweep directories must stay under
     lr_find: LRFindConfig
     evaluate: EvaluateConfig
     raw: dict[str, Any]  # the plain config as composed, stored in checkpoints and summaries
@@ -55,6 +56,7 @@ GROUPS = {
     "pretrain": pretrain.parse,
     "transfer": lambda raw, key, problems: parse(TransferConfig, raw, key, problems),
     "mode": lambda raw, key, problems: raw if check_value(raw, Mode, key, problems) else None,
+    "outputs": lambda raw, key, problems: raw if check_value(raw, str, key, problems) else None,
     "lr_find": lambda raw, key, problems: parse(LRFindConfig, raw, key, problems),
     "evaluate": lambda raw, key, problems: parse(EvaluateConfig, raw, key, problems),
 }

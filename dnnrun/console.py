@@ -41,8 +41,8 @@ class EpochBar:
     def __exit__(self, *exc) -> None:
         self.progress.stop()
 
-    def start_epoch(self, epoch: int, steps: int) -> None:
-        self.task = self.progress.add_task(f"epoch {epoch}/{self.epochs}", total=steps, loss="-", rate="-")
+    def start_epoch(self, epoch: int, steps: int, done: int = 0) -> None:
+        self.task = self.progress.add_task(f"epoch {epoch}/{self.epochs}", total=steps, completed=done, loss="-", rate="-")
         self.started = self.last = time.perf_counter()
         self.samples = 0
 

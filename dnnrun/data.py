@@ -168,15 +168,18 @@ class Split:
     def __len__(self) -> int:
         return len(self.y)
 
-    def batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Mini-batches in a random order drawn from `generator` (in order when it is None)."""
+    def batches(
+        self, batch_size: int, generator: torch.Generator | None = None, start: int = 0
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Mini-batches in a random order drawn from `generator` (in order when it is None), from
+        batch number `start` on (a checkpoint taken mid-epoch continues there)."""
         n = len(self)
         if generator is None:
-            for i in range(0, n, batch_size):
+            for i in range(start * batch_size, n, batch_size):
                 yield self.x[i : i + batch_size], self.y[i : i + batch_size]
             return
         order = torch.randperm(n, generator=generator).to(self.x.device)
-        for i in range(0, n, batch_size):
+        for i in range(start * batch_size, n, batch_size):
             idx = order[i : i + batch_size]
             yield self.x[idx], self.y[idx]
 

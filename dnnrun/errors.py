@@ -6,7 +6,8 @@ EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C): 128 + 2
+EXIT_TERMINATED = 143  # SIGTERM (docker stop, a scheduler): 128 + 15
 
 
 class UserError(Exception):
@@ -27,6 +28,25 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A dataset that cannot be found, read or filtered as asked."""
+
+
+class RunError(Exception):
+    """A failure of the surroundings (a full disk, a read-only folder), reported without a traceback."""
+
+    exit_code = EXIT_INTERNAL
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM stopped the run; its state was saved first when training had begun.
+
+    A BaseException, like KeyboardInterrupt: no `except Exception` may swallow it."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum = signum
+        self.exit_code = 128 + signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
 
 
 class Diverged(Exception):

@@ -14,6 +14,8 @@ import math
 import os
 import re
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -29,7 +31,7 @@ from dnnrun import (advice, checkpoint, data as data_mod, diagnostics, distribut
 from dnnrun.activations import ACTIVATIONS
 from dnnrun.console import EpochBar, console, print_diagnosis, results_table
 from dnnrun.diagnostics import DiagnosticsConfig, Monitor
-from dnnrun.errors import Diverged, UserError
+from dnnrun.errors import Diverged, Interrupted, UserError
 from dnnrun.metrics import MetricsLog, describe_device, versions, write_json
 from dnnrun.model import MODELS, count_parameters
 from dnnrun.schedules import Schedule
@@ -62,6 +64,7 @@ class TrainerConfig:
     early_stopping: EarlyStopping = dataclasses.field(default_factory=EarlyStopping)
     restore_best: bool = True  # test (and leave in memory) the best epoch's weights, not the last
     resume: str | None = None  # null: fresh start | auto: last.pt in the run directory | a checkpoint path
+    force_resume: bool = False  # resume even when settings that change the result differ from the checkpoint's
     limit_batches: int | None = None  # train on at most this many batches per epoch (debugging)
     detect_anomaly: bool = False  # autograd anomaly detection: names the op that made a NaN (slow)
     progress: bool = True  # Rich progress bar (on terminals only)
@@ -137,7 +140,8 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
-    torch.use_deterministic_algorithms(deterministic)
+    if torch.are_deterministic_algorithms_enabled() != deterministic:  # the call imports torch._inductor (1.5 s)
+        torch.use_deterministic_algorithms(deterministic)
     torch.backends.cudnn.benchmark = False
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
@@ -172,6 +176,36 @@ def clip_gradients(params, clip_value: float | None, clip_norm: float | None) ->
     return None
 
 
+class StopFlag:
+    """SIGINT and SIGTERM during a run. Before training starts they stop it at once (there is
+    nothing to save); once training has started (`deferring`) they only set `signum`, and the loop
+    finishes its step, writes a checkpoint and stops. Nothing is raised then from inside the
+    handler, so a second signal during that write is harmless."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self.deferring = False
+
+    def __call__(self, signum: int, frame) -> None:
+        if not self.deferring:
+            raise Interrupted(signum)
+        self.signum = self.signum or signum
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
+            yield self
+            return
+        previous = {sig: signal.signal(sig, self) for sig in self.SIGNALS}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
 @dataclasses.dataclass
 class Parts:
     """What an optimizer step works with."""
@@ -183,32 +217,48 @@ class Parts:
     autocast: Callable[[], contextlib.AbstractContextManager]
     scaler: torch.amp.GradScaler | None
     monitor: Monitor
-    fault: faults.Fault | None = None
+    faults: faults.Faults | None = None
+    stop: StopFlag = dataclasses.field(default_factory=StopFlag)
     frozen: list[nn.Module] = dataclasses.field(default_factory=list)  # norm layers kept in eval mode (transfer.freeze)
     forward: nn.Module | None = None  # the model wrapped in DistributedDataParallel under torchrun, else the model
     rank: int = 0
     world: int = 1
 
 
-def train_epoch(
-    p: Parts, split: data_mod.Split, tc: TrainerConfig, shuffle: torch.Generator, bar: EpochBar, step: int, epoch: int
-) -> tuple[float, float, int, float]:
-    """One pass over the shuffled training split; `step` counts the optimizer steps before it.
+@dataclasses.dataclass
+class EpochProgress:
+    """How far an epoch has got: what a checkpoint written mid-epoch needs to continue it exactly."""
 
-    Returns (mean loss, accuracy, steps taken, the last step's learning rate). Loss and accuracy
-    are running figures over the epoch's batches, in training mode (dropout on), as Keras reports
-    them. Raises Diverged at the first non-finite loss (or gradient, where it is measured).
+    shuffle_state: torch.Tensor  # the shuffle generator at the epoch's start: it draws the same order again
+    batches: int = 0  # optimizer steps taken in this epoch
+    loss_sum: float = 0.0  # sums over this rank's training examples so far
+    correct: int = 0
+    seen: int = 0
+    lr: float = 0.0  # the rate of the last step
+
+
+def train_epoch(
+    p: Parts, split: data_mod.Split, tc: TrainerConfig, shuffle: torch.Generator, bar: EpochBar, step: int,
+    epoch: int, progress: EpochProgress,
+) -> bool:
+    """Go on with an epoch over the shuffled training split from `progress`, which it updates;
+    `step` counts the optimizer steps of the earlier epochs.
+
+    Returns True when the epoch is complete, False when SIGINT/SIGTERM asked to stop (after the
+    current step). Raises Diverged at the first non-finite loss (or gradient, where it is measured).
     """
     model, optimizer = p.model, p.optimizer
     model.train()
     for module in p.frozen:  # frozen batch norm keeps its running statistics
         module.eval()
-    loss_sum = 0.0
-    predictions, targets = [], []  # compared once at the end of the epoch: fewer small ops per step
-    seen = steps = 0
+    predictions, targets = [], []  # compared once at the end: fewer small ops per step
     forward = p.forward or model
-    for xb, yb in split.batches(tc.batch_size, shuffle):  # under torchrun: the same global batches on every rank
-        if tc.limit_batches is not None and steps >= tc.limit_batches:
+    step += progress.batches
+    shuffle.set_state(progress.shuffle_state)
+    batches = split.batches(tc.batch_size, shuffle, start=progress.batches)  # under torchrun: the same on every rank
+    complete = True
+    for xb, yb in batches:
+        if tc.limit_batches is not None and progress.batches >= tc.limit_batches:
             break
         step += 1
         global_size = len(yb)
@@ -220,11 +270,14 @@ def train_epoch(
         with p.autocast():
             logits = forward(xb)
             loss = F.cross_entropy(logits, yb)
-        if p.fault is not None and p.fault.kind == "nan" and p.fault.at("step", step):  # tests' fault injection
+        if p.faults is not None and p.faults.nan_at(step):  # tests' fault injection
             loss = loss * float("nan")
         # Read every step (like Keras' TerminateOnNaN): a NaN must stop the run before it spreads.
         loss_value = loss.item()
-        if not math.isfinite(loss_value) or (p.world > 1 and not _finite_everywhere(loss_value, xb.device)):
+        nonfinite, stopping = not math.isfinite(loss_value), bool(p.stop.signum)
+        if p.world > 1:  # every rank must stop at the same step, or the others would wait for it for ever
+            nonfinite, stopping = (v > 0 for v in distributed.sum_across([float(nonfinite), float(stopping)], xb.device))
+        if nonfinite:
             raise Diverged(step, f"the training loss is {loss_value}")
         # DDP averages the ranks' gradients; weighting by the slice's share of the global batch makes that
         # the gradient of the global batch's mean loss, whatever the slice sizes.
@@ -242,7 +295,7 @@ def train_epoch(
             raise Diverged(step, f"the gradient norm is {total_norm.item()}")
         if watch:
             p.monitor.before_update()
-        lr = optimizer.param_groups[0]["lr"]
+        progress.lr = optimizer.param_groups[0]["lr"]
         if p.scaler is not None:
             p.scaler.step(optimizer)  # skips the step when fp16 gradients overflowed
             p.scaler.update()
@@ -253,23 +306,21 @@ def train_epoch(
             p.schedule.step()
         if watch:
             p.monitor.record(step, epoch)
-        if p.fault is not None and p.fault.kind != "nan" and p.fault.at("step", step):
-            p.fault.fire()
-        steps += 1
-        seen += len(yb)
-        loss_sum += loss_value * len(yb)
+        progress.batches += 1
+        progress.seen += len(yb)
+        progress.loss_sum += loss_value * len(yb)
         predictions.append(logits.detach().argmax(1))
         targets.append(yb)
-        bar.step(steps, loss_value, len(yb))
-    bar.end_epoch(steps, loss_sum / max(seen, 1))
-    correct = (torch.cat(predictions) == torch.cat(targets)).sum().item()
-    loss_sum, correct, seen = distributed.sum_across([loss_sum, correct, seen], split.x.device)
-    return loss_sum / seen, correct / seen, steps, lr
-
-
-def _finite_everywhere(value: float, device: torch.device) -> bool:
-    """Under torchrun every rank must stop at the same step, or the others would wait for it for ever."""
-    return distributed.sum_across([0.0 if math.isfinite(value) else 1.0], device)[0] == 0
+        bar.step(progress.batches, loss_value, len(yb))
+        if p.faults is not None:
+            p.faults.at("step", step)
+        if stopping:  # SIGINT/SIGTERM before this step: it is done, the caller saves and stops
+            complete = False
+            break
+    if predictions:
+        progress.correct += int((torch.cat(predictions) == torch.cat(targets)).sum())
+    bar.end_epoch(progress.batches, progress.loss_sum / max(progress.seen, 1))
+    return complete
 
 
 @torch.no_grad()
@@ -299,12 +350,14 @@ def run(cfg: RunConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     summary: dict[str, Any] = {"status": "running", "started": _now(), "run_dir": str(run_dir)}
+    stop = StopFlag()
     try:
-        return _train(cfg, run_dir, summary)
+        with stop.installed():
+            return _train(cfg, run_dir, summary, stop)
     except Diverged:
         raise  # _train has recorded it, with the diagnosis
-    except KeyboardInterrupt:
-        _finish(run_dir, summary, "interrupted")
+    except (Interrupted, KeyboardInterrupt) as exc:
+        _finish(run_dir, summary, "interrupted", error=str(exc) or "interrupted")
         raise
     except Exception as exc:
         _finish(run_dir, summary, "failed", error=f"{type(exc).__name__}: {exc}")
@@ -314,12 +367,14 @@ def run(cfg: RunConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
         handler.close()
 
 
-def _train(cfg: RunConfig, run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
+def _train(cfg: RunConfig, run_dir: Path, summary: dict[str, Any], stop: StopFlag) -> dict[str, Any]:
     tc = cfg.trainer
     wall_start = time.perf_counter()
     device = resolve_device(tc.device)
+    for stale in checkpoint.remove_stale_temporaries(run_dir):
+        log.warning("removed %s, left by a process that stopped while writing it", stale)
     resume_from = resolve_resume(tc.resume, run_dir)
-    fault = faults.from_env()
+    injected = faults.from_env()
     seed_everything(tc.seed, tc.deterministic)
     torch.autograd.set_detect_anomaly(tc.detect_anomaly)
     if tc.threads is not None:
@@ -350,7 +405,7 @@ def _train(cfg: RunConfig, run_dir: Path, summary: dict[str, Any]) -> dict[str, 
     monitor = Monitor(model, ACTIVATIONS[cfg.act.name], tc.diagnostics.every, diag_path, logger,
                       check_gradients=scaler is None)
     p = Parts(model, optimizer, Schedule(cfg.schedule, optimizer, steps_per_epoch, tc.epochs), reg,
-              autocast, scaler, monitor, fault, rank=rank, world=world)
+              autocast, scaler, monitor, injected, stop, rank=rank, world=world)
     if world > 1:
         p.forward = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         torch.manual_seed(tc.seed + rank)  # the same initial weights everywhere, other dropout masks per rank
@@ -364,7 +419,7 @@ def _train(cfg: RunConfig, run_dir: Path, summary: dict[str, Any]) -> dict[str, 
     state: dict[str, Any] = {"epoch": 0, "step": 0, "best": None, "best_epoch": None, "bad_epochs": 0, "history": [],
                              "unfrozen": False}
     if resume_from is not None:
-        state = _resume(resume_from, p, shuffle, ckpt_dir, device)
+        state = _resume(resume_from, p, shuffle, ckpt_dir, device, cfg)
         snapshots = json.loads(snapshots_path.read_text()) if snapshots_path.exists() else {}
     else:
         if cfg.pretrain.name != "none":
@@ -394,9 +449,12 @@ def _train(cfg: RunConfig, run_dir: Path, summary: dict[str, Any]) -> dict[str, 
     )
 
     stop_reason = diverged = None
+    stop.deferring = True  # from here on a signal lets the current step finish and is saved
     try:
         with EpochBar(tc.progress, tc.epochs) as bar:
             for epoch in range(state["epoch"] + 1, tc.epochs + 1):
+                if stop.signum:  # between epochs checkpoints/last.pt is already current
+                    raise Interrupted(stop.signum)
                 if frozen and not transfer.is_frozen(cfg.transfer, epoch - 1):
                     transfer.set_frozen(model, reused, False)
                     frozen, p.frozen = False, []
@@ -405,10 +463,22 @@ def _train(cfg: RunConfig, run_dir: Path, summary: dict[str, Any]) -> dict[str, 
                     log.info("transfer: reused layers unfrozen for epoch %d, their learning rate x %g",
                              epoch, cfg.transfer.unfreeze_lr_factor)
                 epoch_start = time.perf_counter()
-                bar.start_epoch(epoch, steps_per_epoch)
-                train_loss, train_acc, steps, lr = train_epoch(p, data.train, tc, shuffle, bar, state["step"], epoch)
+                # An epoch that a checkpoint stopped in the middle of goes on from there.
+                progress = EpochProgress(**state.pop("progress")) if state.get("progress") else \
+                    EpochProgress(shuffle_state=shuffle.get_state())
+                bar.start_epoch(epoch, steps_per_epoch, done=progress.batches)
+                if not train_epoch(p, data.train, tc, shuffle, bar, state["step"], epoch, progress):
+                    state["progress"] = dataclasses.asdict(progress)
+                    _save_checkpoints(ckpt_dir, p, state, shuffle, cfg.raw, improved=False)
+                    log.warning("stopped by %s during epoch %d, after step %d: checkpoints/last.pt continues from "
+                                "there (trainer.resume=auto)", signal.Signals(stop.signum).name, epoch,
+                                state["step"] + progress.batches)
+                    raise Interrupted(stop.signum)
+                state["step"] += progress.batches
+                loss_sum, correct, seen = distributed.sum_across([progress.loss_sum, progress.correct, progress.seen],
+                                                                 device)
+                train_loss, train_acc, lr = loss_sum / seen, correct / seen, progress.lr
                 val_loss, val_acc = evaluate(model, data.val, tc.eval_batch_size, autocast)
-                state["step"] += steps
                 if not math.isfinite(val_loss):
                     raise Diverged(state["step"], f"the validation loss is {val_loss}")
                 record = {
@@ -439,8 +509,8 @@ def _train(cfg: RunConfig, run_dir: Path, summary: dict[str, Any]) -> dict[str, 
                 metrics.append(record)
                 logger.epoch(record)
                 _save_checkpoints(ckpt_dir, p, state, shuffle, cfg.raw, improved)
-                if p.fault is not None and p.fault.at("epoch", epoch):
-                    p.fault.fire()
+                if injected is not None:
+                    injected.at("epoch", epoch)
                 log.info(
                     "epoch %d/%d  train/loss %.4f  train/acc %.4f  val/loss %.4f  val/acc %.4f  lr %.3g%s",
                     epoch, tc.epochs, train_loss, train_acc, val_loss, val_acc, lr, "  *" if improved else "",
@@ -450,6 +520,8 @@ def _train(cfg: RunConfig, run_dir: Path, summary: dict[str, Any]) -> dict[str, 
                     stop_reason = f"early stopping: {tc.monitor} did not improve for {patience} epochs"
                     log.info(stop_reason)
                     break
+        if stop.signum:
+            raise Interrupted(stop.signum)
     except Diverged as exc:
         diverged = exc
         kept = (f"checkpoints/last.pt (epoch {state['epoch']}) is untouched" if state["epoch"]
@@ -494,6 +566,8 @@ def _train(cfg: RunConfig, run_dir: Path, summary: dict[str, Any]) -> dict[str, 
         _finish(run_dir, summary, "diverged", error=str(diverged))
         print_diagnosis(found)
         raise diverged
+    if stop.signum:  # never report an interrupted run as completed
+        raise Interrupted(stop.signum)
     _finish(run_dir, summary, "completed")
     console.print(results_table(summary))
     print_diagnosis(found)
@@ -509,9 +583,22 @@ def build_model(cfg: RunConfig, data: data_mod.Data, model_cfg=None) -> tuple[nn
     return model, reg
 
 
-def _resume(path: Path, p: Parts, shuffle: torch.Generator, ckpt_dir: Path, device: torch.device) -> dict[str, Any]:
+def _resume(
+    path: Path, p: Parts, shuffle: torch.Generator, ckpt_dir: Path, device: torch.device, cfg: RunConfig
+) -> dict[str, Any]:
     """Load a checkpoint into the parts and the RNGs; returns the trainer state it holds."""
     ckpt = checkpoint.load(path, map_location=device)
+    if "optimizer" not in ckpt:
+        raise UserError(f"trainer.resume: {path} holds weights only; resuming needs a dnnrun checkpoint (.pt)")
+    changes = config_changes(ckpt["config"], cfg.raw)
+    if changes and not cfg.trainer.force_resume:
+        raise UserError(
+            f"trainer.resume: {path} was trained with another config, and these changes alter the result:\n  - "
+            + "\n  - ".join(changes)
+            + "\nResume with the checkpoint's settings, or set trainer.force_resume=true to go on anyway."
+        )
+    for change in changes:
+        log.warning("resuming despite a changed setting (trainer.force_resume): %s", change)
     p.model.load_state_dict(ckpt["model"])
     p.optimizer.load_state_dict(ckpt["optimizer"])
     p.schedule.load_state_dict(ckpt["schedule"])
@@ -527,9 +614,11 @@ def _resume(path: Path, p: Parts, shuffle: torch.Generator, ckpt_dir: Path, devi
 
 
 def _save_checkpoints(ckpt_dir: Path, p: Parts, state: dict, shuffle: torch.Generator, config: dict, improved: bool) -> None:
-    """last.pt after every epoch; best.pt, a copy of it, when the monitored metric improved."""
-    before_rename = p.fault.on_save if p.fault is not None else None
-    checkpoint.save(ckpt_dir / "last.pt", {
+    """best.pt when the monitored metric improved, then last.pt: one serialization, two atomic
+    writes. A crash between the two leaves last.pt an epoch behind best.pt; resuming redoes that
+    epoch exactly, so the two agree again."""
+    before_rename = p.faults.on_save if p.faults is not None else None
+    blob = checkpoint.serialize({
         "model": p.model.state_dict(),
         "optimizer": p.optimizer.state_dict(),
         "schedule": p.schedule.state_dict(),
@@ -537,9 +626,37 @@ def _save_checkpoints(ckpt_dir: Path, p: Parts, state: dict, shuffle: torch.Gene
         "trainer": state,
         "rng": checkpoint.rng_state(shuffle),
         "config": config,
-    }, before_rename)
-    if improved:
-        checkpoint.atomic_write(ckpt_dir / "best.pt", lambda f: f.write((ckpt_dir / "last.pt").read_bytes()))
+    })
+    for name in ("best.pt", "last.pt") if improved else ("last.pt",):
+        checkpoint.atomic_write(ckpt_dir / name, lambda f: f.write(blob), before_rename)
+
+
+# Settings that may change between a checkpoint and its resume without changing what is computed.
+MAY_CHANGE_ON_RESUME = (
+    "trainer.epochs", "trainer.resume", "trainer.force_resume", "trainer.progress", "trainer.threads", "trainer.device",
+    "trainer.eval_batch_size", "trainer.detect_anomaly", "trainer.diagnostics", "trainer.early_stopping",
+    "trainer.restore_best", "logger", "mode", "lr_find", "evaluate", "outputs", "data.root", "data.download",
+)
+
+
+def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """'key: X in the checkpoint, Y now' for each setting that differs and alters the result."""
+    old, new = _flatten(saved), _flatten(now)
+    changes = []
+    for key in sorted(old.keys() | new.keys()):
+        if old.get(key) != new.get(key) and not any(key == k or key.startswith(k + ".") for k in MAY_CHANGE_ON_RESUME):
+            changes.append(f"{key}: {old.get(key, '(unset)')!r} in the checkpoint, {new.get(key, '(unset)')!r} now")
+    return changes
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _finish(run_dir: Path, summary: dict[str, Any], status: str, error: str | None = None) -> None:

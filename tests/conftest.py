@@ -40,8 +40,16 @@ def make_config(*overrides: str, data: str | None = "synthetic") -> RunConfig:
     return parse_run_config(compose_raw(*([f"data={data}"] if data else []), *base, *overrides))
 
 
-def run_cli(*args: str, cwd: Path, module: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path, module: bool = False, env: dict | None = None, root_at_cwd: bool = True
+) -> subprocess.CompletedProcess:
+    """The installed dnnrun in `cwd`, with the outputs root there too (tests write only under tmp_path),
+    and without plots unless asked for."""
     command = [sys.executable, "-m", "dnnrun"] if module else [str(DNNRUN)]
+    if root_at_cwd and not any(a.startswith("outputs=") for a in args) and "--help" not in args:
+        args = (*args, f"outputs={cwd}")
+    if not any(a.startswith("trainer.diagnostics.plots=") for a in args) and "--help" not in args:
+        args = (*args, "trainer.diagnostics.plots=false")  # drawing takes longer than these runs
     return subprocess.run(
         [*command, *args],
         cwd=cwd,

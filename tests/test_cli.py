@@ -16,10 +16,12 @@ EPOCH_KEYS = {"epoch", "step", "train/loss", "train/acc", "val/loss", "val/acc",
 
 def test_dnnrun_trains_and_leaves_a_complete_run_directory(tmp_path: Path):
     run = tmp_path / "run"
-    result = run_cli("data=synthetic", "trainer.epochs=2", "optimizer=adam", "act=elu", f"hydra.run.dir={run}", cwd=tmp_path)
+    result = run_cli("data=synthetic", "trainer.epochs=2", "optimizer=adam", "act=elu", "trainer.diagnostics.plots=true",
+                     f"hydra.run.dir={run}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     for name in (".hydra/config.yaml", ".hydra/overrides.yaml", "metrics.jsonl", "summary.json", "run.log",
-                 "checkpoints/last.pt", "checkpoints/best.pt"):
+                 "checkpoints/last.pt", "checkpoints/best.pt", "diagnostics.jsonl", "activations.json", "status.json",
+                 "plots/learning_curves.png"):
         assert (run / name).is_file(), name
     records = read_jsonl(run / "metrics.jsonl")
     assert [r["epoch"] for r in records] == [1, 2]
@@ -34,7 +36,7 @@ def test_dnnrun_trains_and_leaves_a_complete_run_directory(tmp_path: Path):
 
 
 def test_plain_dnnrun_trains_digits_with_no_network(tmp_path: Path):
-    result = run_cli(cwd=tmp_path)
+    result = run_cli(cwd=tmp_path, root_at_cwd=False)  # exactly `dnnrun`
     assert result.returncode == 0, result.stderr
     (summary_path,) = (tmp_path / "outputs").glob("*/*/summary.json")  # outputs/<date>/<time>/
     summary = json.loads(summary_path.read_text())

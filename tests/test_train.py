@@ -11,7 +11,7 @@ import torch
 
 from conftest import make_config
 from dnnrun import checkpoint, diagnostics, train
-from dnnrun.errors import UserError
+from dnnrun.errors import Interrupted, UserError
 from dnnrun.metrics import read_jsonl
 
 
@@ -81,17 +81,8 @@ def test_min_delta_and_accuracy_monitoring(run_dir: Path, monkeypatch):
 
 
 def _interrupt_after_epoch(monkeypatch, k: int) -> None:
-    """Stop the run like Ctrl-C right after the k-th epoch's checkpoint is written."""
-    real_save = checkpoint.save
-    calls = {"n": 0}
-
-    def save(path, state, before_rename=None):
-        real_save(path, state, before_rename)
-        calls["n"] += 1
-        if calls["n"] == k:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoint, "save", save)
+    """Ctrl-C right after the k-th epoch's checkpoint is written (the fault hook sends SIGINT)."""
+    monkeypatch.setenv("DNNRUN_FAULT", f"int@epoch={k}")
 
 
 # Batch norm (running buffers), Adam (moment estimates), 1cycle (step counter, momentum) and dropout
@@ -105,7 +96,7 @@ def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path: Path
 
     with monkeypatch.context() as m:
         _interrupt_after_epoch(m, 2)
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(Interrupted):
             train.run(make_config(*RESUMABLE), tmp_path / "resumed")
     assert json.loads((tmp_path / "resumed" / "summary.json").read_text())["status"] == "interrupted"
     summary = train.run(make_config(*RESUMABLE, "trainer.resume=auto"), tmp_path / "resumed")
@@ -129,7 +120,7 @@ def test_resuming_without_the_rng_state_does_not_match(tmp_path: Path, monkeypat
     train.run(make_config(*RESUMABLE), tmp_path / "straight")
     with monkeypatch.context() as m:
         _interrupt_after_epoch(m, 2)
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(Interrupted):
             train.run(make_config(*RESUMABLE), tmp_path / "resumed")
     monkeypatch.setattr(checkpoint, "restore_rng", lambda state, shuffle: None)
     train.run(make_config(*RESUMABLE, "trainer.resume=auto"), tmp_path / "resumed")

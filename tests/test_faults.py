@@ -1,0 +1,303 @@
+"""Nothing lost, nothing unsafe: kills, failed writes, signals, hostile checkpoints and configs.
+
+Faults are injected with DNNRUN_FAULT (dnnrun/faults.py) into a real `dnnrun` process; the resumed
+run then goes on in this process and is compared with one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_config, run_cli
+from dnnrun import checkpoint, sweeps, train
+from dnnrun.errors import ConfigError, UserError
+from dnnrun.metrics import read_jsonl
+
+# Batch norm, dropout, momentum with 1cycle and per-step diagnostics: every kind of state a resume
+# must restore. 864 training examples / 32 = 27 steps per epoch.
+SETUP = ("data=synthetic", "trainer.epochs=3", "norm=batchnorm", "regularizer=[dropout]", "optimizer=momentum",
+         "schedule=onecycle", "model.hidden=[64,32]", "trainer.diagnostics.every=10")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """The uninterrupted run everything is compared with."""
+    run = tmp_path_factory.mktemp("straight")
+    train.run(make_config(*SETUP[1:]), run)
+    return run
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    wa, wb = _weights(a), _weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _faulty_run(tmp_path: Path, fault: str, *extra: str) -> subprocess.CompletedProcess:
+    return run_cli(*SETUP, *extra, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, env={"DNNRUN_FAULT": fault})
+
+
+def _resume(tmp_path: Path):
+    return train.run(make_config(*SETUP[1:], "trainer.resume=auto"), tmp_path / "run")
+
+
+def _metrics_intact(run: Path, epochs: int) -> None:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == list(range(1, epochs + 1))  # no torn or duplicated line
+
+
+KILL_POINTS = {
+    "before the first checkpoint": "kill@step=5",
+    "at an epoch boundary": "kill@epoch=2",
+    "mid-epoch": "kill@step=40",
+    "between the temporary file and its rename": "kill@save=3",  # epoch 2's best.pt
+    "between best.pt and last.pt": "kill@save=4",  # epoch 2's last.pt, after its best.pt
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", KILL_POINTS.values(), ids=KILL_POINTS.keys())
+def test_a_run_killed_anywhere_resumes_to_the_same_weights(fault, tmp_path: Path, straight: Path):
+    killed = _faulty_run(tmp_path, fault)
+    assert killed.returncode == -signal.SIGKILL
+    run = tmp_path / "run"
+    if fault != "kill@step=5":
+        checkpoint.load(run / "checkpoints" / "last.pt")  # the last checkpoint is whole
+    summary = _resume(tmp_path)
+    assert summary["status"] == "completed"
+    assert _same_weights(run, straight)
+    _metrics_intact(run, 3)
+    assert read_jsonl(run / "metrics.jsonl") == [
+        {**r, "time/epoch_s": a["time/epoch_s"]} for r, a in zip(read_jsonl(straight / "metrics.jsonl"),
+                                                                   read_jsonl(run / "metrics.jsonl"))]
+    assert not list(run.rglob(".*.tmp-*"))  # stale temporary files were cleaned up
+
+
+def test_without_the_rng_state_the_same_resume_differs(tmp_path: Path, straight: Path, monkeypatch):
+    """The control: the test above can fail."""
+    assert _faulty_run(tmp_path, "kill@step=40").returncode == -signal.SIGKILL
+    monkeypatch.setattr(checkpoint, "restore_rng", lambda state, shuffle: None)
+    _resume(tmp_path)
+    assert not _same_weights(tmp_path / "run", straight)
+
+
+# ---------------------------------------------------------------------------------------------
+# Failed writes
+
+
+def test_a_full_disk_during_a_save_fails_clearly_and_keeps_the_previous_checkpoint(tmp_path: Path):
+    result = _faulty_run(tmp_path, "enospc@save=3")  # epoch 2's first write
+    output = result.stdout + result.stderr
+    assert result.returncode == 1 and "Traceback" not in output
+    assert "cannot write" in result.stderr and "checkpoints/best.pt" in result.stderr
+    assert "No space left on device" in result.stderr
+    run = tmp_path / "run"
+    kept = checkpoint.load(run / "checkpoints" / "last.pt")
+    assert kept["trainer"]["epoch"] == 1
+    assert not list(run.rglob(".*.tmp-*"))  # nothing partial is left, under any name
+    assert json.loads((run / "status.json").read_text())["status"] == "failed"
+
+
+def test_a_checkpoint_folder_that_cannot_be_created_is_reported(tmp_path: Path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").write_text("a file where the folder should be")
+    result = run_cli(*SETUP, f"hydra.run.dir={run}", cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
+    assert f"cannot write {run / 'checkpoints'}" in result.stderr
+
+
+def test_a_corrupted_last_checkpoint_is_reported_and_never_replaced_by_a_fresh_start(tmp_path: Path):
+    assert _faulty_run(tmp_path, "kill@epoch=2").returncode == -signal.SIGKILL
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])  # torn, as by a broken disk
+    damaged = last.read_bytes()
+    result = run_cli(*SETUP, "trainer.resume=auto", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"cannot read checkpoint {last}: the file is damaged" in result.stderr
+    assert last.read_bytes() == damaged
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# Signals
+
+
+@pytest.mark.parametrize("fault, code", [("term@step=40", 143), ("int@step=40", 130), ("int@step=40,int@save=3", 130)],
+                         ids=["SIGTERM", "SIGINT", "a second SIGINT during the save"])
+def test_a_signal_finishes_the_step_saves_and_exits_with_its_code(fault, code, tmp_path: Path, straight: Path):
+    result = _faulty_run(tmp_path, fault)
+    assert result.returncode == code, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    run = tmp_path / "run"
+    assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
+    assert json.loads((run / "status.json").read_text())["status"] == "interrupted"
+    saved = checkpoint.load(run / "checkpoints" / "last.pt")  # written whole, also with a second SIGINT during it
+    assert saved["trainer"]["epoch"] == 1 and saved["trainer"]["progress"]["batches"] in (13, 14)  # in epoch 2
+    assert "continues from there" in (run / "run.log").read_text()
+    _resume(tmp_path)
+    assert _same_weights(run, straight)
+    _metrics_intact(run, 3)
+
+
+def test_sigterm_between_epochs_stops_at_the_epoch_boundary(tmp_path: Path):
+    result = _faulty_run(tmp_path, "term@epoch=1")
+    assert result.returncode == 143
+    saved = checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert saved["trainer"]["epoch"] == 1 and "progress" not in saved["trainer"]
+
+
+def test_sigterm_before_training_exits_143_at_once(tmp_path: Path):
+    process = subprocess.Popen([str(Path(sys.executable).parent / "dnnrun"), *SETUP, "trainer.epochs=1000",
+                                f"outputs={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    import time
+
+    deadline = time.time() + 60
+    while not (tmp_path / "run" / "run.log").exists() and time.time() < deadline:  # the run has begun
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143, err
+    assert "Traceback" not in err and "SIGTERM" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile checkpoints
+
+
+class Payload:
+    """Unpickling this runs a shell command: what a hostile checkpoint would carry."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _hostile(path: Path, marker: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": "dnnrun-checkpoint", "version": 1, "model": {}, "trainer": Payload(marker)}, path)
+    assert not marker.exists()
+    return path
+
+
+@pytest.mark.parametrize("env", [{}, {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}], ids=["plain", "forced unsafe load"])
+def test_a_checkpoint_carrying_a_pickle_payload_is_refused_and_never_runs(env, tmp_path: Path):
+    marker = tmp_path / "payload-ran"
+    _hostile(tmp_path / "run" / "checkpoints" / "last.pt", marker)
+    result = run_cli(*SETUP, "trainer.resume=auto", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, env=env)
+    assert result.returncode == 2, result.stderr
+    assert "refused to load" in result.stderr and "weights_only=True" in result.stderr
+    assert not marker.exists()
+
+
+def test_every_checkpoint_reader_refuses_a_payload(tmp_path: Path):
+    marker = tmp_path / "payload-ran"
+    evil = _hostile(tmp_path / "evil.pt", marker)
+    for overrides in ([f"transfer.source={evil}"], ["mode=evaluate", f"evaluate.checkpoint={evil}"]):
+        cfg = make_config(*overrides)
+        with pytest.raises(UserError, match="refused to load"):
+            (train.run if cfg.mode == "train" else __import__("dnnrun.evaluate").evaluate.run)(cfg, tmp_path / "out")
+    assert not marker.exists()
+
+
+def test_weights_export_to_safetensors_and_load_back(tmp_path: Path, straight: Path):
+    out = tmp_path / "weights.safetensors"
+    result = subprocess.run([str(Path(sys.executable).parent / "dnnrun-export"), str(straight / "checkpoints" / "best.pt"),
+                             "--out", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    loaded = checkpoint.load(out)
+    original = checkpoint.load(straight / "checkpoints" / "best.pt")
+    assert all(torch.equal(loaded["model"][k], original["model"][k]) for k in original["model"])
+    assert loaded["config"] == original["config"]
+    from dnnrun import evaluate
+
+    report = evaluate.run(make_config("mode=evaluate", f"evaluate.checkpoint={out}"), tmp_path / "eval")
+    summary = json.loads((straight / "summary.json").read_text())
+    assert report["deterministic"]["accuracy"] == pytest.approx(summary["test"]["test/acc"])
+    with pytest.raises(UserError, match="holds weights only"):
+        train.run(make_config(*SETUP[1:], f"trainer.resume={out}"), tmp_path / "resumed")
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile or mistaken configs
+
+
+def test_no_config_value_names_code_to_import():
+    with pytest.raises(ConfigError, match="unknown optimizer 'torch.optim.SGD'"):
+        make_config("optimizer.name=torch.optim.SGD")
+    with pytest.raises(ConfigError, match="optimizer._target_: not a parameter of optimizer 'sgd'"):
+        make_config("+optimizer._target_=os.system")
+    with pytest.raises(ConfigError, match="unknown activation 'builtins.eval'"):
+        make_config("act.name=builtins.eval")
+
+
+@pytest.mark.parametrize("where", ["/tmp/elsewhere", "outputs/../../escaped"])
+def test_run_directories_stay_under_the_outputs_root(where, tmp_path: Path):
+    result = run_cli("data=synthetic", f"hydra.run.dir={where}", cwd=tmp_path, root_at_cwd=False)
+    assert result.returncode == 2 and "outside the outputs root" in result.stderr
+    assert "set the root: outputs=DIR" in result.stderr
+    assert not Path(where).exists() and not (tmp_path.parent / "escaped").exists()  # nothing left there
+
+
+def test_setting_the_outputs_root_allows_another_place(tmp_path: Path):
+    allowed = run_cli("data=synthetic", "trainer.epochs=1", f"outputs={tmp_path / 'elsewhere'}",
+                      f"hydra.run.dir={tmp_path / 'elsewhere' / 'run'}", cwd=tmp_path, root_at_cwd=False)
+    assert allowed.returncode == 0, allowed.stderr
+
+
+def test_a_sweep_job_cannot_escape_the_outputs_root(tmp_path: Path):
+    result = run_cli("-m", "data=synthetic", "trainer.epochs=1", "hydra.sweep.subdir=../../../escaped",
+                     f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    assert result.returncode == 1 and "outside the outputs root" in result.stderr
+    assert not (tmp_path.parent / "escaped").exists() or not any((tmp_path.parent / "escaped").iterdir())
+
+
+def test_resuming_with_a_config_that_changes_the_result_lists_the_changes(tmp_path: Path):
+    assert _faulty_run(tmp_path, "kill@epoch=1").returncode == -signal.SIGKILL
+    changed = run_cli(*SETUP, "trainer.resume=auto", "optimizer.lr=0.1", "trainer.seed=7",
+                      f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert changed.returncode == 2 and "Traceback" not in changed.stderr
+    assert "optimizer.lr: 0.01 in the checkpoint, 0.1 now" in changed.stderr
+    assert "trainer.seed: 0 in the checkpoint, 7 now" in changed.stderr
+    assert "trainer.force_resume=true" in changed.stderr
+    run = tmp_path / "run"
+    train.run(make_config(*SETUP[1:], "trainer.resume=auto", "trainer.epochs=4"), run)  # more epochs: fine
+    train.run(make_config(*SETUP[1:], "trainer.resume=auto", "trainer.epochs=5", "optimizer.lr=0.02",
+                          "trainer.force_resume=true"), run)
+    assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps under faults
+
+
+@pytest.mark.slow
+def test_a_job_killed_under_joblib_loses_no_finished_job_and_a_rerun_finishes(tmp_path: Path):
+    sweep = tmp_path / "sweep"
+    args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "data=synthetic", "trainer.epochs=1,2,3",
+            f"hydra.sweep.dir={sweep}"]
+    first = run_cli(*args, cwd=tmp_path, env={"DNNRUN_FAULT": "kill@step=60"})  # only the 3-epoch job gets there
+    assert first.returncode != 0
+    done = {job.name: (job / "checkpoints" / "last.pt").stat().st_mtime_ns
+            for job in sweeps.job_dirs(sweep) if (sweeps.status(job) or {}).get("status") == "completed"}
+    assert done and not any(name.startswith("2_") for name in done)
+    second = run_cli(*args, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    jobs = sweeps.job_dirs(sweep)
+    assert [sweeps.status(j)["status"] for j in jobs] == ["completed"] * 3
+    assert {j.name: (j / "checkpoints" / "last.pt").stat().st_mtime_ns for j in jobs if j.name in done} == done
+    assert [r["epoch"] for r in read_jsonl(jobs[2] / "metrics.jsonl")] == [1, 2, 3]
