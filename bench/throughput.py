@@ -63,7 +63,8 @@ def dnnrun_epoch(net, split: Split, batch_size: int, shuffle: torch.Generator, e
         parts = train.Parts(net, opt, schedule, regularizers.Regularization(), autocast, scaler, monitor)
         with EpochBar(enabled=False, epochs=1) as bar:
             bar.start_epoch(1, len(split) // batch_size)
-            train.train_epoch(parts, split, tc, shuffle, bar, step=0, epoch=1)
+            progress = train.EpochProgress(shuffle_state=shuffle.get_state())
+            train.train_epoch(parts, split, tc, shuffle, bar, step=0, epoch=1, progress=progress)
 
 
 def diagnosed_epoch(net, split: Split, batch_size: int, shuffle: torch.Generator) -> None:
@@ -100,7 +101,7 @@ def main() -> None:
     for batch_size in args.batch_sizes:
         times = {name: [] for name, _ in loops}
         # one untimed epoch each to warm up allocators and kernels
-        for name, fn in loops:
+        for _, fn in loops:
             fn(build(device), split, batch_size, torch.Generator().manual_seed(1))
         for _ in range(args.repeats):
             for name, fn in loops:

@@ -19,6 +19,7 @@ from dnnrun.errors import RunError, UserError
 
 FORMAT = "dnnrun-checkpoint"
 VERSION = 1
+WEIGHTS_FORMAT = "dnnrun-weights"  # safetensors files written by dnnrun-export
 TMP_MARK = ".tmp-"  # temporary files are named .NAME.tmp-PID until renamed
 
 
@@ -115,8 +116,6 @@ def export_safetensors(checkpoint_path: Path, out: Path) -> Path:
     atomic_write(Path(out), lambda f: f.write(save(tensors, metadata)))
     return Path(out)
 
-
-WEIGHTS_FORMAT = "dnnrun-weights"
 
 
 def _load_safetensors(path: Path, map_location) -> dict[str, Any]:

@@ -27,7 +27,6 @@ from dnnrun.errors import (EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERNAL, EXIT_IN
 from dnnrun.schema import did_you_mean, unknown
 
 
-
 def _config_dir() -> Path:
     """conf/ inside the installed package (wheel), else the source checkout's top-level conf/."""
     here = Path(__file__).resolve().parent
@@ -50,50 +49,50 @@ def _error(message: str) -> None:
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
 def _task(cfg: DictConfig) -> float | None:
-    """One run, or one job of a sweep. In a sweep a failing job records its status.json and lets
-    the others go on; the sweep's end (SweepReport) lists the failures."""
+    """One run, or one job of a sweep. A run refused before it begins (bad config, occupied or
+    forbidden directory, unfitting checkpoint) leaves its directory as it found it; in a sweep its
+    failure is kept in SWEEP_DIR/N_rejected. Otherwise the run's status.json records how it ended,
+    and a failing job lets the others go on: the sweep's end (SweepReport) lists the failures."""
     from dnnrun import distributed, sweeps  # torch is imported here, after Hydra has parsed argv
     from dnnrun.console import console
 
     hc = HydraConfig.get()
     sweeping = hc.mode == RunMode.MULTIRUN
-    rank, _ = distributed.init_from_env()
+    rank, _ = distributed.init_from_env(OmegaConf.select(cfg, "trainer.device", default="auto"))
     run_dir = Path(distributed.broadcast(hc.runtime.output_dir))  # rank 0's: the one that is written
+    sweep_dir = Path(hc.sweep.dir) if sweeping else None
     job = {"num": hc.job.num if sweeping else None, "overrides": list(hc.overrides.task)}
     if rank > 0:
         console.quiet = True  # rank 0 speaks for all
     else:
         _log_to(console)
-    sweep_dir = Path(hc.sweep.dir) if sweeping else None
-    root = OmegaConf.select(cfg, "outputs", default="outputs")
-    places = {"hydra.sweep.dir": sweep_dir, "the job directory (hydra.sweep.subdir)": run_dir} if sweeping \
-        else {"hydra.run.dir": run_dir}
-    outside = _outside_outputs(root, places)
-    if outside:  # Hydra made the directory already; nothing more is written there
-        _error(outside)
-        _remove_if_empty(run_dir)
-        if sweeping and not _outside_outputs(root, {"hydra.sweep.dir": sweep_dir}):  # the failure stays in the sweep
-            sweeps.write_status(sweep_dir / f"{hc.job.num}_rejected", "failed", EXIT_BAD_INPUT, job, outside)
-            sweeps.update_table(sweep_dir)
-            return float("nan")
-        sys.exit(EXIT_BAD_INPUT)
-    if sweeping and (sweeps.status(run_dir) or {}).get("status") == "completed":
-        logging.getLogger("dnnrun").info("job %s already completed in %s: skipped", hc.job.num, run_dir)
-        return (sweeps.read_run(run_dir).get(_monitor(cfg)))
-    try:
-        code, value, failure = _run(cfg, run_dir, hc, sweeping, rank)
-    finally:
-        distributed.shutdown()
-    error = _describe(failure)
+    rejected = sweep_dir / f"{hc.job.num}_rejected" if sweeping else None
+    if rejected is not None and rank == 0:
+        shutil.rmtree(rejected, ignore_errors=True)  # an earlier attempt's refusal
+
+    refusal = _refusal(cfg, run_dir, sweep_dir)
+    if refusal is None and sweeping:
+        previous = sweeps.status(run_dir) or {}
+        if previous.get("status") == "completed" and previous.get("job", {}).get("overrides") == job["overrides"]:
+            logging.getLogger("dnnrun").info("job %s already completed in %s: skipped", hc.job.num, run_dir)
+            return sweeps.read_run(run_dir).get(_monitor(cfg))
+    if refusal is not None:
+        code, value, failure, started = EXIT_BAD_INPUT, None, UserError(refusal), False
+        _error(refusal)
+    else:
+        try:
+            code, value, failure, started = _run(cfg, run_dir, hc, sweeping, rank)
+        finally:
+            distributed.shutdown()
     if rank == 0:
-        status = {EXIT_OK: "completed", EXIT_DIVERGED: "diverged", EXIT_INTERRUPTED: "interrupted",
-                  EXIT_TERMINATED: "interrupted"}.get(code, "failed")
-        if code == EXIT_BAD_INPUT and not sweeping and _remove_if_empty(run_dir):
-            pass  # a single run refused before it started leaves nothing behind
+        if started:
+            _record(code, failure, run_dir, job)
         else:
-            sweeps.write_status(run_dir, status, code, job, error)
-        if sweeping:
-            sweeps.update_table(Path(hc.sweep.dir))
+            _remove_if_empty(run_dir)  # Hydra made it for this run
+            if sweeping:
+                _record(code, failure, rejected, job)
+        if sweeping and (started or not _outside_outputs(cfg.outputs, {"hydra.sweep.dir": sweep_dir})):
+            sweeps.update_table(sweep_dir)
     if code == EXIT_INTERNAL and not sweeping and not isinstance(failure, RunError):
         raise failure  # a bug: Hydra prints the traceback; exit code 1
     if code in (EXIT_INTERRUPTED, EXIT_TERMINATED) or (code and not sweeping):
@@ -103,33 +102,80 @@ def _task(cfg: DictConfig) -> float | None:
     return float("nan") if code else value
 
 
-def _run(cfg: DictConfig, run_dir: Path, hc, sweeping: bool, rank: int) -> tuple[int, float | None, BaseException | None]:
-    """(exit code, the value for a sweeper, what went wrong) of one run; prints what went wrong."""
+STATUS_OF_EXIT = {EXIT_OK: "completed", EXIT_DIVERGED: "diverged", EXIT_INTERRUPTED: "interrupted",
+                  EXIT_TERMINATED: "interrupted"}  # any other code: "failed"
+
+
+def _record(code: int, failure: BaseException | None, run_dir: Path, job: dict) -> None:
+    from dnnrun import sweeps
+
+    sweeps.write_status(run_dir, STATUS_OF_EXIT.get(code, "failed"), code, job, _describe(failure))
+
+
+def _refusal(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None) -> str | None:
+    """Why this run may not use its directory, if it may not: outside the outputs root, or (a
+    single run) already holding another run that it does not resume."""
+    places = {"hydra.sweep.dir": sweep_dir, "the job directory (hydra.sweep.subdir)": run_dir} if sweep_dir \
+        else {"hydra.run.dir": run_dir}
+    outside = _outside_outputs(cfg.outputs, places)
+    if outside or sweep_dir is not None:
+        return outside
+    resuming = cfg.mode == "train" and cfg.trainer.resume is not None
+    occupied = [name for name in ("summary.json", "status.json", "checkpoints") if (run_dir / name).exists()]
+    if occupied and not resuming:
+        return (f"{run_dir} already holds a run ({', '.join(occupied)}); continue it with trainer.resume=auto, "
+                f"or choose another directory (hydra.run.dir=...)")
+    return None
+
+
+def _run(cfg: DictConfig, run_dir: Path, hc, sweeping: bool, rank: int):
+    """(exit code, the value for a sweeper, what went wrong, whether the run began) of one run;
+    prints what went wrong. A run begins once it owns its directory: then Hydra's config snapshot
+    is written into it."""
     from dnnrun import evaluate, lr_find, train
     from dnnrun.config import parse_run_config
+
+    started = []
+
+    def start() -> None:
+        if rank == 0:
+            _save_snapshot(cfg, hc, run_dir)
+        started.append(True)
 
     try:
         run_cfg = _for_this_process(parse_run_config(OmegaConf.to_container(cfg, resolve=True)), hc, run_dir,
                                     sweeping, rank)
         if run_cfg.mode == "lr_find":
-            return EXIT_OK, lr_find.run(run_cfg, run_dir)["suggestion"], None
+            start()
+            return EXIT_OK, lr_find.run(run_cfg, run_dir)["suggestion"], None, True
         if run_cfg.mode == "evaluate":
-            return EXIT_OK, evaluate.run(run_cfg, run_dir)["deterministic"]["accuracy"], None
-        summary = train.run(run_cfg, run_dir if rank == 0 else Path(hc.runtime.output_dir))
-        return EXIT_OK, summary["best"]["value"], None
+            start()
+            return EXIT_OK, evaluate.run(run_cfg, run_dir)["deterministic"]["accuracy"], None, True
+        summary = train.run(run_cfg, run_dir if rank == 0 else Path(hc.runtime.output_dir), on_start=start)
+        return EXIT_OK, summary["best"]["value"], None, True
     except (UserError, OmegaConfBaseException) as exc:
         _error(str(exc))
-        return getattr(exc, "exit_code", EXIT_BAD_INPUT), None, exc
+        return getattr(exc, "exit_code", EXIT_BAD_INPUT), None, exc, bool(started)
     except (Diverged, RunError) as exc:
         _error(f"{exc} (run directory: {run_dir})")
-        return exc.exit_code, None, exc
+        return exc.exit_code, None, exc, bool(started)
     except (Interrupted, KeyboardInterrupt) as exc:
         _error(f"{exc or 'interrupted'} (run directory: {run_dir})")
-        return getattr(exc, "exit_code", EXIT_INTERRUPTED), None, exc
+        return getattr(exc, "exit_code", EXIT_INTERRUPTED), None, exc, bool(started)
     except Exception as exc:
         if sweeping:
             logging.getLogger("dnnrun").exception("job %s failed", hc.job.num)
-        return EXIT_INTERNAL, None, exc
+        return EXIT_INTERNAL, None, exc, bool(started)
+
+
+def _save_snapshot(cfg: DictConfig, hc, run_dir: Path) -> None:
+    """What Hydra itself writes to .hydra/ (hydra.output_subdir=null hands it to dnnrun, so that a
+    refused run does not overwrite the snapshot of the run it found in its directory)."""
+    snapshot = run_dir / ".hydra"
+    snapshot.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, snapshot / "config.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": hc}), snapshot / "hydra.yaml")
+    OmegaConf.save(OmegaConf.create(list(hc.overrides.task)), snapshot / "overrides.yaml")
 
 
 def _for_this_process(run_cfg, hc, run_dir: Path, sweeping: bool, rank: int):
@@ -189,12 +235,10 @@ def _log_to(console) -> None:
         logger.propagate = False
 
 
-def _remove_if_empty(run_dir: Path) -> bool:
-    """A run refused before it started leaves no directory holding only Hydra's config snapshot."""
-    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra"}:
-        shutil.rmtree(run_dir)
-        return True
-    return False
+def _remove_if_empty(run_dir: Path) -> None:
+    """A run refused before it began leaves no empty directory behind (Hydra makes it first)."""
+    if run_dir.is_dir() and not any(run_dir.iterdir()):
+        run_dir.rmdir()
 
 
 class SweepReport(Callback):
@@ -384,7 +428,7 @@ def _overrides_from_argv(argv: list[str]) -> list[str] | None:
             args, unparsed = get_args_parser().parse_known_args(argv)
     except SystemExit:
         return None  # Hydra parses argv again and reports its own usage error
-    if unparsed or args.config_path or args.config_name or args.config_dir or args.help or args.hydra_help or args.info:
+    if unparsed or args.config_path or args.config_name or args.config_dir or args.hydra_help or args.info:
         return None
     return list(args.overrides)
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
-
-from typing import Literal
+from typing import Any, Literal
 
 from dnnrun import activations, init, loggers, optim, pretrain, regularizers, schedules
 from dnnrun.data import DataConfig, parse_data

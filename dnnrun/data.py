@@ -209,8 +209,8 @@ def _split_off(x: torch.Tensor, y: torch.Tensor, size: float, seed: int, what: s
     return x[rest], y[rest], x[held], y[held]
 
 
-def _keep_classes(x: torch.Tensor, y: torch.Tensor, classes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    mapping = torch.full((int(y.max()) + 1,), -1, dtype=torch.int64)
+def _keep_classes(x: torch.Tensor, y: torch.Tensor, classes: list[int], n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    mapping = torch.full((max(n_classes, int(y.max()) + 1),), -1, dtype=torch.int64)  # old label -> new, or -1
     mapping[torch.tensor(classes)] = torch.arange(len(classes))
     keep = mapping[y] >= 0
     return x[keep], mapping[y[keep]]
@@ -225,9 +225,9 @@ def load(cfg: DataConfig, device: torch.device) -> Data:
         bad = [c for c in cfg.classes if not 0 <= c < n_classes]
         if bad:
             raise DataError(f"data.classes: {bad} are not labels of {cfg.name} (valid: 0..{n_classes - 1})")
-        x_train, y_train = _keep_classes(x_train, y_train, cfg.classes)
+        x_train, y_train = _keep_classes(x_train, y_train, cfg.classes, n_classes)
         if x_test is not None:
-            x_test, y_test = _keep_classes(x_test, y_test, cfg.classes)
+            x_test, y_test = _keep_classes(x_test, y_test, cfg.classes, n_classes)
         n_classes = len(cfg.classes)
     if x_test is None:
         x_train, y_train, x_test, y_test = _split_off(x_train, y_train, cfg.test_size, cfg.split_seed, "data.test_size")

@@ -23,6 +23,7 @@ from torch import nn
 
 from dnnrun.activations import Activation
 from dnnrun.errors import Diverged
+from dnnrun.metrics import jsonable, read_jsonl
 
 SATURATION = 0.02  # distance to an asymptote under which a sigmoid/tanh output counts as saturated
 HISTOGRAM_BINS = 60
@@ -66,6 +67,13 @@ class Monitor:
     # The three calls a monitored step makes, in order: before the forward pass, between backward
     # and the optimizer step, and after the step.
 
+    def detach(self) -> None:
+        """Remove the activation hooks (a monitored step that raised leaves them attached)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        self._outputs.clear()
+
     def watch_activations(self) -> None:
         for name, block in self.layers:
             if name != "output":
@@ -80,15 +88,14 @@ class Monitor:
             self._before[name] = w.detach().clone()
 
     def record(self, step: int, epoch: int) -> dict[str, Any]:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
+        outputs = dict(self._outputs)
+        self.detach()
         stats: dict[str, dict[str, torch.Tensor]] = {}
         for name, block in self.layers:
             w = _weight(block).detach()
             s = {"grad_norm": self._grad_norms[name], "weight_norm": w.norm()}
             s["update_ratio"] = (w - self._before[name]).norm() / s["weight_norm"].clamp_min(1e-12)
-            out = self._outputs.get(name)
+            out = outputs.get(name)
             if out is not None:
                 s.update(activation_stats(out, self.activation))
             norm = getattr(block, "norm", None)
@@ -103,10 +110,9 @@ class Monitor:
         for (layer, key), value in zip(names, values):
             layers.setdefault(layer, {})[key] = value
         entry = {"step": step, "epoch": epoch, "layers": layers}
-        self._outputs.clear()
         self._before.clear()
         with open(self.path, "a") as f:
-            f.write(json.dumps(_finite_or_none(entry)) + "\n")
+            f.write(json.dumps(jsonable(entry)) + "\n")
         self.logger.diagnostics(entry, self.model)
         if self.check_gradients:
             for layer, s in layers.items():
@@ -128,23 +134,9 @@ def activation_stats(out: torch.Tensor, activation: Activation) -> dict[str, tor
     return s
 
 
-def _finite_or_none(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _finite_or_none(v) for k, v in x.items()}
-    return x
-
-
-def read(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def truncate(path: Path, last_step: int) -> None:
     """On resume: drop records after the checkpoint, which the resumed run will write again."""
-    kept = [r for r in read(path) if r["step"] <= last_step]
+    kept = [r for r in read_jsonl(path) if r["step"] <= last_step]
     path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 

@@ -14,10 +14,11 @@ import torch
 import torch.distributed as dist
 
 
-def init_from_env() -> tuple[int, int]:
-    """Join the process group torchrun describes in the environment; returns (rank, world size)."""
+def init_from_env(device: str = "auto") -> tuple[int, int]:
+    """Join the process group torchrun describes in the environment; returns (rank, world size).
+    NCCL for GPUs, gloo for CPUs (also on a machine with GPUs when trainer.device=cpu)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        if torch.cuda.is_available():
+        if torch.cuda.is_available() and device != "cpu":
             torch.cuda.set_device(local_rank())
             dist.init_process_group("nccl")
         else:

@@ -1,4 +1,9 @@
-"""Errors a user can fix. The CLI prints their message, without a traceback, and exits 2."""
+"""How runs end besides completing, and their exit codes (README: Exit codes).
+
+The CLI prints each of these as one clear message, without a traceback: UserError and its kinds
+(bad input, exit 2), RunError (the surroundings failed, exit 1), Diverged (exit 3) and Interrupted
+(130 or 143). Any other exception is a bug: it gets a traceback and exit code 1.
+"""
 
 from __future__ import annotations
 

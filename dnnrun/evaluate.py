@@ -23,6 +23,7 @@ from dnnrun.console import console
 from dnnrun.errors import UserError
 from dnnrun.metrics import write_json
 from dnnrun.schema import Problems
+from dnnrun.transfer import source_widths
 
 if TYPE_CHECKING:
     from dnnrun.config import RunConfig
@@ -102,7 +103,9 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     device = resolve_device(cfg.trainer.device)
     seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
     data = data_mod.load(data_cfg, device)
-    model, _ = build_model(trained, data)
+    # the widths the weights have (a transferred model's come from its source, not from model.hidden)
+    widths = dataclasses.replace(trained.model, hidden=source_widths(ckpt["model"]), depth=None, width=None)
+    model, _ = build_model(trained, data, widths)
     model.load_state_dict(ckpt["model"])
     model.to(device)
     split = getattr(data, ev.split)

@@ -57,36 +57,36 @@ def find(
     lrs, losses, smoothed = [], [], []
     average, best, stop = 0.0, math.inf, "reached end_lr"
     model.train()
-    t = 0
-    while t < cfg.steps:
-        for xb, yb in split.batches(batch_size, generator):
-            lr = cfg.start_lr * growth**t
-            for group, ratio in zip(optimizer.param_groups, ratios):
-                group["lr"] = lr * ratio
-            loss = F.cross_entropy(model(xb), yb)
-            value = loss.item()
-            if not math.isfinite(value):
-                stop = "the loss became non-finite"
-                break
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            average = cfg.smoothing * average + (1 - cfg.smoothing) * value
-            smooth = average / (1 - cfg.smoothing ** (t + 1))  # bias-corrected moving average
-            lrs.append(lr)
-            losses.append(value)
-            smoothed.append(smooth)
-            best = min(best, smooth)
-            t += 1
-            if smooth > cfg.diverge_factor * best:
-                stop = f"the smoothed loss exceeded {cfg.diverge_factor:g}x its minimum"
-                break
-            if t >= cfg.steps:
-                break
-        else:
-            continue
-        break
+    for t, (xb, yb) in enumerate(_endless_batches(split, batch_size, generator)):
+        if t == cfg.steps:
+            break
+        lr = cfg.start_lr * growth**t
+        for group, ratio in zip(optimizer.param_groups, ratios):
+            group["lr"] = lr * ratio
+        loss = F.cross_entropy(model(xb), yb)
+        value = loss.item()
+        if not math.isfinite(value):
+            stop = "the loss became non-finite"
+            break
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        average = cfg.smoothing * average + (1 - cfg.smoothing) * value
+        smooth = average / (1 - cfg.smoothing ** (t + 1))  # bias-corrected moving average
+        lrs.append(lr)
+        losses.append(value)
+        smoothed.append(smooth)
+        best = min(best, smooth)
+        if smooth > cfg.diverge_factor * best:
+            stop = f"the smoothed loss exceeded {cfg.diverge_factor:g}x its minimum"
+            break
     return {"lrs": lrs, "losses": losses, "smoothed": smoothed, "stopped": stop, **suggest(lrs, smoothed)}
+
+
+def _endless_batches(split: data_mod.Split, batch_size: int, generator: torch.Generator):
+    """Shuffled mini-batches, epoch after epoch, for as many steps as the test wants."""
+    while True:
+        yield from split.batches(batch_size, generator)
 
 
 def suggest(lrs: list[float], smoothed: list[float]) -> dict[str, Any]:
@@ -102,6 +102,8 @@ def suggest(lrs: list[float], smoothed: list[float]) -> dict[str, Any]:
 
 
 def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
+    """The test on the model the config describes, freshly initialized (without transfer.source or
+    pretraining: the test is about the optimizer and its rate, and it spends the model)."""
     from dnnrun.train import build_model, resolve_device, seed_everything  # the same builders as training
 
     tc = cfg.trainer

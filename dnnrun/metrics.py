@@ -15,19 +15,29 @@ import torch
 from dnnrun.checkpoint import atomic_write
 
 
-def _jsonable(x: Any) -> Any:
+def maximized(metric: str) -> bool:
+    """Accuracies improve upwards, losses downwards."""
+    return metric.endswith("acc")
+
+
+def better(metric: str, value: float, than: float, min_delta: float = 0.0) -> bool:
+    """Whether `value` of `metric` improves on `than` by more than min_delta."""
+    return value > than + min_delta if maximized(metric) else value < than - min_delta
+
+
+def jsonable(x: Any) -> Any:
     """NaN and infinities are not JSON: they are written as null (a diverged loss stays visible as null)."""
     if isinstance(x, float) and not math.isfinite(x):
         return None
     if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
+        return {k: jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     return x
 
 
 def write_json(path: Path, obj: Any) -> None:
-    text = json.dumps(_jsonable(obj), indent=2) + "\n"
+    text = json.dumps(jsonable(obj), indent=2) + "\n"
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
@@ -39,18 +49,22 @@ class MetricsLog:
         self.path = path
 
     def rewrite(self, records: list[dict]) -> None:
-        text = "".join(json.dumps(_jsonable(r)) + "\n" for r in records)
+        text = "".join(json.dumps(jsonable(r)) + "\n" for r in records)
         atomic_write(self.path, lambda f: f.write(text.encode()))
 
     def append(self, record: dict) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps(_jsonable(record)) + "\n")
+            f.write(json.dumps(jsonable(record)) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of a JSON-lines file; none when it does not exist (yet)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def versions() -> dict[str, str]:

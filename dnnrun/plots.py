@@ -19,9 +19,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
-from dnnrun import diagnostics  # noqa: E402
-from dnnrun.activations import ACTIVATIONS  # noqa: E402
+from dnnrun.activations import ACTIVATIONS, build as build_activation  # noqa: E402
 from dnnrun.metrics import read_jsonl  # noqa: E402
+from dnnrun.schema import Choice  # noqa: E402
 
 SIZE = (10, 6)  # inches; at DPI this is 1000 x 600 pixels
 DPI = 100
@@ -34,6 +34,16 @@ def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
+
+
+def _save_grid(fig, axes, used: int, title: str, path: Path) -> Path:
+    """A grid of small plots: the unused cells hidden, one legend, a title."""
+    for ax in list(axes.flat)[used:]:
+        ax.set_axis_off()
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
 
 
 def _placeholder(ax, text: str) -> None:
@@ -109,12 +119,8 @@ def activations(snapshots: dict, path: Path) -> Path:
         ax.set_yscale("log")  # the spike of exact zeros (ReLU) would flatten everything else
         ax.set_title(layer, fontsize=9)
         ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(layers):]:
-        ax.set_axis_off()
-    axes.flat[0].legend(fontsize=7)
-    fig.suptitle("activation distributions per layer (fraction per bin, log scale), at the start and the end of training")
-    fig.tight_layout()
-    return _save(fig, path)
+    return _save_grid(fig, axes, len(layers), "activation distributions per layer (fraction per bin, log scale), "
+                      "at the start and the end of training", path)
 
 
 def unit_health(records: list[dict], path: Path) -> Path:
@@ -143,8 +149,8 @@ def plot_run(run_dir: Path) -> list[Path]:
     run_dir = Path(run_dir)
     out = run_dir / "plots"
     out.mkdir(exist_ok=True)
-    history = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
-    records = diagnostics.read(run_dir / "diagnostics.jsonl")
+    history = read_jsonl(run_dir / "metrics.jsonl")
+    records = read_jsonl(run_dir / "diagnostics.jsonl")
     snapshots_path = run_dir / "activations.json"
     snapshots = json.loads(snapshots_path.read_text()) if snapshots_path.exists() else {}
     return [
@@ -163,8 +169,7 @@ def activation_functions(path: Path) -> Path:
     fig, axes = plt.subplots(rows, cols, squeeze=False, sharex=True)
     z = torch.linspace(-5, 5, 401, dtype=torch.float64, requires_grad=True)
     for ax, name in zip(axes.flat, names):
-        module = ACTIVATIONS[name].build(1) if name == "prelu" else ACTIVATIONS[name].build()
-        module = module.double().eval()
+        module = build_activation(Choice(name), width=1).double().eval()
         out = module(z)
         (grad,) = torch.autograd.grad(out.sum(), z)
         ax.plot(z.detach(), out.detach(), label="f(z)")
@@ -176,12 +181,8 @@ def activation_functions(path: Path) -> Path:
         if asymptotes:  # where the output hugs an asymptote the derivative vanishes
             for a in asymptotes:
                 ax.axhline(a, color="red", lw=0.5, ls=":")
-    for ax in list(axes.flat)[len(names):]:
-        ax.set_axis_off()
-    axes.flat[0].legend(fontsize=7)
-    fig.suptitle("activation functions (solid) and their derivatives (dashed) on [-5, 5]")
-    fig.tight_layout()
-    return _save(fig, path)
+    return _save_grid(fig, axes, len(names), "activation functions (solid) and their derivatives (dashed) on [-5, 5]",
+                      path)
 
 
 def lr_find_plot(result: dict, path: Path) -> Path:

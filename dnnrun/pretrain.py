@@ -44,10 +44,15 @@ def _hidden_stack(model: nn.Module) -> nn.Sequential:
     return nn.Sequential(*[m for n, m in model.named_children() if n != "output"])
 
 
-def _minibatches(n: int, batch_size: int, generator: torch.Generator, device: torch.device):
+def _fit(optimizer: torch.optim.Optimizer, loss_of: Callable[[torch.Tensor], torch.Tensor], n: int, batch_size: int,
+         generator: torch.Generator, device: torch.device) -> None:
+    """One epoch of mini-batch steps; loss_of(indices) is the loss of those examples."""
     order = torch.randperm(n, generator=generator).to(device)
     for start in range(0, n, batch_size):
-        yield order[start : start + batch_size]
+        loss = loss_of(order[start : start + batch_size])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,11 +85,8 @@ def autoencoder(
         before = error()
         for _ in range(epochs):
             block.train()
-            for idx in _minibatches(len(inputs), batch_size, generator, x.device):
-                loss = F.mse_loss(decoder(block(inputs[idx])), inputs[idx])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+            _fit(optimizer, lambda idx: F.mse_loss(decoder(block(inputs[idx])), inputs[idx]), len(inputs), batch_size,
+                 generator, x.device)
         report.append({"layer": name, "reconstruction_before": before, "reconstruction_after": error()})
         log.info("pretrain autoencoder %s: reconstruction error %.4f -> %.4f", name, before, report[-1]["reconstruction_after"])
     return {"layers": report}
@@ -118,8 +120,9 @@ def rbm(
         before = error()
         with torch.no_grad():
             for _ in range(epochs):
-                for idx in _minibatches(len(v_all), batch_size, generator, x.device):
-                    v0 = v_all[idx]
+                order = torch.randperm(len(v_all), generator=generator).to(x.device)
+                for start in range(0, len(v_all), batch_size):
+                    v0 = v_all[order[start : start + batch_size]]
                     p_h0 = torch.sigmoid(v0 @ W.T + b_h)
                     h, v, p_h = torch.bernoulli(p_h0), v0, p_h0
                     for _ in range(k):  # k steps of Gibbs sampling: CD-k
@@ -189,11 +192,8 @@ def _auxiliary(
     for _ in range(epochs):
         inputs, labels = make(x)
         stack.train()
-        for idx in _minibatches(len(inputs), batch_size, generator, x.device):
-            loss = F.cross_entropy(head(stack(inputs[idx])), labels[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        _fit(optimizer, lambda idx: F.cross_entropy(head(stack(inputs[idx])), labels[idx]), len(inputs), batch_size,
+             generator, x.device)
     after = accuracy()
     log.info("pretrain %s: auxiliary-task accuracy %.3f -> %.3f (chance %.3f)", task, before, after, 1 / classes)
     return {"task": task, "accuracy_before": before, "accuracy_after": after, "chance": 1 / classes}

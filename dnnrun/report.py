@@ -21,6 +21,7 @@ from typing import Any
 from rich.table import Table
 
 from dnnrun.console import console
+from dnnrun.metrics import maximized
 from dnnrun.sweeps import is_run_dir, job_dirs, read_run
 
 METRICS = ("val/loss", "val/acc", "test/loss", "test/acc", "epochs", "time_s")
@@ -70,7 +71,7 @@ def group(runs: list[dict[str, Any]], keys: list[str]) -> list[dict[str, Any]]:
 
 def rank(groups: list[dict[str, Any]], monitor: str) -> list[dict[str, Any]]:
     """Best first by the monitored validation metric; groups without one last."""
-    sign = -1 if monitor.endswith("acc") else 1
+    sign = -1 if maximized(monitor) else 1
     return sorted(groups, key=lambda g: (g[monitor] is None, sign * (g[monitor] or 0)))
 
 
@@ -94,7 +95,7 @@ def table(groups: list[dict[str, Any]], settings: list[str], monitor: str) -> Ta
 
 def write_markdown(groups: list[dict[str, Any]], settings: list[str], monitor: str, path: Path, figures: list[Path]) -> None:
     header = ["#", *settings, "runs", "status", *METRICS]
-    lines = [f"# dnnrun report", "", f"Ranked by the best {monitor} of each run (mean ± std over seeds).", "",
+    lines = ["# dnnrun report", "", f"Ranked by the best {monitor} of each run (mean ± std over seeds).", "",
              "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for i, row in enumerate(groups, start=1):
         cells = [str(i), *[str(row[k]) for k in settings], str(row["runs"]), row["status"], *[_fmt(row, m) for m in METRICS]]

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import torch
 
+from dnnrun.metrics import better
 from dnnrun.schema import FRACTION, NON_NEGATIVE, POSITIVE, Choice, Problems, check_rules, parse_choice
 
 Rate = Callable[[int], float]  # t -> learning rate
@@ -113,8 +114,7 @@ class Performance:
 
     def observe(self, metrics: dict[str, float]) -> None:
         value = metrics[self.monitor]
-        better = (lambda a, b: a > b + self.min_delta) if self.monitor.endswith("acc") else (lambda a, b: a < b - self.min_delta)
-        if self.best is None or better(value, self.best):
+        if self.best is None or better(self.monitor, value, self.best, self.min_delta):
             self.best, self.bad = value, 0
             return
         self.bad += 1
@@ -179,14 +179,17 @@ class Schedule:
     """Sets every param group's rate (and, for 1cycle with SGD momentum, its momentum) for t."""
 
     def __init__(self, choice: Choice, optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int):
-        kind = SCHEDULES[choice.name]
-        self.per = kind.per
-        total = steps_per_epoch * epochs if kind.per == "step" else epochs
+        self.choice = choice
+        self.per = SCHEDULES[choice.name].per
+        self.total = steps_per_epoch * epochs if self.per == "step" else epochs
         self.optimizer = optimizer
         self.base_lrs = [g["lr"] for g in optimizer.param_groups]
-        self.rate = kind.build(self.base_lrs[0], total, **choice.params)
+        self.rate = self._build()
         self.t = 0
         self._apply()
+
+    def _build(self) -> Rate:
+        return SCHEDULES[self.choice.name].build(self.base_lrs[0], self.total, **self.choice.params)
 
     def _apply(self) -> None:
         scale = self.rate(self.t) / self.base_lrs[0]
@@ -211,14 +214,19 @@ class Schedule:
         self._apply()
 
     def state_dict(self) -> dict[str, Any]:
-        state = {"t": self.t, "base_lrs": list(self.base_lrs)}
+        state = {"t": self.t, "base_lrs": list(self.base_lrs), "total": self.total}
         if hasattr(self.rate, "state_dict"):
             state["rate"] = self.rate.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A resumed schedule keeps the length it started with: a run resumed with more epochs goes
+        on along the same curve (1cycle stays annihilated, cosine at its minimum) rather than
+        jumping to the curve of the longer run."""
         self.t = state["t"]
         self.base_lrs = list(state["base_lrs"])
+        self.total = state["total"]
+        self.rate = self._build()
         if "rate" in state:
             self.rate.load_state_dict(state["rate"])
         self._apply()

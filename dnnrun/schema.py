@@ -55,9 +55,7 @@ class Choice:
 Rule = tuple[Callable[[Any], bool], str]
 POSITIVE: Rule = (lambda v: v > 0, "must be > 0")
 NON_NEGATIVE: Rule = (lambda v: v >= 0, "must be >= 0")
-AT_LEAST_ONE: Rule = (lambda v: v >= 1, "must be >= 1")
 FRACTION: Rule = (lambda v: 0 <= v < 1, "must be in [0, 1)")
-PROBABILITY: Rule = (lambda v: 0 <= v <= 1, "must be in [0, 1]")
 
 
 def check_rules(values: Mapping[str, Any], rules: Mapping[str, Rule], key: str, problems: Problems) -> None:
@@ -306,6 +304,7 @@ class _Except(Problems):
     """Forwards problems except those under keys already reported as broken."""
 
     def __init__(self, target: Problems, skip: list[str]):
+        super().__init__()
         self.target, self.skip = target, skip
 
     def add(self, key: str, message: str) -> None:

@@ -15,10 +15,7 @@ from typing import Any
 import yaml
 
 from dnnrun.checkpoint import atomic_write
-from dnnrun.metrics import read_jsonl, write_json
-
-STATUSES = ("completed", "failed", "diverged", "interrupted")
-
+from dnnrun.metrics import maximized, read_jsonl, write_json
 
 def write_status(run_dir: Path, status: str, exit_code: int, job: dict[str, Any], error: str | None = None) -> None:
     record = {"status": status, "exit_code": exit_code, "job": job,
@@ -55,9 +52,13 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
 
 
 def overrides(run_dir: Path) -> dict[str, str]:
-    """The command-line overrides of a run, as written by Hydra: {"optimizer": "adam", "optimizer.lr": "0.01"}."""
+    """The command-line overrides of a run, {"optimizer": "adam", "optimizer.lr": "0.01"}: from its
+    config snapshot, or from its status.json when it was refused before one was written."""
     path = run_dir / ".hydra" / "overrides.yaml"
-    items = yaml.safe_load(path.read_text()) if path.exists() else []
+    if path.exists():
+        items = yaml.safe_load(path.read_text())
+    else:
+        items = ((status(run_dir) or {}).get("job") or {}).get("overrides", [])
     pairs = (item.split("=", 1) for item in items or [] if "=" in item)
     return {key.lstrip("+~"): value for key, value in pairs if not key.startswith("hydra")}
 
@@ -67,11 +68,11 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     summary = _json(run_dir / "summary.json") or {}
     final_status = status(run_dir) or {}
-    history = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
+    history = read_jsonl(run_dir / "metrics.jsonl")
     monitor = summary.get("best", {}).get("monitor", "val/loss")
     best = summary.get("best") or {}
     if not best.get("epoch") and history:  # a run still going (or stopped early): best so far
-        pick = max if monitor.endswith("acc") else min
+        pick = max if maximized(monitor) else min
         best = pick(history, key=lambda r: r.get(monitor) if r.get(monitor) is not None else float("inf"))
     test = summary.get("test") or {}
     return {

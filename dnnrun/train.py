@@ -31,8 +31,8 @@ from dnnrun import (advice, checkpoint, data as data_mod, diagnostics, distribut
 from dnnrun.activations import ACTIVATIONS
 from dnnrun.console import EpochBar, console, print_diagnosis, results_table
 from dnnrun.diagnostics import DiagnosticsConfig, Monitor
-from dnnrun.errors import Diverged, Interrupted, UserError
-from dnnrun.metrics import MetricsLog, describe_device, versions, write_json
+from dnnrun.errors import Diverged, Interrupted, RunError, UserError
+from dnnrun.metrics import MetricsLog, better, describe_device, read_jsonl, versions, write_json
 from dnnrun.model import MODELS, count_parameters
 from dnnrun.schedules import Schedule
 from dnnrun.schema import Problems
@@ -88,20 +88,16 @@ class TrainerConfig:
         if self.early_stopping.min_delta < 0:
             problems.add(f"{key}.early_stopping.min_delta", f"must be >= 0, got {self.early_stopping.min_delta}")
 
-    @property
-    def maximize(self) -> bool:
-        return self.monitor.endswith("acc")
-
 
 # ---------------------------------------------------------------------------------------------
 # Set-up helpers
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto" or (name == "cuda" and distributed.rank_world()[1] > 1):
-        if torch.cuda.is_available():  # under torchrun, each rank on its own GPU
-            return torch.device("cuda", distributed.local_rank() if distributed.rank_world()[1] > 1 else 0)
-        return torch.device("cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and distributed.rank_world()[1] > 1:
+        name = f"cuda:{distributed.local_rank()}"  # under torchrun, each rank on its own GPU
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"trainer.device={name}, but no CUDA device is available; use trainer.device=auto or cpu")
@@ -269,9 +265,17 @@ def train_epoch(
             p.monitor.watch_activations()
         with p.autocast():
             logits = forward(xb)
-            loss = F.cross_entropy(logits, yb)
+            if p.world == 1:
+                loss = objective = F.cross_entropy(logits, yb)
+            else:
+                # DDP averages the ranks' gradients: this rank's loss sum over the global batch size,
+                # times the number of ranks, makes that the gradient of the global batch's mean loss,
+                # also when the last global batch leaves a rank few examples or none.
+                total = F.cross_entropy(logits, yb, reduction="sum")
+                objective = total * (p.world / global_size)
+                loss = total / max(len(yb), 1)  # this rank's mean, for the figures
         if p.faults is not None and p.faults.nan_at(step):  # tests' fault injection
-            loss = loss * float("nan")
+            loss = objective = loss * float("nan")
         # Read every step (like Keras' TerminateOnNaN): a NaN must stop the run before it spreads.
         loss_value = loss.item()
         nonfinite, stopping = not math.isfinite(loss_value), bool(p.stop.signum)
@@ -279,9 +283,6 @@ def train_epoch(
             nonfinite, stopping = (v > 0 for v in distributed.sum_across([float(nonfinite), float(stopping)], xb.device))
         if nonfinite:
             raise Diverged(step, f"the training loss is {loss_value}")
-        # DDP averages the ranks' gradients; weighting by the slice's share of the global batch makes that
-        # the gradient of the global batch's mean loss, whatever the slice sizes.
-        objective = loss * (len(yb) * p.world / global_size) if p.world > 1 else loss
         penalty = p.reg.penalty(model)  # l1/l2 on the weights: in the gradient, not in the reported loss
         objective = objective if penalty is None else objective + penalty
         optimizer.zero_grad(set_to_none=True)
@@ -290,11 +291,11 @@ def train_epoch(
             p.scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         else:
             objective.backward()
+        if watch:
+            p.monitor.before_update()  # the gradients as backpropagation made them, before any clipping
         total_norm = clip_gradients(model.parameters(), tc.clip_value, tc.clip_norm)
         if total_norm is not None and p.scaler is None and not torch.isfinite(total_norm):
             raise Diverged(step, f"the gradient norm is {total_norm.item()}")
-        if watch:
-            p.monitor.before_update()
         progress.lr = optimizer.param_groups[0]["lr"]
         if p.scaler is not None:
             p.scaler.step(optimizer)  # skips the step when fp16 gradients overflowed
@@ -341,39 +342,56 @@ def evaluate(model: nn.Module, split: data_mod.Split, batch_size: int, autocast)
 # The run
 
 
-def run(cfg: RunConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
-    """Train as configured; write metrics, checkpoints, summary and log under run_dir."""
+def run(cfg: RunConfig, run_dir: str | os.PathLike, on_start: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Train as configured; write metrics, checkpoints, summary and log under run_dir.
+
+    Everything that can refuse the run (device, resume path, the checkpoint and its config) is
+    checked before the first write, so a refused run leaves its directory as it was. `on_start`
+    runs once the run owns the directory (the CLI writes Hydra's config snapshot there).
+    """
     run_dir = Path(run_dir)
+    device = resolve_device(cfg.trainer.device)
+    resume_from = resolve_resume(cfg.trainer.resume, run_dir)
+    ckpt = _resumable(resume_from, cfg, device) if resume_from is not None else None
     run_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run_dir / "run.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    if on_start is not None:
+        on_start()
     summary: dict[str, Any] = {"status": "running", "started": _now(), "run_dir": str(run_dir)}
     stop = StopFlag()
+    handler = None
     try:
+        handler = logging.FileHandler(run_dir / "run.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
         with stop.installed():
-            return _train(cfg, run_dir, summary, stop)
+            return _train(cfg, run_dir, summary, stop, device, ckpt, resume_from)
     except Diverged:
         raise  # _train has recorded it, with the diagnosis
     except (Interrupted, KeyboardInterrupt) as exc:
         _finish(run_dir, summary, "interrupted", error=str(exc) or "interrupted")
         raise
+    except OSError as exc:  # a file the run writes (metrics, log, plots) could not be written
+        failure = RunError(f"cannot write {exc.filename or run_dir}: {exc.strerror or exc}")
+        _finish(run_dir, summary, "failed", error=str(failure))
+        raise failure from exc
     except Exception as exc:
         _finish(run_dir, summary, "failed", error=f"{type(exc).__name__}: {exc}")
         raise
     finally:
-        log.removeHandler(handler)
-        handler.close()
+        if handler is not None:
+            log.removeHandler(handler)
+            handler.close()
 
 
-def _train(cfg: RunConfig, run_dir: Path, summary: dict[str, Any], stop: StopFlag) -> dict[str, Any]:
+def _train(
+    cfg: RunConfig, run_dir: Path, summary: dict[str, Any], stop: StopFlag, device: torch.device,
+    ckpt: dict[str, Any] | None, resume_from: Path | None,
+) -> dict[str, Any]:
     tc = cfg.trainer
     wall_start = time.perf_counter()
-    device = resolve_device(tc.device)
     for stale in checkpoint.remove_stale_temporaries(run_dir):
         log.warning("removed %s, left by a process that stopped while writing it", stale)
-    resume_from = resolve_resume(tc.resume, run_dir)
     injected = faults.from_env()
     seed_everything(tc.seed, tc.deterministic)
     torch.autograd.set_detect_anomaly(tc.detect_anomaly)
@@ -383,19 +401,31 @@ def _train(cfg: RunConfig, run_dir: Path, summary: dict[str, Any], stop: StopFla
     for message in summary["warnings"]:
         log.warning(message)
 
+    # The model: this config's, with the widths of the transfer source or of the checkpoint resumed.
     data = data_mod.load(cfg.data, device)
-    source = transfer.load_source(cfg.transfer) if cfg.transfer.source else None
-    model, reg = build_model(cfg, data, transfer.model_config(cfg.model, cfg.transfer, source) if source else None)
+    source = transfer.load_source(cfg.transfer) if cfg.transfer.source and ckpt is None else None
+    if ckpt is not None:
+        model_cfg = dataclasses.replace(cfg.model, hidden=transfer.source_widths(ckpt["model"]), depth=None, width=None)
+    elif source is not None:
+        model_cfg = transfer.model_config(cfg.model, cfg.transfer, source)
+    else:
+        model_cfg = cfg.model
+    model, reg = build_model(cfg, data, model_cfg)
     rank, world = distributed.rank_world()
     if world > 1 and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over the global batch
     model.to(device)
-    reused_layers, reused = [], []
+    # Counters and early-stopping state: everything besides modules that a resume must restore.
+    state: dict[str, Any] = {"epoch": 0, "step": 0, "best": None, "best_epoch": None, "bad_epochs": 0, "history": [],
+                             "reused_layers": [], "reused": [], "unfrozen": False}
     if source is not None:
-        reused_layers = transfer.reused_layers(cfg.transfer, source)
-        reused = transfer.reuse(model, source, reused_layers, data.n_features)
-        summary["transfer"] = transfer.describe(cfg.transfer, reused_layers, transfer.source_widths(source))
-    optimizer = optim.build(cfg.optimizer, model, reused)
+        state["reused_layers"] = transfer.reused_layers(cfg.transfer, source)
+        state["reused"] = transfer.reuse(model, source, state["reused_layers"], data.n_features, cfg.transfer.source)
+    elif ckpt is not None:
+        state["reused_layers"], state["reused"] = ckpt["trainer"]["reused_layers"], ckpt["trainer"]["reused"]
+    if state["reused"]:
+        summary["transfer"] = transfer.describe(cfg.transfer, state["reused_layers"], model_cfg.widths)
+    optimizer = optim.build(cfg.optimizer, model, state["reused"])
     steps_per_epoch = math.ceil(len(data.train) / tc.batch_size)
     if tc.limit_batches is not None:
         steps_per_epoch = min(steps_per_epoch, tc.limit_batches)
@@ -406,32 +436,29 @@ def _train(cfg: RunConfig, run_dir: Path, summary: dict[str, Any], stop: StopFla
                       check_gradients=scaler is None)
     p = Parts(model, optimizer, Schedule(cfg.schedule, optimizer, steps_per_epoch, tc.epochs), reg,
               autocast, scaler, monitor, injected, stop, rank=rank, world=world)
-    if world > 1:
-        p.forward = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        torch.manual_seed(tc.seed + rank)  # the same initial weights everywhere, other dropout masks per rank
     shuffle = torch.Generator().manual_seed(tc.seed)
     probe = data.val.x[:512]  # a fixed batch for the activation snapshots
 
     ckpt_dir = run_dir / "checkpoints"
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     snapshots_path = run_dir / "activations.json"
-    # Counters and early-stopping state: everything besides modules that a resume must restore.
-    state: dict[str, Any] = {"epoch": 0, "step": 0, "best": None, "best_epoch": None, "bad_epochs": 0, "history": [],
-                             "unfrozen": False}
-    if resume_from is not None:
-        state = _resume(resume_from, p, shuffle, ckpt_dir, device, cfg)
+    if ckpt is not None:
+        state = _resume(ckpt, resume_from, p, shuffle, ckpt_dir)
         snapshots = json.loads(snapshots_path.read_text()) if snapshots_path.exists() else {}
     else:
         if cfg.pretrain.name != "none":
             summary["pretrain"] = pretrain.run(cfg.pretrain, model, data.unlabeled, data.shape, tc.seed)
             checkpoint.save(ckpt_dir / "pretrained.pt", {"model": model.state_dict(), "config": cfg.raw})
         snapshots = {"start": diagnostics.snapshot(model, probe)}  # where supervised training starts
+    reused = state["reused"]
     frozen = bool(reused) and cfg.transfer.freeze and not state["unfrozen"]
     if frozen:
         transfer.set_frozen(model, reused, True)
-        p.frozen = transfer.frozen_modules(model, reused_layers)
+        p.frozen = transfer.frozen_modules(model, state["reused_layers"], reused)
+    if world > 1:  # wrapped last: DDP starts every rank from rank 0's (pretrained, resumed) weights
+        p.forward = _ddp(model, device)
     metrics.rewrite(state["history"])
-    diagnostics.truncate(diag_path, state["step"])
+    diagnostics.truncate(diag_path, state["step"] + state.get("progress", {}).get("batches", 0))
 
     summary.update(
         parameters=count_parameters(model),
@@ -448,11 +475,16 @@ def _train(cfg: RunConfig, run_dir: Path, summary: dict[str, Any], stop: StopFla
         f"{summary['parameters']:,}", summary["device"],
     )
 
+    patience = tc.early_stopping.patience
     stop_reason = diverged = None
+    if patience is not None and state["bad_epochs"] >= patience:  # a resumed run that had stopped early
+        stop_reason = f"early stopping: {tc.monitor} did not improve for {patience} epochs"
     stop.deferring = True  # from here on a signal lets the current step finish and is saved
     try:
         with EpochBar(tc.progress, tc.epochs) as bar:
             for epoch in range(state["epoch"] + 1, tc.epochs + 1):
+                if stop_reason:
+                    break
                 if stop.signum:  # between epochs checkpoints/last.pt is already current
                     raise Interrupted(stop.signum)
                 if frozen and not transfer.is_frozen(cfg.transfer, epoch - 1):
@@ -460,14 +492,22 @@ def _train(cfg: RunConfig, run_dir: Path, summary: dict[str, Any], stop: StopFla
                     frozen, p.frozen = False, []
                     p.schedule.scale_reused(cfg.transfer.unfreeze_lr_factor)  # saved with the schedule's state
                     state["unfrozen"] = True
+                    if world > 1:  # DDP must now also average the unfrozen parameters' gradients
+                        p.forward = _ddp(model, device)
                     log.info("transfer: reused layers unfrozen for epoch %d, their learning rate x %g",
                              epoch, cfg.transfer.unfreeze_lr_factor)
+                if world > 1:  # other dropout masks on every rank, the same after a resume
+                    torch.manual_seed(hash((tc.seed, rank, epoch)) % 2**63)
                 epoch_start = time.perf_counter()
                 # An epoch that a checkpoint stopped in the middle of goes on from there.
                 progress = EpochProgress(**state.pop("progress")) if state.get("progress") else \
                     EpochProgress(shuffle_state=shuffle.get_state())
+                if rank > 0:  # a mid-epoch checkpoint holds the sums over all ranks: rank 0 carries them
+                    progress.loss_sum, progress.correct, progress.seen = 0.0, 0, 0
                 bar.start_epoch(epoch, steps_per_epoch, done=progress.batches)
                 if not train_epoch(p, data.train, tc, shuffle, bar, state["step"], epoch, progress):
+                    progress.loss_sum, progress.correct, progress.seen = distributed.sum_across(
+                        [progress.loss_sum, progress.correct, progress.seen], device)
                     state["progress"] = dataclasses.asdict(progress)
                     _save_checkpoints(ckpt_dir, p, state, shuffle, cfg.raw, improved=False)
                     log.warning("stopped by %s during epoch %d, after step %d: checkpoints/last.pt continues from "
@@ -494,14 +534,10 @@ def _train(cfg: RunConfig, run_dir: Path, summary: dict[str, Any], stop: StopFla
                 if p.schedule.per == "epoch":
                     p.schedule.step(record)
 
-                value = record[tc.monitor]
-                improved = state["best"] is None or (
-                    value > state["best"] + tc.early_stopping.min_delta
-                    if tc.maximize
-                    else value < state["best"] - tc.early_stopping.min_delta
-                )
+                improved = state["best"] is None or better(tc.monitor, record[tc.monitor], state["best"],
+                                                           tc.early_stopping.min_delta)
                 if improved:
-                    state.update(best=value, best_epoch=epoch, bad_epochs=0)
+                    state.update(best=record[tc.monitor], best_epoch=epoch, bad_epochs=0)
                 else:
                     state["bad_epochs"] += 1
                 state["epoch"] = epoch
@@ -515,15 +551,14 @@ def _train(cfg: RunConfig, run_dir: Path, summary: dict[str, Any], stop: StopFla
                     "epoch %d/%d  train/loss %.4f  train/acc %.4f  val/loss %.4f  val/acc %.4f  lr %.3g%s",
                     epoch, tc.epochs, train_loss, train_acc, val_loss, val_acc, lr, "  *" if improved else "",
                 )
-                patience = tc.early_stopping.patience
                 if patience is not None and state["bad_epochs"] >= patience:
                     stop_reason = f"early stopping: {tc.monitor} did not improve for {patience} epochs"
                     log.info(stop_reason)
-                    break
         if stop.signum:
             raise Interrupted(stop.signum)
     except Diverged as exc:
         diverged = exc
+        monitor.detach()
         kept = (f"checkpoints/last.pt (epoch {state['epoch']}) is untouched" if state["epoch"]
                 else "no epoch had finished, so there is no checkpoint")
         log.error("%s; the run stops here: %s", exc, kept)
@@ -532,10 +567,14 @@ def _train(cfg: RunConfig, run_dir: Path, summary: dict[str, Any], stop: StopFla
     test = None
     if diverged is None:
         weights = "last"
-        if tc.restore_best and state["best_epoch"] is not None and state["best_epoch"] != state["epoch"]:
-            model.load_state_dict(checkpoint.load(ckpt_dir / "best.pt", map_location=device)["model"])
-            weights = "best"
-            log.info("restored the weights of epoch %d (best %s)", state["best_epoch"], tc.monitor)
+        best_file = ckpt_dir / "best.pt"
+        if tc.restore_best and state["best_epoch"] not in (None, state["epoch"]):
+            if best_file.exists():
+                model.load_state_dict(checkpoint.load(best_file, map_location=device)["model"])
+                weights = "best"
+                log.info("restored the weights of epoch %d (best %s)", state["best_epoch"], tc.monitor)
+            else:
+                log.warning("no %s to restore the best epoch from; testing the last weights", best_file)
         test_loss, test_acc = evaluate(model, data.test, tc.eval_batch_size, autocast)
         test = {"test/loss": test_loss, "test/acc": test_acc, "weights": weights}
         snapshots["end"] = diagnostics.snapshot(model, probe)
@@ -543,7 +582,7 @@ def _train(cfg: RunConfig, run_dir: Path, summary: dict[str, Any], stop: StopFla
     logger.close()
 
     history = state["history"]
-    found = diagnostics.diagnose(history, diagnostics.read(diag_path), data.n_classes)
+    found = diagnostics.diagnose(history, read_jsonl(diag_path), data.n_classes)
     if diverged is not None:
         found.insert(0, f"training diverged at step {diverged.step}: {diverged.what}")
     best = next((r for r in history if r["epoch"] == state["best_epoch"]), {})
@@ -575,6 +614,11 @@ def _train(cfg: RunConfig, run_dir: Path, summary: dict[str, Any], stop: StopFla
     return summary
 
 
+def _ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """DistributedDataParallel over the trainable parameters (wrapping also broadcasts rank 0's weights)."""
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
 def build_model(cfg: RunConfig, data: data_mod.Data, model_cfg=None) -> tuple[nn.Module, regularizers.Regularization]:
     """The model the config describes, for this data (`model_cfg` replaces cfg.model, e.g. for transfer)."""
     reg = regularizers.combine(cfg.regularizer)
@@ -583,10 +627,8 @@ def build_model(cfg: RunConfig, data: data_mod.Data, model_cfg=None) -> tuple[nn
     return model, reg
 
 
-def _resume(
-    path: Path, p: Parts, shuffle: torch.Generator, ckpt_dir: Path, device: torch.device, cfg: RunConfig
-) -> dict[str, Any]:
-    """Load a checkpoint into the parts and the RNGs; returns the trainer state it holds."""
+def _resumable(path: Path, cfg: RunConfig, device: torch.device) -> dict[str, Any]:
+    """The checkpoint to resume from, once it is known to be one and to fit this config."""
     ckpt = checkpoint.load(path, map_location=device)
     if "optimizer" not in ckpt:
         raise UserError(f"trainer.resume: {path} holds weights only; resuming needs a dnnrun checkpoint (.pt)")
@@ -599,6 +641,11 @@ def _resume(
         )
     for change in changes:
         log.warning("resuming despite a changed setting (trainer.force_resume): %s", change)
+    return ckpt
+
+
+def _resume(ckpt: dict[str, Any], path: Path, p: Parts, shuffle: torch.Generator, ckpt_dir: Path) -> dict[str, Any]:
+    """Load a checkpoint into the parts and the RNGs; returns the trainer state it holds."""
     p.model.load_state_dict(ckpt["model"])
     p.optimizer.load_state_dict(ckpt["optimizer"])
     p.schedule.load_state_dict(ckpt["schedule"])
@@ -663,7 +710,12 @@ def _finish(run_dir: Path, summary: dict[str, Any], status: str, error: str | No
     summary.update(status=status, finished=_now(), versions=versions())
     if error is not None:
         summary["error"] = error
-    write_json(run_dir / "summary.json", summary)
+    try:
+        write_json(run_dir / "summary.json", summary)
+    except RunError as exc:
+        if status == "completed":
+            raise
+        log.error("%s", exc)  # already failing (a full disk?): the first error is the one to report
 
 
 def _now() -> str:

@@ -81,7 +81,7 @@ def model_config(model: ModelConfig, cfg: TransferConfig, state: dict[str, torch
     return dataclasses.replace(model, hidden=widths[:k] + list(cfg.add), depth=None, width=None)
 
 
-def reuse(model: nn.Module, state: dict[str, torch.Tensor], layers: list[int], in_features: int) -> list[str]:
+def reuse(model: nn.Module, state: dict[str, torch.Tensor], layers: list[int], in_features: int, source: str) -> list[str]:
     """Copy the source's weights for the reused layers into `model`; returns the parameter names copied."""
     source_in = state["hidden1.linear.weight"].shape[1]
     if source_in != in_features:
@@ -110,14 +110,17 @@ def reuse(model: nn.Module, state: dict[str, torch.Tensor], layers: list[int], i
         )
     model.load_state_dict(copied, strict=False)
     params = {n for n, _ in model.named_parameters()}
-    log.info("transfer: reused hidden layers %s from %s", ", ".join(map(str, layers)) or "none", "the source")
+    log.info("transfer: reused hidden layers %s from %s", ", ".join(map(str, layers)) or "none", source)
     return [n for n in copied if n in params]
 
 
-def frozen_modules(model: nn.Module, layers: list[int]) -> list[nn.Module]:
-    """Normalization layers of the reused blocks: kept in evaluation mode while frozen."""
-    blocks = [getattr(model, f"hidden{i}") for i in layers] + [getattr(model, "input_norm", None)]
-    return [m for b in blocks if b is not None for m in b.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+def frozen_modules(model: nn.Module, layers: list[int], reused: list[str]) -> list[nn.Module]:
+    """Batch-norm layers of the reused blocks (and the input norm, if it was reused): kept in
+    evaluation mode while frozen, so their running statistics stay the source's."""
+    blocks = [getattr(model, f"hidden{i}") for i in layers]
+    if any(name.startswith("input_norm.") for name in reused):
+        blocks.append(model.input_norm)
+    return [m for b in blocks for m in b.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
 def set_frozen(model: nn.Module, names: list[str], frozen: bool) -> None:

@@ -80,7 +80,7 @@ def _preset_config(experiment: str, tmp_path, *overrides: str):
 def test_every_experiment_preset_trains(experiment, tmp_path):
     overrides = ["trainer.epochs=4"]
     if make_config(f"experiment={experiment}").transfer.source:  # needs its source run first
-        source = train.run(_preset_config("transfer_task_a", tmp_path, "trainer.epochs=2"), tmp_path / "source")
+        train.run(_preset_config("transfer_task_a", tmp_path, "trainer.epochs=2"), tmp_path / "source")
         overrides.append(f"transfer.source={tmp_path / 'source' / 'checkpoints' / 'best.pt'}")
     cfg = _preset_config(experiment, tmp_path, *overrides)
     summary = train.run(cfg, tmp_path / "run")

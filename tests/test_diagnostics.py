@@ -34,7 +34,7 @@ def test_a_relu_net_driven_with_a_huge_learning_rate_has_dead_units(tmp_path: Pa
     summary = train.run(make_config("act=relu", "optimizer.lr=1", "trainer.diagnostics.every=10"), tmp_path)
     dead = [s for s in summary["diagnosis"] if "dead" in s]
     assert dead, summary["diagnosis"]
-    last = diagnostics.read(tmp_path / "diagnostics.jsonl")[-1]
+    last = read_jsonl(tmp_path / "diagnostics.jsonl")[-1]
     worst = max(stats.get("dead", 0) for stats in last["layers"].values())
     assert worst >= 0.5 and f"{worst:.0%} of units in layer" in dead[0]
 
@@ -47,7 +47,7 @@ def test_a_healthy_run_gets_no_diagnosis(tmp_path: Path):
 
 def test_diagnostics_jsonl_holds_every_layer_every_n_steps(tmp_path: Path):
     train.run(make_config("norm=batchnorm", "trainer.diagnostics.every=10", "trainer.epochs=2"), tmp_path / "relu")
-    records = diagnostics.read(tmp_path / "relu" / "diagnostics.jsonl")
+    records = read_jsonl(tmp_path / "relu" / "diagnostics.jsonl")
     assert [r["step"] for r in records] == [10, 20, 30, 40, 50]  # 27 steps per epoch
     assert [r["epoch"] for r in records] == [1, 1, 2, 2, 2]
     hidden = {"grad_norm", "weight_norm", "update_ratio", "act_mean", "act_std", "dead", "bn_running_mean", "bn_running_var"}
@@ -57,13 +57,13 @@ def test_diagnostics_jsonl_holds_every_layer_every_n_steps(tmp_path: Path):
         assert set(r["layers"]["output"]) == {"grad_norm", "weight_norm", "update_ratio"}
         assert all(0 < s["update_ratio"] < 1 and s["grad_norm"] > 0 for s in r["layers"].values())
     train.run(make_config("act=tanh", "trainer.diagnostics.every=10", "trainer.epochs=1"), tmp_path / "tanh")
-    layer = diagnostics.read(tmp_path / "tanh" / "diagnostics.jsonl")[0]["layers"]["hidden1"]
+    layer = read_jsonl(tmp_path / "tanh" / "diagnostics.jsonl")[0]["layers"]["hidden1"]
     assert "saturated" in layer and "dead" not in layer
 
 
 def test_diagnostics_off(tmp_path: Path):
     train.run(make_config("trainer.diagnostics.every=0", "trainer.epochs=1"), tmp_path)
-    assert diagnostics.read(tmp_path / "diagnostics.jsonl") == []
+    assert read_jsonl(tmp_path / "diagnostics.jsonl") == []
 
 
 def test_unit_statistics_follow_their_definitions():
@@ -208,5 +208,5 @@ def test_tensorboard_event_files_hold_the_metrics_and_histograms(tmp_path: Path)
     assert [e.step for e in logged] == [r["step"] for r in history]
     assert [e.value for e in logged] == pytest.approx([r["val/loss"] for r in history], rel=1e-6)
     steps = [e.step for e in events.Scalars("diagnostics/hidden1/grad_norm")]
-    assert steps == [r["step"] for r in diagnostics.read(tmp_path / "diagnostics.jsonl")] == [20, 40]
+    assert steps == [r["step"] for r in read_jsonl(tmp_path / "diagnostics.jsonl")] == [20, 40]
     assert all(math.isfinite(e.value) for e in events.Scalars("train/loss"))

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -109,13 +110,14 @@ def test_a_full_disk_during_a_save_fails_clearly_and_keeps_the_previous_checkpoi
     assert json.loads((run / "status.json").read_text())["status"] == "failed"
 
 
-def test_a_checkpoint_folder_that_cannot_be_created_is_reported(tmp_path: Path):
+@pytest.mark.parametrize("blocked", ["metrics.jsonl", "diagnostics.jsonl"])
+def test_any_file_that_cannot_be_written_is_reported_with_its_path(blocked, tmp_path: Path):
     run = tmp_path / "run"
-    run.mkdir()
-    (run / "checkpoints").write_text("a file where the folder should be")
+    (run / blocked).mkdir(parents=True)  # a folder where the file should go: writing it fails for real
     result = run_cli(*SETUP, f"hydra.run.dir={run}", cwd=tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
-    assert f"cannot write {run / 'checkpoints'}" in result.stderr
+    assert f"cannot write {run / blocked}" in result.stderr
+    assert json.loads((run / "status.json").read_text())["status"] == "failed"
 
 
 def test_a_corrupted_last_checkpoint_is_reported_and_never_replaced_by_a_fresh_start(tmp_path: Path):
@@ -149,6 +151,7 @@ def test_a_signal_finishes_the_step_saves_and_exits_with_its_code(fault, code, t
     _resume(tmp_path)
     assert _same_weights(run, straight)
     _metrics_intact(run, 3)
+    assert read_jsonl(run / "diagnostics.jsonl") == read_jsonl(straight / "diagnostics.jsonl")  # every step once
 
 
 def test_sigterm_between_epochs_stops_at_the_epoch_boundary(tmp_path: Path):
@@ -159,11 +162,10 @@ def test_sigterm_between_epochs_stops_at_the_epoch_boundary(tmp_path: Path):
 
 
 def test_sigterm_before_training_exits_143_at_once(tmp_path: Path):
-    process = subprocess.Popen([str(Path(sys.executable).parent / "dnnrun"), *SETUP, "trainer.epochs=1000",
-                                f"outputs={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    import time
-
+    # A long pretraining phase comes before the first training step: the signal lands in it.
+    process = subprocess.Popen([str(Path(sys.executable).parent / "dnnrun"), *SETUP, "pretrain=autoencoder",
+                                "pretrain.epochs=10000", f"outputs={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"],
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while not (tmp_path / "run" / "run.log").exists() and time.time() < deadline:  # the run has begun
         time.sleep(0.05)
@@ -171,6 +173,8 @@ def test_sigterm_before_training_exits_143_at_once(tmp_path: Path):
     _, err = process.communicate(timeout=60)
     assert process.returncode == 143, err
     assert "Traceback" not in err and "SIGTERM" in err
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()  # nothing trained, nothing saved
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "interrupted"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,6 +280,9 @@ def test_resuming_with_a_config_that_changes_the_result_lists_the_changes(tmp_pa
     assert "trainer.force_resume=true" in changed.stderr
     run = tmp_path / "run"
     train.run(make_config(*SETUP[1:], "trainer.resume=auto", "trainer.epochs=4"), run)  # more epochs: fine
+    # ... and the 1cycle schedule keeps the length it started with: annihilated at the end of epoch 3,
+    # it stays at lr0 / final_div in epoch 4 instead of jumping to the curve of a 4-epoch run
+    assert read_jsonl(run / "metrics.jsonl")[3]["lr"] == pytest.approx(0.01 / 1000)
     train.run(make_config(*SETUP[1:], "trainer.resume=auto", "trainer.epochs=5", "optimizer.lr=0.02",
                           "trainer.force_resume=true"), run)
     assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2, 3, 4, 5]

@@ -15,7 +15,7 @@ from dnnrun.schema import Choice
 
 HE = Choice("variance_scaling", {"scale": 2.0, "mode": "fan_in", "distribution": "truncated_normal"})
 GLOROT_UNIFORM = Choice("variance_scaling", {"scale": 1.0, "mode": "fan_avg", "distribution": "uniform"})
-BN = NormConfig("batchnorm", "before", {"momentum": 0.1, "eps": 1e-5})
+BN = NormConfig("batchnorm", "before", params={"momentum": 0.2, "eps": 1e-3})
 
 
 def build(hidden=(30, 20), norm=NormConfig("none"), init=HE, act=Choice("relu"), **kw):
@@ -39,11 +39,12 @@ def test_batchnorm_before_the_activation_drops_the_linear_bias():
     net = build(norm=BN)
     assert [type(m) for m in net.hidden1] == [nn.Linear, nn.BatchNorm1d, nn.ReLU]
     assert net.hidden1.linear.bias is None and net.output.bias is not None
-    assert net.hidden1.norm.momentum == 0.1
+    assert (net.hidden1.norm.momentum, net.hidden1.norm.eps) == (0.2, 1e-3)  # the YAML's, not PyTorch's defaults
+    assert "input_norm" not in net._modules
 
 
 def test_batchnorm_after_the_activation_keeps_the_bias():
-    net = build(norm=NormConfig("batchnorm", "after", {}))
+    net = build(norm=NormConfig("batchnorm", "after"))
     assert [type(m) for m in net.hidden1] == [nn.Linear, nn.ReLU, nn.BatchNorm1d]
     assert net.hidden1.linear.bias is not None
 

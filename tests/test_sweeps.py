@@ -127,17 +127,41 @@ def test_the_optuna_search_preset_gets_the_monitored_metric_back(tmp_path: Path)
     assert set(found["best_params"]) == {"optimizer.lr", "regularizer.dropout.rate", "model.width"}
 
 
-def test_torchrun_with_two_processes_matches_one_process_with_the_same_global_batch(tmp_path: Path):
+def _torchrun(tmp_path: Path, name: str, *overrides: str) -> dict:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dnnrun",
-               "data=synthetic", "trainer.epochs=2", f"hydra.run.dir={tmp_path / 'ddp'}", f"outputs={tmp_path}"]
+               "data=synthetic", *overrides, "trainer.diagnostics.plots=false", f"hydra.run.dir={tmp_path / name}",
+               f"outputs={tmp_path}"]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    return json.loads((tmp_path / name / "summary.json").read_text())
+
+
+def _close(a: Path, b: Path) -> bool:
+    wa = torch.load(a / "checkpoints" / "last.pt", weights_only=True)["model"]
+    wb = torch.load(b / "checkpoints" / "last.pt", weights_only=True)["model"]
+    return all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+# With pretraining (every rank must start from the same pretrained weights) and 833 training
+# examples (the last global batch of 1 leaves rank 1 nothing); with frozen and then unfrozen
+# transferred layers (DDP must learn that their gradients exist again).
+TORCHRUN_CASES = {
+    "plain": ["trainer.epochs=2"],
+    "pretraining and a ragged last batch": ["trainer.epochs=2", "pretrain=autoencoder", "pretrain.epochs=1",
+                                            "data.max_train=833"],
+    "frozen then unfrozen transfer": ["trainer.epochs=2", "transfer.freeze=true", "transfer.unfreeze_after=1"],
+}
+
+
+@pytest.mark.parametrize("overrides", TORCHRUN_CASES.values(), ids=TORCHRUN_CASES.keys())
+def test_torchrun_with_two_processes_matches_one_process_with_the_same_global_batch(overrides, tmp_path: Path):
+    if any(o.startswith("transfer.") for o in overrides):
+        train.run(make_config("trainer.epochs=1"), tmp_path / "source")
+        overrides = [*overrides, f"transfer.source={tmp_path / 'source' / 'checkpoints' / 'last.pt'}"]
+    summary = _torchrun(tmp_path, "ddp", *overrides)
     assert summary["processes"] == 2
-    single = train.run(make_config("trainer.epochs=2"), tmp_path / "single")
-    a = torch.load(tmp_path / "ddp" / "checkpoints" / "last.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "single" / "checkpoints" / "last.pt", weights_only=True)["model"]
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    single = train.run(make_config(*overrides), tmp_path / "single")
+    assert _close(tmp_path / "ddp", tmp_path / "single")
     assert summary["final"]["train/loss"] == pytest.approx(single["final"]["train/loss"], rel=1e-5)
     assert summary["final"]["val/acc"] == pytest.approx(single["final"]["val/acc"])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "single"]  # rank 1 wrote nothing here
+    assert not {p.name for p in tmp_path.iterdir()} - {"ddp", "single", "source"}  # rank 1 wrote nothing here

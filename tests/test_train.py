@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_config
-from dnnrun import checkpoint, diagnostics, train
+from conftest import make_config, run_cli
+from dnnrun import checkpoint, train
 from dnnrun.errors import Interrupted, UserError
 from dnnrun.metrics import read_jsonl
 
@@ -72,6 +72,15 @@ def test_early_stopping_stops_after_patience_and_restores_the_best_weights(run_d
     assert not all(torch.equal(best[k], last[k]) for k in best)
 
 
+def test_a_run_that_stopped_early_stays_stopped_when_resumed(run_dir: Path, monkeypatch):
+    accs = iter([0.5, 0.4, 0.3, 0.9, 0.9, 0.9])  # no improvement after epoch 1: stops after epoch 2
+    monkeypatch.setattr(train, "evaluate", lambda m, s, b, a: (1.0, next(accs)) if len(s) == 96 else (1.0, 0.0))
+    settings = ("trainer.epochs=6", "trainer.monitor=val/acc", "trainer.early_stopping.patience=1")
+    assert train.run(make_config(*settings), run_dir)["epochs_run"] == 2
+    resumed = train.run(make_config(*settings, "trainer.resume=auto"), run_dir)
+    assert resumed["epochs_run"] == 2 and "did not improve" in resumed["stop_reason"]
+
+
 def test_min_delta_and_accuracy_monitoring(run_dir: Path, monkeypatch):
     accs = iter([0.5, 0.505, 0.7, 0.69])
     monkeypatch.setattr(train, "evaluate", lambda m, s, b, a: (1.0, next(accs)) if len(s) == 96 else (1.0, 0.0))
@@ -111,7 +120,7 @@ def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path: Path
     assert [r["epoch"] for r in b] == [1, 2, 3, 4]  # nothing lost, nothing duplicated
     assert [r["val/loss"] for r in a] == [r["val/loss"] for r in b]
     # The per-layer statistics after the resume are those of the uninterrupted run, once each.
-    assert diagnostics.read(tmp_path / "resumed" / "diagnostics.jsonl") == diagnostics.read(
+    assert read_jsonl(tmp_path / "resumed" / "diagnostics.jsonl") == read_jsonl(
         tmp_path / "straight" / "diagnostics.jsonl")
 
 
@@ -150,12 +159,24 @@ def test_resume_from_a_missing_file_is_a_user_error(run_dir: Path):
         train.run(make_config("trainer.resume=/no/such.pt"), run_dir)
 
 
-def test_a_fresh_run_never_overwrites_an_existing_checkpoint(run_dir: Path):
+def test_a_fresh_run_never_overwrites_an_existing_run(run_dir: Path):
     train.run(make_config("trainer.epochs=1"), run_dir)
-    before = (run_dir / "checkpoints" / "last.pt").read_bytes()
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     with pytest.raises(UserError, match="already holds a checkpoint; continue it with trainer.resume=auto"):
         train.run(make_config("trainer.epochs=1"), run_dir)
-    assert (run_dir / "checkpoints" / "last.pt").read_bytes() == before
+    with pytest.raises(UserError, match="these changes alter the result"):
+        train.run(make_config("trainer.epochs=1", "trainer.resume=auto", "optimizer.lr=0.5"), run_dir)
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before  # not a byte changed
+
+
+def test_the_cli_refuses_a_directory_holding_another_run_and_changes_nothing(tmp_path: Path):
+    run = tmp_path / "run"
+    assert run_cli("data=synthetic", "trainer.epochs=1", f"hydra.run.dir={run}", cwd=tmp_path).returncode == 0
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    for extra in ([], ["mode=lr_find"], ["trainer.resume=auto", "optimizer.lr=0.5"]):
+        refused = run_cli("data=synthetic", "trainer.epochs=1", *extra, f"hydra.run.dir={run}", cwd=tmp_path)
+        assert refused.returncode == 2, refused.stderr
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # snapshot, summary, status alike
 
 
 def test_a_failure_is_recorded_in_the_summary(run_dir: Path, monkeypatch):

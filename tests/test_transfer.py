@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,7 @@ def _target_model(source: Path, *overrides: str):
     state = transfer.load_source(cfg.transfer)
     model, _ = train.build_model(cfg, data, transfer.model_config(cfg.model, cfg.transfer, state))
     layers = transfer.reused_layers(cfg.transfer, state)
-    return model, transfer.reuse(model, state, layers, data.n_features), layers
+    return model, transfer.reuse(model, state, layers, data.n_features, str(source)), layers
 
 
 def test_reused_tensors_equal_the_sources_and_the_rest_is_new(source: Path):
@@ -69,7 +70,9 @@ def test_frozen_layers_stay_bit_identical_then_train_with_a_scaled_rate_after_un
     for name, tensor in src.items():
         if name.startswith("hidden"):  # weights, biases and batch-norm statistics alike
             assert torch.equal(after_frozen["model"][name], tensor), name
-    assert not torch.equal(after_frozen["model"]["output.weight"], src["output.weight"][:4])  # the new head trained
+    torch.manual_seed(0)  # the seed the run started from: its fresh output layer before training
+    initial, _, _ = _target_model(source, *settings[1:])
+    assert not torch.equal(after_frozen["model"]["output.weight"], initial.output.weight)  # the new head trained
     groups = after_frozen["optimizer"]["param_groups"]
     assert {g["lr"] for g in groups} == {0.01}
 
@@ -79,6 +82,22 @@ def test_frozen_layers_stay_bit_identical_then_train_with_a_scaled_rate_after_un
     assert not torch.equal(unfrozen["model"]["hidden1.norm.running_mean"], src["hidden1.norm.running_mean"])
     lrs = {g["reused"]: g["lr"] for g in unfrozen["optimizer"]["param_groups"]}
     assert lrs == {False: 0.01, True: pytest.approx(0.001)}
+
+
+def test_a_transferred_run_resumes_and_evaluates_without_its_source(source: Path, tmp_path: Path):
+    from dnnrun import evaluate
+
+    copy = tmp_path / "source.pt"
+    copy.write_bytes(source.read_bytes())
+    settings = ("norm=batchnorm", f"transfer.source={copy}", "transfer.add=[12]")
+    train.run(make_config(*settings, "trainer.epochs=1"), tmp_path / "run")
+    copy.unlink()  # the source is gone; the run's own checkpoint holds everything
+    summary = train.run(make_config(*settings, "trainer.epochs=2", "trainer.resume=auto"), tmp_path / "run")
+    assert summary["epochs_run"] == 2 and summary["transfer"]["widths"] == [32, 16, 8, 12]
+    report = evaluate.run(make_config("mode=evaluate", f"evaluate.checkpoint={tmp_path / 'run' / 'checkpoints' / 'best.pt'}"),
+                          tmp_path / "eval")
+    tested = json.loads((tmp_path / "run" / "summary.json").read_text())["test"]["test/acc"]  # with best.pt's weights
+    assert report["deterministic"]["accuracy"] == pytest.approx(tested)
 
 
 def test_unfreezing_works_without_batch_norm(tmp_path: Path):
