@@ -66,7 +66,9 @@ def _task(cfg: DictConfig) -> float | None:
         console.quiet = True  # rank 0 speaks for all
     else:
         _log_to(console)
-    rejected = sweep_dir / f"{hc.job.num}_rejected" if sweeping else None
+    # Where a sweep job refused before it begins is recorded, if the sweep directory is allowed.
+    in_sweep = sweeping and not _outside_outputs(cfg.outputs, {"hydra.sweep.dir": sweep_dir})
+    rejected = sweep_dir / f"{hc.job.num}_rejected" if in_sweep else None
     if rejected is not None and rank == 0:
         shutil.rmtree(rejected, ignore_errors=True)  # an earlier attempt's refusal
 
@@ -89,9 +91,9 @@ def _task(cfg: DictConfig) -> float | None:
             _record(code, failure, run_dir, job)
         else:
             _remove_if_empty(run_dir)  # Hydra made it for this run
-            if sweeping:
+            if rejected is not None:
                 _record(code, failure, rejected, job)
-        if sweeping and (started or not _outside_outputs(cfg.outputs, {"hydra.sweep.dir": sweep_dir})):
+        if in_sweep:
             sweeps.update_table(sweep_dir)
     if code == EXIT_INTERNAL and not sweeping and not isinstance(failure, RunError):
         raise failure  # a bug: Hydra prints the traceback; exit code 1
@@ -139,7 +141,10 @@ def _run(cfg: DictConfig, run_dir: Path, hc, sweeping: bool, rank: int):
 
     def start() -> None:
         if rank == 0:
-            _save_snapshot(cfg, hc, run_dir)
+            try:
+                _save_snapshot(cfg, hc, run_dir)
+            except OSError as exc:
+                raise RunError(f"cannot write {exc.filename or run_dir}: {exc.strerror or exc}") from exc
         started.append(True)
 
     try:

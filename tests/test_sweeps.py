@@ -146,7 +146,6 @@ def _close(a: Path, b: Path) -> bool:
 # examples (the last global batch of 1 leaves rank 1 nothing); with frozen and then unfrozen
 # transferred layers (DDP must learn that their gradients exist again).
 TORCHRUN_CASES = {
-    "plain": ["trainer.epochs=2"],
     "pretraining and a ragged last batch": ["trainer.epochs=2", "pretrain=autoencoder", "pretrain.epochs=1",
                                             "data.max_train=833"],
     "frozen then unfrozen transfer": ["trainer.epochs=2", "transfer.freeze=true", "transfer.unfreeze_after=1"],
