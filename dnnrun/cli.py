@@ -7,6 +7,7 @@ import atexit
 import contextlib
 import io
 import logging
+import re
 import shutil
 import signal
 import sys
@@ -439,12 +440,16 @@ def _overrides_from_argv(argv: list[str]) -> list[str] | None:
 
 
 def _check_torch() -> None:
-    """Checkpoint loading relies on torch.load(weights_only=True) with the fixes of PyTorch 2.10."""
-    import torch
+    """Checkpoint loading relies on torch.load(weights_only=True) with the fixes of PyTorch 2.10.
 
-    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
+    Read from the package metadata: importing torch takes seconds, and a mistyped option should not wait.
+    """
+    from importlib.metadata import version
+
+    installed = version("torch")
+    major, minor = (int(re.match(r"\d+", part).group()) for part in installed.split(".")[:2])
     if (major, minor) < (2, 10):
-        _error(f"dnnrun needs PyTorch 2.10 or later (its safe checkpoint loader); this is {torch.__version__}")
+        _error(f"dnnrun needs PyTorch 2.10 or later (its safe checkpoint loader); this is {installed}")
         sys.exit(EXIT_BAD_INPUT)
 
 

@@ -110,3 +110,19 @@ def test_cuda_requested_without_cuda_exits_2(tmp_path: Path):
     result = run_cli("data=synthetic", "trainer.device=cuda", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode == 2
     assert "no CUDA device" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("installed, refused", [("2.9.1", True), ("2.10.0+cu128", False), ("2.14.1+cpu", False)])
+def test_a_torch_older_than_2_10_is_refused(installed, refused, monkeypatch, capsys):
+    import importlib.metadata
+
+    from dnnrun import cli
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: installed)
+    if refused:
+        with pytest.raises(SystemExit) as stop:
+            cli._check_torch()
+        assert stop.value.code == 2
+        assert f"needs PyTorch 2.10 or later (its safe checkpoint loader); this is {installed}" in capsys.readouterr().err
+    else:
+        cli._check_torch()

@@ -100,13 +100,17 @@ RESUMABLE = ("trainer.epochs=4", "trainer.diagnostics.every=10", "norm=batchnorm
              "model.hidden=[64,32]")
 
 
-def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path: Path, monkeypatch):
+def _straight_and_interrupted(tmp_path: Path, monkeypatch) -> None:
+    """`straight` runs all four epochs; `resumed` is interrupted after the second."""
     train.run(make_config(*RESUMABLE), tmp_path / "straight")
-
     with monkeypatch.context() as m:
         _interrupt_after_epoch(m, 2)
         with pytest.raises(Interrupted):
             train.run(make_config(*RESUMABLE), tmp_path / "resumed")
+
+
+def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path: Path, monkeypatch):
+    _straight_and_interrupted(tmp_path, monkeypatch)
     assert json.loads((tmp_path / "resumed" / "summary.json").read_text())["status"] == "interrupted"
     summary = train.run(make_config(*RESUMABLE, "trainer.resume=auto"), tmp_path / "resumed")
 
@@ -126,11 +130,7 @@ def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path: Path
 
 def test_resuming_without_the_rng_state_does_not_match(tmp_path: Path, monkeypatch):
     """The control for the test above: it can fail, because the shuffling order matters."""
-    train.run(make_config(*RESUMABLE), tmp_path / "straight")
-    with monkeypatch.context() as m:
-        _interrupt_after_epoch(m, 2)
-        with pytest.raises(Interrupted):
-            train.run(make_config(*RESUMABLE), tmp_path / "resumed")
+    _straight_and_interrupted(tmp_path, monkeypatch)
     monkeypatch.setattr(checkpoint, "restore_rng", lambda state, shuffle: None)
     train.run(make_config(*RESUMABLE, "trainer.resume=auto"), tmp_path / "resumed")
     straight = _weights(tmp_path / "straight" / "checkpoints" / "last.pt")
