@@ -4,9 +4,9 @@ diagnosis in plain sentences at the end of a run.
 A "layer" is a block of the MLP (hidden1..hiddenN, then output). Every `every` optimizer steps the
 monitor records, per layer: the L2 norm of its weight gradient, its weight norm, the size of the
 update relative to the weights, the mean and std of its activations on that training batch, the
-fraction of dead units (ReLU: zero for every example of the batch), the fraction of saturated units
-(sigmoid/tanh: within SATURATION of an asymptote for every example) and its batch norm's running
-statistics. Between those steps it costs one modulo per step.
+fraction of dead units (ReLU: zero for every example of the batch), the saturated fraction of its
+outputs (sigmoid/tanh: units x examples within SATURATION of an asymptote, where the derivative is
+near zero) and its batch norm's running statistics. Between those steps it costs one modulo per step.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from dnnrun.activations import Activation
-from dnnrun.errors import Diverged
 from dnnrun.metrics import jsonable, read_jsonl
 
 SATURATION = 0.02  # distance to an asymptote under which a sigmoid/tanh output counts as saturated
@@ -51,10 +50,8 @@ def _weight(block: nn.Module) -> torch.Tensor:
 class Monitor:
     """Per-layer statistics on every `every`-th step, appended to diagnostics.jsonl."""
 
-    def __init__(self, model: nn.Module, activation: Activation, every: int, path: Path, logger,
-                 check_gradients: bool = True):
+    def __init__(self, model: nn.Module, activation: Activation, every: int, path: Path, logger):
         self.model, self.activation, self.every, self.path, self.logger = model, activation, every, path, logger
-        self.check_gradients = check_gradients  # off under fp16 loss scaling, which skips overflowed steps
         self.layers = blocks(model)
         self._outputs: dict[str, torch.Tensor] = {}
         self._hooks: list = []
@@ -84,7 +81,8 @@ class Monitor:
         """Gradient norms now, and the weights as they are before the optimizer moves them."""
         for name, block in self.layers:
             w = _weight(block)
-            self._grad_norms[name] = w.grad.norm() if w.grad is not None else torch.zeros((), device=w.device)
+            if w.grad is not None:  # a frozen layer has none, and gets no grad_norm
+                self._grad_norms[name] = w.grad.norm()
             self._before[name] = w.detach().clone()
 
     def record(self, step: int, epoch: int) -> dict[str, Any]:
@@ -93,7 +91,8 @@ class Monitor:
         stats: dict[str, dict[str, torch.Tensor]] = {}
         for name, block in self.layers:
             w = _weight(block).detach()
-            s = {"grad_norm": self._grad_norms[name], "weight_norm": w.norm()}
+            s = {"grad_norm": self._grad_norms[name]} if name in self._grad_norms else {}
+            s["weight_norm"] = w.norm()
             s["update_ratio"] = (w - self._before[name]).norm() / s["weight_norm"].clamp_min(1e-12)
             out = outputs.get(name)
             if out is not None:
@@ -111,26 +110,23 @@ class Monitor:
             layers.setdefault(layer, {})[key] = value
         entry = {"step": step, "epoch": epoch, "layers": layers}
         self._before.clear()
+        self._grad_norms.clear()
         with open(self.path, "a") as f:
             f.write(json.dumps(jsonable(entry)) + "\n")
         self.logger.diagnostics(entry, self.model)
-        if self.check_gradients:
-            for layer, s in layers.items():
-                if not math.isfinite(s["grad_norm"]):
-                    raise Diverged(step, f"the gradient of {layer} is {s['grad_norm']}")
         return entry
 
 
 def activation_stats(out: torch.Tensor, activation: Activation) -> dict[str, torch.Tensor]:
-    """Mean, std, and (where the activation has them) dead and saturated unit fractions of a
-    (batch, units) activation tensor."""
+    """Mean, std, and (where the activation has them) the dead units' fraction and the saturated
+    outputs' fraction of a (batch, units) activation tensor."""
     s = {"act_mean": out.mean(), "act_std": out.std()}
     if activation.can_die:
         s["dead"] = (out == 0).all(dim=0).float().mean()
     if activation.asymptotes is not None:
         low, high = activation.asymptotes
         near = torch.minimum(out - low, high - out) < SATURATION
-        s["saturated"] = near.all(dim=0).float().mean()
+        s["saturated"] = near.float().mean()  # over units and examples: where no gradient gets through
     return s
 
 
@@ -175,7 +171,7 @@ def snapshot(model: nn.Module, x: torch.Tensor) -> dict[str, dict[str, list[floa
 VANISHING = 1e-3  # first hidden layer's gradient norm below this fraction of the output layer's
 EXPLODING = 1e3  # ... or above this multiple
 DEAD = 0.2  # fraction of dead units in a layer worth reporting
-SATURATED = 0.2  # fraction of saturated units in a layer worth reporting
+SATURATED = 0.2  # saturated fraction of a layer's outputs worth reporting
 OVERFIT_EPOCHS = 3  # epochs of rising validation loss (with falling training loss) worth reporting
 ACTIVATION_DRIFT = 100.0  # activation std of the last hidden layer vs the first, either way
 
@@ -196,20 +192,25 @@ def _median(values: list[float]) -> float | None:
 
 
 def _gradient_flow(records: list[dict[str, Any]]) -> list[str]:
-    ratios = []
+    """The lowest trained hidden layer's gradient norm against the output layer's (frozen layers,
+    e.g. reused ones in transfer learning, have none)."""
+    ratios, lowest = [], None
     for r in records:
         layers = r["layers"]
-        first, last = layers.get("hidden1", {}).get("grad_norm"), layers.get("output", {}).get("grad_norm")
-        if first is not None and last:
-            ratios.append(first / last)
+        trained = [name for name, s in layers.items() if name != "output" and "grad_norm" in s]
+        last = layers.get("output", {}).get("grad_norm")
+        if trained and last:
+            lowest = trained[0]
+            ratios.append(layers[lowest]["grad_norm"] / last)
     ratio = _median(ratios)
     if ratio is None:
         return []
+    which = "the first hidden layer's" if lowest == "hidden1" else f"the lowest trained layer's ({lowest})"
     if ratio < VANISHING:
-        return [f"gradients vanish: the first hidden layer's gradient norm is {ratio:.1e} of the output "
+        return [f"gradients vanish: {which} gradient norm is {ratio:.1e} of the output "
                 f"layer's (median over {len(ratios)} monitored steps)"]
     if ratio > EXPLODING:
-        return [f"gradients explode: the first hidden layer's gradient norm is {ratio:.1e} times the output "
+        return [f"gradients explode: {which} gradient norm is {ratio:.1e} times the output "
                 f"layer's (median over {len(ratios)} monitored steps)"]
     return []
 
@@ -219,11 +220,11 @@ def _unit_health(records: list[dict[str, Any]]) -> list[str]:
         return []
     last = records[-1]
     found = []
-    for key, threshold, alone, several, how in (
-        ("dead", DEAD, "{f:.0%} of units in layer {i} are dead", "dead units in {n} layers ({layers})",
+    for key, threshold, alone, several, of, how in (
+        ("dead", DEAD, "{f:.0%} of units in layer {i} are dead", "dead units in {n} layers ({layers})", "units",
          "zero for every example of the batch"),
-        ("saturated", SATURATED, "layer {i} is saturated on {f:.0%} of units", "saturated units in {n} layers ({layers})",
-         f"within {SATURATION} of an asymptote for every example of the batch"),
+        ("saturated", SATURATED, "layer {i} is saturated on {f:.0%} of its outputs",
+         "saturated outputs in {n} layers ({layers})", "outputs", f"units x examples within {SATURATION} of an asymptote"),
     ):
         hit = [(int(layer.removeprefix("hidden")), s[key]) for layer, s in last["layers"].items()
                if s.get(key) is not None and s[key] >= threshold]
@@ -233,7 +234,7 @@ def _unit_health(records: list[dict[str, Any]]) -> list[str]:
         elif hit:
             worst_i, worst_f = max(hit, key=lambda h: h[1])
             found.append(several.format(n=len(hit), layers=_ranges([i for i, _ in hit]))
-                         + f": up to {worst_f:.0%} of units, in layer {worst_i} ({how} at step {last['step']})")
+                         + f": up to {worst_f:.0%} of {of}, in layer {worst_i} ({how} at step {last['step']})")
     return found
 
 

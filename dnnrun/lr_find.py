@@ -2,7 +2,7 @@
 exponentially from very small to very large, and watch the loss fall, flatten, then explode.
 
 `dnnrun mode=lr_find` writes lr_find.json and plots/lr_find.png into its own run directory and
-prints a suggested rate: where the smoothed loss falls fastest, before its minimum. It writes no
+prints a suggested rate: a tenth of the rate where the smoothed loss is lowest. It writes no
 checkpoint, so it never touches a training run's.
 """
 
@@ -90,15 +90,15 @@ def _endless_batches(split: data_mod.Split, batch_size: int, generator: torch.Ge
 
 
 def suggest(lrs: list[float], smoothed: list[float]) -> dict[str, Any]:
-    """The rate where the smoothed loss falls fastest (against log lr), before its minimum; and the
-    rate of the minimum. Training at the minimum's rate is usually already too fast."""
+    """The rate a tenth of the one where the smoothed loss is lowest, as the classic rule has it: at
+    the minimum, training is already about to blow up, and one decade lower the loss still falls
+    fast. (The steepest point of the curve is noise-driven where the curve is flat.)"""
     if len(lrs) < 3:
         return {"suggestion": None, "min_loss_lr": lrs[-1] if lrs else None}
     low = min(range(len(smoothed)), key=smoothed.__getitem__)
-    logs = [math.log10(lr) for lr in lrs]
-    slopes = [(smoothed[i + 1] - smoothed[i - 1]) / (logs[i + 1] - logs[i - 1]) for i in range(1, max(low, 2))]
-    steepest = 1 + min(range(len(slopes)), key=slopes.__getitem__)
-    return {"suggestion": lrs[steepest], "min_loss_lr": lrs[low], "falling": [lrs[0], lrs[low]]}
+    target = lrs[low] / 10
+    at = min(range(low + 1), key=lambda i: abs(math.log(lrs[i] / target)))  # the recorded rate nearest to it
+    return {"suggestion": lrs[at], "min_loss_lr": lrs[low], "falling": [lrs[0], lrs[low]]}
 
 
 def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
@@ -127,8 +127,8 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         console.print(f"lr_find: the loss exploded after {len(result['lrs'])} steps; start lower (lr_find.start_lr)")
     else:
         console.print(
-            f"lr_find: {len(result['lrs'])} steps, stopped because {result['stopped']}; the loss falls fastest at "
-            f"lr {result['suggestion']:.2e} (minimum at {result['min_loss_lr']:.2e}).\n"
+            f"lr_find: {len(result['lrs'])} steps, stopped because {result['stopped']}; the smoothed loss is lowest "
+            f"at lr {result['min_loss_lr']:.2e}, and a tenth of that is a safe rate.\n"
             f"Suggested: optimizer={cfg.optimizer.name} optimizer.lr={result['suggestion']:.2g}   "
             f"(curve: {run_dir / 'plots' / 'lr_find.png'})"
         )

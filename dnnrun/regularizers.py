@@ -100,7 +100,7 @@ class Regularization:
         if self.max_norm is None:
             return
         for module in model.modules():
-            if isinstance(module, nn.Linear):
+            if isinstance(module, nn.Linear) and module.weight.requires_grad:  # frozen layers stay as they are
                 w = module.weight  # (out, in): row i is unit i's incoming weight vector
                 norms = w.norm(dim=1, keepdim=True)
                 w.mul_((self.max_norm / norms.clamp_min(1e-12)).clamp(max=1.0))

@@ -159,17 +159,16 @@ def mixed_precision(enabled: bool, device: torch.device):
 # One epoch, one evaluation
 
 
-def clip_gradients(params, clip_value: float | None, clip_norm: float | None) -> torch.Tensor | None:
+def clip_gradients(params, clip_value: float | None, clip_norm: float | None) -> torch.Tensor:
     """Clip by value (each element into [-v, v]), then by norm (rescale if the global L2 norm > n).
-    Returns the global norm before clipping by norm, when that is done."""
-    if clip_value is None and clip_norm is None:
-        return None
+    Returns the global L2 norm of the gradients before clipping by norm, which the loop checks for
+    NaN and Inf on every step (one fused reduction)."""
     params = [p for p in params if p.grad is not None]
     if clip_value is not None:
         nn.utils.clip_grad_value_(params, clip_value)
     if clip_norm is not None:
         return nn.utils.clip_grad_norm_(params, clip_norm)
-    return None
+    return nn.utils.get_total_norm([p.grad for p in params])
 
 
 class StopFlag:
@@ -241,7 +240,7 @@ def train_epoch(
     `step` counts the optimizer steps of the earlier epochs.
 
     Returns True when the epoch is complete, False when SIGINT/SIGTERM asked to stop (after the
-    current step). Raises Diverged at the first non-finite loss (or gradient, where it is measured).
+    current step). Raises Diverged at the first non-finite loss or gradient, before the optimizer step.
     """
     model, optimizer = p.model, p.optimizer
     model.train()
@@ -294,7 +293,7 @@ def train_epoch(
         if watch:
             p.monitor.before_update()  # the gradients as backpropagation made them, before any clipping
         total_norm = clip_gradients(model.parameters(), tc.clip_value, tc.clip_norm)
-        if total_norm is not None and p.scaler is None and not torch.isfinite(total_norm):
+        if p.scaler is None and not torch.isfinite(total_norm):  # fp16 loss scaling skips such steps itself
             raise Diverged(step, f"the gradient norm is {total_norm.item()}")
         progress.lr = optimizer.param_groups[0]["lr"]
         if p.scaler is not None:
@@ -432,8 +431,7 @@ def _train(
     autocast, scaler = mixed_precision(tc.amp, device)
     logger = loggers.build(cfg.logger, run_dir)
     diag_path = run_dir / "diagnostics.jsonl"
-    monitor = Monitor(model, ACTIVATIONS[cfg.act.name], tc.diagnostics.every, diag_path, logger,
-                      check_gradients=scaler is None)
+    monitor = Monitor(model, ACTIVATIONS[cfg.act.name], tc.diagnostics.every, diag_path, logger)
     p = Parts(model, optimizer, Schedule(cfg.schedule, optimizer, steps_per_epoch, tc.epochs), reg,
               autocast, scaler, monitor, injected, stop, rank=rank, world=world)
     shuffle = torch.Generator().manual_seed(tc.seed)

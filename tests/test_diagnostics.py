@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import struct
@@ -72,9 +73,11 @@ def test_unit_statistics_follow_their_definitions():
     out = torch.tensor([[0.0, 1.0, 0.0], [0.0, 2.0, 3.0]])  # unit 0 is zero for every example
     stats = diagnostics.activation_stats(out, ACTIVATIONS["relu"])
     assert stats["dead"].item() == pytest.approx(1 / 3)
-    sig = torch.tensor([[0.001, 0.5, 0.999], [0.005, 0.999, 0.3]])  # unit 0 near 0, unit 1 only once
+    sig = torch.tensor([[0.001, 0.5, 0.999], [0.005, 0.999, 0.3]])  # 4 of the 6 outputs within 0.02 of 0 or 1
     stats = diagnostics.activation_stats(sig, ACTIVATIONS["sigmoid"])
-    assert stats["saturated"].item() == pytest.approx(1 / 3)
+    assert stats["saturated"].item() == pytest.approx(4 / 6)
+    tanh = torch.tensor([[-0.99, 0.0], [0.97, 0.5]])  # only the first is within 0.02 of -1 or 1
+    assert diagnostics.activation_stats(tanh, ACTIVATIONS["tanh"])["saturated"].item() == pytest.approx(1 / 4)
 
 
 def _history(val: list[float], train_loss: list[float], acc: float = 0.9) -> list[dict]:
@@ -122,6 +125,22 @@ def test_a_nan_loss_stops_the_run_with_exit_3_and_keeps_the_last_good_checkpoint
     reference = torch.load(clean / "checkpoints" / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(kept["model"][k], reference[k]) for k in reference)
     assert all(torch.isfinite(t).all() for t in kept["model"].values())
+
+
+def test_a_nan_gradient_under_a_finite_loss_stops_the_run_before_that_step(tmp_path: Path, monkeypatch):
+    build = train.build_model
+
+    def poisoned(*args, **kwargs):  # the model, with a NaN in its first layer's 5th gradient
+        model, reg = build(*args, **kwargs)
+        calls = itertools.count(1)
+        model.hidden1.linear.weight.register_hook(lambda g: g * float("nan") if next(calls) == 5 else g)
+        return model, reg
+
+    monkeypatch.setattr(train, "build_model", poisoned)
+    with pytest.raises(Diverged, match="at step 5: the gradient norm is nan"):
+        train.run(make_config("trainer.diagnostics.every=0"), tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["diverged_at_step"] == 5
 
 
 def test_a_nan_before_the_first_epoch_ends_leaves_no_checkpoint(tmp_path: Path, monkeypatch):

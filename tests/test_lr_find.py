@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import make_config, run_cli
@@ -13,7 +14,7 @@ from dnnrun.data import load
 
 
 def test_the_curve_falls_then_explodes_and_the_suggestion_lies_where_it_falls():
-    cfg = make_config("lr_find.start_lr=1e-5", "lr_find.end_lr=100", "lr_find.steps=200")
+    cfg = make_config()  # the default range and steps, as `dnnrun mode=lr_find` runs them
     data = load(cfg.data, torch.device("cpu"))
     torch.manual_seed(0)
     model, _ = train.build_model(cfg, data)
@@ -23,12 +24,21 @@ def test_the_curve_falls_then_explodes_and_the_suggestion_lies_where_it_falls():
     low = smoothed.index(min(smoothed))
     assert 10 < low < len(lrs) - 1
     assert smoothed[low] < 0.5 * smoothed[0]  # it falls ...
-    assert result["stopped"] != "reached end_lr" and len(lrs) < 200  # ... then explodes, which stops the test
+    assert result["stopped"] != "reached end_lr" and len(lrs) < cfg.lr_find.steps  # ... then explodes, which stops it
     assert smoothed[-1] > 4 * smoothed[low] or "non-finite" in result["stopped"]
     suggestion = result["suggestion"]
-    assert lrs[0] < suggestion < result["min_loss_lr"] == lrs[low]  # inside the falling region
+    assert lrs[0] < suggestion < result["min_loss_lr"] == lrs[low]
+    assert suggestion == pytest.approx(lrs[low] / 10, rel=0.1)  # a decade below the minimum
     i = lrs.index(suggestion)
-    assert smoothed[i + 1] < smoothed[i - 1]  # and the loss is falling there
+    # inside the falling region: well below where it started, and still falling a decade later
+    assert smoothed[i] < smoothed[0] - 0.2 * (smoothed[0] - smoothed[low])
+    assert smoothed[low] < smoothed[i]
+
+
+def test_the_suggestion_never_lies_below_the_range():
+    lrs = [1e-3 * 2**t for t in range(10)]
+    smoothed = [2.0, 1.5, 1.2, 1.0, 3.0, 5.0, 8.0, 9.0, 9.5, 9.9]  # lowest at the 4th step, 8x the first rate
+    assert lr_find.suggest(lrs, smoothed)["suggestion"] == lrs[0]
 
 
 def test_dnnrun_mode_lr_find_writes_its_results_and_no_checkpoint(tmp_path: Path):

@@ -12,6 +12,7 @@ from conftest import make_config
 from dnnrun import train, transfer
 from dnnrun.data import load
 from dnnrun.errors import UserError
+from dnnrun.metrics import read_jsonl
 
 SOURCE = ("model.hidden=[32,16,8]", "norm=batchnorm", "trainer.epochs=2")
 
@@ -61,11 +62,17 @@ def test_replace_gives_one_reused_layer_fresh_weights(source: Path):
 
 def test_frozen_layers_stay_bit_identical_then_train_with_a_scaled_rate_after_unfreezing(source: Path, tmp_path: Path):
     src = _model(source)
+    # Max-norm too: the source's rows are longer than 1, and frozen rows must not be rescaled either.
     settings = ("norm=batchnorm", f"transfer.source={source}", "transfer.freeze=true", "transfer.unfreeze_after=2",
-                "transfer.unfreeze_lr_factor=0.1")
+                "transfer.unfreeze_lr_factor=0.1", "regularizer=[max_norm]")
     run = tmp_path / "target"
-    summary = train.run(make_config(*settings, "trainer.epochs=2", "trainer.restore_best=false"), run)
+    summary = train.run(make_config(*settings, "trainer.epochs=2", "trainer.restore_best=false",
+                                    "trainer.diagnostics.every=10"), run)
     assert summary["transfer"]["reused_layers"] == [1, 2, 3]
+    # Frozen layers have no gradient: none is recorded, and none is taken for a vanishing one.
+    assert all(set(r["layers"]) == {"hidden1", "hidden2", "hidden3", "output"} and "grad_norm" not in r["layers"]["hidden1"]
+               and r["layers"]["output"]["grad_norm"] > 0 for r in read_jsonl(run / "diagnostics.jsonl"))
+    assert not any("gradients vanish" in sentence for sentence in summary["diagnosis"])
     after_frozen = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     for name, tensor in src.items():
         if name.startswith("hidden"):  # weights, biases and batch-norm statistics alike
