@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from collections.abc import Callable
+from typing import Literal
 
 from torch import nn
 
@@ -32,6 +33,11 @@ def prelu(num_features: int, per_unit: bool = False, init: float = 0.25) -> nn.M
     return nn.PReLU(num_features if per_unit else 1, init)
 
 
+def gelu(approximate: Literal["none", "tanh"] = "none") -> nn.Module:
+    """z * Phi(z), Phi the standard normal CDF; `tanh` uses the faster tanh approximation of Phi."""
+    return nn.GELU(approximate)
+
+
 @dataclasses.dataclass(frozen=True)
 class Activation:
     build: Callable[..., nn.Module]
@@ -51,7 +57,7 @@ ACTIVATIONS = {
     "elu": Activation(elu),
     # fixed lambda and alpha: self-normalizing with LeCun init and standardized inputs
     "selu": Activation(nn.SELU),
-    "gelu": Activation(nn.GELU),
+    "gelu": Activation(gelu),
     "silu": Activation(nn.SiLU),  # also called swish: z * sigmoid(z)
 }
 

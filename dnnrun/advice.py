@@ -18,6 +18,9 @@ def warnings(cfg: RunConfig) -> list[str]:
     t = cfg.transfer
     if t.source is None and (t.freeze or t.unfreeze_after is not None or t.layers is not None or t.replace is not None or t.add):
         found.append("transfer settings without transfer.source have no effect: this run trains from scratch")
+    if cfg.norm.on_inputs and cfg.data.scaling == "standardize":
+        found.append("norm.on_inputs=true with data.scaling=standardize: the input BN layer is meant to replace "
+                     "standardizing (use data.scaling=none, or unit for images)")
     if cfg.act.name == "selu":
         # SELU keeps activations at mean 0 / variance 1 layer after layer (Klambauer et al. 2017) only
         # under LeCun initialization, standardized inputs and a plain stack of dense layers.

@@ -76,12 +76,23 @@ def save(path: Path, state: dict[str, Any], before_rename=None) -> None:
     atomic_write(path, lambda f: f.write(blob), before_rename)
 
 
-def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load(path: Path, map_location: str | torch.device = "cpu", training: bool = False) -> dict[str, Any]:
     """A dnnrun checkpoint (.pt, read with weights_only=True, never without) or exported weights
-    (.safetensors, which hold tensors and strings only)."""
+    (.safetensors, which hold tensors and strings only), checked to hold what its reader uses: the
+    model's tensors and the config, and with training=True (resuming) also the optimizer, schedule,
+    counters and RNG states."""
     path = Path(path)
-    if path.suffix == ".safetensors":
-        return _load_safetensors(path, map_location)
+    state = _load_safetensors(path, map_location) if path.suffix == ".safetensors" else _load_pt(path, map_location)
+    if training and not any(key in state for key in TRAINING):
+        raise UserError(f"{path} holds weights only (a model and its config); resuming needs a training "
+                        f"checkpoint such as a run's checkpoints/last.pt")
+    problem = _problem(state, {**WEIGHTS, **(TRAINING if training else {})}, "")
+    if problem:
+        raise UserError(f"{path} is not a usable dnnrun checkpoint: {problem}")
+    return state
+
+
+def _load_pt(path: Path, map_location) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
@@ -99,6 +110,90 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{path} is not a dnnrun checkpoint")
     return state
+
+
+# What readers take from a checkpoint: a key's type, or a dict of the keys it must hold in turn.
+# train._save_checkpoints writes them; train._resume and _train read them ("scaler" and
+# trainer["progress"] are optional and read with .get). A tuple lists the types allowed.
+WEIGHTS: dict[str, Any] = {"model": dict, "config": dict}  # model: parameter name -> tensor, checked apart
+TRAINING: dict[str, Any] = {
+    "optimizer": {"state": dict, "param_groups": list},  # torch.optim.Optimizer.state_dict()
+    "schedule": {"t": int, "base_lrs": list, "total": int},  # schedules.Schedule.state_dict()
+    "trainer": {"epoch": int, "step": int, "best": (int, float, type(None)), "best_epoch": (int, type(None)),
+                "bad_epochs": int, "history": list, "reused_layers": list, "reused": list, "unfrozen": bool},
+    "rng": {"torch": torch.Tensor, "cuda": list, "shuffle": torch.Tensor, "python": tuple,  # rng_state()
+            "numpy": {"keys": torch.Tensor, "pos": int, "has_gauss": int, "gauss": float}},
+}
+
+
+def _problem(value: Any, spec: dict[str, Any], where: str) -> str | None:
+    """What is missing or of the wrong type in `value` against `spec` (the first problem), or None."""
+    for key, want in spec.items():
+        name = f"{where}.{key}" if where else key
+        if key not in value:
+            return f"it has no '{name}' entry"
+        types = dict if isinstance(want, dict) else want
+        if not isinstance(value[key], types):
+            expected = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+            return f"'{name}' is {_describe(value[key])}, expected {expected}"
+        if isinstance(want, dict) and (problem := _problem(value[key], want, name)):
+            return problem
+    if not where and "model" in spec:
+        if not value["model"]:
+            return "'model' holds no tensors"
+        bad = next((k for k, t in value["model"].items() if not isinstance(k, str) or not isinstance(t, torch.Tensor)),
+                   None)
+        if bad is not None:
+            return f"'model' must map parameter names to tensors, but '{bad}' maps to {_describe(value['model'][bad])}"
+    if "rng" in spec:  # CPU generator states: bytes, as many as torch.get_rng_state() has
+        size = torch.get_rng_state().numel()
+        for key in ("torch", "shuffle"):
+            t = value["rng"][key]
+            if t.dtype != torch.uint8 or t.numel() != size:
+                return f"'rng.{key}' is a {t.dtype} tensor of {t.numel()} elements, expected a CPU generator state " \
+                       f"({size} torch.uint8)"
+    return None
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"a {type(value).__name__} ({text if len(text) <= 40 else text[:37] + '...'})"
+
+
+def load_into(target: Any, state: dict[str, Any], path: Path, what: str = "model") -> None:
+    """`target.load_state_dict(state)` for a module, optimizer or schedule, with `state` from the
+    checkpoint at `path`; one that does not fit raises UserError naming the first mismatch."""
+    if isinstance(target, torch.nn.Module):
+        check_fits(target, state, path)
+    try:
+        target.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+        _refuse(path, what, [_first_line(exc)])
+
+
+def check_fits(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse (UserError, the first mismatch named) weights whose keys or shapes differ from the
+    module's; the module may live on the meta device, holding shapes only."""
+    problems = _mismatches(module, state)
+    if problems:
+        _refuse(path, "model", problems)
+
+
+def _refuse(path: Path, what: str, problems: list[str]) -> None:
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    raise UserError(f"{path} does not fit this {what}: {problems[0]}{more}")
+
+
+def _mismatches(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Keys and shapes that differ between the module's state dict and `state`, in the module's order."""
+    own = module.state_dict()
+    found = []
+    for name, tensor in own.items():
+        if name not in state:
+            found.append(f"{name} is missing from the checkpoint")
+        elif state[name].shape != tensor.shape:
+            found.append(f"size mismatch for {name}: checkpoint {list(state[name].shape)}, model {list(tensor.shape)}")
+    return found + [f"{name} is in the checkpoint but not in the model" for name in state if name not in own]
 
 
 def _first_line(exc: BaseException) -> str:
@@ -134,7 +229,14 @@ def _load_safetensors(path: Path, map_location) -> dict[str, Any]:
         raise UserError(f"cannot read {path}: the file is damaged ({_first_line(exc)})") from None
     if metadata.get("format") != WEIGHTS_FORMAT:
         raise UserError(f"{path} holds no dnnrun weights (exported with dnnrun-export)")
-    return {"format": FORMAT, "model": tensors, "config": json.loads(metadata["config"])}
+    if "config" not in metadata:
+        raise UserError(f"{path} is not a usable dnnrun checkpoint: its metadata has no 'config' entry")
+    try:
+        config = json.loads(metadata["config"])
+    except ValueError as exc:
+        raise UserError(f"{path} is not a usable dnnrun checkpoint: its metadata 'config' is not valid JSON "
+                        f"({_first_line(exc)})") from None
+    return {"format": FORMAT, "model": tensors, "config": config}
 
 
 def rng_state(shuffle: torch.Generator) -> dict[str, Any]:
@@ -151,11 +253,16 @@ def rng_state(shuffle: torch.Generator) -> dict[str, Any]:
 
 
 def restore_rng(state: dict[str, Any], shuffle: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    shuffle.set_state(state["shuffle"])
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    """Every stream rng_state() saved; `state` has the keys load(training=True) checks, but their
+    contents can still be wrong (a generator state of another length, a short Mersenne Twister key)."""
+    try:  # .cpu(): generator states are CPU tensors, but load(map_location="cuda") moves every tensor
+        torch.set_rng_state(state["torch"].cpu())
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+        shuffle.set_state(state["shuffle"].cpu())
+        random.setstate(state["python"])
+        n = state["numpy"]
+        np.random.set_state(("MT19937", n["keys"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        raise UserError(f"the checkpoint's random number generator states cannot be restored: {_first_line(exc)}") from None
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import copy
+import functools
 import io
 import logging
+import os
 import re
 import shutil
 import signal
@@ -24,7 +27,7 @@ from rich.logging import RichHandler
 from rich.text import Text
 
 from dnnrun.errors import (EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED,
-                           Diverged, Interrupted, RunError, UserError)
+                           ConfigError, Diverged, Interrupted, RunError, UserError)
 from dnnrun.schema import did_you_mean, unknown
 
 
@@ -38,8 +41,11 @@ def _config_dir() -> Path:
 
 
 CONFIG_DIR = _config_dir()
-_launched = False  # set once Hydra has composed the config: tells its composition errors (bad input) from the rest
+_launched = False  # set once a run or a job of a sweep begins: tells Hydra's composition errors (bad input) from the rest
 _sweep_failed = False  # set by SweepReport: some job of the sweep did not complete
+_sweep: DictConfig | None = None  # the hydra node of the sweep under way, set by SweepReport when it starts
+_sweep_ended = False  # set by SweepReport: Hydra reached the sweep's end (a launcher that dies does not)
+DIED = "its process died before it finished (killed?)"
 
 
 def _error(message: str) -> None:
@@ -91,7 +97,7 @@ def _task(cfg: DictConfig) -> float | None:
         if started:
             _record(code, failure, run_dir, job)
         else:
-            _remove_if_empty(run_dir)  # Hydra made it for this run
+            _remove_if_empty(run_dir, sweep_dir if in_sweep else Path(cfg.outputs))  # Hydra made it for this run
             if rejected is not None:
                 _record(code, failure, rejected, job)
         if in_sweep:
@@ -188,14 +194,14 @@ def _for_this_process(run_cfg, hc, run_dir: Path, sweeping: bool, rank: int):
     """What only the launcher knows: threads and GPU of a parallel job, resuming a requeued job,
     and, under torchrun, where rank 0 keeps the checkpoints."""
     import dataclasses
-    import os
 
     import torch
 
     trainer = run_cfg.trainer
     launcher = OmegaConf.select(hc, "launcher._target_", default="") or ""
     if "joblib" in launcher:  # several jobs share this machine's cores and GPUs
-        cores = os.cpu_count() or 1
+        # the CPUs this process may run on (taskset, cgroups, a Slurm allocation), not the machine's
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         n_jobs = OmegaConf.select(hc, "launcher.n_jobs", default=-1)
         jobs = n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)
         if trainer.threads is None:
@@ -241,39 +247,84 @@ def _log_to(console) -> None:
         logger.propagate = False
 
 
-def _remove_if_empty(run_dir: Path) -> None:
-    """A run refused before it began leaves no empty directory behind (Hydra makes it first)."""
-    if run_dir.is_dir() and not any(run_dir.iterdir()):
-        run_dir.rmdir()
+def _remove_if_empty(run_dir: Path, up_to: Path) -> None:
+    """A run refused before it began leaves no empty directory behind: Hydra makes it first, and
+    the folders above it (outputs/<date>/), which go too while empty, up to but not including
+    `up_to` (the outputs root; a sweep's directory for its jobs)."""
+    if not run_dir.is_dir() or any(run_dir.iterdir()):
+        return
+    run_dir.rmdir()
+    top, path = up_to.expanduser().resolve(), run_dir.resolve().parent
+    while path != top and path.is_relative_to(top):
+        try:
+            path.rmdir()  # only while empty: another run may have begun in it meanwhile
+        except OSError:
+            return
+        path = path.parent
 
 
 class SweepReport(Callback):
     """At the end of a sweep: rewrite sweep.csv, list every job that did not complete, and make
     the sweep exit non-zero if there was one (configured in conf/config.yaml: hydra.callbacks).
-    It also notes when Hydra has composed the config and launches: a failure after that is not a
-    config error."""
+    It also notes when a run or a job begins (a failure after that is not a config error) and
+    which sweep is under way (for main, should its launcher die before the end)."""
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         global _launched
         _launched = True
 
-    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
         global _launched
         _launched = True
 
-    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        global _sweep_failed
-        from dnnrun import sweeps
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        global _sweep
+        _sweep = config.hydra
 
-        rows = sweeps.update_table(Path(config.hydra.sweep.dir))
-        failed = [r for r in rows if r["status"] != "completed"]
-        print(f"sweep: {len(rows) - len(failed)} of {len(rows)} jobs completed; table: {config.hydra.sweep.dir}/sweep.csv")
-        for row in failed:
-            _error(f"job {row['job']} ({row['overrides'] or 'no overrides'}): {row['status']}"
-                   + (f": {row['error']}" if row.get("error") else ""))
-        if failed:
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        global _sweep_failed, _sweep_ended
+        _sweep_ended = True
+        if report_sweep(Path(config.hydra.sweep.dir)):
             _sweep_failed = True
             raise SystemExit(EXIT_INTERNAL)
+
+
+def report_sweep(sweep_dir: Path) -> bool:
+    """Rewrite sweep.csv and print how many jobs completed and every one that did not; whether one did not."""
+    from dnnrun import sweeps
+
+    rows = sweeps.update_table(sweep_dir)
+    failed = [r for r in rows if r["status"] != "completed"]
+    print(f"sweep: {len(rows) - len(failed)} of {len(rows)} jobs completed; table: {sweep_dir}/sweep.csv")
+    for row in failed:
+        _error(f"job {row['job']} ({row['overrides'] or 'no overrides'}): {row['status']}"
+               + (f": {row['error']}" if row.get("error") else ""))
+    return bool(failed)
+
+
+def _sweep_broke() -> bool:
+    """After the launcher of a sweep raised (e.g. joblib when a worker process is killed), before the
+    sweep's end: Hydra calls no on_multirun_end then. The jobs whose process died left no status.json:
+    they are recorded as failed, and the sweep is reported as SweepReport would. False when no job
+    had begun: Hydra could not compose a job's config (bad input; it has printed why)."""
+    from dnnrun import sweeps
+
+    sweep_dir = Path(_sweep.sweep.dir)
+    jobs = sweeps.job_dirs(sweep_dir)
+    if not jobs and not _launched:
+        return False
+    # A Slurm job (submitit) outlives a failure of the launcher that waits for it: it records its own end.
+    remote = "submitit" in str(OmegaConf.select(_sweep, "launcher._target_", default=""))
+    for job in jobs if not remote else []:
+        if sweeps.status(job) is None:
+            snapshot = job / ".hydra" / "overrides.yaml"
+            overrides = OmegaConf.to_container(OmegaConf.load(snapshot)) if snapshot.is_file() else []
+            number = job.name.split("_", 1)[0]
+            _record(EXIT_INTERNAL, RunError(DIED), job,
+                    {"num": int(number) if number.isdigit() else None, "overrides": overrides})
+    report_sweep(sweep_dir)
+    _error(f"the sweep stopped before its end (the error above); jobs that had not begun have no directory in {sweep_dir}")
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,13 +392,46 @@ def help_text() -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Command-line overrides are checked before Hydra runs, so that a typo in an option or a key gets
-# the list of valid names, a suggestion and exit code 2.
+# The command line is checked before Hydra runs, all of it at once and before anything is trained
+# or created: option names, keys and values (every value of a sweep), where the run or sweep
+# directory lies, and that no config (the command line, a hydra.searchpath directory, -cd/-cp/-cn)
+# makes Hydra import and call code. Each problem names its key and what is valid; exit code 2.
+
+ALLOWED_TARGETS = ("dnnrun.cli.SweepReport",)  # besides Hydra's own launchers and sweepers
+PLUGIN_PREFIXES = ("hydra_plugins.", "hydra._internal.core_plugins.")
+SAMPLER = re.compile(r"optuna\.samplers\.[A-Z]\w*")  # Optuna's sampler classes, under hydra.sweeper
+LOG_STREAMS = ("ext://sys.stdout", "ext://sys.stderr")  # the only `ext://` names a logging config may use
+LOGGING = ("hydra.job_logging", "hydra.hydra_logging")  # handed to logging.config.dictConfig
+RERUN_REFUSED = ("--experimental-rerun is not supported: it unpickles a file (which can run code) and skips "
+                 "dnnrun's checks; run again with the overrides in RUN_DIR/.hydra/overrides.yaml")
 
 
-def check_overrides(overrides: list[str]) -> list[str]:
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+def check_command_line(argv: list[str]) -> list[str]:
+    """Every problem of a command line, [] if none (or if Hydra will refuse it itself: usage errors)."""
+    from hydra._internal.utils import get_args_parser
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            args, unparsed = get_args_parser().parse_known_args(argv)
+    except SystemExit:
+        return []  # a usage error, or --version: Hydra parses argv again and answers
+    if unparsed or args.shell_completion:
+        return []
+    if args.experimental_rerun is not None:
+        return [RERUN_REFUSED]
+    if not args.overrides and not (args.config_path or args.config_name or args.config_dir):
+        return []  # dnnrun's own config as shipped
+    return check_overrides(list(args.overrides), multirun=args.multirun,
+                           launching=not (args.cfg or args.info or args.hydra_help),
+                           config_path=args.config_path, config_name=args.config_name, config_dir=args.config_dir)
+
+
+def check_overrides(overrides: list[str], multirun: bool = False, launching: bool = True,
+                    config_path: str | None = None, config_name: str | None = None,
+                    config_dir: str | None = None) -> list[str]:
+    """The problems of these overrides. The config is composed as Hydra composes it, hydra node
+    and hydra.searchpath included; `launching`: also the run or sweep directory and the values, for
+    the first value of every sweep and for each other value of each swept key or group in turn."""
     from hydra.core.object_type import ObjectType
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import ValueType
@@ -362,51 +446,273 @@ def check_overrides(overrides: list[str]) -> list[str]:
             problems.append(f"{text}: {_message(exc)}")
     if problems:
         return problems
-    first_choices: list[str] = []  # the group selections, first value of each sweep, to compose with
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3", job_name="dnnrun"):
-        loader = GlobalHydra.instance().config_loader()
-
-        def is_group(key: str) -> bool:
-            parent, _, name = key.rpartition("/")
-            return name in loader.list_groups(parent)
-
-        for o in parsed:
-            key = o.key_or_group
-            if o.is_delete() or key.startswith("hydra") or not is_group(key):
-                continue
-            if o.value_type not in (ValueType.ELEMENT, ValueType.SIMPLE_CHOICE_SWEEP, ValueType.CHOICE_SWEEP):
-                continue  # glob and range sweeps: Hydra expands and checks them
-            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
-            options = loader.get_group_options(key, results_filter=ObjectType.CONFIG)
-            for value in values:
-                for name in value if isinstance(value, list) else [value]:
-                    if name is not None and str(name) not in options:
-                        problems.append(f"{key}={name}: " + unknown(f"{key} option", name, options))
-            first = values[0]
-            first_choices.append(
-                f"{o.get_key_element()}=" + (f"[{','.join(map(str, first))}]" if isinstance(first, list) else str(first))
-            )
-        if problems:
+    choices = (ValueType.ELEMENT, ValueType.SIMPLE_CHOICE_SWEEP, ValueType.CHOICE_SWEEP)
+    config_name = config_name or "config"
+    with _config_loader(config_path, config_dir, problems) as loader:
+        if loader is None:
             return problems
-        try:
-            cfg = compose("config", overrides=first_choices)
+        try:  # the repository that composition uses: hydra.searchpath=[...] adds to it
+            searchpath = [o.input_line for o in parsed if o.key_or_group == "hydra.searchpath"]
+            repo = loader._parse_overrides_and_create_caching_repo(config_name, searchpath)[1]
         except HydraException as exc:
             return [_message(exc)]
+
+        selections: list[str] = [*searchpath]  # group options (the first of a sweep) to compose with
+        group_sweeps: list[tuple[int, list[str]]] = []  # (index in selections, the sweep's other options)
+        values = []  # the other overrides: applied to the composed config one by one, as Hydra does
         for o in parsed:
             key = o.key_or_group
-            if o.is_add() or o.is_force_add() or o.is_delete() or key.startswith("hydra") or is_group(key):
+            if key == "hydra.searchpath":
                 continue
-            problem = _missing_key(cfg, key)
+            if not repo.group_exists(key):
+                values.append(o)
+                continue
+            if o.is_delete():
+                selections.append(o.input_line)
+            if o.is_delete() or o.value_type not in choices:
+                continue  # glob and range sweeps: Hydra expands and checks them
+            options = repo.get_group_options(key, results_filter=ObjectType.CONFIG)
+            pairs = zip(o.sweep_iterator(), o.sweep_string_iterator()) if o.is_sweep_override() \
+                else [(o.value(), None)]
+            valid = []
+            for value, text in pairs:
+                bad = [n for n in (value if isinstance(value, list) else [value]) if n is not None and str(n) not in options]
+                problems += [f"{key}={n}: " + unknown(f"{key} option", n, options) for n in bad]
+                if not bad:
+                    valid.append(o.input_line if text is None else f"{o.get_key_element()}={text}")
+            if valid:
+                selections.append(valid[0])
+                if valid[1:]:
+                    group_sweeps.append((len(selections) - 1, valid[1:]))
+
+        def compose(chosen: list[str]) -> DictConfig:
+            return loader.load_configuration(config_name, chosen, RunMode.MULTIRUN if multirun else RunMode.RUN,
+                                             validate_sweep_overrides=False)
+
+        try:
+            cfg = compose(selections)
+        except (HydraException, OmegaConfBaseException) as exc:
+            return problems + [_message(exc)]
+        multirun = multirun or cfg.hydra.mode == RunMode.MULTIRUN
+        if not multirun:
+            try:
+                loader.validate_sweep_overrides_legal(parsed, run_mode=RunMode.RUN, from_shell=True)
+            except HydraException as exc:
+                problems.append(_message(exc))
+        applied, value_sweeps = [], []  # what every job gets; each other value of each swept key
+        for o in values:
+            if o.value_type not in choices:  # range, interval and glob sweeps: left to Hydra and its sweepers
+                if _plain(o) and (missing := _missing_key(cfg, o.key_or_group)):
+                    problems.append(missing)
+                continue
+            each = [parser.parse_override(f"{o.get_key_element()}={s}") for s in o.sweep_string_iterator()] \
+                if o.is_sweep_override() else [o]
+            problem = _apply(each[0], cfg)
             if problem:
                 problems.append(problem)
+                continue
+            applied.append(each[0])
+            value_sweeps += each[1:] if multirun else []
+
+        # Each job configuration to check: the first, and one per other value of each sweep.
+        jobs: list[tuple[str, DictConfig]] = [("", cfg)]
+        for o in value_sweeps:
+            job = copy.deepcopy(cfg)
+            problem = _apply(o, job)
+            if problem:
+                problems.append(f"with {o.input_line}: {problem}")
+            else:
+                jobs.append((o.input_line, job))
+        for index, others in group_sweeps if multirun else []:
+            for selection in others:
+                try:
+                    job = compose([*selections[:index], selection, *selections[index + 1:]])
+                except (HydraException, OmegaConfBaseException) as exc:
+                    problems.append(f"with {selection}: {_message(exc)}")
+                    continue
+                failed = [p for p in map(lambda a: _apply(a, job), applied) if p]
+                problems += [f"with {selection}: {p}" for p in failed]
+                if not failed:
+                    jobs.append((selection, job))
+        if launching:
+            problems += _directory_problems(cfg, multirun)
+        for label, job in jobs:
+            found = _code_problems(job) + (_value_problems(job) if launching else [])
+            problems += [f"with {label}: {p}" if label else p for p in found if p not in problems]
+    return list(dict.fromkeys(problems))
+
+
+@contextlib.contextmanager
+def _config_loader(config_path: str | None, config_dir: str | None, problems: list[str]):
+    """Hydra's config loader with the search path that @hydra.main builds for these flags (the
+    same calls as hydra._internal.utils._run_hydra); None after adding to `problems`."""
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import (create_automatic_config_search_path,
+                                       detect_calling_file_or_module_from_task_function)
+    from hydra.core.config_search_path import SearchPathQuery
+    from hydra.core.global_hydra import GlobalHydra
+
+    calling_file, calling_module = detect_calling_file_or_module_from_task_function(_task)
+    search_path = create_automatic_config_search_path(calling_file, calling_module, config_path or str(CONFIG_DIR))
+    if config_dir is not None:
+        where = os.path.abspath(config_dir)
+        if not os.path.isdir(where):
+            problems.append(f"--config-dir: no directory {where}")
+            yield None
+            return
+        search_path.prepend(provider="command-line", path=f"file://{where}", anchor=SearchPathQuery(provider="schema"))
+    try:
+        yield Hydra.create_main_hydra2(task_name="dnnrun", config_search_path=search_path).config_loader
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _plain(override) -> bool:
+    """An override that changes a value of dnnrun's config (key=value, no +, ++ or ~)."""
+    return not (override.is_add() or override.is_force_add() or override.is_delete() or override.is_hydra_override())
+
+
+def _apply(override, cfg: DictConfig) -> str | None:
+    """Apply one override as Hydra does (its own code, for the same errors); the problem, if any."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra.errors import HydraException
+
+    missing = _missing_key(cfg, override.key_or_group) if _plain(override) else None
+    if missing:
+        return missing  # names the valid keys, unlike Hydra's message
+    try:
+        ConfigLoaderImpl._apply_overrides_to_config([override], cfg)
+    except HydraException as exc:
+        return _message(exc)
+    return None
+
+
+def _directory_problems(cfg: DictConfig, multirun: bool) -> list[str]:
+    """The run directory (a sweep's directory) must lie under the outputs root: checked as _task
+    checks it, before Hydra creates it."""
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    try:
+        where, root = OmegaConf.select(cfg, key, throw_on_missing=True), cfg.outputs
+    except OmegaConfBaseException:
+        return []  # known only once Hydra launches: _task checks it then
+    if not isinstance(root, str) or where is None:
+        return []  # the value check reports a bad root
+    outside = _outside_outputs(root, {key: Path(str(where))})
+    return [outside] if outside else []
+
+
+def _code_problems(cfg: DictConfig) -> list[str]:
+    """Hydra instantiates hydra.callbacks, .launcher and .sweeper, any `_target_` nested in them
+    too, and hands hydra.job_logging and hydra.hydra_logging to logging.config.dictConfig, which
+    calls `()` factories and imports the names in `class` and `ext://` values. None of these may
+    name code other than dnnrun's sweep report, Hydra's launchers and sweepers, Optuna's samplers
+    and the classes of Python's logging."""
+    from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
+
+    problems = []
+    for path, value in _nodes(cfg.hydra, "hydra"):
+        name = path.rpartition(".")[2]
+        in_logging = path.startswith(tuple(f"{p}." for p in LOGGING))
+        if isinstance(value, Exception):
+            if name in ("_target_", "class", "()") or path == "hydra.sweeper.custom_search_space" or (
+                    in_logging and not isinstance(value, (MissingMandatoryValue, InterpolationToMissingValueError))):
+                problems.append(f"{path}: cannot be checked before the run ({_message(value)}); give it a plain value")
+        elif name == "_target_":
+            problems += _target_problems(path, value)
+        elif path == "hydra.sweeper.custom_search_space" and value is not None:
+            problems.append(f"{path}: {value!r} names a function for Optuna to call, which a config may not do; "
+                            f"give the search space in hydra.sweeper.params instead")
+        elif in_logging and name == "()":
+            problems.append(f"{path}: a '()' factory calls any importable function and is not allowed in a "
+                            f"logging config; give a handler or formatter with class: NAME (valid: "
+                            f"{', '.join(sorted(_logging_classes()))})")
+        elif in_logging and name == "class" and not (isinstance(value, str) and value in _logging_classes()):
+            valid = sorted(_logging_classes())
+            problems.append(f"{path}: {value!r} is not a class of Python's logging; valid: {', '.join(valid)}"
+                            f"{did_you_mean(value, valid)}")
+        elif in_logging and isinstance(value, str) and value.startswith("ext://") and value not in LOG_STREAMS:
+            problems.append(f"{path}: {value!r} would import a module; valid: {', '.join(LOG_STREAMS)}")
     return problems
 
 
+def _target_problems(path: str, target: object) -> list[str]:
+    from hydra.core.plugins import Plugins
+    from hydra.plugins.launcher import Launcher
+    from hydra.plugins.sweeper import Sweeper
+
+    plugins = sorted(name for name, cls in Plugins.instance().class_name_to_class.items()
+                     if name.startswith(PLUGIN_PREFIXES) and issubclass(cls, (Launcher, Sweeper)))
+    if target in ALLOWED_TARGETS or target in plugins:
+        return []
+    if path.startswith("hydra.sweeper.") and isinstance(target, str) and SAMPLER.fullmatch(target):
+        return []
+    return [f"{path}: {target!r} may not be instantiated; a config may name only {', '.join(ALLOWED_TARGETS)}, "
+            f"an installed Hydra launcher or sweeper ({', '.join(plugins)}) or, under hydra.sweeper, an Optuna "
+            f"sampler (optuna.samplers.NAME)"]
+
+
+@functools.cache
+def _logging_classes() -> frozenset[str]:
+    """The handler and formatter classes of logging and logging.handlers, by the name a config gives."""
+    import logging.handlers
+
+    kinds = (logging.Handler, logging.Formatter, logging.Filter)
+    return frozenset(f"{module.__name__}.{name}" for module in (logging, logging.handlers)
+                     for name, obj in vars(module).items()
+                     if isinstance(obj, type) and issubclass(obj, kinds) and not name.startswith("_"))
+
+
+def _nodes(node, path: str):
+    """(dotted path, resolved value) of every key under a config node, depth first; an exception
+    in place of a value that cannot be resolved now."""
+    from omegaconf import ListConfig
+
+    keys = node.keys() if isinstance(node, DictConfig) else range(len(node))
+    for key in keys:
+        where = f"{path}.{key}"
+        try:
+            value = node[key]
+        except OmegaConfBaseException as exc:
+            yield where, exc
+            continue
+        yield where, value
+        if isinstance(value, (DictConfig, ListConfig)):
+            yield from _nodes(value, where)
+
+
+def _value_problems(cfg: DictConfig) -> list[str]:
+    """What dnnrun's typed check (the one every run does first) finds in a composed config."""
+    from omegaconf import open_dict, read_write
+    from omegaconf.errors import InterpolationToMissingValueError
+
+    from dnnrun.config import parse_run_config  # imports torch
+
+    task, hydra_config = copy.deepcopy(cfg), HydraConfig.instance()
+    previous = hydra_config.cfg
+    try:
+        hydra_config.set_config(copy.deepcopy(cfg))  # for ${hydra:...} in values, as in a run
+        with read_write(task), open_dict(task):
+            del task["hydra"]
+        raw = OmegaConf.to_container(task, resolve=True)
+    except InterpolationToMissingValueError:
+        return []  # a value that only Hydra knows at launch (the run's directory ...): _task checks it
+    except OmegaConfBaseException as exc:
+        return [_message(exc)]
+    finally:
+        hydra_config.cfg = previous
+    try:
+        parse_run_config(raw)
+    except ConfigError as exc:
+        return exc.problems
+    return []
+
+
 def _message(exc: BaseException) -> str:
-    """Hydra sometimes wraps the real error (an OmegaConf one) in an exception with no message."""
+    """Hydra often wraps the real error (an OmegaConf one) in an exception with a vague message."""
     text = str(exc).strip()
-    if not text and exc.__cause__ is not None:
-        text = str(exc.__cause__).strip()
+    cause = str(exc.__cause__).strip() if exc.__cause__ is not None else ""
+    if cause and cause not in text:
+        text = f"{text}: {cause}" if text else cause
     return text or type(exc).__name__
 
 
@@ -423,20 +729,6 @@ def _missing_key(cfg: DictConfig, dotted: str) -> str | None:
             )
         node, path = node[part], path + [part]
     return None
-
-
-def _overrides_from_argv(argv: list[str]) -> list[str] | None:
-    """The overrides on the command line, or None when Hydra's own flags change where configs come from."""
-    from hydra._internal.utils import get_args_parser
-
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            args, unparsed = get_args_parser().parse_known_args(argv)
-    except SystemExit:
-        return None  # Hydra parses argv again and reports its own usage error
-    if unparsed or args.config_path or args.config_name or args.config_dir or args.hydra_help or args.info:
-        return None
-    return list(args.overrides)
 
 
 def _check_torch() -> None:
@@ -476,18 +768,22 @@ def main() -> None:
         print(help_text())
         return
     _check_torch()
+    problems = check_command_line(sys.argv[1:])  # the same on every rank under torchrun: before its scratch dir
+    if problems:
+        _error(problems[0] if len(problems) == 1 else str(ConfigError(problems)))
+        sys.exit(EXIT_BAD_INPUT)
     _scratch_dir_for_other_ranks()
-    overrides = _overrides_from_argv(sys.argv[1:])
-    if overrides:
-        problems = check_overrides(overrides)
-        if problems:
-            _error("\n".join(problems))
-            sys.exit(EXIT_BAD_INPUT)
     try:
         _task()
     except SystemExit as exc:
+        if exc.code == EXIT_INTERNAL and not _sweep_failed and _sweep is not None and not _sweep_ended:
+            sys.exit(EXIT_INTERNAL if _sweep_broke() else EXIT_BAD_INPUT)
         if exc.code == EXIT_INTERNAL and not _launched and not _sweep_failed:
             sys.exit(EXIT_BAD_INPUT)  # Hydra could not compose the config: it has printed why
+        raise
+    except Exception:  # HYDRA_FULL_ERROR=1: Hydra re-raises instead of printing; Python prints it
+        if _sweep is not None and not _sweep_ended:
+            _sweep_broke()
         raise
     except (Interrupted, KeyboardInterrupt) as exc:  # before or between runs: nothing to save
         _error(str(exc) or "interrupted")

@@ -69,9 +69,10 @@ def results_table(summary: dict) -> Table:
     final, best = summary["final"], summary["best"]
     for name in ("train/loss", "train/acc", "val/loss", "val/acc"):
         table.add_row(name, _fmt(final.get(name)), _fmt(best.get(name)))
+    tested_best = summary["test"]["weights"] == "best"  # the column of the weights that were tested
     for name, value in summary["test"].items():
         if name.startswith("test/"):
-            table.add_row(f"{name} ({summary['test']['weights']} weights)", _fmt(value), "")
+            table.add_row(name, "" if tested_best else _fmt(value), _fmt(value) if tested_best else "")
     return table
 
 

@@ -9,6 +9,7 @@ batches are index slices of a `randperm`; there is no per-sample Dataset/collate
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any, Literal
 import torch
 
 from dnnrun.errors import DataError
-from dnnrun.schema import Problems, parse
+from dnnrun.schema import NON_NEGATIVE, POSITIVE, Problems, Rule, check_rules, parse
 
 DEFAULT_ROOT = "~/.cache/dnnrun-data"
 
@@ -73,9 +74,10 @@ class TorchvisionSet:
     """A torchvision dataset class and where it expects its files, for the message when they are missing."""
 
     class_name: str
-    folder: str  # under root
-    files: tuple[str, ...]
-    url: str
+    folder: str  # under root: holds both `files` and `archives`
+    files: tuple[str, ...]  # unpacked: all that download=False reads (torchvision never unpacks then)
+    archives: tuple[str, ...]  # the official ones: download=True checks their MD5 and unpacks them, offline too
+    url: str  # where the archives are
 
     def __call__(self, root: Path, download: bool) -> Arrays:  # the same (root, download) as every loader
         import torchvision.datasets
@@ -87,11 +89,17 @@ class TorchvisionSet:
         except Exception as exc:  # torchvision raises RuntimeError or URLError; the cause goes in the message
             where = root / self.folder
             reason = " ".join(str(exc).split())[:300]  # torchvision's messages span lines
-            how = "and could not download them" if download else "and data.download=false"
+            files, archives = ", ".join(self.files), f"{', '.join(self.archives)} (from {self.url})"
+            if download:
+                advice = (f"and could not download them.\nOffline, put the official {archives} in {where}: "
+                          "data.download=true then checks the MD5 and unpacks without the network.")
+            else:
+                advice = (f"and data.download=false.\nWith data.download=false, put the unpacked {files} in {where}. "
+                          "Archives placed there are read only with data.download=true, which checks the MD5 of "
+                          f"the official {archives} and unpacks without the network.")
             raise DataError(
-                f"{self.class_name}: cannot load the files under {where} ({reason}), {how}.\n"
-                f"Put {', '.join(self.files)} in {where} (from {self.url}), or point data.root "
-                f"(or the DNNRUN_DATA environment variable) at a folder that has them."
+                f"{self.class_name}: cannot load the files under {where} ({reason}), {advice} Or point data.root "
+                "(or the DNNRUN_DATA environment variable) at a folder that has them."
             ) from None
         return Arrays(
             x_train=_flat_uint8(train.data),
@@ -109,19 +117,29 @@ def _flat_uint8(data: Any) -> torch.Tensor:
     return x.reshape(len(x), -1).to(torch.uint8)
 
 
-_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+_MNIST_ARCHIVES = tuple(f"{name}.gz" for name in _MNIST_FILES)
 
 DATASETS: dict[str, Callable[..., Arrays]] = {
     "digits": digits,
     "synthetic": synthetic,
-    "mnist": TorchvisionSet("MNIST", "MNIST/raw", _MNIST_FILES, "https://ossci-datasets.s3.amazonaws.com/mnist/"),
-    "fashion_mnist": TorchvisionSet(
-        "FashionMNIST", "FashionMNIST/raw", _MNIST_FILES, "https://github.com/zalandoresearch/fashion-mnist"
+    "mnist": TorchvisionSet(
+        "MNIST", "MNIST/raw", _MNIST_FILES, _MNIST_ARCHIVES, "https://ossci-datasets.s3.amazonaws.com/mnist/"
     ),
-    "cifar10": TorchvisionSet(
-        "CIFAR10", "", ("cifar-10-python.tar.gz",), "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+    "fashion_mnist": TorchvisionSet(  # torchvision's own mirror of github.com/zalandoresearch/fashion-mnist
+        "FashionMNIST", "FashionMNIST/raw", _MNIST_FILES, _MNIST_ARCHIVES,
+        "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+    ),
+    "cifar10": TorchvisionSet(  # download=False also checks each unpacked batch file's MD5
+        "CIFAR10", "", ("cifar-10-batches-py/",), ("cifar-10-python.tar.gz",), "https://www.cs.toronto.edu/~kriz/"
     ),
 }
+
+# Ranges of the loaders' own parameters (the synthetic set's), by name. Seeds are kept to the range
+# every RNG accepts (numpy's is 0 <= seed < 2**32).
+SEED: Rule = (lambda v: 0 <= v < 2**32, "must be in [0, 2**32)")
+RULES: dict[str, Rule] = {"n_samples": POSITIVE, "n_features": POSITIVE, "n_classes": (lambda v: v >= 2, "must be >= 2"),
+                          "noise": NON_NEGATIVE, "seed": SEED}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,14 +160,28 @@ class DataConfig:
     params: dict[str, Any] = dataclasses.field(default_factory=dict)  # the loader's own options
 
     def check(self, problems: Problems, key: str) -> None:
+        sizes_ok = True
         for name in ("val_size", "test_size"):
             value = getattr(self, name)
             if value <= 0 or (value >= 1 and not float(value).is_integer()):
                 problems.add(f"{key}.{name}", f"must be a fraction in (0, 1) or a whole number of examples, got {value}")
+                sizes_ok = False
         if self.max_train is not None and self.max_train < 1:
             problems.add(f"{key}.max_train", f"must be >= 1 or null, got {self.max_train}")
         if self.classes is not None and (len(self.classes) < 2 or len(set(self.classes)) != len(self.classes)):
             problems.add(f"{key}.classes", f"must list at least two distinct labels, got {self.classes}")
+        check_rules({"split_seed": self.split_seed}, {"split_seed": SEED}, key, problems)
+        check_rules(self.params, RULES, key, problems)
+        if self.name == "synthetic":  # its size is a setting, so whether the splits fit is known now
+            defaults = inspect.signature(synthetic).parameters
+            n, k = (self.params.get(p, defaults[p].default) for p in ("n_samples", "n_classes"))
+            if n >= 1 and k >= 2 and n < k:
+                problems.add(f"{key}.n_samples", f"must be >= n_classes ({k}) so that every class has an example, got {n}")
+            elif n >= 1 and sizes_ok and self.classes is None:  # with classes, load() counts what the filter keeps
+                test = _count(self.test_size, n)
+                if n - test - _count(self.val_size, n - test) < 1:
+                    problems.add(f"{key}.n_samples", f"{n} examples leave none for training after {key}.test_size "
+                                 f"({self.test_size:g}) and {key}.val_size ({self.val_size:g}); raise it")
 
 
 def parse_data(raw, key: str, problems: Problems) -> DataConfig | None:
@@ -261,7 +293,12 @@ def _scaler(scaling: str, x_train: torch.Tensor, max_value: float) -> Callable[[
         return lambda x: x
     if scaling == "unit":
         return lambda x: x / max_value
-    mean = x_train.mean(0)
-    std = x_train.std(0)
-    std = torch.where(std > 1e-6, std, torch.ones_like(std))  # a constant feature (e.g. an image border) stays 0
+    # As scikit-learn's StandardScaler: a feature whose variance is within rounding error of 0 (its
+    # _is_constant_feature bound) gets scale 1, so it is only centred. The statistics are taken of the
+    # data minus its first row, where a constant feature is exactly 0 whatever its value (no cancellation).
+    n, eps, shift = len(x_train), torch.finfo(x_train.dtype).eps, x_train[:1]
+    var, mean = torch.var_mean(x_train - shift, 0, correction=int(n > 1))  # a single example: variance 0
+    constant = var <= n * eps * var + (n * eps * mean) ** 2
+    std = torch.where(constant, torch.ones_like(var), var.sqrt())
+    mean = mean + shift[0]
     return lambda x: (x - mean) / std

@@ -172,7 +172,8 @@ VANISHING = 1e-3  # first hidden layer's gradient norm below this fraction of th
 EXPLODING = 1e3  # ... or above this multiple
 DEAD = 0.2  # fraction of dead units in a layer worth reporting
 SATURATED = 0.2  # saturated fraction of a layer's outputs worth reporting
-OVERFIT_EPOCHS = 3  # epochs of rising validation loss (with falling training loss) worth reporting
+OVERFIT_EPOCHS = 3  # epochs of rising validation loss (with falling training loss) worth reporting ...
+OVERFIT_RISE = 0.05  # ... when it ends at least this much (relative) above its best
 ACTIVATION_DRIFT = 100.0  # activation std of the last hidden layer vs the first, either way
 
 
@@ -284,7 +285,8 @@ def _overfitting(history: list[dict[str, Any]]) -> list[str]:
     best = min(range(len(history)), key=lambda i: history[i]["val/loss"])
     rising = len(history) - 1 - best
     b, last = history[best], history[-1]
-    if rising >= OVERFIT_EPOCHS and last["val/loss"] > b["val/loss"] and last["train/loss"] < b["train/loss"]:
+    rose = last["val/loss"] > (1 + OVERFIT_RISE) * b["val/loss"]
+    if rising >= OVERFIT_EPOCHS and rose and last["train/loss"] < b["train/loss"]:
         return [f"validation loss rose for the last {rising} epochs ({b['val/loss']:.3f} at epoch {b['epoch']} -> "
                 f"{last['val/loss']:.3f}) while training loss fell ({b['train/loss']:.3f} -> "
                 f"{last['train/loss']:.3f}): overfitting (try early stopping or a regularizer)"]

@@ -20,7 +20,7 @@ from torch import nn
 
 from dnnrun import checkpoint, data as data_mod
 from dnnrun.console import console
-from dnnrun.errors import UserError
+from dnnrun.errors import ConfigError, UserError
 from dnnrun.metrics import write_json
 from dnnrun.schema import Problems
 from dnnrun.transfer import source_widths
@@ -95,7 +95,11 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         raise UserError("mode=evaluate needs evaluate.checkpoint=PATH (a dnnrun checkpoint)")
     path = Path(ev.checkpoint).expanduser()
     ckpt = checkpoint.load(path)
-    trained = parse_run_config(ckpt["config"])
+    try:
+        trained = parse_run_config(ckpt["config"])
+    except ConfigError as exc:
+        raise UserError(f"{path} is not a usable dnnrun checkpoint: the config saved in it is invalid:\n"
+                        + "\n".join(f"  - {p}" for p in exc.problems)) from None
     # The model and data as trained; where the data files live is this machine's business.
     data_cfg = dataclasses.replace(trained.data, root=cfg.data.root, download=cfg.data.download)
     trained = dataclasses.replace(trained, data=data_cfg)
@@ -106,7 +110,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     # the widths the weights have (a transferred model's come from its source, not from model.hidden)
     widths = dataclasses.replace(trained.model, hidden=source_widths(ckpt["model"]), depth=None, width=None)
     model, _ = build_model(trained, data, widths)
-    model.load_state_dict(ckpt["model"])
+    checkpoint.load_into(model, ckpt["model"], path)
     model.to(device)
     split = getattr(data, ev.split)
     batch = cfg.trainer.eval_batch_size

@@ -41,10 +41,10 @@ class TensorBoard(NoLogger):
         self.histograms = histograms
 
     def epoch(self, record: dict[str, Any]) -> None:
+        """An epoch's metrics, or the test metrics at the end (a record without "epoch")."""
         for key, value in record.items():
-            if key not in ("epoch", "step"):
+            if key != "step" and isinstance(value, (int, float)):
                 self.writer.add_scalar(key, value, record["step"])
-        self.writer.add_scalar("epoch", record["epoch"], record["step"])
         self.writer.flush()
 
     def diagnostics(self, entry: dict[str, Any], model: nn.Module) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from dnnrun.checkpoint import atomic_write
+from dnnrun.errors import UserError
 
 
 def maximized(metric: str) -> bool:
@@ -60,11 +61,28 @@ class MetricsLog:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """The records of a JSON-lines file; none when it does not exist (yet)."""
+    """The records of a JSON-lines file; none when it does not exist (yet).
+
+    A last line without its newline that does not parse is an append still being written (or cut
+    short by a kill): it is left out. Any other line that does not parse is damage, and an error."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    *lines, tail = path.read_bytes().split(b"\n")  # tail: after the last newline, b"" when the file ends with one
+    records = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
+                why = f"{exc.msg} at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else "not UTF-8 text"
+                raise UserError(f"{path}, line {number}: not a JSON record ({why}); the file is damaged") from None
+    if tail.strip():
+        try:
+            records.append(json.loads(tail))
+        except ValueError:
+            pass  # a torn append: the writer had not finished the line
+    return records
 
 
 def versions() -> dict[str, str]:

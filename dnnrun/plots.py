@@ -18,15 +18,17 @@ matplotlib.use("Agg")  # no display needed, and never an interactive window
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from dnnrun.activations import ACTIVATIONS, build as build_activation  # noqa: E402
+from dnnrun.errors import UserError  # noqa: E402
 from dnnrun.metrics import read_jsonl  # noqa: E402
 from dnnrun.schema import Choice  # noqa: E402
 
 SIZE = (10, 6)  # inches; at DPI this is 1000 x 600 pixels
 DPI = 100
 RUN_PLOTS = ("learning_curves", "gradient_flow", "activations", "unit_health")
-MAX_PANELS = 8  # layers drawn in the activation-distribution plot
+MAX_PANELS = 24  # layers drawn in the activation-distribution plot (deeper nets: evenly spaced ones)
 
 
 def _save(fig, path: Path) -> Path:
@@ -98,13 +100,14 @@ def gradient_flow(records: list[dict], path: Path) -> Path:
 
 def activations(snapshots: dict, path: Path) -> Path:
     layers = list(snapshots.get("end") or snapshots.get("start") or {})
-    if len(layers) > MAX_PANELS:  # deep nets: evenly spaced layers, the first and the last included
+    shown = f"{MAX_PANELS} of the {len(layers)} layers, " if len(layers) > MAX_PANELS else ""
+    if shown:  # very deep nets: evenly spaced layers, the first and the last included
         layers = [layers[round(i * (len(layers) - 1) / (MAX_PANELS - 1))] for i in range(MAX_PANELS)]
     if not layers:
         fig, ax = plt.subplots()
         _placeholder(ax, "no activation snapshots recorded")
         return _save(fig, path)
-    cols = min(4, len(layers))
+    cols = min(4 if len(layers) <= 8 else 6, len(layers))
     rows = math.ceil(len(layers) / cols)
     fig, axes = plt.subplots(rows, cols, squeeze=False)
     for ax, layer in zip(axes.flat, layers):
@@ -117,10 +120,11 @@ def activations(snapshots: dict, path: Path) -> Path:
                 total = sum(counts) or 1
                 ax.plot(centres, [c / total for c in counts], style, label=when)
         ax.set_yscale("log")  # the spike of exact zeros (ReLU) would flatten everything else
+        ax.yaxis.set_minor_formatter(NullFormatter())  # decades only: small panels have no room for more
         ax.set_title(layer, fontsize=9)
-        ax.tick_params(labelsize=7)
-    return _save_grid(fig, axes, len(layers), "activation distributions per layer (fraction per bin, log scale), "
-                      "at the start and the end of training", path)
+        ax.tick_params(labelsize=7 if len(layers) <= 8 else 6)
+    return _save_grid(fig, axes, len(layers), f"activation distributions per layer ({shown}fraction per bin, "
+                      "log scale), at the start and the end of training", path)
 
 
 def unit_health(records: list[dict], path: Path) -> Path:
@@ -218,7 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.run_dir / "metrics.jsonl").is_file():
         print(f"error: {args.run_dir} is not a dnnrun run directory (no metrics.jsonl)", file=sys.stderr)
         return 2
-    for path in plot_run(args.run_dir):
+    try:
+        drawn = plot_run(args.run_dir)
+    except UserError as exc:  # e.g. a damaged metrics.jsonl
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for path in drawn:
         print(path)
     return 0
 

@@ -21,6 +21,7 @@ from typing import Any
 from rich.table import Table
 
 from dnnrun.console import console
+from dnnrun.errors import UserError
 from dnnrun.metrics import maximized
 from dnnrun.sweeps import is_run_dir, job_dirs, read_run
 
@@ -170,7 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="where the report goes (default: the sweep directory, "
                                                   "or outputs/report for several paths)")
     args = parser.parse_args(argv)
-    runs = collect(args.paths)
+    try:
+        runs = collect(args.paths)
+    except UserError as exc:  # e.g. a damaged metrics.jsonl
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if not runs:
         print("error: no runs found in " + ", ".join(map(str, args.paths)), file=sys.stderr)
         return 2

@@ -80,6 +80,8 @@ class TrainerConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 problems.add(f"{key}.{name}", f"must be > 0 or null, got {value}")
+        if not 0 <= self.seed < 2**32:  # what numpy's generator takes
+            problems.add(f"{key}.seed", f"must be in [0, 2**32), got {self.seed}")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             problems.add(f"{key}.device", f"expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         patience = self.early_stopping.patience
@@ -108,7 +110,8 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
+def resolve_resume(resume: str | None, run_dir: Path, notes: list[str]) -> Path | None:
+    """The checkpoint to continue from, or None for a fresh start (said in `notes`, for run.log)."""
     last = run_dir / "checkpoints" / "last.pt"
     if resume is None:
         if last.exists():
@@ -120,7 +123,7 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
     if resume == "auto":
         if last.exists():
             return last
-        log.warning("trainer.resume=auto: no checkpoint in %s; starting fresh", last.parent)
+        notes.append(f"trainer.resume=auto: no checkpoint in {last.parent}; starting fresh")
         return None
     path = Path(resume).expanduser()
     if not path.is_file():
@@ -350,8 +353,8 @@ def run(cfg: RunConfig, run_dir: str | os.PathLike, on_start: Callable[[], None]
     """
     run_dir = Path(run_dir)
     device = resolve_device(cfg.trainer.device)
-    resume_from = resolve_resume(cfg.trainer.resume, run_dir)
-    ckpt = _resumable(resume_from, cfg, device) if resume_from is not None else None
+    notes: list[str] = []  # warnings from before run.log exists, logged into it once it does
+    ckpt, resume_from, data, source, model_cfg = _prepare(cfg, run_dir, device, notes)
     run_dir.mkdir(parents=True, exist_ok=True)
     if on_start is not None:
         on_start()
@@ -363,12 +366,15 @@ def run(cfg: RunConfig, run_dir: str | os.PathLike, on_start: Callable[[], None]
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
+        for note in notes:
+            log.warning(note)
         with stop.installed():
-            return _train(cfg, run_dir, summary, stop, device, ckpt, resume_from)
+            return _train(cfg, run_dir, summary, stop, device, ckpt, resume_from, data, source, model_cfg)
     except Diverged:
         raise  # _train has recorded it, with the diagnosis
     except (Interrupted, KeyboardInterrupt) as exc:
-        _finish(run_dir, summary, "interrupted", error=str(exc) or "interrupted")
+        if summary["status"] == "running":  # else _train has recorded it, with the diagnosis
+            _finish(run_dir, summary, "interrupted", error=str(exc) or "interrupted")
         raise
     except OSError as exc:  # a file the run writes (metrics, log, plots) could not be written
         failure = RunError(f"cannot write {exc.filename or run_dir}: {exc.strerror or exc}")
@@ -383,9 +389,37 @@ def run(cfg: RunConfig, run_dir: str | os.PathLike, on_start: Callable[[], None]
             handler.close()
 
 
+def _prepare(cfg: RunConfig, run_dir: Path, device: torch.device, notes: list[str]):
+    """What the run starts from, each part checked before anything is written: the checkpoint to
+    resume, the data, the transfer source, and the model's config (with the widths of the
+    checkpoint or of the source) whose shapes their weights must fit."""
+    resume_from = resolve_resume(cfg.trainer.resume, run_dir, notes)
+    ckpt = _resumable(resume_from, cfg, device, notes) if resume_from is not None else None
+    data = data_mod.load(cfg.data, device)
+    source, model_cfg = None, cfg.model
+    if ckpt is not None:  # a resumed run has the reused weights in its checkpoint
+        model_cfg = dataclasses.replace(cfg.model, hidden=transfer.source_widths(ckpt["model"]), depth=None, width=None)
+    elif cfg.transfer.source:
+        source, trained_with = transfer.load_source(cfg.transfer)
+        act = (trained_with.get("act") or {}).get("name")
+        if act is not None and act != cfg.act.name:  # it fits, but its weights were learned for another unit
+            notes.append(f"transfer.source was trained with act={act}; this run uses act={cfg.act.name}")
+        model_cfg = transfer.model_config(cfg.model, cfg.transfer, source)
+    if ckpt is not None or source is not None:
+        with torch.device("meta"):  # the model's shapes alone: no memory, no random numbers
+            shapes, _ = build_model(cfg, data, model_cfg)
+        if ckpt is not None:
+            checkpoint.check_fits(shapes, ckpt["model"], resume_from)
+        else:
+            transfer.check_fits(source, transfer.reused_layers(cfg.transfer, source), data.n_features,
+                                {name: t.shape for name, t in shapes.state_dict().items()})
+    return ckpt, resume_from, data, source, model_cfg
+
+
 def _train(
     cfg: RunConfig, run_dir: Path, summary: dict[str, Any], stop: StopFlag, device: torch.device,
-    ckpt: dict[str, Any] | None, resume_from: Path | None,
+    ckpt: dict[str, Any] | None, resume_from: Path | None, data: data_mod.Data, source: dict[str, torch.Tensor] | None,
+    model_cfg,
 ) -> dict[str, Any]:
     tc = cfg.trainer
     wall_start = time.perf_counter()
@@ -400,15 +434,6 @@ def _train(
     for message in summary["warnings"]:
         log.warning(message)
 
-    # The model: this config's, with the widths of the transfer source or of the checkpoint resumed.
-    data = data_mod.load(cfg.data, device)
-    source = transfer.load_source(cfg.transfer) if cfg.transfer.source and ckpt is None else None
-    if ckpt is not None:
-        model_cfg = dataclasses.replace(cfg.model, hidden=transfer.source_widths(ckpt["model"]), depth=None, width=None)
-    elif source is not None:
-        model_cfg = transfer.model_config(cfg.model, cfg.transfer, source)
-    else:
-        model_cfg = cfg.model
     model, reg = build_model(cfg, data, model_cfg)
     rank, world = distributed.rank_world()
     if world > 1 and device.type == "cuda":
@@ -474,7 +499,7 @@ def _train(
     )
 
     patience = tc.early_stopping.patience
-    stop_reason = diverged = None
+    stop_reason = diverged = interrupted = None
     if patience is not None and state["bad_epochs"] >= patience:  # a resumed run that had stopped early
         stop_reason = f"early stopping: {tc.monitor} did not improve for {patience} epochs"
     stop.deferring = True  # from here on a signal lets the current step finish and is saved
@@ -560,10 +585,13 @@ def _train(
         kept = (f"checkpoints/last.pt (epoch {state['epoch']}) is untouched" if state["epoch"]
                 else "no epoch had finished, so there is no checkpoint")
         log.error("%s; the run stops here: %s", exc, kept)
+    except Interrupted as exc:  # checkpoints/last.pt holds where it stopped; the diagnosis still helps
+        interrupted = exc
+        monitor.detach()
 
     # End of the run, whatever ended it: test, snapshots, diagnosis, plots, summary.
     test = None
-    if diverged is None:
+    if diverged is None and interrupted is None:
         weights = "last"
         best_file = ckpt_dir / "best.pt"
         if tc.restore_best and state["best_epoch"] not in (None, state["epoch"]):
@@ -575,6 +603,7 @@ def _train(
                 log.warning("no %s to restore the best epoch from; testing the last weights", best_file)
         test_loss, test_acc = evaluate(model, data.test, tc.eval_batch_size, autocast)
         test = {"test/loss": test_loss, "test/acc": test_acc, "weights": weights}
+        logger.epoch({"step": state["step"], "test/loss": test_loss, "test/acc": test_acc})
         snapshots["end"] = diagnostics.snapshot(model, probe)
     write_json(snapshots_path, snapshots)
     logger.close()
@@ -603,6 +632,10 @@ def _train(
         _finish(run_dir, summary, "diverged", error=str(diverged))
         print_diagnosis(found)
         raise diverged
+    if interrupted is not None:
+        _finish(run_dir, summary, "interrupted", error=str(interrupted))
+        print_diagnosis(found)
+        raise interrupted
     if stop.signum:  # never report an interrupted run as completed
         raise Interrupted(stop.signum)
     _finish(run_dir, summary, "completed")
@@ -625,11 +658,9 @@ def build_model(cfg: RunConfig, data: data_mod.Data, model_cfg=None) -> tuple[nn
     return model, reg
 
 
-def _resumable(path: Path, cfg: RunConfig, device: torch.device) -> dict[str, Any]:
+def _resumable(path: Path, cfg: RunConfig, device: torch.device, notes: list[str]) -> dict[str, Any]:
     """The checkpoint to resume from, once it is known to be one and to fit this config."""
-    ckpt = checkpoint.load(path, map_location=device)
-    if "optimizer" not in ckpt:
-        raise UserError(f"trainer.resume: {path} holds weights only; resuming needs a dnnrun checkpoint (.pt)")
+    ckpt = checkpoint.load(path, map_location=device, training=True)  # refuses weights-only files too
     changes = config_changes(ckpt["config"], cfg.raw)
     if changes and not cfg.trainer.force_resume:
         raise UserError(
@@ -637,18 +668,17 @@ def _resumable(path: Path, cfg: RunConfig, device: torch.device) -> dict[str, An
             + "\n  - ".join(changes)
             + "\nResume with the checkpoint's settings, or set trainer.force_resume=true to go on anyway."
         )
-    for change in changes:
-        log.warning("resuming despite a changed setting (trainer.force_resume): %s", change)
+    notes += [f"resuming despite a changed setting (trainer.force_resume): {change}" for change in changes]
     return ckpt
 
 
 def _resume(ckpt: dict[str, Any], path: Path, p: Parts, shuffle: torch.Generator, ckpt_dir: Path) -> dict[str, Any]:
     """Load a checkpoint into the parts and the RNGs; returns the trainer state it holds."""
-    p.model.load_state_dict(ckpt["model"])
-    p.optimizer.load_state_dict(ckpt["optimizer"])
-    p.schedule.load_state_dict(ckpt["schedule"])
+    checkpoint.load_into(p.model, ckpt["model"], path)
+    checkpoint.load_into(p.optimizer, ckpt["optimizer"], path, "optimizer")
+    checkpoint.load_into(p.schedule, ckpt["schedule"], path, "schedule")
     if p.scaler is not None and ckpt.get("scaler"):
-        p.scaler.load_state_dict(ckpt["scaler"])
+        checkpoint.load_into(p.scaler, ckpt["scaler"], path, "gradient scaler")
     checkpoint.restore_rng(ckpt["rng"], shuffle)
     if path.resolve() != (ckpt_dir / "last.pt").resolve() and (path.parent / "best.pt").exists():
         ckpt_dir.mkdir(parents=True, exist_ok=True)

@@ -48,12 +48,13 @@ class TransferConfig:
             problems.add(f"{key}.replace", f"must be one of the reused layers 1..{self.layers}, got {self.replace}")
 
 
-def load_source(cfg: TransferConfig) -> dict[str, torch.Tensor]:
-    """The source checkpoint's model state dict (read with weights_only=True)."""
+def load_source(cfg: TransferConfig) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The source checkpoint's model state dict and its run's config (read with weights_only=True)."""
     path = Path(cfg.source).expanduser()
     if not path.is_file():
         raise UserError(f"transfer.source: no checkpoint file at {path}")
-    return checkpoint.load(path)["model"]
+    loaded = checkpoint.load(path)
+    return loaded["model"], loaded["config"]
 
 
 def source_widths(state: dict[str, torch.Tensor]) -> list[int]:
@@ -66,6 +67,8 @@ def source_widths(state: dict[str, torch.Tensor]) -> list[int]:
 def reused_layers(cfg: TransferConfig, state: dict[str, torch.Tensor]) -> list[int]:
     """1-based indices of the hidden layers whose weights are copied."""
     available = len(source_widths(state))
+    if available == 0:
+        raise UserError(f"transfer.source: {cfg.source} has no hidden layers to reuse (no hidden1.linear.weight)")
     k = available if cfg.layers is None else cfg.layers
     if k > available:
         raise UserError(f"transfer.layers={k}, but the source has {available} hidden layers")
@@ -81,8 +84,10 @@ def model_config(model: ModelConfig, cfg: TransferConfig, state: dict[str, torch
     return dataclasses.replace(model, hidden=widths[:k] + list(cfg.add), depth=None, width=None)
 
 
-def reuse(model: nn.Module, state: dict[str, torch.Tensor], layers: list[int], in_features: int, source: str) -> list[str]:
-    """Copy the source's weights for the reused layers into `model`; returns the parameter names copied."""
+def check_fits(state: dict[str, torch.Tensor], layers: list[int], in_features: int,
+               shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """The source tensors to copy into a model whose state has these shapes; a source that does
+    not fit is refused with every difference (run before the run writes anything)."""
     source_in = state["hidden1.linear.weight"].shape[1]
     if source_in != in_features:
         raise UserError(
@@ -90,24 +95,29 @@ def reuse(model: nn.Module, state: dict[str, torch.Tensor], layers: list[int], i
             f"{in_features}. Transfer needs the same inputs (same dataset family and image size)."
         )
     prefixes = [f"hidden{i}." for i in layers] + ["input_norm."]
-    target = model.state_dict()
     copied, problems = {}, []
     for name, tensor in state.items():
         if not name.startswith(tuple(prefixes)):
             continue
-        if name not in target:
+        if name not in shapes:
             problems.append(f"{name} is in the source but not in this model")
-        elif target[name].shape != tensor.shape:
-            problems.append(f"{name}: source {tuple(tensor.shape)}, this model {tuple(target[name].shape)}")
+        elif shapes[name] != tensor.shape:
+            problems.append(f"{name}: source {tuple(tensor.shape)}, this model {tuple(shapes[name])}")
         else:
             copied[name] = tensor
-    missing = [n for n in target if n.startswith(tuple(prefixes[:-1])) and n not in copied]
+    missing = [n for n in shapes if n.startswith(tuple(prefixes[:-1])) and n not in copied]
     problems += [f"{name} is in this model but not in the source" for name in missing]
     if problems:
         raise UserError(
             "transfer.source does not fit this model (use the same act and norm as the source):\n  - "
             + "\n  - ".join(problems)
         )
+    return copied
+
+
+def reuse(model: nn.Module, state: dict[str, torch.Tensor], layers: list[int], in_features: int, source: str) -> list[str]:
+    """Copy the source's weights for the reused layers into `model`; returns the parameter names copied."""
+    copied = check_fits(state, layers, in_features, {n: t.shape for n, t in model.state_dict().items()})
     model.load_state_dict(copied, strict=False)
     params = {n for n, _ in model.named_parameters()}
     log.info("transfer: reused hidden layers %s from %s", ", ".join(map(str, layers)) or "none", source)

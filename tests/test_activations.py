@@ -88,3 +88,12 @@ def test_prelu_learns_its_slope(per_unit, shape):
     assert module.weight.grad is not None and torch.all(module.weight.grad != 0)
     optimizer.step()
     assert not torch.equal(module.weight.detach(), before)
+
+
+def test_gelu_takes_only_the_approximations_torch_has():
+    from dnnrun.errors import ConfigError
+
+    assert make_config("act=gelu", "act.approximate=tanh").act.params == {"approximate": "tanh"}
+    with pytest.raises(ConfigError) as info:
+        make_config("act=gelu", "act.approximate=foo")
+    assert info.value.problems == ["act.approximate: expected one of 'none', 'tanh', got 'foo'"]

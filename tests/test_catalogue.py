@@ -27,7 +27,7 @@ REGISTRIES = {
     "pretrain": pretrain.PRETRAINERS,
     "logger": loggers.LOGGERS,
 }
-TRAINABLE = ["init", "act", "norm", "optimizer", "schedule", "regularizer", "pretrain", "logger"]
+TRAINABLE = ["model", "init", "act", "norm", "optimizer", "schedule", "regularizer", "pretrain", "logger", "trainer"]
 OPTIONS = [(g, p.stem) for g in TRAINABLE for p in sorted((CONFIG_DIR / g).glob("*.yaml"))]
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 
@@ -112,6 +112,12 @@ def test_selu_warnings_name_what_defeats_self_normalization():
         assert hint in text
     assert advice.warnings(make_config("experiment=self_normalizing", "regularizer=[alpha_dropout]")) == []
     assert advice.warnings(make_config("act=relu", "norm=batchnorm", "regularizer=[dropout]")) == []
+
+
+def test_a_bn_layer_on_the_inputs_and_standardizing_them_too_is_warned_about():
+    (found,) = advice.warnings(make_config("norm=batchnorm", "norm.on_inputs=true"))
+    assert found.startswith("norm.on_inputs=true with data.scaling=standardize") and "data.scaling=none" in found
+    assert advice.warnings(make_config("norm=batchnorm", "norm.on_inputs=true", "data.scaling=none")) == []
 
 
 def test_warnings_do_not_refuse_and_are_recorded(tmp_path):

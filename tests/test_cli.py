@@ -85,7 +85,8 @@ BAD_INPUTS = {
                         ["3 problems", "optimizer.lr", "trainer.epochs", "data.val_size"]),
     "missing resume file": (["trainer.resume=/nonexistent/last.pt"], ["trainer.resume", "/nonexistent/last.pt"]),
     "missing dataset files": (["data=fashion_mnist", "data.root=ROOT", "data.download=false"],
-                              ["ROOT/FashionMNIST/raw", "train-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]),
+                              ["put the unpacked train-images-idx3-ubyte, ", "t10k-labels-idx1-ubyte in ROOT/FashionMNIST/raw.",
+                               "only with data.download=true"]),
     "override syntax": (["trainer.epochs=["], ["trainer.epochs=["]),
 }
 

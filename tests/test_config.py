@@ -52,8 +52,9 @@ def test_every_problem_is_reported_together():
     raw["optimizer"]["momentun"] = 0.9
     raw["act"]["name"] = "rellu"
     raw["data"]["scaling"] = "minmax"
+    raw["trainer"]["seed"] = -1
     problems = _problems(raw)
-    assert len(problems) == 6
+    assert len(problems) == 7
     text = "\n".join(problems)
     assert "trainer.epochs: expected an integer, got 'abc'" in text
     assert "trainer.batch_size: must be >= 1, got 0" in text
@@ -61,6 +62,7 @@ def test_every_problem_is_reported_together():
     assert "optimizer.momentun: not a parameter of optimizer 'sgd'" in text and "did you mean 'momentum'" in text
     assert "act.name: unknown activation 'rellu'; valid: elu, gelu, leaky_relu" in text and "(did you mean 'relu'?)" in text
     assert "data.scaling: expected one of 'none', 'unit', 'standardize', got 'minmax'" in text
+    assert "trainer.seed: must be in [0, 2**32), got -1" in text
 
 
 def test_unknown_keys_in_fixed_schemas_list_the_valid_keys():

@@ -3,7 +3,11 @@ files written here (no download)."""
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import pickle
+import re
+import shutil
 from pathlib import Path
 from urllib.error import URLError
 
@@ -12,10 +16,11 @@ import pytest
 import torch
 import torchvision.datasets
 
-from conftest import write_mnist_like
+from conftest import compose_raw, write_mnist_like
 from dnnrun import data
+from dnnrun.config import parse_run_config
 from dnnrun.data import Arrays, DataConfig, load
-from dnnrun.errors import DataError
+from dnnrun.errors import ConfigError, DataError
 
 CPU = torch.device("cpu")
 
@@ -102,6 +107,24 @@ def test_scaling():
     assert torch.allclose(standard.test.x, (raw.test.x - mean) / std, atol=1e-5)
 
 
+@pytest.mark.parametrize("features", [[0, 1, 2], [1]], ids=["three", "one"])
+def test_a_feature_constant_in_training_is_only_centred(monkeypatch, features):
+    """As scikit-learn's StandardScaler: scale 1 where the training std is (within rounding of) 0, so
+    a test value there stays value - mean instead of being divided by ~0."""
+    rng = torch.Generator().manual_seed(0)
+    x = torch.stack([torch.zeros(200), torch.full((200,), 1234.567), torch.rand(200, generator=rng) * 255], dim=1)
+    x_test = torch.tensor([[1.0, 1235.567, 100.0], [0.0, 1234.567, 50.0]])
+    monkeypatch.setitem(data.DATASETS, "consts", lambda root, download: Arrays(
+        x[:, features], torch.arange(200) % 2, x_test[:, features], torch.tensor([0, 1]), max_value=255.0, n_classes=2))
+    d = load(DataConfig(name="consts", val_size=10), CPU)
+    constant = [i for i, f in enumerate(features) if f < 2]
+    # Taken directly, a lone float32 feature of 1234.567 has a std of ~1e-4 on the CPU: dividing by it gave ~8000.
+    assert torch.equal(d.test.x[:, constant], torch.tensor([[1.0, 1.0], [0.0, 0.0]])[:, [features[i] for i in constant]])
+    assert torch.equal(d.train.x[:, constant], torch.zeros(190, len(constant)))
+    if 2 in features:  # a varying feature is still scaled to std 1
+        assert torch.allclose(d.train.x[:, -1].std(), torch.tensor(1.0), atol=1e-4)
+
+
 def test_digits_is_the_bundled_set():
     d = load(DataConfig(name="digits"), CPU)
     assert (len(d.train), len(d.val), len(d.test), d.n_features, d.n_classes) == (1294, 144, 359, 64, 10)
@@ -115,6 +138,55 @@ def test_synthetic_is_deterministic_and_configurable():
     c = load(DataConfig(name="synthetic", params={"seed": 1}), CPU)
     d = load(DataConfig(name="synthetic"), CPU)
     assert not torch.equal(c.train.x, d.train.x)
+
+
+def _config_problems(*overrides: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:  # a UserError: the CLI exits 2 before anything is trained
+        parse_run_config(compose_raw("data=synthetic", *overrides))
+    return info.value.problems
+
+
+@pytest.mark.parametrize("override", ["data.split_seed=-1", "data.split_seed=4294967296", "data.seed=-1",
+                                      "data.seed=4294967296"])
+def test_seeds_outside_0_to_2_to_the_32_are_config_problems(override):
+    key = override.split("=")[0]
+    assert _config_problems(override) == [f"{key}: must be in [0, 2**32), got {override.split('=')[1]}"]
+
+
+def test_the_largest_seeds_are_accepted():
+    cfg = parse_run_config(compose_raw("data=synthetic", "data.split_seed=4294967295", "data.seed=4294967295"))
+    assert (cfg.data.split_seed, cfg.data.params["seed"]) == (2**32 - 1, 2**32 - 1)
+
+
+def test_the_synthetic_settings_are_range_checked_together():
+    problems = _config_problems("data.n_samples=-5", "data.n_features=0", "data.n_classes=0", "data.noise=-1",
+                                "data.split_seed=-2")
+    assert sorted(problems) == [
+        "data.n_classes: must be >= 2, got 0",
+        "data.n_features: must be > 0, got 0",
+        "data.n_samples: must be > 0, got -5",
+        "data.noise: must be >= 0, got -1.0",
+        "data.split_seed: must be in [0, 2**32), got -2",
+    ]
+    assert _config_problems("data.n_samples=3", "data.n_classes=4") == [
+        "data.n_samples: must be >= n_classes (4) so that every class has an example, got 3"]
+
+
+@pytest.mark.parametrize("sizes", [(0.2, 0.1), (3, 2), (0.5, 0.5)])
+def test_too_few_synthetic_examples_are_a_config_problem_exactly_when_load_could_not_split_them(sizes):
+    test_size, val_size = sizes
+    for n in range(2, 9):
+        overrides = [f"data.n_samples={n}", "data.n_classes=2", f"data.test_size={test_size}", f"data.val_size={val_size}"]
+        try:
+            cfg = parse_run_config(compose_raw("data=synthetic", *overrides)).data
+        except ConfigError as exc:
+            assert exc.problems == [f"data.n_samples: {n} examples leave none for training after data.test_size "
+                                    f"({test_size:g}) and data.val_size ({val_size:g}); raise it"]
+            with pytest.raises(DataError):
+                load(DataConfig(name="synthetic", test_size=test_size, val_size=val_size,
+                                params={"n_samples": n, "n_classes": 2}), CPU)
+        else:
+            assert len(load(cfg, CPU).train) >= 1
 
 
 def test_batches_are_index_slices_of_a_permutation():
@@ -156,12 +228,62 @@ def test_cifar10_batches_load_through_torchvision(tmp_path: Path, monkeypatch):
     assert 0 <= d.train.x.min() and d.train.x.max() <= 1
 
 
-def test_missing_files_name_the_folder_and_the_files(tmp_path: Path):
+def _missing(name: str, root: Path, download: bool) -> str:
     with pytest.raises(DataError) as info:
-        load(DataConfig(name="fashion_mnist", root=str(tmp_path), download=False), CPU)
-    message = str(info.value)
-    assert f"{tmp_path}/FashionMNIST/raw" in message and "data.download=false" in message
-    assert "train-images-idx3-ubyte.gz" in message and "DNNRUN_DATA" in message
+        load(DataConfig(name=name, root=str(root), download=download), CPU)
+    return str(info.value)
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """Any attempt to reach the network fails, as on a machine without one."""
+
+    def refuse(*args, **kwargs):
+        raise URLError("offline")
+
+    monkeypatch.setattr(torchvision.datasets.utils, "_get_redirect_url", refuse)
+    monkeypatch.setattr(torchvision.datasets.utils, "_urlretrieve", refuse)
+
+
+def test_missing_files_name_the_folder_and_the_files(tmp_path: Path, offline):
+    message = _missing("fashion_mnist", tmp_path, download=False)
+    assert f"put the unpacked train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, " \
+           f"t10k-labels-idx1-ubyte in {tmp_path}/FashionMNIST/raw." in message
+    assert "only with data.download=true" in message and "DNNRUN_DATA" in message
+    message = _missing("fashion_mnist", tmp_path, download=True)
+    assert f"put the official train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, " \
+           f"t10k-labels-idx1-ubyte.gz (from http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/) in " \
+           f"{tmp_path}/FashionMNIST/raw: data.download=true then" in message
+    message = _missing("cifar10", tmp_path, download=False)
+    assert f"put the unpacked cifar-10-batches-py/ in {tmp_path}." in message and "cifar-10-python.tar.gz" in message
+
+
+def test_the_advice_for_download_false_loads(tmp_path: Path, offline):
+    """Files written under exactly the names and folder the message gives load with data.download=false."""
+    names, where = re.search(r"put the unpacked (.+) in (\S+)\. ", _missing("fashion_mnist", tmp_path, False)).groups()
+    made = write_mnist_like(tmp_path / "made")
+    Path(where).mkdir(parents=True)
+    for name in names.split(", "):
+        shutil.copy(tmp_path / "made" / name, where)
+    assert sorted(names.split(", ")) == sorted(made)
+    d = load(DataConfig(name="fashion_mnist", root=str(tmp_path), download=False, val_size=10, scaling="none"), CPU)
+    assert torch.equal(d.test.x, torch.from_numpy(made["t10k-images-idx3-ubyte"].reshape(12, -1)).float())
+
+
+def test_the_advice_for_download_true_loads_offline(tmp_path: Path, offline, monkeypatch):
+    """Archives placed under the names the message gives are checked and unpacked without the network."""
+    names, where = re.search(r"put the official (.+) \(from \S+\) in (\S+): ", _missing("fashion_mnist", tmp_path, True)).groups()
+    made = write_mnist_like(tmp_path / "made")
+    md5 = {}
+    for name in names.split(", "):
+        archive = Path(where) / name
+        archive.write_bytes(gzip.compress((tmp_path / "made" / name.removesuffix(".gz")).read_bytes()))
+        md5[name] = hashlib.md5(archive.read_bytes()).hexdigest()
+    # Tiny archives cannot have the real Fashion-MNIST MD5s: torchvision is given theirs, under its own names.
+    resources = [(name, md5[name]) for name, _ in torchvision.datasets.FashionMNIST.resources]
+    monkeypatch.setattr(torchvision.datasets.FashionMNIST, "resources", resources)
+    d = load(DataConfig(name="fashion_mnist", root=str(tmp_path), download=True, val_size=10, scaling="none"), CPU)
+    assert torch.equal(d.test.x, torch.from_numpy(made["t10k-images-idx3-ubyte"].reshape(12, -1)).float())
 
 
 def test_a_failed_download_names_the_reason(tmp_path: Path, monkeypatch):

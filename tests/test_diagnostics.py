@@ -13,7 +13,7 @@ import torch
 
 from conftest import make_config, run_cli
 from dnnrun import diagnostics, plots, train
-from dnnrun.errors import Diverged
+from dnnrun.errors import Diverged, Interrupted
 from dnnrun.metrics import read_jsonl
 
 DEEP = ("model.depth=20", "model.width=16", "trainer.epochs=2", "trainer.diagnostics.every=10")
@@ -29,6 +29,16 @@ def test_a_deep_sigmoid_net_with_standard_normal_weights_has_vanishing_gradients
     for act in ("relu", "elu"):
         found = _diagnosis(tmp_path / act, *DEEP, f"act={act}", "init=he_normal")
         assert not any("vanish" in s for s in found), found
+
+
+def test_an_interrupted_run_is_diagnosed_and_plotted_too(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("DNNRUN_FAULT", "int@epoch=1")  # SIGINT after the first epoch's checkpoint
+    with pytest.raises(Interrupted):
+        train.run(make_config(*DEEP, "act=sigmoid", "init=random_normal", "trainer.diagnostics.plots=true"), tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["test"] is None  # not tested: it did not finish
+    assert any(s.startswith("gradients vanish") for s in summary["diagnosis"]), summary["diagnosis"]
+    assert sorted(p.name for p in (tmp_path / "plots").glob("*.png")) == sorted(f"{n}.png" for n in plots.RUN_PLOTS)
 
 
 def test_a_relu_net_driven_with_a_huge_learning_rate_has_dead_units(tmp_path: Path):
@@ -90,6 +100,8 @@ def test_overfitting_and_not_learning_are_diagnosed_from_the_history():
     assert sentence.startswith("validation loss rose for the last 3 epochs (0.500 at epoch 3 -> 0.700)")
     assert "while training loss fell (0.400 -> 0.100): overfitting" in sentence
     assert diagnostics.diagnose(_history([1.0, 0.6, 0.5, 0.55, 0.6], [1.0, 0.6, 0.4, 0.3, 0.2]), [], 10) == []
+    noise = _history([1.0, 0.6, 0.5, 0.51, 0.52, 0.52], [1.0, 0.6, 0.4, 0.3, 0.2, 0.1])  # 4% above the best
+    assert diagnostics.diagnose(noise, [], 10) == []
     stuck = _history([2.30, 2.30, 2.30], [2.31, 2.30, 2.30], acc=0.1)
     (sentence,) = diagnostics.diagnose(stuck, [], n_classes=10)
     assert sentence == ("the network is not learning: training loss went from 2.310 to 2.300 and validation "
@@ -217,7 +229,7 @@ def test_tensorboard_event_files_hold_the_metrics_and_histograms(tmp_path: Path)
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0, "histograms": 0})
     events.Reload()
     tags = events.Tags()
-    for tag in ("train/loss", "train/acc", "val/loss", "val/acc", "lr", "time/epoch_s",
+    for tag in ("train/loss", "train/acc", "val/loss", "val/acc", "lr", "time/epoch_s", "test/loss", "test/acc",
                 "diagnostics/hidden1/grad_norm", "diagnostics/hidden2/dead", "diagnostics/output/update_ratio"):
         assert tag in tags["scalars"], tag
     assert "weights/hidden1.linear.weight" in tags["histograms"]

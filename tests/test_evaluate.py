@@ -23,7 +23,11 @@ def _model(*overrides: str):
 
 
 def test_mc_dropout_without_dropout_equals_the_deterministic_evaluation():
-    model, data = _model("regularizer=[dropout]", "regularizer.dropout.rate=0", "regularizer.dropout.input_rate=0")
+    model, data = _model("regularizer=[dropout]", "norm=batchnorm")  # dropout layers, then their rate set to 0
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert len(layers) == 3  # on the inputs and the two hidden layers: MC dropout turns them on
+    for layer in layers:
+        layer.p = 0.0
     deterministic = evaluate.predict(model, data.test.x, 64)
     passes = evaluate.predict(model, data.test.x, 64, samples=5)
     assert passes.shape == (5, *deterministic.shape)

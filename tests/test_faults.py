@@ -286,6 +286,7 @@ def test_resuming_with_a_config_that_changes_the_result_lists_the_changes(tmp_pa
     train.run(make_config(*SETUP[1:], "trainer.resume=auto", "trainer.epochs=5", "optimizer.lr=0.02",
                           "trainer.force_resume=true"), run)
     assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+    assert "resuming despite a changed setting (trainer.force_resume): optimizer.lr" in (run / "run.log").read_text()
 
 
 # ---------------------------------------------------------------------------------------------

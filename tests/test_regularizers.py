@@ -99,3 +99,52 @@ def test_regularizers_compose():
 def test_two_regularizers_setting_the_same_thing_is_a_config_error():
     with pytest.raises(ConfigError, match="dropout and alpha_dropout both set dropout, input_dropout, dropout_layer"):
         make_config("regularizer=[dropout,alpha_dropout]")
+
+
+# ---------------------------------------------------------------------------------------------
+# The same, through the training loop: each must act on the weights a run leaves, and each test
+# has the run without it as its control.
+
+
+def _trained(tmp_path, name: str, *overrides: str) -> dict[str, torch.Tensor]:
+    from dnnrun import train
+
+    train.run(make_config("trainer.epochs=1", *overrides), tmp_path / name)
+    return torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+
+def _initial(*overrides: str) -> dict[str, torch.Tensor]:
+    """The weights the run above starts from (it seeds with trainer.seed=0, then builds)."""
+    from dnnrun import train
+    from dnnrun.data import load
+
+    cfg = make_config(*overrides)
+    torch.manual_seed(0)
+    return train.build_model(cfg, load(cfg.data, torch.device("cpu")))[0].state_dict()
+
+
+def _rows(weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([w.norm(dim=1) for name, w in weights.items() if name.endswith("weight") and w.dim() == 2])
+
+
+def test_training_applies_max_norm_after_every_step(tmp_path):
+    capped = _trained(tmp_path, "capped", "regularizer=[max_norm]", "regularizer.max_norm.max_value=0.5")
+    assert _rows(capped).max() <= 0.5 + 1e-6
+    assert _rows(_trained(tmp_path, "free")).max() > 0.5
+
+
+def test_training_adds_the_l2_penalty_to_the_gradient(tmp_path):
+    free, decayed = _trained(tmp_path, "free"), _trained(tmp_path, "l2", "regularizer=[l2]", "regularizer.l2.factor=0.1")
+    weights = [n for n in free if n.endswith("weight")]
+    assert sum(decayed[n].pow(2).sum() for n in weights) < 0.9 * sum(free[n].pow(2).sum() for n in weights)
+
+
+@pytest.mark.parametrize("clip", ["trainer.clip_value=1e-4", "trainer.clip_norm=1e-4"])
+def test_training_clips_every_step(tmp_path, clip):
+    start = _initial()
+    steps, lr = 27, 0.01  # one epoch of the synthetic set at batch 32, plain SGD
+    clipped, free = _trained(tmp_path, "clipped", clip), _trained(tmp_path, "free")
+    moved = max((clipped[n] - start[n]).abs().max() for n in start)
+    # No element moved more than the clipped steps allow (plus float32 rounding on each addition).
+    assert moved <= steps * lr * 1e-4 * 1.1
+    assert max((free[n] - start[n]).abs().max() for n in start) > 1e-3

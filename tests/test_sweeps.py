@@ -8,6 +8,7 @@ import os
 import statistics
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -87,15 +88,24 @@ def test_a_report_over_single_runs_shows_each_with_its_summary(tmp_path: Path):
     assert [r["status"] for r in runs] == ["completed", "completed"]
 
 
+def _log_span(path: Path) -> tuple[datetime, datetime]:
+    """When a run wrote its first and its last log line."""
+    lines = path.read_text().splitlines()
+    return tuple(datetime.strptime(" ".join(line.split()[:2]), "%Y-%m-%d %H:%M:%S,%f") for line in (lines[0], lines[-1]))
+
+
 def test_joblib_runs_jobs_in_parallel_dividing_the_cores(tmp_path: Path):
     sweep = tmp_path / "sweep"
-    result = run_cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "data=synthetic", "trainer.epochs=1",
+    result = run_cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "data=synthetic", "trainer.epochs=30",
                      "act=relu,elu", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     jobs = sweeps.job_dirs(sweep)
     assert [_status(j) for j in jobs] == ["completed", "completed"]
     threads = [json.loads((j / "summary.json").read_text())["threads"] for j in jobs]
-    assert threads == [max(1, (os.cpu_count() or 1) // 2)] * 2
+    assert threads == [max(1, len(os.sched_getaffinity(0)) // 2)] * 2
+    # At the same time: each job's first log line comes before the other's last one.
+    (first_a, last_a), (first_b, last_b) = (_log_span(j / "run.log") for j in jobs)
+    assert first_a < last_b and first_b < last_a
     assert (sweep / "sweep.csv").exists()
 
 

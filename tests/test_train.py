@@ -152,6 +152,7 @@ def test_resume_auto_without_a_checkpoint_starts_fresh_with_a_warning(run_dir: P
         summary = train.run(make_config("trainer.epochs=1", "trainer.resume=auto"), run_dir)
     assert summary["epochs_run"] == 1
     assert "no checkpoint" in caplog.text and "starting fresh" in caplog.text
+    assert "starting fresh" in (run_dir / "run.log").read_text()  # said before run.log existed, and kept there
 
 
 def test_resume_from_a_missing_file_is_a_user_error(run_dir: Path):
@@ -219,3 +220,15 @@ def test_clipping_by_value_and_by_norm():
 def test_training_with_clipping_runs(run_dir: Path):
     summary = train.run(make_config("trainer.epochs=1", "trainer.clip_value=0.5", "trainer.clip_norm=1.0"), run_dir)
     assert summary["status"] == "completed"
+
+
+@pytest.mark.parametrize("weights, column", [("best", 2), ("last", 1)])
+def test_the_results_table_puts_the_test_figures_under_the_weights_tested(weights, column):
+    from dnnrun.console import results_table
+
+    summary = {"status": "completed", "final": {"val/loss": 0.5}, "best": {"epoch": 3, "val/loss": 0.4},
+               "test": {"test/loss": 0.45, "test/acc": 0.875, "weights": weights}}
+    table = results_table(summary)
+    cells = [list(c.cells) for c in table.columns]
+    row = cells[0].index("test/acc")
+    assert cells[column][row] == "0.8750" and cells[3 - column][row] == ""

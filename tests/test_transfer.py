@@ -33,7 +33,7 @@ def _target_model(source: Path, *overrides: str):
     """The model as a run with these transfer settings starts training."""
     cfg = make_config("norm=batchnorm", f"transfer.source={source}", *overrides)
     data = load(cfg.data, torch.device("cpu"))
-    state = transfer.load_source(cfg.transfer)
+    state, _ = transfer.load_source(cfg.transfer)
     model, _ = train.build_model(cfg, data, transfer.model_config(cfg.model, cfg.transfer, state))
     layers = transfer.reused_layers(cfg.transfer, state)
     return model, transfer.reuse(model, state, layers, data.n_features, str(source)), layers
@@ -121,13 +121,20 @@ def test_unfreezing_works_without_batch_norm(tmp_path: Path):
 def test_a_source_with_other_inputs_is_refused_with_what_differs(source: Path, tmp_path: Path):
     cfg = make_config("norm=batchnorm", f"transfer.source={source}", data="digits")
     with pytest.raises(UserError, match="trained on inputs of 32 features; this run's data has 64"):
-        train.run(cfg, tmp_path)
+        train.run(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # refused before the run wrote anything
 
 
 def test_a_source_with_another_norm_is_refused(source: Path, tmp_path: Path):
     with pytest.raises(UserError, match="use the same act and norm as the source") as info:
-        train.run(make_config(f"transfer.source={source}"), tmp_path)
+        train.run(make_config(f"transfer.source={source}"), tmp_path / "run")
     assert "hidden1.norm.weight is in the source but not in this model" in str(info.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_source_trained_with_another_activation_is_warned_about(source: Path, tmp_path: Path):
+    train.run(make_config("norm=batchnorm", "act=elu", f"transfer.source={source}", "trainer.epochs=1"), tmp_path)
+    assert "transfer.source was trained with act=relu; this run uses act=elu" in (tmp_path / "run.log").read_text()
 
 
 def test_settings_without_a_source_warn(tmp_path: Path):

@@ -1,0 +1,241 @@
+"""What the installed `dnnrun` checks before Hydra runs: no config may make it call code, no run or
+sweep directory outside the outputs root, every problem of a sweep at once; and what a sweep whose
+launcher dies leaves behind."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from dnnrun import sweeps
+
+VICTIM = "do not truncate me"
+EVIL_CALLBACK = """\
+# @package _global_
+hydra:
+  callbacks:
+    evil:
+      _target_: builtins.open
+      _args_: [VICTIM, w]
+"""
+EVIL_LOGGING = """\
+version: 1
+formatters:
+  f:
+    (): builtins.print
+handlers:
+  h:
+    class: os.system
+    stream: ext://antigravity
+root:
+  handlers: [h]
+"""
+EVIL_MAIN = """\
+defaults:
+  - config
+  - _self_
+hydra:
+  launcher:
+    _target_: builtins.exec
+"""
+ALONE = """\
+hydra:
+  callbacks:
+    x:
+      _target_: hydra_plugins.hydra_joblib_launcher.joblib_launcher.os.system
+      _args_: [touch VICTIM]
+"""
+HARMLESS = """\
+# @package _global_
+# a preset kept outside dnnrun's conf/
+trainer:
+  epochs: 7
+"""
+NOT_ALLOWED = "may not be instantiated; a config may name only dnnrun.cli.SweepReport, an installed Hydra launcher"
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else b"" for p in root.rglob("*")}
+
+
+@pytest.fixture
+def evil(tmp_path: Path) -> Path:
+    """A victim file, and config directories whose YAML would open it for writing or run code."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text(VICTIM)
+    conf = tmp_path / "conf"
+    for name, text in {"experiment/evil.yaml": EVIL_CALLBACK, "experiment/mine.yaml": HARMLESS,
+                       "hydra/job_logging/evil.yaml": EVIL_LOGGING, "evilmain.yaml": EVIL_MAIN,
+                       "alone/alone.yaml": ALONE}.items():
+        (conf / name).parent.mkdir(parents=True, exist_ok=True)
+        (conf / name).write_text(text.replace("VICTIM", str(victim)))
+    return tmp_path
+
+
+CODE_IN_CONFIG = {
+    "callback on the command line": (["+hydra.callbacks.evil._target_=builtins.open",
+                                      "+hydra.callbacks.evil._args_=[VICTIM,w]"],
+                                     ["hydra.callbacks.evil._target_: 'builtins.open' " + NOT_ALLOWED]),
+    "launcher": (["-m", "hydra.launcher._target_=builtins.open"],
+                 ["hydra.launcher._target_: 'builtins.open' " + NOT_ALLOWED]),
+    "sweeper": (["-m", "hydra.sweeper._target_=os.system"], ["hydra.sweeper._target_: 'os.system' " + NOT_ALLOWED]),
+    "optuna's custom search space": (["-m", "experiment=search", "hydra.sweeper.custom_search_space=os.system"],
+                                     ["hydra.sweeper.custom_search_space: 'os.system' names a function"]),
+    "logging class on the command line": (["hydra.hydra_logging.handlers.console.class=os.system"],
+                                          ["hydra.hydra_logging.handlers.console.class: 'os.system' is not a class "
+                                           "of Python's logging; valid: logging.FileHandler"]),
+    "logging stream importing a module": (["hydra.hydra_logging.handlers.console.stream=ext://antigravity"],
+                                          ["'ext://antigravity' would import a module; valid: ext://sys.stdout, "
+                                           "ext://sys.stderr"]),
+    "preset in hydra.searchpath": (["hydra.searchpath=[file://CONF]", "experiment=evil"],
+                                   ["hydra.callbacks.evil._target_: 'builtins.open' " + NOT_ALLOWED]),
+    "logging config in hydra.searchpath": (["hydra.searchpath=[file://CONF]", "hydra/job_logging=evil"],
+                                           ["hydra.job_logging.formatters.f.(): a '()' factory calls any importable "
+                                            "function", "hydra.job_logging.handlers.h.class: 'os.system' is not a "
+                                            "class of Python's logging", "hydra.job_logging.handlers.h.stream: "
+                                            "'ext://antigravity' would import a module"]),
+    "preset in --config-dir": (["--config-dir", "CONF", "experiment=evil"],
+                               ["hydra.callbacks.evil._target_: 'builtins.open' " + NOT_ALLOWED]),
+    "--config-name": (["-cd", "CONF", "-cn", "evilmain"], ["hydra.launcher._target_: 'builtins.exec' " + NOT_ALLOWED]),
+    "--config-path, a plugin's module as a way in": (
+        ["-cp", "CONF/alone", "-cn", "alone"],
+        ["hydra.callbacks.x._target_: 'hydra_plugins.hydra_joblib_launcher.joblib_launcher.os.system' " + NOT_ALLOWED]),
+    "one value of a sweep": (["-m", "hydra.searchpath=[file://CONF]", "experiment=mine,evil"],
+                             ["with experiment=evil: hydra.callbacks.evil._target_: 'builtins.open' " + NOT_ALLOWED]),
+    "--hydra-help configures logging too": (["--hydra-help", "hydra.searchpath=[file://CONF]", "hydra/job_logging=evil"],
+                                            ["hydra.job_logging.formatters.f.(): a '()' factory"]),
+    "--experimental-rerun unpickles": (["--experimental-rerun", "VICTIM"],
+                                       ["--experimental-rerun is not supported: it unpickles a file"]),
+}
+
+
+@pytest.mark.parametrize("args, expected", CODE_IN_CONFIG.values(), ids=CODE_IN_CONFIG.keys())
+def test_no_config_makes_dnnrun_call_code(evil: Path, args, expected):
+    fill = {"VICTIM": str(evil / "victim.txt"), "CONF": str(evil / "conf")}
+    args = [a.replace("CONF", fill["CONF"]).replace("VICTIM", fill["VICTIM"]) for a in args]
+    before = _files(evil)
+    result = run_cli("data=synthetic", "trainer.epochs=1", *args, cwd=evil)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "Traceback" not in output
+    for text in expected:
+        assert text in result.stderr, (text, output)
+    assert (evil / "victim.txt").read_text() == VICTIM
+    assert _files(evil) == before  # no run directory, no date folder, nothing else
+
+
+def test_what_is_allowed_still_runs(evil: Path):
+    """A preset from hydra.searchpath, Hydra's own logging configs, --cfg, --info, --hydra-help."""
+    shown = run_cli("--cfg", "job", f"hydra.searchpath=[file://{evil / 'conf'}]", "experiment=mine", cwd=evil)
+    assert shown.returncode == 0, shown.stderr
+    assert "epochs: 7" in shown.stdout
+    for flags in (["--info", "defaults"], ["--hydra-help"], ["--cfg", "hydra", "hydra/job_logging=default"]):
+        result = run_cli(*flags, cwd=evil)
+        assert result.returncode == 0, (flags, result.stderr)
+    run = evil / "run"
+    trained = run_cli("data=synthetic", "trainer.epochs=1", "hydra/job_logging=default", f"hydra.run.dir={run}",
+                      cwd=evil)
+    assert trained.returncode == 0, trained.stderr
+    assert (run / "summary.json").is_file() and (run / "dnnrun.log").is_file()  # Hydra's FileHandler
+
+
+def test_a_sweep_directory_outside_the_outputs_root_is_refused_before_anything_is_written(tmp_path: Path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    result = run_cli("-m", "data=synthetic", "trainer.epochs=1", "act=relu,elu", f"hydra.sweep.dir={outside / 'sw'}",
+                     cwd=root)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith(f"error: hydra.sweep.dir resolves to {outside / 'sw'}, outside the outputs root "
+                                    f"{root}; choose a directory under it, or set the root: outputs=DIR")
+    assert "Traceback" not in result.stderr and "jobs completed" not in result.stdout
+    assert not outside.exists() and not any(root.iterdir())
+
+
+def test_a_run_directory_outside_the_outputs_root_is_refused_before_anything_is_written(tmp_path: Path):
+    root, outside = tmp_path / "root", tmp_path / "out2"
+    root.mkdir()
+    result = run_cli("data=synthetic", f"hydra.run.dir={outside / 'a' / 'b'}", cwd=root)
+    assert result.returncode == 2
+    assert f"error: hydra.run.dir resolves to {outside / 'a' / 'b'}, outside the outputs root {root}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not outside.exists() and not any(root.iterdir())
+
+
+def test_a_run_refused_inside_the_root_leaves_no_empty_date_folder(tmp_path: Path):
+    # Refused once it runs (the checkpoint to resume is missing): Hydra has made outputs/<date>/<time>/.
+    result = run_cli("data=synthetic", "trainer.resume=/nonexistent/last.pt", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "trainer.resume: no checkpoint file at /nonexistent/last.pt" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []  # neither <time>/ nor <date>/; the root itself is left
+
+
+SWEEP_PROBLEMS = {
+    "values of two swept keys": (["-m", "optimizer.lr=0.1,-1", "trainer.epochs=abc,2"],
+                                 ["invalid config (2 problems)", "trainer.epochs: expected an integer, got 'abc'",
+                                  "with optimizer.lr=-1: optimizer.lr: must be > 0, got -1"]),
+    "an option and a key": (["optimizer=adamm", "trainer.epochz=3"],
+                            ["invalid config (2 problems)", "optimizer=adamm: unknown optimizer option 'adamm'",
+                             "trainer.epochz: unknown key 'epochz' in trainer", "did you mean 'epochs'"]),
+    "an option, a key and a value": (["optimizer=adamm", "trainer.epochz=3", "optimizer.lr=-1"],
+                                     ["invalid config (3 problems)", "optimizer=adamm", "trainer.epochz",
+                                      "optimizer.lr: must be > 0, got -1"]),
+    "a key that only one swept option lacks": (["-m", "optimizer=sgd,adam", "optimizer.momentum=0.9"],
+                                               ["with optimizer=adam: optimizer.momentum: unknown key 'momentum' in "
+                                                "optimizer; valid: name, lr, betas"]),
+    "appending a key that exists, in a sweep": (["-m", "+trainer.epochs=1,2"],
+                                                ["Could not append to config. An item is already at 'trainer.epochs'"]),
+}
+
+
+@pytest.mark.parametrize("args, expected", SWEEP_PROBLEMS.values(), ids=SWEEP_PROBLEMS.keys())
+def test_every_problem_of_a_sweep_is_listed_before_any_job_runs(tmp_path: Path, args, expected):
+    sweep, run = tmp_path / "sweep", tmp_path / "run"
+    result = run_cli("data=synthetic", *args, f"hydra.sweep.dir={sweep}", f"hydra.run.dir={run}", cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "Traceback" not in output
+    for text in expected:
+        assert text in result.stderr, (text, output)
+    assert list(tmp_path.iterdir()) == []  # no job ran, no directory was made
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_joblib_worker_is_killed_records_and_lists_the_dead_job(tmp_path: Path):
+    sweep = tmp_path / "outputs" / "jk"
+    result = run_cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "data=synthetic", "trainer.epochs=1,2,3",
+                     "hydra.sweep.dir=outputs/jk", cwd=tmp_path, env={"DNNRUN_FAULT": "kill@step=60"})
+    assert result.returncode == 1, result.stdout + result.stderr  # Hydra prints joblib's error first: accepted
+    jobs = sweeps.job_dirs(sweep)
+    assert len(jobs) == 3 and all((job / "status.json").is_file() for job in jobs)
+    killed = sweeps.status(jobs[2])
+    assert killed["status"] == "failed" and killed["exit_code"] == 1
+    assert killed["error"] == "its process died before it finished (killed?)"
+    assert killed["job"]["num"] == 2 and "trainer.epochs=3" in killed["job"]["overrides"]
+    assert [sweeps.status(job)["status"] for job in jobs[:2]] == ["completed", "completed"]
+    with open(sweep / "sweep.csv") as f:
+        assert [(r["job"], r["status"]) for r in csv.DictReader(f)] == [("0", "completed"), ("1", "completed"),
+                                                                        ("2", "failed")]
+    assert "sweep: 2 of 3 jobs completed" in result.stdout
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error: job 2 (")]
+    assert "trainer.epochs=3" in line and line.endswith("failed: its process died before it finished (killed?)")
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs two CPUs this process may run on")
+def test_joblib_jobs_divide_the_cpus_dnnrun_may_use_not_the_machines(tmp_path: Path):
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(allowed)})  # dnnrun inherits it, as under taskset, cgroups or Slurm
+    try:
+        result = run_cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=1", "data=synthetic",
+                         "trainer.epochs=1", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    finally:
+        os.sched_setaffinity(0, allowed)
+    assert result.returncode == 0, result.stderr
+    (job,) = sweeps.job_dirs(tmp_path / "sweep")
+    assert json.loads((job / "summary.json").read_text())["threads"] == 1  # os.cpu_count() would give 2 or more
