@@ -457,8 +457,8 @@ def check_overrides(overrides: list[str], multirun: bool = False, launching: boo
         except HydraException as exc:
             return [_message(exc)]
 
-        selections: list[str] = [*searchpath]  # group options (the first of a sweep) to compose with
-        group_sweeps: list[tuple[int, list[str]]] = []  # (index in selections, the sweep's other options)
+        fixed: list[str] = [*searchpath]  # the group selections that are no sweep, to compose with
+        group_sweeps: list[list[str]] = []  # each swept group's valid options, as overrides
         values = []  # the other overrides: applied to the composed config one by one, as Hydra does
         for o in parsed:
             key = o.key_or_group
@@ -468,7 +468,7 @@ def check_overrides(overrides: list[str], multirun: bool = False, launching: boo
                 values.append(o)
                 continue
             if o.is_delete():
-                selections.append(o.input_line)
+                fixed.append(o.input_line)
             if o.is_delete() or o.value_type not in choices:
                 continue  # glob and range sweeps: Hydra expands and checks them
             options = repo.get_group_options(key, results_filter=ObjectType.CONFIG)
@@ -480,64 +480,69 @@ def check_overrides(overrides: list[str], multirun: bool = False, launching: boo
                 problems += [f"{key}={n}: " + unknown(f"{key} option", n, options) for n in bad]
                 if not bad:
                     valid.append(o.input_line if text is None else f"{o.get_key_element()}={text}")
-            if valid:
-                selections.append(valid[0])
-                if valid[1:]:
-                    group_sweeps.append((len(selections) - 1, valid[1:]))
+            if valid and o.is_sweep_override():
+                group_sweeps.append(valid)
+            elif valid:
+                fixed.append(valid[0])
 
         def compose(chosen: list[str]) -> DictConfig:
             return loader.load_configuration(config_name, chosen, RunMode.MULTIRUN if multirun else RunMode.RUN,
                                              validate_sweep_overrides=False)
 
+        # The master config, as Hydra composes it before a run or a sweep: without the sweeps. Its
+        # hydra node is the one whose callbacks, launcher and sweeper Hydra instantiates.
         try:
-            cfg = compose(selections)
+            master = compose(fixed)
         except (HydraException, OmegaConfBaseException) as exc:
             return problems + [_message(exc)]
-        multirun = multirun or cfg.hydra.mode == RunMode.MULTIRUN
+        multirun = multirun or master.hydra.mode == RunMode.MULTIRUN
         if not multirun:
             try:
                 loader.validate_sweep_overrides_legal(parsed, run_mode=RunMode.RUN, from_shell=True)
             except HydraException as exc:
                 problems.append(_message(exc))
-        applied, value_sweeps = [], []  # what every job gets; each other value of each swept key
+        applied, value_sweeps = [], []  # the overrides every job gets; each value of each swept key
         for o in values:
             if o.value_type not in choices:  # range, interval and glob sweeps: left to Hydra and its sweepers
-                if _plain(o) and (missing := _missing_key(cfg, o.key_or_group)):
+                if _plain(o) and (missing := _missing_key(master, o.key_or_group)):
                     problems.append(missing)
                 continue
-            each = [parser.parse_override(f"{o.get_key_element()}={s}") for s in o.sweep_string_iterator()] \
-                if o.is_sweep_override() else [o]
-            problem = _apply(each[0], cfg)
-            if problem:
+            if o.is_sweep_override():
+                value_sweeps.append([parser.parse_override(f"{o.get_key_element()}={s}")
+                                     for s in o.sweep_string_iterator()])
+            elif problem := _apply(o, master):
                 problems.append(problem)
-                continue
-            applied.append(each[0])
-            value_sweeps += each[1:] if multirun else []
-
-        # Each job configuration to check: the first, and one per other value of each sweep.
-        jobs: list[tuple[str, DictConfig]] = [("", cfg)]
-        for o in value_sweeps:
-            job = copy.deepcopy(cfg)
-            problem = _apply(o, job)
-            if problem:
-                problems.append(f"with {o.input_line}: {problem}")
             else:
-                jobs.append((o.input_line, job))
-        for index, others in group_sweeps if multirun else []:
-            for selection in others:
-                try:
-                    job = compose([*selections[:index], selection, *selections[index + 1:]])
-                except (HydraException, OmegaConfBaseException) as exc:
-                    problems.append(f"with {selection}: {_message(exc)}")
-                    continue
-                failed = [p for p in map(lambda a: _apply(a, job), applied) if p]
-                problems += [f"with {selection}: {p}" for p in failed]
-                if not failed:
-                    jobs.append((selection, job))
-        if launching:
-            problems += _directory_problems(cfg, multirun)
-        for label, job in jobs:
-            found = _code_problems(job) + (_value_problems(job) if launching else [])
+                applied.append(o)
+
+        def job(groups: list[str], sweep_values: list) -> DictConfig | None:
+            """A job's config: the master's overrides, these group options and these values."""
+            try:
+                cfg = compose([*fixed, *groups]) if groups else copy.deepcopy(master)
+            except (HydraException, OmegaConfBaseException) as exc:
+                problems.append(f"with {' '.join(groups)}: {_message(exc)}")
+                return None
+            label = " ".join(groups + [o.input_line for o in sweep_values])
+            found = [_apply(o, cfg) for o in (applied if groups else []) + sweep_values]
+            problems.extend(f"with {label}: {p}" if label else p for p in found if p and p not in problems)
+            return None if any(found) else cfg
+
+        # The jobs to check: the first of the sweep, then each other value of each swept key or
+        # group in turn (the others at their first), so that every value is seen once.
+        jobs = [("", master)]
+        if multirun and (group_sweeps or value_sweeps):
+            firsts = [s[0] for s in group_sweeps], [s[0] for s in value_sweeps]
+            jobs = [("", job(*firsts))]
+            for i, sweep in enumerate(group_sweeps):
+                jobs += [(o, job([*firsts[0][:i], o, *firsts[0][i + 1:]], firsts[1])) for o in sweep[1:]]
+            for i, sweep in enumerate(value_sweeps):
+                jobs += [(o.input_line, job(firsts[0], [*firsts[1][:i], o, *firsts[1][i + 1:]])) for o in sweep[1:]]
+            jobs = [(label, cfg) for label, cfg in jobs if cfg is not None]
+        problems += _code_problems(master)
+        for label, cfg in jobs:
+            found = _code_problems(cfg)
+            if launching:
+                found += _directory_problems(master, cfg, multirun) + _value_problems(cfg)
             problems += [f"with {label}: {p}" if label else p for p in found if p not in problems]
     return list(dict.fromkeys(problems))
 
@@ -587,12 +592,12 @@ def _apply(override, cfg: DictConfig) -> str | None:
     return None
 
 
-def _directory_problems(cfg: DictConfig, multirun: bool) -> list[str]:
-    """The run directory (a sweep's directory) must lie under the outputs root: checked as _task
-    checks it, before Hydra creates it."""
+def _directory_problems(master: DictConfig, cfg: DictConfig, multirun: bool) -> list[str]:
+    """The run directory (a sweep's directory: the master config's) must lie under a job's outputs
+    root: checked as _task checks it, before Hydra creates it."""
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     try:
-        where, root = OmegaConf.select(cfg, key, throw_on_missing=True), cfg.outputs
+        where, root = OmegaConf.select(master, key, throw_on_missing=True), cfg.outputs
     except OmegaConfBaseException:
         return []  # known only once Hydra launches: _task checks it then
     if not isinstance(root, str) or where is None:

@@ -75,15 +75,23 @@ def _refused(result, path: Path, problem: str) -> None:
 
 
 @pytest.mark.parametrize("case", MALFORMED)
-def test_resuming_from_a_malformed_checkpoint_exits_2_naming_file_and_problem(case, good: Path, tmp_path: Path):
+def test_resuming_from_a_malformed_checkpoint_is_refused_naming_file_and_problem(case, good: Path, tmp_path: Path):
     make, problem = MALFORMED[case]
     path = make(good, tmp_path)
     # the checkpoint's own config (epochs may change on resume): only the file can be the problem
-    result = run_cli(*SETUP, "trainer.epochs=2", f"trainer.resume={path}", f"hydra.run.dir={tmp_path / 'run'}",
-                     cwd=tmp_path)
-    _refused(result, path, problem)
+    with pytest.raises(UserError) as info:
+        train.run(make_config(*SETUP[1:], "trainer.epochs=2", f"trainer.resume={path}"), tmp_path / "run")
+    assert f"{path} {problem}" in str(info.value)
     if case != "optimizer of another model":  # whose fit shows only once the optimizer is built
         assert not (tmp_path / "run").exists()  # refused before the run made its directory
+
+
+@pytest.mark.parametrize("case", ["wrong shapes", "safetensors with bad JSON"])
+def test_the_cli_exits_2_on_a_malformed_checkpoint_without_a_traceback(case, good: Path, tmp_path: Path):
+    path = MALFORMED[case][0](good, tmp_path)
+    result = run_cli(*SETUP, "trainer.epochs=2", f"trainer.resume={path}", f"hydra.run.dir={tmp_path / 'run'}",
+                     cwd=tmp_path)
+    _refused(result, path, MALFORMED[case][1])
 
 
 def test_the_good_checkpoint_resumes(good: Path, tmp_path: Path):

@@ -7,11 +7,12 @@ from __future__ import annotations
 import csv
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import DNNRUN, run_cli
 from dnnrun import sweeps
 
 VICTIM = "do not truncate me"
@@ -119,7 +120,7 @@ def test_no_config_makes_dnnrun_call_code(evil: Path, args, expected):
     fill = {"VICTIM": str(evil / "victim.txt"), "CONF": str(evil / "conf")}
     args = [a.replace("CONF", fill["CONF"]).replace("VICTIM", fill["VICTIM"]) for a in args]
     before = _files(evil)
-    result = run_cli("data=synthetic", "trainer.epochs=1", *args, cwd=evil)
+    result = run_cli(*args, "data=synthetic", "trainer.epochs=1", cwd=evil)
     output = result.stdout + result.stderr
     assert result.returncode == 2, output
     assert "Traceback" not in output
@@ -134,9 +135,12 @@ def test_what_is_allowed_still_runs(evil: Path):
     shown = run_cli("--cfg", "job", f"hydra.searchpath=[file://{evil / 'conf'}]", "experiment=mine", cwd=evil)
     assert shown.returncode == 0, shown.stderr
     assert "epochs: 7" in shown.stdout
-    for flags in (["--info", "defaults"], ["--hydra-help"], ["--cfg", "hydra", "hydra/job_logging=default"]):
+    for flags in (["--info", "defaults"], ["--cfg", "hydra", "hydra/job_logging=default"]):
         result = run_cli(*flags, cwd=evil)
         assert result.returncode == 0, (flags, result.stderr)
+    # Hydra's own help composes no app config: no app overrides (run_cli adds some)
+    helped = subprocess.run([str(DNNRUN), "--hydra-help"], cwd=evil, capture_output=True, text=True)
+    assert helped.returncode == 0 and "Hydra (1." in helped.stdout, helped.stderr
     run = evil / "run"
     trained = run_cli("data=synthetic", "trainer.epochs=1", "hydra/job_logging=default", f"hydra.run.dir={run}",
                       cwd=evil)
@@ -196,7 +200,7 @@ SWEEP_PROBLEMS = {
 @pytest.mark.parametrize("args, expected", SWEEP_PROBLEMS.values(), ids=SWEEP_PROBLEMS.keys())
 def test_every_problem_of_a_sweep_is_listed_before_any_job_runs(tmp_path: Path, args, expected):
     sweep, run = tmp_path / "sweep", tmp_path / "run"
-    result = run_cli("data=synthetic", *args, f"hydra.sweep.dir={sweep}", f"hydra.run.dir={run}", cwd=tmp_path)
+    result = run_cli(*args, "data=synthetic", f"hydra.sweep.dir={sweep}", f"hydra.run.dir={run}", cwd=tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode == 2, output
     assert "Traceback" not in output
