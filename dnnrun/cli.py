@@ -15,6 +15,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import hydra
@@ -94,14 +95,17 @@ def _task(cfg: DictConfig) -> float | None:
         finally:
             distributed.shutdown()
     if rank == 0:
-        if started:
-            _record(code, failure, run_dir, job)
-        else:
-            _remove_if_empty(run_dir, sweep_dir if in_sweep else Path(cfg.outputs))  # Hydra made it for this run
-            if rejected is not None:
-                _record(code, failure, rejected, job)
-        if in_sweep:
-            sweeps.update_table(sweep_dir)
+        with _signals_held() as held:  # a second Ctrl-C must not cut the record of how the run ended
+            if started:
+                _record(code, failure, run_dir, job)
+            else:
+                _remove_if_empty(run_dir, sweep_dir if in_sweep else Path(cfg.outputs))  # Hydra made it for this run
+                if rejected is not None:
+                    _record(code, failure, rejected, job)
+            if in_sweep:
+                sweeps.update_table(sweep_dir)
+        if held and sweeping and code not in (EXIT_INTERRUPTED, EXIT_TERMINATED):  # the run had ended; the sweep stops
+            sys.exit(EXIT_TERMINATED if held[0] == signal.SIGTERM else EXIT_INTERRUPTED)
     if code == EXIT_INTERNAL and not sweeping and not isinstance(failure, RunError):
         raise failure  # a bug: Hydra prints the traceback; exit code 1
     if code in (EXIT_INTERRUPTED, EXIT_TERMINATED) or (code and not sweeping):
@@ -111,13 +115,32 @@ def _task(cfg: DictConfig) -> float | None:
     return float("nan") if code else value
 
 
+@contextlib.contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM are noted, not acted on, inside the block; the list holds what came."""
+    held: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield held
+        return
+    previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield held
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 STATUS_OF_EXIT = {EXIT_OK: "completed", EXIT_DIVERGED: "diverged", EXIT_INTERRUPTED: "interrupted",
                   EXIT_TERMINATED: "interrupted"}  # any other code: "failed"
 
 
 def _record(code: int, failure: BaseException | None, run_dir: Path, job: dict) -> None:
-    from dnnrun import sweeps
+    from dnnrun import faults, sweeps
 
+    injected = faults.from_env()
+    if injected is not None:  # tests: a signal while the end is recorded
+        injected.at("status", 1)
     sweeps.write_status(run_dir, STATUS_OF_EXIT.get(code, "failed"), code, job, _describe(failure))
 
 

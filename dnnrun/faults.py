@@ -10,6 +10,7 @@ POINT  step=N   right after the N-th optimizer step of the run (counting from 1,
        epoch=N  right after epoch N's checkpoint is written
        save=N   inside the N-th checkpoint write of this process: the temporary file is complete
                 and fsynced, the rename has not happened
+       status=1 as the CLI records how the run ended (status.json), after training
 Unset, it costs a comparison per step. A resumed run passes a given step or epoch only once, so
 such a fault does not fire again after the resume.
 """
@@ -25,7 +26,7 @@ import signal
 from dnnrun.errors import UserError
 
 KINDS = ("nan", "raise", "enospc", "kill", "term", "int", "usr2")
-POINTS = ("step", "epoch", "save")
+POINTS = ("step", "epoch", "save", "status")
 SIGNALS = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT, "usr2": signal.SIGUSR2}
 ONLY_AT = {"nan": "step", "enospc": "save"}
 

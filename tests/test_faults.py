@@ -136,8 +136,8 @@ def test_a_corrupted_last_checkpoint_is_reported_and_never_replaced_by_a_fresh_s
 # Signals
 
 
-@pytest.mark.parametrize("fault, code", [("term@step=40", 143), ("int@step=40,int@save=3", 130)],
-                         ids=["SIGTERM", "SIGINT, and a second one during the save"])
+@pytest.mark.parametrize("fault, code", [("term@step=40", 143), ("int@step=40,int@save=3,int@status=1", 130)],
+                         ids=["SIGTERM", "SIGINT, and more during the save and the status record"])
 def test_a_signal_finishes_the_step_saves_and_exits_with_its_code(fault, code, tmp_path: Path, straight: Path):
     result = _faulty_run(tmp_path, fault)
     assert result.returncode == code, result.stdout + result.stderr
