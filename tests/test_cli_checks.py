@@ -1,19 +1,14 @@
 """What the installed `dnnrun` checks before Hydra runs: no config may make it call code, no run or
-sweep directory outside the outputs root, every problem of a sweep at once; and what a sweep whose
-launcher dies leaves behind."""
+sweep directory outside the outputs root, every problem of a sweep at once."""
 
 from __future__ import annotations
 
-import csv
-import json
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import DNNRUN, run_cli
-from dnnrun import sweeps
+from conftest import run_cli
+from dnnrun import cli
 
 VICTIM = "do not truncate me"
 EVIL_CALLBACK = """\
@@ -115,12 +110,27 @@ CODE_IN_CONFIG = {
 }
 
 
+def _fill(args: list[str], evil: Path) -> list[str]:
+    return [a.replace("CONF", str(evil / "conf")).replace("VICTIM", str(evil / "victim.txt")) for a in args]
+
+
 @pytest.mark.parametrize("args, expected", CODE_IN_CONFIG.values(), ids=CODE_IN_CONFIG.keys())
-def test_no_config_makes_dnnrun_call_code(evil: Path, args, expected):
-    fill = {"VICTIM": str(evil / "victim.txt"), "CONF": str(evil / "conf")}
-    args = [a.replace("CONF", fill["CONF"]).replace("VICTIM", fill["VICTIM"]) for a in args]
+def test_no_config_makes_dnnrun_call_code(evil: Path, args, expected, monkeypatch):
+    """The check dnnrun runs before Hydra, in-process (the test below runs two cases through the CLI)."""
+    monkeypatch.chdir(evil)
     before = _files(evil)
-    result = run_cli(*args, "data=synthetic", "trainer.epochs=1", cwd=evil)
+    problems = "\n".join(cli.check_command_line([*_fill(args, evil), "data=synthetic", "trainer.epochs=1"]))
+    for text in expected:
+        assert text in problems, (text, problems)
+    assert (evil / "victim.txt").read_text() == VICTIM
+    assert _files(evil) == before
+
+
+@pytest.mark.parametrize("case", ["callback on the command line", "preset in --config-dir"])
+def test_the_cli_refuses_code_in_a_config_with_exit_2_and_writes_nothing(evil: Path, case):
+    args, expected = CODE_IN_CONFIG[case]
+    before = _files(evil)
+    result = run_cli(*_fill(args, evil), "data=synthetic", "trainer.epochs=1", cwd=evil)
     output = result.stdout + result.stderr
     assert result.returncode == 2, output
     assert "Traceback" not in output
@@ -135,12 +145,8 @@ def test_what_is_allowed_still_runs(evil: Path):
     shown = run_cli("--cfg", "job", f"hydra.searchpath=[file://{evil / 'conf'}]", "experiment=mine", cwd=evil)
     assert shown.returncode == 0, shown.stderr
     assert "epochs: 7" in shown.stdout
-    for flags in (["--info", "defaults"], ["--cfg", "hydra", "hydra/job_logging=default"]):
-        result = run_cli(*flags, cwd=evil)
-        assert result.returncode == 0, (flags, result.stderr)
-    # Hydra's own help composes no app config: no app overrides (run_cli adds some)
-    helped = subprocess.run([str(DNNRUN), "--hydra-help"], cwd=evil, capture_output=True, text=True)
-    assert helped.returncode == 0 and "Hydra (1." in helped.stdout, helped.stderr
+    for flags in (["--info", "defaults"], ["--cfg", "hydra", "hydra/job_logging=default"], ["--hydra-help"]):
+        assert cli.check_command_line(flags) == [], flags
     run = evil / "run"
     trained = run_cli("data=synthetic", "trainer.epochs=1", "hydra/job_logging=default", f"hydra.run.dir={run}",
                       cwd=evil)
@@ -198,7 +204,16 @@ SWEEP_PROBLEMS = {
 
 
 @pytest.mark.parametrize("args, expected", SWEEP_PROBLEMS.values(), ids=SWEEP_PROBLEMS.keys())
-def test_every_problem_of_a_sweep_is_listed_before_any_job_runs(tmp_path: Path, args, expected):
+def test_every_problem_of_a_sweep_is_listed_before_any_job_runs(tmp_path: Path, args, expected, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    problems = "\n".join(cli.check_command_line([*args, "data=synthetic", f"hydra.sweep.dir={tmp_path / 'sweep'}"]))
+    for text in expected[1:] if expected[0].startswith("invalid config") else expected:
+        assert text in problems, (text, problems)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_cli_lists_a_sweeps_problems_with_exit_2_and_runs_no_job(tmp_path: Path):
+    args, expected = SWEEP_PROBLEMS["values of two swept keys"]
     sweep, run = tmp_path / "sweep", tmp_path / "run"
     result = run_cli(*args, "data=synthetic", f"hydra.sweep.dir={sweep}", f"hydra.run.dir={run}", cwd=tmp_path)
     output = result.stdout + result.stderr
@@ -209,37 +224,3 @@ def test_every_problem_of_a_sweep_is_listed_before_any_job_runs(tmp_path: Path, 
     assert list(tmp_path.iterdir()) == []  # no job ran, no directory was made
 
 
-@pytest.mark.slow
-def test_a_sweep_whose_joblib_worker_is_killed_records_and_lists_the_dead_job(tmp_path: Path):
-    sweep = tmp_path / "outputs" / "jk"
-    result = run_cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "data=synthetic", "trainer.epochs=1,2,3",
-                     "hydra.sweep.dir=outputs/jk", cwd=tmp_path, env={"DNNRUN_FAULT": "kill@step=60"})
-    assert result.returncode == 1, result.stdout + result.stderr  # Hydra prints joblib's error first: accepted
-    jobs = sweeps.job_dirs(sweep)
-    assert len(jobs) == 3 and all((job / "status.json").is_file() for job in jobs)
-    killed = sweeps.status(jobs[2])
-    assert killed["status"] == "failed" and killed["exit_code"] == 1
-    assert killed["error"] == "its process died before it finished (killed?)"
-    assert killed["job"]["num"] == 2 and "trainer.epochs=3" in killed["job"]["overrides"]
-    assert [sweeps.status(job)["status"] for job in jobs[:2]] == ["completed", "completed"]
-    with open(sweep / "sweep.csv") as f:
-        assert [(r["job"], r["status"]) for r in csv.DictReader(f)] == [("0", "completed"), ("1", "completed"),
-                                                                        ("2", "failed")]
-    assert "sweep: 2 of 3 jobs completed" in result.stdout
-    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error: job 2 (")]
-    assert "trainer.epochs=3" in line and line.endswith("failed: its process died before it finished (killed?)")
-
-
-@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
-                    reason="needs two CPUs this process may run on")
-def test_joblib_jobs_divide_the_cpus_dnnrun_may_use_not_the_machines(tmp_path: Path):
-    allowed = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {min(allowed)})  # dnnrun inherits it, as under taskset, cgroups or Slurm
-    try:
-        result = run_cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=1", "data=synthetic",
-                         "trainer.epochs=1", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
-    finally:
-        os.sched_setaffinity(0, allowed)
-    assert result.returncode == 0, result.stderr
-    (job,) = sweeps.job_dirs(tmp_path / "sweep")
-    assert json.loads((job / "summary.json").read_text())["threads"] == 1  # os.cpu_count() would give 2 or more

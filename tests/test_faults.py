@@ -6,6 +6,7 @@ run then goes on in this process and is compared with one that was never interru
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -299,10 +300,21 @@ def test_a_job_killed_under_joblib_loses_no_finished_job_and_a_rerun_finishes(tm
     args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "data=synthetic", "trainer.epochs=1,2,3",
             f"hydra.sweep.dir={sweep}"]
     first = run_cli(*args, cwd=tmp_path, env={"DNNRUN_FAULT": "kill@step=60"})  # only the 3-epoch job gets there
-    assert first.returncode != 0
+    assert first.returncode == 1, first.stdout + first.stderr  # Hydra prints joblib's error first: accepted
+    # The dead job is recorded and listed as failed, next to the finished ones.
+    jobs = sweeps.job_dirs(sweep)
+    killed = sweeps.status(jobs[2])
+    assert (killed["status"], killed["exit_code"]) == ("failed", 1)
+    assert killed["error"] == "its process died before it finished (killed?)" and killed["job"]["num"] == 2
+    with open(sweep / "sweep.csv") as f:
+        assert [(r["job"], r["status"]) for r in csv.DictReader(f)] == [("0", "completed"), ("1", "completed"),
+                                                                        ("2", "failed")]
+    assert "sweep: 2 of 3 jobs completed" in first.stdout
+    (line,) = [line for line in first.stderr.splitlines() if line.startswith("error: job 2 (")]
+    assert "trainer.epochs=3" in line and line.endswith("failed: its process died before it finished (killed?)")
     done = {job.name: (job / "checkpoints" / "last.pt").stat().st_mtime_ns
-            for job in sweeps.job_dirs(sweep) if (sweeps.status(job) or {}).get("status") == "completed"}
-    assert done and not any(name.startswith("2_") for name in done)
+            for job in jobs if sweeps.status(job)["status"] == "completed"}
+    assert len(done) == 2 and not any(name.startswith("2_") for name in done)
     second = run_cli(*args, cwd=tmp_path)
     assert second.returncode == 0, second.stderr
     jobs = sweeps.job_dirs(sweep)
