@@ -175,13 +175,13 @@ def clip_gradients(params, clip_value: float | None, clip_norm: float | None) ->
     return None
 
 
-def diverged(model: nn.Module, step: int, what: str) -> Diverged:
-    """What to raise for a non-finite loss. A NaN or infinite gradient under a finite loss shows a
-    step later, in weights that the update made non-finite: then the step that made them is named.
-    (Measuring every gradient on every step cost ~20% at batch 32 on a CPU.)"""
+def divergence(model: nn.Module, step: int, what: str, last_update: int) -> Diverged:
+    """What to raise for a non-finite loss at `step`. A NaN or infinite gradient under a finite
+    loss shows later, in the weights that its update (at step `last_update`) made non-finite: then
+    that step is named. (Measuring every gradient on every step cost ~20% at batch 32 on a CPU.)"""
     if all(torch.isfinite(p).all() for p in model.parameters()):
         return Diverged(step, what)
-    return Diverged(step - 1, "a gradient was NaN or infinite: the update made the weights non-finite")
+    return Diverged(last_update, "a gradient was NaN or infinite: the update made the weights non-finite")
 
 
 class StopFlag:
@@ -253,7 +253,7 @@ def train_epoch(
     `step` counts the optimizer steps of the earlier epochs.
 
     Returns True when the epoch is complete, False when SIGINT/SIGTERM asked to stop (after the
-    current step). Raises Diverged at the first non-finite loss (see `diverged` for gradients).
+    current step). Raises Diverged at the first non-finite loss (see `divergence` for gradients).
     """
     model, optimizer = p.model, p.optimizer
     model.train()
@@ -294,7 +294,7 @@ def train_epoch(
         if p.world > 1:  # every rank must stop at the same step, or the others would wait for it for ever
             nonfinite, stopping = (v > 0 for v in distributed.sum_across([float(nonfinite), float(stopping)], xb.device))
         if nonfinite:
-            raise diverged(model, step, f"the training loss is {loss_value}")
+            raise divergence(model, step, f"the training loss is {loss_value}", last_update=step - 1)
         penalty = p.reg.penalty(model)  # l1/l2 on the weights: in the gradient, not in the reported loss
         objective = objective if penalty is None else objective + penalty
         optimizer.zero_grad(set_to_none=True)
@@ -553,7 +553,7 @@ def _train(
                 train_loss, train_acc, lr = loss_sum / seen, correct / seen, progress.lr
                 val_loss, val_acc = evaluate(model, data.val, tc.eval_batch_size, autocast)
                 if not math.isfinite(val_loss):
-                    raise diverged(model, state["step"], f"the validation loss is {val_loss}")
+                    raise divergence(model, state["step"], f"the validation loss is {val_loss}", last_update=state["step"])
                 record = {
                     "epoch": epoch,
                     "step": state["step"],

@@ -139,20 +139,24 @@ def test_a_nan_loss_stops_the_run_with_exit_3_and_keeps_the_last_good_checkpoint
     assert all(torch.isfinite(t).all() for t in kept["model"].values())
 
 
-def test_a_nan_gradient_under_a_finite_loss_stops_the_run_naming_its_step(tmp_path: Path, monkeypatch):
+# 27 steps per epoch: step 5 is inside the first epoch, step 27 its last (validation comes next).
+@pytest.mark.parametrize("poisoned_step", [5, 27])
+def test_a_nan_gradient_under_a_finite_loss_stops_the_run_naming_its_step(poisoned_step, tmp_path: Path, monkeypatch):
     build = train.build_model
 
-    def poisoned(*args, **kwargs):  # the model, with a NaN in its first layer's 5th gradient
+    def poisoned(*args, **kwargs):  # the model, with a NaN in one of its first layer's gradients
         model, reg = build(*args, **kwargs)
-        calls = itertools.count(1)
-        model.hidden1.linear.weight.register_hook(lambda g: g * float("nan") if next(calls) == 5 else g)
+        if model.hidden1.linear.weight.device.type != "meta":  # not the shapes-only model of the checks
+            calls = itertools.count(1)
+            model.hidden1.linear.weight.register_hook(lambda g: g * float("nan") if next(calls) == poisoned_step else g)
         return model, reg
 
     monkeypatch.setattr(train, "build_model", poisoned)
-    with pytest.raises(Diverged, match="at step 5: a gradient was NaN or infinite: the update made the weights"):
+    with pytest.raises(Diverged, match=f"at step {poisoned_step}: a gradient was NaN or infinite: the update made"):
         train.run(make_config("trainer.diagnostics.every=0"), tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["status"] == "diverged" and summary["diverged_at_step"] == 5
+    assert summary["status"] == "diverged" and summary["diverged_at_step"] == poisoned_step
+    assert not (tmp_path / "checkpoints" / "last.pt").exists()  # the broken weights were never saved
 
 
 def test_a_nan_before_the_first_epoch_ends_leaves_no_checkpoint(tmp_path: Path, monkeypatch):
