@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import logging.handlers
 import math
 import os
 import re
@@ -110,8 +111,7 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def resolve_resume(resume: str | None, run_dir: Path, notes: list[str]) -> Path | None:
-    """The checkpoint to continue from, or None for a fresh start (said in `notes`, for run.log)."""
+def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
     last = run_dir / "checkpoints" / "last.pt"
     if resume is None:
         if last.exists():
@@ -123,7 +123,7 @@ def resolve_resume(resume: str | None, run_dir: Path, notes: list[str]) -> Path 
     if resume == "auto":
         if last.exists():
             return last
-        notes.append(f"trainer.resume=auto: no checkpoint in {last.parent}; starting fresh")
+        log.warning("trainer.resume=auto: no checkpoint in %s; starting fresh", last.parent)
         return None
     path = Path(resume).expanduser()
     if not path.is_file():
@@ -363,8 +363,13 @@ def run(cfg: RunConfig, run_dir: str | os.PathLike, on_start: Callable[[], None]
     """
     run_dir = Path(run_dir)
     device = resolve_device(cfg.trainer.device)
-    notes: list[str] = []  # warnings from before run.log exists, logged into it once it does
-    ckpt, resume_from, data, source, model_cfg = _prepare(cfg, run_dir, device, notes)
+    # What is logged before run.log exists (the checks below) is kept for it, and dropped if they refuse the run.
+    early = logging.handlers.MemoryHandler(capacity=10_000, flushLevel=logging.CRITICAL + 1)
+    log.addHandler(early)
+    try:
+        ckpt, resume_from, data, source, model_cfg = _prepare(cfg, run_dir, device)
+    finally:
+        log.removeHandler(early)
     run_dir.mkdir(parents=True, exist_ok=True)
     if on_start is not None:
         on_start()
@@ -376,8 +381,8 @@ def run(cfg: RunConfig, run_dir: str | os.PathLike, on_start: Callable[[], None]
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
-        for note in notes:
-            log.warning(note)
+        early.setTarget(handler)
+        early.close()  # flushes into run.log
         with stop.installed():
             return _train(cfg, run_dir, summary, stop, device, ckpt, resume_from, data, source, model_cfg)
     except Diverged:
@@ -399,12 +404,12 @@ def run(cfg: RunConfig, run_dir: str | os.PathLike, on_start: Callable[[], None]
             handler.close()
 
 
-def _prepare(cfg: RunConfig, run_dir: Path, device: torch.device, notes: list[str]):
+def _prepare(cfg: RunConfig, run_dir: Path, device: torch.device):
     """What the run starts from, each part checked before anything is written: the checkpoint to
     resume, the data, the transfer source, and the model's config (with the widths of the
     checkpoint or of the source) whose shapes their weights must fit."""
-    resume_from = resolve_resume(cfg.trainer.resume, run_dir, notes)
-    ckpt = _resumable(resume_from, cfg, device, notes) if resume_from is not None else None
+    resume_from = resolve_resume(cfg.trainer.resume, run_dir)
+    ckpt = _resumable(resume_from, cfg, device) if resume_from is not None else None
     data = data_mod.load(cfg.data, device)
     source, model_cfg = None, cfg.model
     if ckpt is not None:  # a resumed run has the reused weights in its checkpoint
@@ -413,7 +418,7 @@ def _prepare(cfg: RunConfig, run_dir: Path, device: torch.device, notes: list[st
         source, trained_with = transfer.load_source(cfg.transfer)
         act = (trained_with.get("act") or {}).get("name")
         if act is not None and act != cfg.act.name:  # it fits, but its weights were learned for another unit
-            notes.append(f"transfer.source was trained with act={act}; this run uses act={cfg.act.name}")
+            log.warning("transfer.source was trained with act=%s; this run uses act=%s", act, cfg.act.name)
         model_cfg = transfer.model_config(cfg.model, cfg.transfer, source)
     if ckpt is not None or source is not None:
         with torch.device("meta"):  # the model's shapes alone: no memory, no random numbers
@@ -668,7 +673,7 @@ def build_model(cfg: RunConfig, data: data_mod.Data, model_cfg=None) -> tuple[nn
     return model, reg
 
 
-def _resumable(path: Path, cfg: RunConfig, device: torch.device, notes: list[str]) -> dict[str, Any]:
+def _resumable(path: Path, cfg: RunConfig, device: torch.device) -> dict[str, Any]:
     """The checkpoint to resume from, once it is known to be one and to fit this config."""
     ckpt = checkpoint.load(path, map_location=device, training=True)  # refuses weights-only files too
     changes = config_changes(ckpt["config"], cfg.raw)
@@ -678,7 +683,8 @@ def _resumable(path: Path, cfg: RunConfig, device: torch.device, notes: list[str
             + "\n  - ".join(changes)
             + "\nResume with the checkpoint's settings, or set trainer.force_resume=true to go on anyway."
         )
-    notes += [f"resuming despite a changed setting (trainer.force_resume): {change}" for change in changes]
+    for change in changes:
+        log.warning("resuming despite a changed setting (trainer.force_resume): %s", change)
     return ckpt
 
 
