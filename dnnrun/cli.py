@@ -15,7 +15,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 import hydra
@@ -62,6 +61,7 @@ def _task(cfg: DictConfig) -> float | None:
     failure is kept in SWEEP_DIR/N_rejected. Otherwise the run's status.json records how it ended,
     and a failing job lets the others go on: the sweep's end (SweepReport) lists the failures."""
     from dnnrun import distributed, sweeps  # torch is imported here, after Hydra has parsed argv
+    from dnnrun.train import StopFlag
     from dnnrun.console import console
 
     hc = HydraConfig.get()
@@ -95,7 +95,9 @@ def _task(cfg: DictConfig) -> float | None:
         finally:
             distributed.shutdown()
     if rank == 0:
-        with _signals_held() as held:  # a second Ctrl-C must not cut the record of how the run ended
+        held = StopFlag()
+        held.deferring = True  # a second Ctrl-C must not cut the record of how the run ended
+        with held.installed():
             if started:
                 _record(code, failure, run_dir, job)
             else:
@@ -104,8 +106,8 @@ def _task(cfg: DictConfig) -> float | None:
                     _record(code, failure, rejected, job)
             if in_sweep:
                 sweeps.update_table(sweep_dir)
-        if held and sweeping and code not in (EXIT_INTERRUPTED, EXIT_TERMINATED):  # the run had ended; the sweep stops
-            sys.exit(EXIT_TERMINATED if held[0] == signal.SIGTERM else EXIT_INTERRUPTED)
+        if held.signum and sweeping and code not in (EXIT_INTERRUPTED, EXIT_TERMINATED):  # the sweep stops here
+            sys.exit(Interrupted(held.signum).exit_code)
     if code == EXIT_INTERNAL and not sweeping and not isinstance(failure, RunError):
         raise failure  # a bug: Hydra prints the traceback; exit code 1
     if code in (EXIT_INTERRUPTED, EXIT_TERMINATED) or (code and not sweeping):
@@ -113,22 +115,6 @@ def _task(cfg: DictConfig) -> float | None:
     # What a sweeper (e.g. Optuna) optimizes: the best value of trainer.monitor. A failed job gives
     # NaN, which Optuna records as a failed trial before going on with the next.
     return float("nan") if code else value
-
-
-@contextlib.contextmanager
-def _signals_held():
-    """SIGINT and SIGTERM are noted, not acted on, inside the block; the list holds what came."""
-    held: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield held
-        return
-    previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield held
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 STATUS_OF_EXIT = {EXIT_OK: "completed", EXIT_DIVERGED: "diverged", EXIT_INTERRUPTED: "interrupted",
