@@ -84,23 +84,30 @@ def _fmt(row: dict[str, Any], metric: str) -> str:
     return f"{value:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
 
 
+def _columns(settings: list[str]) -> list[str]:
+    return ["#", *settings, "runs", "status", *METRICS]
+
+
+def _cells(place: int, row: dict[str, Any], settings: list[str]) -> list[str]:
+    """One ranked group's row, as the terminal table and report.md show it."""
+    return [str(place), *[str(row[k]) for k in settings], str(row["runs"]), row["status"], *[_fmt(row, m) for m in METRICS]]
+
+
 def table(groups: list[dict[str, Any]], settings: list[str], monitor: str) -> Table:
     t = Table(title=f"ranked by best {monitor}", title_justify="left")
-    for column in ["#", *settings, "runs", "status", *METRICS]:
+    for column in _columns(settings):
         t.add_column(column, justify="left" if column in settings or column == "status" else "right")
     for i, row in enumerate(groups, start=1):
-        t.add_row(str(i), *[str(row[k]) for k in settings], str(row["runs"]), row["status"],
-                  *[_fmt(row, m) for m in METRICS])
+        t.add_row(*_cells(i, row, settings))
     return t
 
 
 def write_markdown(groups: list[dict[str, Any]], settings: list[str], monitor: str, path: Path, figures: list[Path]) -> None:
-    header = ["#", *settings, "runs", "status", *METRICS]
+    header = _columns(settings)
     lines = ["# dnnrun report", "", f"Ranked by the best {monitor} of each run (mean ± std over seeds).", "",
              "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for i, row in enumerate(groups, start=1):
-        cells = [str(i), *[str(row[k]) for k in settings], str(row["runs"]), row["status"], *[_fmt(row, m) for m in METRICS]]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(_cells(i, row, settings)) + " |")
     failures = [m for row in groups for m in row["members"] if m["status"] not in ("completed", "running")]
     if failures:
         lines += ["", "## Runs that did not complete", ""]
@@ -118,12 +125,7 @@ def write_csv(groups: list[dict[str, Any]], settings: list[str], path: Path) -> 
 
 
 def figures(runs: list[dict[str, Any]], settings: list[str], monitor: str, out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from dnnrun.plots import DPI, SIZE
+    from dnnrun.plots import DPI, SIZE, plt  # the plots module sets the non-interactive backend
 
     written = []
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=SIZE)
@@ -140,7 +142,7 @@ def figures(runs: list[dict[str, Any]], settings: list[str], monitor: str, out: 
     fig.savefig(out / "learning_curves.png", dpi=DPI)
     plt.close(fig)
     written.append(out / "learning_curves.png")
-    for key in [k for k in settings]:
+    for key in settings:
         values = sorted({run["overrides"].get(key, "-") for run in runs}, key=_natural)
         fig, ax = plt.subplots(figsize=SIZE)
         for x, value in enumerate(values):
