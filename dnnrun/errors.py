@@ -7,6 +7,10 @@ The CLI prints each of these as one clear message, without a traceback: UserErro
 
 from __future__ import annotations
 
+import functools
+import sys
+from collections.abc import Callable
+
 EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_BAD_INPUT = 2
@@ -62,3 +66,18 @@ class Diverged(Exception):
     def __init__(self, step: int, what: str):
         self.step, self.what = step, what
         super().__init__(f"training diverged at step {step}: {what}")
+
+
+def command(main: Callable[..., int]) -> Callable[..., int]:
+    """A small command's main (dnnrun-report, -plot, -export): a UserError or RunError becomes
+    `error: ...` on stderr and the error's exit code, without a traceback."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except (UserError, RunError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return exc.exit_code
+
+    return wrapper

@@ -11,20 +11,17 @@ import sys
 from pathlib import Path
 
 from dnnrun.checkpoint import export_safetensors
-from dnnrun.errors import RunError, UserError
+from dnnrun.errors import command
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dnnrun-export", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--out", type=Path, help="default: the checkpoint's name with .safetensors")
     args = parser.parse_args(argv)
     out = args.out or args.checkpoint.with_suffix(".safetensors")
-    try:
-        print(export_safetensors(args.checkpoint, out))
-    except (UserError, RunError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    print(export_safetensors(args.checkpoint, out))
     return 0
 
 

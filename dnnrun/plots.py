@@ -21,7 +21,7 @@ from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from dnnrun.activations import ACTIVATIONS, build as build_activation  # noqa: E402
-from dnnrun.errors import UserError  # noqa: E402
+from dnnrun.errors import command  # noqa: E402
 from dnnrun.metrics import read_jsonl  # noqa: E402
 from dnnrun.schema import Choice  # noqa: E402
 
@@ -207,6 +207,7 @@ def lr_find_plot(result: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dnnrun-plot", description="Draw a run's plots, or the activation functions.")
     parser.add_argument("run_dir", nargs="?", type=Path, help="a run directory (with metrics.jsonl)")
@@ -222,12 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.run_dir / "metrics.jsonl").is_file():
         print(f"error: {args.run_dir} is not a dnnrun run directory (no metrics.jsonl)", file=sys.stderr)
         return 2
-    try:
-        drawn = plot_run(args.run_dir)
-    except UserError as exc:  # e.g. a damaged metrics.jsonl
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    for path in drawn:
+    for path in plot_run(args.run_dir):  # a damaged metrics.jsonl: a UserError, reported by @command
         print(path)
     return 0
 

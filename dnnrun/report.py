@@ -21,7 +21,7 @@ from typing import Any
 from rich.table import Table
 
 from dnnrun.console import console
-from dnnrun.errors import UserError
+from dnnrun.errors import command
 from dnnrun.metrics import maximized
 from dnnrun.sweeps import is_run_dir, job_dirs, read_run
 
@@ -167,17 +167,14 @@ def _natural(value: str):
         return (1, 0.0, value)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dnnrun-report", description="Compare dnnrun runs side by side.")
     parser.add_argument("paths", nargs="+", type=Path, help="sweep directories or run directories")
     parser.add_argument("--out", type=Path, help="where the report goes (default: the sweep directory, "
                                                   "or outputs/report for several paths)")
     args = parser.parse_args(argv)
-    try:
-        runs = collect(args.paths)
-    except UserError as exc:  # e.g. a damaged metrics.jsonl
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    runs = collect(args.paths)
     if not runs:
         print("error: no runs found in " + ", ".join(map(str, args.paths)), file=sys.stderr)
         return 2

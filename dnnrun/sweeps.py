@@ -17,6 +17,7 @@ import yaml
 from dnnrun.checkpoint import atomic_write
 from dnnrun.metrics import maximized, read_jsonl, write_json
 
+
 def write_status(run_dir: Path, status: str, exit_code: int, job: dict[str, Any], error: str | None = None) -> None:
     record = {"status": status, "exit_code": exit_code, "job": job,
               "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
