@@ -3,66 +3,26 @@ every RNG state. Written atomically; read only with `torch.load(..., weights_onl
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import io
 import json
-import os
 import pickle
 import random
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from dnnrun.errors import RunError, UserError
+from dnnrun.errors import UserError
+from dnnrun.rundir import atomic_write
+from dnnrun.state import TrainState
 
 FORMAT = "dnnrun-checkpoint"
 VERSION = 1
 WEIGHTS_FORMAT = "dnnrun-weights"  # safetensors files written by dnnrun-export
-TMP_MARK = ".tmp-"  # temporary files are named .NAME.tmp-PID until renamed
-
-
-def remove_stale_temporaries(run_dir: Path) -> list[Path]:
-    """Temporary files left by a process killed while writing (never a finished file)."""
-    stale = [p for p in Path(run_dir).rglob(f".*{TMP_MARK}*") if p.is_file()]
-    for p in stale:
-        p.unlink()
-    return stale
-
-
-def atomic_write(path: Path, write, before_rename=None) -> None:
-    """Write through `write(file)` to a temporary file in the same folder, fsync it, then rename.
-
-    A crash leaves either the old file or the new one under `path`, never a torn one.
-    `before_rename` (tests' fault injection) runs when the temporary file is complete.
-    """
-    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        if before_rename is not None:
-            before_rename()
-        os.replace(tmp, path)
-    except OSError as exc:  # a full disk, a read-only folder: the previous file stays as it was
-        _discard(tmp)
-        raise RunError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    except BaseException:
-        _discard(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-
-
-def _discard(tmp: Path) -> None:
-    with contextlib.suppress(OSError):  # e.g. its folder could not be made: then there is no file either
-        tmp.unlink(missing_ok=True)
 
 
 def serialize(state: dict[str, Any]) -> bytes:
@@ -112,15 +72,36 @@ def _load_pt(path: Path, map_location) -> dict[str, Any]:
     return state
 
 
+def _entries(cls: type) -> dict[str, Any]:
+    """What a checkpoint entry written from dataclass `cls` must hold: each field's types, a nested
+    dataclass as a dict of its own (optional when the field may be None)."""
+    spec = {}
+    for name, tp in typing.get_type_hints(cls).items():
+        args = typing.get_args(tp) if isinstance(tp, types.UnionType) else (tp,)
+        nested = next((a for a in args if dataclasses.is_dataclass(a)), None)
+        if nested is not None:
+            spec[name] = Optional(_entries(nested)) if type(None) in args else _entries(nested)
+        else:
+            allowed = [t for a in args for t in ((int, float) if a is float else (typing.get_origin(a) or a,))]
+            spec[name] = tuple(dict.fromkeys(allowed))
+    return spec
+
+
+@dataclasses.dataclass(frozen=True)
+class Optional:
+    """An entry that may be missing or None, and is checked against `spec` when it is there."""
+
+    spec: dict[str, Any]
+
+
 # What readers take from a checkpoint: a key's type, or a dict of the keys it must hold in turn.
-# train._save_checkpoints writes them; train._resume and _train read them ("scaler" and
-# trainer["progress"] are optional and read with .get). A tuple lists the types allowed.
+# resume.Checkpoints writes and reads them ("scaler" is optional and read with .get). A tuple
+# lists the types allowed. The trainer's entry is TrainState's, derived from its fields.
 WEIGHTS: dict[str, Any] = {"model": dict, "config": dict}  # model: parameter name -> tensor, checked apart
 TRAINING: dict[str, Any] = {
     "optimizer": {"state": dict, "param_groups": list},  # torch.optim.Optimizer.state_dict()
     "schedule": {"t": int, "base_lrs": list, "total": int},  # schedules.Schedule.state_dict()
-    "trainer": {"epoch": int, "step": int, "best": (int, float, type(None)), "best_epoch": (int, type(None)),
-                "bad_epochs": int, "history": list, "reused_layers": list, "reused": list, "unfrozen": bool},
+    "trainer": _entries(TrainState),
     "rng": {"torch": torch.Tensor, "cuda": list, "shuffle": torch.Tensor, "python": tuple,  # rng_state()
             "numpy": {"keys": torch.Tensor, "pos": int, "has_gauss": int, "gauss": float}},
 }
@@ -130,12 +111,16 @@ def _problem(value: Any, spec: dict[str, Any], where: str) -> str | None:
     """What is missing or of the wrong type in `value` against `spec` (the first problem), or None."""
     for key, want in spec.items():
         name = f"{where}.{key}" if where else key
+        if isinstance(want, Optional):
+            if value.get(key) is None:
+                continue
+            want = want.spec
         if key not in value:
             return f"it has no '{name}' entry"
-        types = dict if isinstance(want, dict) else want
-        if not isinstance(value[key], types):
-            expected = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
-            return f"'{name}' is {_describe(value[key])}, expected {expected}"
+        allowed = dict if isinstance(want, dict) else want
+        if not isinstance(value[key], allowed):
+            expected = " or ".join(t.__name__ for t in (allowed if isinstance(allowed, tuple) else (allowed,)))
+            return f"'{name}' is {_value_text(value[key])}, expected {expected}"
         if isinstance(want, dict) and (problem := _problem(value[key], want, name)):
             return problem
     if not where and "model" in spec:
@@ -144,7 +129,7 @@ def _problem(value: Any, spec: dict[str, Any], where: str) -> str | None:
         bad = next((k for k, t in value["model"].items() if not isinstance(k, str) or not isinstance(t, torch.Tensor)),
                    None)
         if bad is not None:
-            return f"'model' must map parameter names to tensors, but '{bad}' maps to {_describe(value['model'][bad])}"
+            return f"'model' must map parameter names to tensors, but '{bad}' maps to {_value_text(value['model'][bad])}"
     if "rng" in spec:  # CPU generator states: bytes, as many as torch.get_rng_state() has
         size = torch.get_rng_state().numel()
         for key in ("torch", "shuffle"):
@@ -155,7 +140,7 @@ def _problem(value: Any, spec: dict[str, Any], where: str) -> str | None:
     return None
 
 
-def _describe(value: Any) -> str:
+def _value_text(value: Any) -> str:
     text = repr(value)
     return f"a {type(value).__name__} ({text if len(text) <= 40 else text[:37] + '...'})"
 

@@ -60,9 +60,10 @@ def _task(cfg: DictConfig) -> float | None:
     forbidden directory, unfitting checkpoint) leaves its directory as it found it; in a sweep its
     failure is kept in SWEEP_DIR/N_rejected. Otherwise the run's status.json records how it ended,
     and a failing job lets the others go on: the sweep's end (SweepReport) lists the failures."""
-    from dnnrun import distributed, sweeps  # torch is imported here, after Hydra has parsed argv
-    from dnnrun.train import StopFlag
+    from dnnrun import distributed  # torch is imported here, after Hydra has parsed argv
     from dnnrun.console import console
+    from dnnrun.rundir import RunDir, SweepDir
+    from dnnrun.signals import StopFlag
 
     hc = HydraConfig.get()
     sweeping = hc.mode == RunMode.MULTIRUN
@@ -82,10 +83,10 @@ def _task(cfg: DictConfig) -> float | None:
 
     refusal = _refusal(cfg, run_dir, sweep_dir)
     if refusal is None and sweeping:
-        previous = sweeps.status(run_dir) or {}
+        previous = RunDir(run_dir).read_status() or {}
         if previous.get("status") == "completed" and previous.get("job", {}).get("overrides") == job["overrides"]:
             logging.getLogger("dnnrun").info("job %s already completed in %s: skipped", hc.job.num, run_dir)
-            return sweeps.read_run(run_dir).get(_monitor(cfg))
+            return RunDir(run_dir).read().get(_monitor(cfg))
     if refusal is not None:
         code, value, failure, started = EXIT_BAD_INPUT, None, UserError(refusal), False
         _error(refusal)
@@ -105,7 +106,7 @@ def _task(cfg: DictConfig) -> float | None:
                 if rejected is not None:
                     _record(code, failure, rejected, job)
             if in_sweep:
-                sweeps.update_table(sweep_dir)
+                SweepDir(sweep_dir).update_table()
         if held.signum and sweeping and code not in (EXIT_INTERRUPTED, EXIT_TERMINATED):  # the sweep stops here
             sys.exit(Interrupted(held.signum).exit_code)
     if code == EXIT_INTERNAL and not sweeping and not isinstance(failure, RunError):
@@ -122,12 +123,13 @@ STATUS_OF_EXIT = {EXIT_OK: "completed", EXIT_DIVERGED: "diverged", EXIT_INTERRUP
 
 
 def _record(code: int, failure: BaseException | None, run_dir: Path, job: dict) -> None:
-    from dnnrun import faults, sweeps
+    from dnnrun import faults
+    from dnnrun.rundir import RunDir
 
     injected = faults.from_env()
     if injected is not None:  # tests: a signal while the end is recorded
         injected.at("status", 1)
-    sweeps.write_status(run_dir, STATUS_OF_EXIT.get(code, "failed"), code, job, _describe(failure))
+    RunDir(run_dir).write_status(STATUS_OF_EXIT.get(code, "failed"), code, job, _describe(failure))
 
 
 def _refusal(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None) -> str | None:
@@ -150,7 +152,7 @@ def _run(cfg: DictConfig, run_dir: Path, hc, sweeping: bool, rank: int):
     """(exit code, the value for a sweeper, what went wrong, whether the run began) of one run;
     prints what went wrong. A run begins once it owns its directory: then Hydra's config snapshot
     is written into it."""
-    from dnnrun import evaluate, lr_find, train
+    from dnnrun import evaluate, faults, lr_find, train
     from dnnrun.config import parse_run_config
 
     started = []
@@ -172,7 +174,8 @@ def _run(cfg: DictConfig, run_dir: Path, hc, sweeping: bool, rank: int):
         if run_cfg.mode == "evaluate":
             start()
             return EXIT_OK, evaluate.run(run_cfg, run_dir)["deterministic"]["accuracy"], None, True
-        summary = train.run(run_cfg, run_dir if rank == 0 else Path(hc.runtime.output_dir), on_start=start)
+        summary = train.run(run_cfg, run_dir if rank == 0 else Path(hc.runtime.output_dir), on_start=start,
+                            hook=faults.from_env())
         return EXIT_OK, summary["best"]["value"], None, True
     except (UserError, OmegaConfBaseException) as exc:
         _error(str(exc))
@@ -300,9 +303,9 @@ class SweepReport(Callback):
 
 def report_sweep(sweep_dir: Path) -> bool:
     """Rewrite sweep.csv and print how many jobs completed and every one that did not; whether one did not."""
-    from dnnrun import sweeps
+    from dnnrun.rundir import SweepDir
 
-    rows = sweeps.update_table(sweep_dir)
+    rows = SweepDir(sweep_dir).update_table()
     failed = [r for r in rows if r["status"] != "completed"]
     print(f"sweep: {len(rows) - len(failed)} of {len(rows)} jobs completed; table: {sweep_dir}/sweep.csv")
     for row in failed:
@@ -316,16 +319,16 @@ def _sweep_broke() -> bool:
     sweep's end: Hydra calls no on_multirun_end then. The jobs whose process died left no status.json:
     they are recorded as failed, and the sweep is reported as SweepReport would. False when no job
     had begun: Hydra could not compose a job's config (bad input; it has printed why)."""
-    from dnnrun import sweeps
+    from dnnrun.rundir import SweepDir
 
     sweep_dir = Path(_sweep.sweep.dir)
-    jobs = sweeps.job_dirs(sweep_dir)
+    jobs = [job.path for job in SweepDir(sweep_dir).jobs()]
     if not jobs and not _launched:
         return False
     # A Slurm job (submitit) outlives a failure of the launcher that waits for it: it records its own end.
     remote = "submitit" in str(OmegaConf.select(_sweep, "launcher._target_", default=""))
     for job in jobs if not remote else []:
-        if sweeps.status(job) is None:
+        if not (job / "status.json").exists():
             snapshot = job / ".hydra" / "overrides.yaml"
             overrides = OmegaConf.to_container(OmegaConf.load(snapshot)) if snapshot.is_file() else []
             number = job.name.split("_", 1)[0]

@@ -1,27 +1,111 @@
-"""The whole run's config, checked group by group before anything is trained."""
+"""The whole run's config, checked group by group before anything is trained: the groups'
+schemas (dataclasses here and in each concern's module, or a registry's `Choice`), the checks
+across groups, and the settings that never change what a run computes."""
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Literal
 
-from dnnrun import activations, init, loggers, optim, pretrain, regularizers, schedules
+from dnnrun import activations, init, loggers, model, optim, pretrain, regularizers, schedules
 from dnnrun.data import DataConfig, parse_data
-from dnnrun.evaluate import EvaluateConfig
-from dnnrun.lr_find import LRFindConfig
-from dnnrun.model import MODELS, ModelConfig
+from dnnrun.diagnostics import DiagnosticsConfig
+from dnnrun.early_stopping import EarlyStoppingConfig
 from dnnrun.norms import NormConfig, parse_norm
 from dnnrun.schema import Choice, Problems, check_value, did_you_mean, parse
-from dnnrun.train import TrainerConfig
 from dnnrun.transfer import TransferConfig
 
 Mode = Literal["train", "lr_find", "evaluate"]
+
+# Settings that never change what a run computes: where files are, how much is shown or recorded,
+# on which device. A resume may change them, and a sweep job's directory name leaves them out
+# (conf/config.yaml: hydra.job.config.override_dirname.exclude_keys, through the dnnrun.result_neutral
+# resolver). A key stands for the keys under it too.
+RESULT_NEUTRAL = ("outputs", "data.root", "data.download", "trainer.resume", "trainer.force_resume",
+                  "trainer.progress", "trainer.threads", "trainer.device", "trainer.eval_batch_size",
+                  "trainer.detect_anomaly", "trainer.diagnostics", "logger")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerConfig:
+    epochs: int = 20
+    batch_size: int = 32
+    eval_batch_size: int = 1024  # evaluation only: larger is faster and changes nothing
+    device: str = "auto"  # auto (CUDA if present, else CPU) | cpu | cuda | cuda:N | mps
+    seed: int = 0  # one seed for initialization, shuffling and dropout
+    deterministic: bool = False  # deterministic kernels only (slower on GPU)
+    amp: bool = False  # mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling)
+    clip_value: float | None = None  # clip each gradient element to [-v, v]
+    clip_norm: float | None = None  # rescale the gradients when their global L2 norm exceeds this
+    monitor: Literal["val/loss", "val/acc"] = "val/loss"  # picks best.pt and drives early stopping
+    early_stopping: EarlyStoppingConfig = dataclasses.field(default_factory=EarlyStoppingConfig)
+    restore_best: bool = True  # test (and leave in memory) the best epoch's weights, not the last
+    resume: str | None = None  # null: fresh start | auto: last.pt in the run directory | a checkpoint path
+    force_resume: bool = False  # resume even when settings that change the result differ from the checkpoint's
+    limit_batches: int | None = None  # train on at most this many batches per epoch (debugging)
+    detect_anomaly: bool = False  # autograd anomaly detection: names the op that made a NaN (slow)
+    progress: bool = True  # Rich progress bar (on terminals only)
+    threads: int | None = None  # CPU threads for torch; null: PyTorch's choice (a parallel sweep divides the cores)
+    diagnostics: DiagnosticsConfig = dataclasses.field(default_factory=DiagnosticsConfig)
+
+    def check(self, problems: Problems, key: str) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size", "limit_batches", "threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                problems.add(f"{key}.{name}", f"must be >= 1, got {value}")
+        for name in ("clip_value", "clip_norm"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                problems.add(f"{key}.{name}", f"must be > 0 or null, got {value}")
+        if not 0 <= self.seed < 2**32:  # what numpy's generator takes
+            problems.add(f"{key}.seed", f"must be in [0, 2**32), got {self.seed}")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            problems.add(f"{key}.device", f"expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        patience = self.early_stopping.patience
+        if patience is not None and patience < 1:
+            problems.add(f"{key}.early_stopping.patience", f"must be >= 1 or null, got {patience}")
+        if self.early_stopping.min_delta < 0:
+            problems.add(f"{key}.early_stopping.min_delta", f"must be >= 0, got {self.early_stopping.min_delta}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LRFindConfig:
+    start_lr: float = 1e-7
+    end_lr: float = 10.0
+    steps: int = 300  # the rate reaches end_lr at the last step
+    smoothing: float = 0.98  # weight of the past in the loss's moving average
+    diverge_factor: float = 4.0  # stop once the smoothed loss exceeds this multiple of its minimum
+
+    def check(self, problems: Problems, key: str) -> None:
+        if not 0 < self.start_lr < self.end_lr:
+            problems.add(f"{key}.start_lr", f"must be > 0 and below end_lr ({self.end_lr}), got {self.start_lr}")
+        if self.steps < 10:
+            problems.add(f"{key}.steps", f"must be >= 10, got {self.steps}")
+        if not 0 <= self.smoothing < 1:
+            problems.add(f"{key}.smoothing", f"must be in [0, 1), got {self.smoothing}")
+        if self.diverge_factor <= 1:
+            problems.add(f"{key}.diverge_factor", f"must be > 1, got {self.diverge_factor}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig:
+    checkpoint: str | None = None  # the dnnrun checkpoint to evaluate (mode=evaluate)
+    split: Literal["test", "val"] = "test"
+    mc_samples: int = 0  # > 0: also MC dropout with this many stochastic passes
+    bins: int = 15  # confidence bins for the expected calibration error
+
+    def check(self, problems: Problems, key: str) -> None:
+        if self.mc_samples < 0:
+            problems.add(f"{key}.mc_samples", f"must be >= 0, got {self.mc_samples}")
+        if self.bins < 1:
+            problems.add(f"{key}.bins", f"must be >= 1, got {self.bins}")
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     data: DataConfig
-    model: ModelConfig
+    model: Any  # the chosen architecture's config (model.MODELS)
     init: Choice
     act: Choice
     norm: NormConfig
@@ -42,7 +126,7 @@ class RunConfig:
 # Each group's checker: (plain data, key, problems) -> the typed config, or None after a problem.
 GROUPS = {
     "data": parse_data,
-    "model": lambda raw, key, problems: parse(ModelConfig, raw, key, problems, registry=MODELS, kind="model"),
+    "model": model.parse,
     "init": init.parse,
     "act": activations.parse,
     "norm": parse_norm,

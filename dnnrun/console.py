@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
+
+if TYPE_CHECKING:
+    from dnnrun.state import EpochProgress
 
 console = Console()
 if not console.is_terminal:
@@ -17,8 +21,8 @@ REFRESH_S = 0.1  # seconds between redraws of the progress bar
 
 
 class EpochBar:
-    """A progress bar per epoch: step, loss and samples/s. Cheap per step: it looks at the clock
-    and redraws at most every REFRESH_S seconds."""
+    """A progress bar per epoch: step, the epoch's mean training loss so far and samples/s. Cheap
+    per step: it looks at the clock and redraws at most every REFRESH_S seconds."""
 
     def __init__(self, enabled: bool, epochs: int):
         self.progress = Progress(
@@ -41,24 +45,26 @@ class EpochBar:
     def __exit__(self, *exc) -> None:
         self.progress.stop()
 
-    def start_epoch(self, epoch: int, steps: int, done: int = 0) -> None:
-        self.task = self.progress.add_task(f"epoch {epoch}/{self.epochs}", total=steps, completed=done, loss="-", rate="-")
+    def start_epoch(self, epoch: int, steps: int, progress: EpochProgress) -> None:
+        """An epoch of `steps` steps, `progress.batches` of them done before (a resumed epoch)."""
+        self.task = self.progress.add_task(f"epoch {epoch}/{self.epochs}", total=steps, completed=progress.batches,
+                                           loss="-", rate="-")
         self.started = self.last = time.perf_counter()
-        self.samples = 0
+        self.seen_before = progress.seen
 
-    def step(self, i: int, loss: float, batch: int) -> None:
-        self.samples += batch
+    def step(self, progress: EpochProgress) -> None:
         now = time.perf_counter()
         if now - self.last >= REFRESH_S:
-            self._draw(i, loss, now)
+            self._draw(progress, now)
 
-    def end_epoch(self, i: int, loss: float) -> None:
-        self._draw(i, loss, time.perf_counter())
+    def end_epoch(self, progress: EpochProgress) -> None:
+        self._draw(progress, time.perf_counter())
 
-    def _draw(self, i: int, loss: float, now: float) -> None:
+    def _draw(self, progress: EpochProgress, now: float) -> None:
         self.last = now
-        rate = self.samples / max(now - self.started, 1e-9)
-        self.progress.update(self.task, completed=i, loss=f"{loss:.4f}", rate=f"{rate:,.0f}")
+        rate = (progress.seen - self.seen_before) / max(now - self.started, 1e-9)
+        loss = progress.loss_sum / max(progress.seen, 1)
+        self.progress.update(self.task, completed=progress.batches, loss=f"{loss:.4f}", rate=f"{rate:,.0f}")
 
 
 def results_table(summary: dict) -> Table:

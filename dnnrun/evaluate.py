@@ -12,37 +12,22 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
 import torch
 from rich.table import Table
 from torch import nn
 
-from dnnrun import checkpoint, data as data_mod
+from dnnrun import checkpoint, runtime
+from dnnrun.config import RunConfig, parse_run_config
 from dnnrun.console import console
+from dnnrun.data import load as load_data
 from dnnrun.errors import ConfigError, UserError
-from dnnrun.metrics import write_json
-from dnnrun.schema import Problems
-from dnnrun.transfer import source_widths
-
-if TYPE_CHECKING:
-    from dnnrun.config import RunConfig
+from dnnrun.metrics import scores
+from dnnrun.model import fitting_config
+from dnnrun.rundir import RunDir
 
 log = logging.getLogger("dnnrun")
-
-
-@dataclasses.dataclass(frozen=True)
-class EvaluateConfig:
-    checkpoint: str | None = None  # the dnnrun checkpoint to evaluate (mode=evaluate)
-    split: Literal["test", "val"] = "test"
-    mc_samples: int = 0  # > 0: also MC dropout with this many stochastic passes
-    bins: int = 15  # confidence bins for the expected calibration error
-
-    def check(self, problems: Problems, key: str) -> None:
-        if self.mc_samples < 0:
-            problems.add(f"{key}.mc_samples", f"must be >= 0, got {self.mc_samples}")
-        if self.bins < 1:
-            problems.add(f"{key}.bins", f"must be >= 1, got {self.bins}")
 
 
 def dropout_on(model: nn.Module) -> int:
@@ -71,26 +56,8 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int, samples: int = 0
         model.eval()
 
 
-def scores(probs: torch.Tensor, y: torch.Tensor, bins: int = 15) -> dict[str, float]:
-    """Accuracy, negative log-likelihood, expected calibration error and mean predictive entropy."""
-    confidence, predicted = probs.max(1)
-    correct = (predicted == y).float()
-    nll = -probs.gather(1, y.unsqueeze(1)).squeeze(1).clamp_min(1e-12).log()
-    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1)
-    edges = torch.linspace(0, 1, bins + 1, device=probs.device)
-    ece = torch.zeros((), device=probs.device)
-    for low, high in zip(edges[:-1], edges[1:]):
-        in_bin = (confidence > low) & (confidence <= high)
-        if in_bin.any():  # |accuracy - confidence| in the bin, weighted by its share of the examples
-            ece += in_bin.float().mean() * (correct[in_bin].mean() - confidence[in_bin].mean()).abs()
-    return {"accuracy": correct.mean().item(), "nll": nll.mean().item(), "ece": ece.item(), "entropy": entropy.mean().item()}
-
-
-def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
-    from dnnrun.config import parse_run_config
-    from dnnrun.train import build_model, resolve_device, seed_everything
-
-    ev = cfg.evaluate
+def run(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
+    ev, run_dir = cfg.evaluate, RunDir(run_dir)
     if ev.checkpoint is None:
         raise UserError("mode=evaluate needs evaluate.checkpoint=PATH (a dnnrun checkpoint)")
     path = Path(ev.checkpoint).expanduser()
@@ -103,13 +70,11 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     # The model and data as trained; where the data files live is this machine's business.
     data_cfg = dataclasses.replace(trained.data, root=cfg.data.root, download=cfg.data.download)
     trained = dataclasses.replace(trained, data=data_cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.trainer.device)
-    seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
-    data = data_mod.load(data_cfg, device)
-    # the widths the weights have (a transferred model's come from its source, not from model.hidden)
-    widths = dataclasses.replace(trained.model, hidden=source_widths(ckpt["model"]), depth=None, width=None)
-    model, _ = build_model(trained, data, widths)
+    run_dir.path.mkdir(parents=True, exist_ok=True)
+    device = runtime.resolve_device(cfg.trainer.device)
+    runtime.seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
+    data = load_data(data_cfg, device)
+    model, _ = runtime.build_model(trained, data, fitting_config(trained.model, ckpt["model"]))
     checkpoint.load_into(model, ckpt["model"], path)
     model.to(device)
     split = getattr(data, ev.split)
@@ -131,8 +96,8 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         model.eval()
         if result["mc_dropout"]["dropout_layers"] == 0:
             log.warning("the model has no dropout layers: the MC dropout passes equal the deterministic one")
-    write_json(run_dir / "evaluation.json", result)
-    write_json(run_dir / "summary.json", {"status": "completed", "mode": "evaluate", **result})
+    run_dir.write_evaluation(result)
+    run_dir.write_summary({"status": "completed", "mode": "evaluate", **result})
     console.print(_table(result))
     return result
 

@@ -1,6 +1,7 @@
 """dnnrun-export CHECKPOINT [--out FILE]: a checkpoint's model weights and config as safetensors.
 
-The file holds tensors and strings only, so loading it cannot run code. `transfer.source` and
+CHECKPOINT is a checkpoint file, or a run directory (its checkpoints/best.pt). The file holds
+tensors and strings only, so loading it cannot run code. `transfer.source` and
 `evaluate.checkpoint` accept it in place of a checkpoint.
 """
 
@@ -12,16 +13,18 @@ from pathlib import Path
 
 from dnnrun.checkpoint import export_safetensors
 from dnnrun.errors import command
+from dnnrun.rundir import RunDir
 
 
 @command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dnnrun-export", description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("checkpoint", type=Path, help="a checkpoint, or a run directory (its best.pt)")
     parser.add_argument("--out", type=Path, help="default: the checkpoint's name with .safetensors")
     args = parser.parse_args(argv)
-    out = args.out or args.checkpoint.with_suffix(".safetensors")
-    print(export_safetensors(args.checkpoint, out))
+    source = RunDir(args.checkpoint).best if args.checkpoint.is_dir() else args.checkpoint
+    out = args.out or source.with_suffix(".safetensors")
+    print(export_safetensors(source, out))
     return 0
 
 

@@ -1,5 +1,10 @@
-"""Fault injection for tests: DNNRUN_FAULT=KIND@POINT=N[,KIND@POINT=N...] makes a run fail on purpose.
+"""Points where a test may act on a run, and fault injection through them.
 
+The training loop calls a `Hook` at a few fixed points; the default one does nothing. Tests pass
+their own to `train.run(..., hook=...)`, or a `Faults` made from DNNRUN_FAULT, which the CLI reads
+so that tests can break a real process:
+
+DNNRUN_FAULT=KIND@POINT=N[,KIND@POINT=N...]
 KIND   nan    the training loss becomes NaN (POINT must be step)
        raise  an exception
        enospc the write fails as on a full disk (POINT must be save)
@@ -11,8 +16,8 @@ POINT  step=N   right after the N-th optimizer step of the run (counting from 1,
        save=N   inside the N-th checkpoint write of this process: the temporary file is complete
                 and fsynced, the rename has not happened
        status=1 as the CLI records how the run ended (status.json), after training
-Unset, it costs a comparison per step. A resumed run passes a given step or epoch only once, so
-such a fault does not fire again after the resume.
+A resumed run passes a given step or epoch only once, so such a fault does not fire again after
+the resume.
 """
 
 from __future__ import annotations
@@ -22,8 +27,29 @@ import errno
 import os
 import re
 import signal
+from typing import TYPE_CHECKING
 
 from dnnrun.errors import UserError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+class Hook:
+    """What the loop calls; each method does nothing here."""
+
+    def start(self, model: nn.Module, step: int) -> None:
+        """Training begins (after any pretraining and resume) with `step` optimizer steps behind it."""
+
+    def after_step(self, step: int) -> None:
+        """The `step`-th optimizer step of the run is done."""
+
+    def end_epoch(self, epoch: int) -> None:
+        """Epoch `epoch` is done and its checkpoint written."""
+
+    def before_rename(self) -> None:
+        """A checkpoint file is written and fsynced, not yet renamed into place."""
+
 
 KINDS = ("nan", "raise", "enospc", "kill", "term", "int", "usr2")
 POINTS = ("step", "epoch", "save", "status")
@@ -50,31 +76,46 @@ class Fault:
             os.kill(os.getpid(), SIGNALS[self.kind])  # handlers run before the next Python instruction
 
 
-class Faults:
+class Faults(Hook):
     """The faults of this run, and the checkpoint writes counted so far."""
 
     def __init__(self, faults: list[Fault]):
         self.faults = faults
         self.saves = 0
 
-    def nan_at(self, step: int) -> bool:
-        return any(f.kind == "nan" and f.n == step for f in self.faults)
+    def start(self, model: nn.Module, step: int) -> None:
+        """A NaN loss at step N: the model's output at the N-th training-mode forward pass becomes NaN
+        (evaluation passes run in eval mode and are not counted)."""
+        nan_at = {f.n for f in self.faults if f.kind == "nan"}
+        if not nan_at:
+            return
+        passes = [step]
+
+        def poison(module, inputs, output):
+            if not module.training:
+                return output
+            passes[0] += 1
+            return output * float("nan") if passes[0] in nan_at else output
+
+        model.register_forward_hook(poison)
 
     def at(self, point: str, n: int) -> None:
         for fault in self.faults:
             if fault.point == point and fault.n == n and fault.kind != "nan":
                 fault.fire()
 
-    def on_save(self) -> None:
-        """Called by a checkpoint write between the temporary file's fsync and its rename."""
+    def after_step(self, step: int) -> None:
+        self.at("step", step)
+
+    def end_epoch(self, epoch: int) -> None:
+        self.at("epoch", epoch)
+
+    def before_rename(self) -> None:
         self.saves += 1
         self.at("save", self.saves)
 
 
-def from_env() -> Faults | None:
-    spec = os.environ.get("DNNRUN_FAULT", "").strip()
-    if not spec:
-        return None
+def parse(spec: str) -> Faults:
     faults = []
     for item in spec.split(","):
         match = re.fullmatch(r"(\w+)@(\w+)=(\d+)", item.strip())
@@ -85,3 +126,8 @@ def from_env() -> Faults | None:
             )
         faults.append(Fault(match[1], match[2], int(match[3])))
     return Faults(faults)
+
+
+def from_env() -> Faults | None:
+    spec = os.environ.get("DNNRUN_FAULT", "").strip()
+    return parse(spec) if spec else None

@@ -1,4 +1,4 @@
-"""Weight initializers, applied to every Linear weight (biases start at zero).
+"""Weight initializers, applied to the weight of every affine layer, Linear or Conv (biases start at zero).
 
 Glorot, He and LeCun are one function, `variance_scaling_`, with different data: the presets in
 conf/init/ set its scale, mode and distribution. Fans follow PyTorch's (out, in, *kernel) layout.
@@ -94,11 +94,18 @@ def parse(raw, key: str, problems: Problems) -> Choice | None:
     return choice
 
 
+AFFINE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # the layers with a weight that initializers set
+
+
+def affine_layers(model: nn.Module) -> list[nn.Module]:
+    """Every Linear and Conv layer in a module (itself included), in order."""
+    return [m for m in model.modules() if isinstance(m, AFFINE)]
+
+
 def initialize(model: nn.Module, choice: Choice) -> None:
-    """Apply the chosen initializer to every Linear weight and zero every Linear bias."""
+    """Apply the chosen initializer to every affine layer's weight and zero its bias."""
     init_ = INITIALIZERS[choice.name]
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            init_(module.weight, **choice.params)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
+    for layer in affine_layers(model):
+        init_(layer.weight, **choice.params)
+        if layer.bias is not None:
+            nn.init.zeros_(layer.bias)

@@ -3,17 +3,17 @@ TensorBoard event files under the run directory (`tensorboard --logdir outputs`)
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from dnnrun.errors import UserError
+from dnnrun.rundir import RunDir
 from dnnrun.schema import Choice, Problems, parse_choice
 
 
 class NoLogger:
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: RunDir):
         pass
 
     def epoch(self, record: dict[str, Any]) -> None:
@@ -30,14 +30,14 @@ class TensorBoard(NoLogger):
     """Scalars for every epoch metric and per-layer statistic; weight and gradient histograms at
     the monitored steps (trainer.diagnostics.every)."""
 
-    def __init__(self, run_dir: Path, histograms: bool = True):
+    def __init__(self, run_dir: RunDir, histograms: bool = True):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise UserError(
                 "logger=tensorboard needs the tensorboard package: pip install -e \".[tensorboard]\""
             ) from None
-        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        self.writer = SummaryWriter(log_dir=str(run_dir.tensorboard))
         self.histograms = histograms
 
     def epoch(self, record: dict[str, Any]) -> None:
@@ -70,5 +70,5 @@ def parse(raw, key: str, problems: Problems) -> Choice | None:
     return parse_choice(raw, LOGGERS, key, "logger", problems)
 
 
-def build(choice: Choice, run_dir: Path) -> NoLogger:
+def build(choice: Choice, run_dir: RunDir) -> NoLogger:
     return LOGGERS[choice.name](run_dir, **choice.params)

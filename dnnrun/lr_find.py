@@ -8,47 +8,25 @@ checkpoint, so it never touches a training run's.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from dnnrun import data as data_mod, optim
+from dnnrun import optim, runtime
+from dnnrun.config import LRFindConfig, RunConfig
 from dnnrun.console import console
-from dnnrun.metrics import write_json
-from dnnrun.schema import Problems
-
-if TYPE_CHECKING:
-    from dnnrun.config import RunConfig
+from dnnrun.data import Split, load as load_data
+from dnnrun.rundir import RunDir
 
 log = logging.getLogger("dnnrun")
 
 
-@dataclasses.dataclass(frozen=True)
-class LRFindConfig:
-    start_lr: float = 1e-7
-    end_lr: float = 10.0
-    steps: int = 300  # the rate reaches end_lr at the last step
-    smoothing: float = 0.98  # weight of the past in the loss's moving average
-    diverge_factor: float = 4.0  # stop once the smoothed loss exceeds this multiple of its minimum
-
-    def check(self, problems: Problems, key: str) -> None:
-        if not 0 < self.start_lr < self.end_lr:
-            problems.add(f"{key}.start_lr", f"must be > 0 and below end_lr ({self.end_lr}), got {self.start_lr}")
-        if self.steps < 10:
-            problems.add(f"{key}.steps", f"must be >= 10, got {self.steps}")
-        if not 0 <= self.smoothing < 1:
-            problems.add(f"{key}.smoothing", f"must be in [0, 1), got {self.smoothing}")
-        if self.diverge_factor <= 1:
-            problems.add(f"{key}.diverge_factor", f"must be > 1, got {self.diverge_factor}")
-
-
 def find(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, split: data_mod.Split, batch_size: int,
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, split: Split, batch_size: int,
     cfg: LRFindConfig, generator: torch.Generator,
 ) -> dict[str, Any]:
     """Run the range test; the model and optimizer are spent afterwards."""
@@ -83,7 +61,7 @@ def find(
     return {"lrs": lrs, "losses": losses, "smoothed": smoothed, "stopped": stop, **suggest(lrs, smoothed)}
 
 
-def _endless_batches(split: data_mod.Split, batch_size: int, generator: torch.Generator):
+def _endless_batches(split: Split, batch_size: int, generator: torch.Generator):
     """Shuffled mini-batches, epoch after epoch, for as many steps as the test wants."""
     while True:
         yield from split.batches(batch_size, generator)
@@ -101,28 +79,26 @@ def suggest(lrs: list[float], smoothed: list[float]) -> dict[str, Any]:
     return {"suggestion": lrs[at], "min_loss_lr": lrs[low], "falling": [lrs[0], lrs[low]]}
 
 
-def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
+def run(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
     """The test on the model the config describes, freshly initialized (without transfer.source or
     pretraining: the test is about the optimizer and its rate, and it spends the model)."""
-    from dnnrun.train import build_model, resolve_device, seed_everything  # the same builders as training
-
-    tc = cfg.trainer
-    run_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(tc.device)
-    seed_everything(tc.seed, tc.deterministic)
-    data = data_mod.load(cfg.data, device)
-    model, _ = build_model(cfg, data)
+    tc, run_dir = cfg.trainer, RunDir(run_dir)
+    run_dir.path.mkdir(parents=True, exist_ok=True)
+    device = runtime.resolve_device(tc.device)
+    runtime.seed_everything(tc.seed, tc.deterministic)
+    data = load_data(cfg.data, device)
+    model, _ = runtime.build_model(cfg, data)
     model.to(device)
     optimizer = optim.build(cfg.optimizer, model)
     result = find(model, optimizer, data.train, tc.batch_size, cfg.lr_find, torch.Generator().manual_seed(tc.seed))
     result.update(optimizer=cfg.optimizer.name, batch_size=tc.batch_size, steps=len(result["lrs"]))
-    write_json(run_dir / "lr_find.json", result)
-    from dnnrun.plots import lr_find_plot
+    run_dir.write_lr_find(result)
+    from dnnrun.plots import lr_find_plot  # matplotlib is imported only when plots are drawn
 
-    (run_dir / "plots").mkdir(exist_ok=True)
-    lr_find_plot(result, run_dir / "plots" / "lr_find.png")
-    write_json(run_dir / "summary.json", {"status": "completed", "mode": "lr_find", "suggestion": result["suggestion"],
-                                          "min_loss_lr": result["min_loss_lr"], "stopped": result["stopped"]})
+    run_dir.plots.mkdir(exist_ok=True)
+    lr_find_plot(result, run_dir.plot("lr_find"))
+    run_dir.write_summary({"status": "completed", "mode": "lr_find", "suggestion": result["suggestion"],
+                           "min_loss_lr": result["min_loss_lr"], "stopped": result["stopped"]})
     if result["suggestion"] is None:
         console.print(f"lr_find: the loss exploded after {len(result['lrs'])} steps; start lower (lr_find.start_lr)")
     else:
@@ -130,6 +106,6 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
             f"lr_find: {len(result['lrs'])} steps, stopped because {result['stopped']}; the smoothed loss is lowest "
             f"at lr {result['min_loss_lr']:.2e}, and a tenth of that is a safe rate.\n"
             f"Suggested: optimizer={cfg.optimizer.name} optimizer.lr={result['suggestion']:.2g}   "
-            f"(curve: {run_dir / 'plots' / 'lr_find.png'})"
+            f"(curve: {run_dir.plot('lr_find')})"
         )
     return result

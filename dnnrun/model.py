@@ -1,21 +1,102 @@
-"""Models: an MLP of blocks Linear -> [norm] -> activation -> [dropout] (or norm after activation)."""
+"""Models by name. A builder gets its own config, what the data looks like (`Inputs`) and the
+technique groups every layer follows (`Layers`: activation, norm, init, regularization), and
+returns a `Network`: named blocks, input to output, that diagnostics, transfer, pretraining and
+max-norm find by name instead of assuming a fixed stack of nn.Linear.
+
+    MODELS = {"mlp": Architecture(MLPConfig, mlp, mlp_fitting)}
+
+Adding a model is one builder, one config dataclass and one YAML in conf/model/.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
 
+import torch
 from torch import nn
 
 from dnnrun import activations
-from dnnrun.init import initialize
+from dnnrun.init import affine_layers, initialize
 from dnnrun.norms import NormConfig
 from dnnrun.regularizers import Regularization
-from dnnrun.schema import Choice, Problems
+from dnnrun.schema import Choice, Problems, parse as parse_schema
+
+OUTPUT = "output"  # the name of every network's last layer
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class Inputs:
+    """What a model is built for."""
+
+    features: int  # values per example, flattened
+    classes: int
+    shape: tuple[int, ...] | None = None  # one example's shape before flattening: (H, W) or (H, W, C), for images
+
+
+@dataclasses.dataclass(frozen=True)
+class Layers:
+    """The choices every builder applies to each of its layers."""
+
+    act: Choice
+    norm: NormConfig
+    init: Choice
+    reg: Regularization
+
+
+class Block(nn.Sequential):
+    """A hidden layer: its affine layer first (named `linear`, or `conv`), then `norm`, `act` and
+    `dropout` where present, in the order they apply."""
+
+    @property
+    def affine(self) -> nn.Module:
+        return self[0]
+
+
+class Network(nn.Sequential):
+    """A model as dnnrun's features see it: optional input layers (`input_norm`, `input_dropout`),
+    hidden blocks named hidden1..hiddenN, then the `output` layer. State-dict keys follow the names
+    (hidden2.linear.weight), so checkpoints and transfer find layers by name."""
+
+    def hidden(self) -> list[tuple[str, Block]]:
+        return [(name, m) for name, m in self.named_children() if isinstance(m, Block)]
+
+    def blocks(self) -> list[tuple[str, nn.Module]]:
+        """The layers diagnostics watch: the hidden blocks, then the output layer."""
+        return [*self.hidden(), (OUTPUT, self.output)]
+
+    def below(self, name: str) -> nn.Sequential:
+        """Everything in front of the named block: the input layers and the hidden blocks before it."""
+        names = list(self._modules)
+        return nn.Sequential(*[self._modules[n] for n in names[: names.index(name)]])
+
+    def body(self) -> nn.Sequential:
+        """Everything but the output layer: the features a head on top would see."""
+        return self.below(OUTPUT)
+
+    @property
+    def head_width(self) -> int:
+        """The number of features the output layer takes."""
+        return self.output.in_features
+
+
+def weight_of(layer: nn.Module) -> torch.Tensor:
+    """The main weight of a block or of the output layer: its affine layer's."""
+    return (layer.affine if isinstance(layer, Block) else layer).weight
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# The multilayer perceptron
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPConfig:
     name: str
     hidden: list[int] = dataclasses.field(default_factory=lambda: [300, 100])  # widths, input to output
     depth: int | None = None  # with width: `depth` hidden layers of `width` units, replacing `hidden`
@@ -37,43 +118,78 @@ class ModelConfig:
         return list(self.hidden)
 
 
-def mlp(
-    cfg: ModelConfig,
-    in_features: int,
-    n_classes: int,
-    act: Choice,
-    norm: NormConfig,
-    init: Choice,
-    reg: Regularization,
-) -> nn.Sequential:
-    """Blocks are named hidden1..hiddenN, then `output`, so layers can be found by name."""
-    layers: OrderedDict[str, nn.Module] = OrderedDict()
+def mlp(cfg: MLPConfig, inputs: Inputs, layers: Layers) -> Network:
+    """Per hidden layer Linear -> [norm] -> activation -> [dropout] (or the norm after the activation)."""
+    norm, reg = layers.norm, layers.reg
+    modules: OrderedDict[str, nn.Module] = OrderedDict()
     if norm.on_inputs:
-        layers["input_norm"] = norm.layer(in_features)
+        modules["input_norm"] = norm.layer(inputs.features)
     if reg.input_dropout > 0:
-        layers["input_dropout"] = reg.dropout_layer(reg.input_dropout)
-    width_in = in_features
+        modules["input_dropout"] = reg.dropout_layer(reg.input_dropout)
+    width_in = inputs.features
     for i, width in enumerate(cfg.widths, start=1):
         block: OrderedDict[str, nn.Module] = OrderedDict()
         block["linear"] = nn.Linear(width_in, width, bias=not norm.drops_bias)
         norm_layer = norm.layer(width)
         if norm_layer is not None and norm.placement == "before":
             block["norm"] = norm_layer
-        block["act"] = activations.build(act, width)
+        block["act"] = activations.build(layers.act, width)
         if norm_layer is not None and norm.placement == "after":
             block["norm"] = norm_layer
         if reg.dropout > 0:
             block["dropout"] = reg.dropout_layer(reg.dropout)
-        layers[f"hidden{i}"] = nn.Sequential(block)
+        modules[f"hidden{i}"] = Block(block)
         width_in = width
-    layers["output"] = nn.Linear(width_in, n_classes)
-    model = nn.Sequential(layers)
-    initialize(model, init)
+    modules[OUTPUT] = nn.Linear(width_in, inputs.classes)
+    model = Network(modules)
+    initialize(model, layers.init)
     return model
 
 
-MODELS = {"mlp": mlp}
+def mlp_fitting(cfg: MLPConfig, state: dict[str, torch.Tensor]) -> MLPConfig:
+    """The config whose hidden widths are those of these weights (a transferred model's widths come
+    from its source, not from model.hidden)."""
+    return dataclasses.replace(cfg, hidden=hidden_widths(state), depth=None, width=None)
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def hidden_widths(state: dict[str, torch.Tensor]) -> list[int]:
+    """The output widths of hidden1, hidden2, ... in a state dict, as long as they run on."""
+    widths = []
+    while (weight := affine_weight(state, f"hidden{len(widths) + 1}")) is not None:
+        widths.append(weight.shape[0])
+    return widths
+
+
+def affine_weight(state: dict[str, torch.Tensor], block: str) -> torch.Tensor | None:
+    """A block's affine weight in a state dict (None when the block is not there)."""
+    return next((state[k] for k in (f"{block}.linear.weight", f"{block}.conv.weight") if k in state), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    config: type  # the dataclass its YAML fills
+    build: Callable[[Any, Inputs, Layers], Network]
+    fitting: Callable[[Any, dict[str, torch.Tensor]], Any]  # the config whose shapes fit a state dict
+
+
+MODELS = {"mlp": Architecture(MLPConfig, mlp, mlp_fitting)}
+
+
+def parse(raw, key: str, problems: Problems):
+    """The model's config, checked against the chosen architecture's dataclass."""
+    name = raw.get("name") if isinstance(raw, dict) else None
+    config = MODELS[name].config if isinstance(name, str) and name in MODELS else MLPConfig
+    return parse_schema(config, raw, key, problems, registry=MODELS, kind="model")
+
+
+def build(cfg, inputs: Inputs, layers: Layers) -> Network:
+    return MODELS[cfg.name].build(cfg, inputs, layers)
+
+
+def fitting_config(cfg, state: dict[str, torch.Tensor]):
+    """The model config of this architecture whose layers have the shapes of these weights."""
+    return MODELS[cfg.name].fitting(cfg, state)

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from dnnrun.activations import ACTIVATIONS, build as build_activation  # noqa: E402
 from dnnrun.errors import command  # noqa: E402
-from dnnrun.metrics import read_jsonl  # noqa: E402
+from dnnrun.rundir import RunDir  # noqa: E402
 from dnnrun.schema import Choice  # noqa: E402
 
 SIZE = (10, 6)  # inches; at DPI this is 1000 x 600 pixels
@@ -148,20 +147,16 @@ def unit_health(records: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_run(run_dir: Path) -> list[Path]:
+def plot_run(run: RunDir | Path) -> list[Path]:
     """Draw every plot of a run into RUN_DIR/plots/ from its metrics, diagnostics and snapshots."""
-    run_dir = Path(run_dir)
-    out = run_dir / "plots"
-    out.mkdir(exist_ok=True)
-    history = read_jsonl(run_dir / "metrics.jsonl")
-    records = read_jsonl(run_dir / "diagnostics.jsonl")
-    snapshots_path = run_dir / "activations.json"
-    snapshots = json.loads(snapshots_path.read_text()) if snapshots_path.exists() else {}
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    run.plots.mkdir(exist_ok=True)
+    records = run.read_diagnostics()
     return [
-        learning_curves(history, out / "learning_curves.png"),
-        gradient_flow(records, out / "gradient_flow.png"),
-        activations(snapshots, out / "activations.png"),
-        unit_health(records, out / "unit_health.png"),
+        learning_curves(run.read_metrics(), run.plot("learning_curves")),
+        gradient_flow(records, run.plot("gradient_flow")),
+        activations(run.read_activations(), run.plot("activations")),
+        unit_health(records, run.plot("unit_health")),
     ]
 
 
@@ -220,10 +215,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.run_dir is None:
         parser.error("give a run directory, or --activations")
-    if not (args.run_dir / "metrics.jsonl").is_file():
-        print(f"error: {args.run_dir} is not a dnnrun run directory (no metrics.jsonl)", file=sys.stderr)
+    run = RunDir(args.run_dir)
+    if not run.metrics.is_file():
+        print(f"error: {run} is not a dnnrun run directory (no metrics.jsonl)", file=sys.stderr)
         return 2
-    for path in plot_run(args.run_dir):  # a damaged metrics.jsonl: a UserError, reported by @command
+    for path in plot_run(run):  # a damaged metrics.jsonl: a UserError, reported by @command
         print(path)
     return 0
 

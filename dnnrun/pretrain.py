@@ -26,22 +26,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dnnrun.diagnostics import blocks
 from dnnrun.errors import UserError
+from dnnrun.model import Network
 from dnnrun.schema import FRACTION, POSITIVE, Choice, Problems, check_rules, parse_choice
 
 log = logging.getLogger("dnnrun")
 MONITOR_SIZE = 1024  # examples on which the reconstruction error or auxiliary accuracy is reported
 
 
-def _below(model: nn.Module, i: int) -> nn.Sequential:
-    """Everything in front of hidden layer i (the input layers and hidden1..hidden{i-1})."""
-    names = list(model._modules)
-    return nn.Sequential(*[model._modules[n] for n in names[: names.index(f"hidden{i}")]])
-
-
-def _hidden_stack(model: nn.Module) -> nn.Sequential:
-    return nn.Sequential(*[m for n, m in model.named_children() if n != "output"])
+def _dense_blocks(model: Network, method: str):
+    """The hidden blocks, each with a Linear layer: what layer-wise pretraining builds its decoders on."""
+    hidden = model.hidden()
+    for name, block in hidden:
+        if not isinstance(block.affine, nn.Linear):
+            raise UserError(f"pretrain={method} pretrains dense layers; {name} is a {type(block.affine).__name__}")
+    return hidden
 
 
 def _fit(optimizer: torch.optim.Optimizer, loss_of: Callable[[torch.Tensor], torch.Tensor], n: int, batch_size: int,
@@ -59,22 +58,22 @@ def _fit(optimizer: torch.optim.Optimizer, loss_of: Callable[[torch.Tensor], tor
 # Unsupervised, layer by layer
 
 
-def none(model: nn.Module, x: torch.Tensor, shape: tuple[int, ...] | None, generator: torch.Generator) -> dict:
+def none(model: Network, x: torch.Tensor, shape: tuple[int, ...] | None, generator: torch.Generator) -> dict:
     return {}
 
 
 def autoencoder(
-    model: nn.Module, x: torch.Tensor, shape: tuple[int, ...] | None, generator: torch.Generator,
+    model: Network, x: torch.Tensor, shape: tuple[int, ...] | None, generator: torch.Generator,
     epochs: int = 5, lr: float = 1e-3, batch_size: int = 128,
 ) -> dict[str, Any]:
     report = []
     monitor = x[:MONITOR_SIZE]
-    for i, (name, block) in enumerate(blocks(model)[:-1], start=1):
-        below = _below(model, i).eval()
+    for name, block in _dense_blocks(model, "autoencoder"):
+        below = model.below(name).eval()
         with torch.no_grad():
             inputs = below(x)  # fixed: the layers below are already pretrained
             target = below(monitor)
-        decoder = nn.Linear(block.linear.out_features, block.linear.in_features).to(x.device)
+        decoder = nn.Linear(block.affine.out_features, block.affine.in_features).to(x.device)
         optimizer = torch.optim.Adam([*block.parameters(), *decoder.parameters()], lr=lr)
 
         def error() -> float:
@@ -93,19 +92,19 @@ def autoencoder(
 
 
 def rbm(
-    model: nn.Module, x: torch.Tensor, shape: tuple[int, ...] | None, generator: torch.Generator,
+    model: Network, x: torch.Tensor, shape: tuple[int, ...] | None, generator: torch.Generator,
     epochs: int = 5, lr: float = 0.01, k: int = 1, batch_size: int = 64,
 ) -> dict[str, Any]:
     """Bernoulli hidden units; visible units are Bernoulli where the layer's input lies in [0, 1]
     (sigmoid outputs, inputs scaled to [0, 1]) and unit-variance Gaussian otherwise (standardized inputs)."""
     report = []
     monitor = x[:MONITOR_SIZE]
-    for i, (name, block) in enumerate(blocks(model)[:-1], start=1):
-        below = _below(model, i).eval()
+    for name, block in _dense_blocks(model, "rbm"):
+        below = model.below(name).eval()
         with torch.no_grad():
             v_all = below(x)
             v_monitor = below(monitor)
-        W, b_h = block.linear.weight, block.linear.bias  # (hidden, visible), (hidden,)
+        W, b_h = block.affine.weight, block.affine.bias  # (hidden, visible), (hidden,)
         b_v = torch.zeros(W.shape[1], device=x.device)
         gaussian = bool(v_all.min() < 0 or v_all.max() > 1)
 
@@ -174,12 +173,12 @@ def rotate(x: torch.Tensor, shape: tuple[int, ...], generator: torch.Generator) 
 
 
 def _auxiliary(
-    model: nn.Module, x: torch.Tensor, make: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    model: Network, x: torch.Tensor, make: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     classes: int, epochs: int, lr: float, batch_size: int, generator: torch.Generator, task: str,
 ) -> dict[str, Any]:
     """Train all hidden layers plus a temporary head on labels made by `make`, fresh each epoch."""
-    stack = _hidden_stack(model)
-    head = nn.Linear(model.output.in_features, classes).to(x.device)
+    stack = model.body()
+    head = nn.Linear(model.head_width, classes).to(x.device)
     optimizer = torch.optim.Adam([*stack.parameters(), *head.parameters()], lr=lr)
     held_x, held_y = make(x[:MONITOR_SIZE])
 
@@ -200,7 +199,7 @@ def _auxiliary(
 
 
 def corrupted(
-    model: nn.Module, x: torch.Tensor, shape: tuple[int, ...] | None, generator: torch.Generator,
+    model: Network, x: torch.Tensor, shape: tuple[int, ...] | None, generator: torch.Generator,
     epochs: int = 5, lr: float = 1e-3, batch_size: int = 128, fraction: float = 0.3,
 ) -> dict[str, Any]:
     return _auxiliary(model, x, lambda v: corrupt(v, fraction, generator), 2, epochs, lr, batch_size, generator,
@@ -208,7 +207,7 @@ def corrupted(
 
 
 def rotation(
-    model: nn.Module, x: torch.Tensor, shape: tuple[int, ...] | None, generator: torch.Generator,
+    model: Network, x: torch.Tensor, shape: tuple[int, ...] | None, generator: torch.Generator,
     epochs: int = 5, lr: float = 1e-3, batch_size: int = 128,
 ) -> dict[str, Any]:
     if shape is None or len(shape) < 2 or shape[0] != shape[1]:
@@ -235,7 +234,7 @@ def parse(raw, key: str, problems: Problems) -> Choice | None:
     return choice
 
 
-def run(choice: Choice, model: nn.Module, x: torch.Tensor, shape: tuple[int, ...] | None, seed: int) -> dict[str, Any]:
+def run(choice: Choice, model: Network, x: torch.Tensor, shape: tuple[int, ...] | None, seed: int) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(seed)
     report = PRETRAINERS[choice.name](model, x, shape, generator, **choice.params)
     return {"method": choice.name, **report} if report else {}

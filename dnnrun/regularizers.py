@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dnnrun.init import affine_layers
 from dnnrun.schema import FRACTION, NON_NEGATIVE, POSITIVE, Choice, Problems, check_rules, parse_choice
 
 
@@ -97,12 +98,13 @@ class Regularization:
 
     @torch.no_grad()
     def after_step(self, model: nn.Module) -> None:
+        """Max-norm: each unit's (or conv filter's) incoming weights rescaled to norm <= max_norm."""
         if self.max_norm is None:
             return
-        for module in model.modules():
-            if isinstance(module, nn.Linear) and module.weight.requires_grad:  # frozen layers stay as they are
-                w = module.weight  # (out, in): row i is unit i's incoming weight vector
-                norms = w.norm(dim=1, keepdim=True)
+        for layer in affine_layers(model):
+            w = layer.weight  # (out, in, *kernel): w[i] is unit or filter i's incoming weights
+            if w.requires_grad:  # frozen layers stay as they are
+                norms = w.reshape(len(w), -1).norm(dim=1).reshape(-1, *[1] * (w.ndim - 1))
                 w.mul_((self.max_norm / norms.clamp_min(1e-12)).clamp(max=1.0))
 
 

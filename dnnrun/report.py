@@ -23,7 +23,7 @@ from rich.table import Table
 from dnnrun.console import console
 from dnnrun.errors import command
 from dnnrun.metrics import maximized
-from dnnrun.sweeps import is_run_dir, job_dirs, read_run
+from dnnrun.rundir import RunDir, SweepDir
 
 METRICS = ("val/loss", "val/acc", "test/loss", "test/acc", "epochs", "time_s")
 SEED = "trainer.seed"
@@ -32,11 +32,11 @@ SEED = "trainer.seed"
 def collect(paths: list[Path]) -> list[dict[str, Any]]:
     runs = []
     for path in paths:
-        jobs = job_dirs(path)
-        if jobs and not (path / "metrics.jsonl").exists():
-            runs += [read_run(job) for job in jobs]
-        elif is_run_dir(path):
-            runs.append(read_run(path))
+        jobs, run = SweepDir(path).jobs(), RunDir(path)
+        if jobs and not run.metrics.exists():
+            runs += [job.read() for job in jobs]
+        elif run.is_run():
+            runs.append(run.read())
         else:
             raise SystemExit(f"error: {path} is neither a run directory nor a sweep directory")
     return runs
@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         print("error: no runs found in " + ", ".join(map(str, args.paths)), file=sys.stderr)
         return 2
-    out = args.out or (args.paths[0] if len(args.paths) == 1 and not is_run_dir(args.paths[0]) else Path("outputs/report"))
+    one_sweep = len(args.paths) == 1 and not RunDir(args.paths[0]).is_run()
+    out = args.out or (args.paths[0] if one_sweep else Path("outputs/report"))
     out.mkdir(parents=True, exist_ok=True)
     monitors = {run["monitor"] for run in runs}
     monitor = monitors.pop() if len(monitors) == 1 else "val/acc"

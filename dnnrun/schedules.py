@@ -213,6 +213,16 @@ class Schedule:
             self.rate.observe(metrics)
         self._apply()
 
+    def after_step(self) -> None:
+        """The training loop's call after every optimizer step: advances the schedules that count steps."""
+        if self.per == "step":
+            self.step()
+
+    def end_epoch(self, record: dict[str, float]) -> None:
+        """The training loop's call after every epoch, with its record: advances those that count epochs."""
+        if self.per == "epoch":
+            self.step(record)
+
     def state_dict(self) -> dict[str, Any]:
         state = {"t": self.t, "base_lrs": list(self.base_lrs), "total": self.total}
         if hasattr(self.rate, "state_dict"):

@@ -69,7 +69,7 @@ def check_rules(values: Mapping[str, Any], rules: Mapping[str, Rule], key: str, 
 # Types
 
 
-def _describe(tp: Any) -> str:
+def _type_text(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if tp is Any:
         return "anything"
@@ -79,10 +79,10 @@ def _describe(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        text = " or ".join(_describe(a) for a in args)
+        text = " or ".join(_type_text(a) for a in args)
         return f"{text} or null" if len(args) < len(typing.get_args(tp)) else text
     if origin is list:
-        return f"a list of {_describe(typing.get_args(tp)[0]).removeprefix('an ').removeprefix('a ')}s"
+        return f"a list of {_type_text(typing.get_args(tp)[0]).removeprefix('an ').removeprefix('a ')}s"
     if origin is dict or tp is dict:
         return "a mapping"
     return getattr(tp, "__name__", str(tp))
@@ -141,7 +141,7 @@ def _normalise(value: Any, tp: Any) -> Any:
 
 def check_value(value: Any, tp: Any, key: str, problems: Problems) -> bool:
     if not _matches(value, tp):
-        problems.add(key, f"expected {_describe(tp)}, got {value!r}")
+        problems.add(key, f"expected {_type_text(tp)}, got {value!r}")
         return False
     if _non_finite(value):
         problems.add(key, f"must be a finite number, got {value!r}")

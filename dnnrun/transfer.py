@@ -12,15 +12,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from dnnrun import checkpoint
 from dnnrun.errors import UserError
-from dnnrun.model import ModelConfig
+from dnnrun.model import Network, affine_weight, hidden_widths
 from dnnrun.schema import Problems
+from dnnrun.state import TrainState
+
+if TYPE_CHECKING:
+    from dnnrun.schedules import Schedule
 
 log = logging.getLogger("dnnrun")
 
@@ -57,16 +61,9 @@ def load_source(cfg: TransferConfig) -> tuple[dict[str, torch.Tensor], dict[str,
     return loaded["model"], loaded["config"]
 
 
-def source_widths(state: dict[str, torch.Tensor]) -> list[int]:
-    widths = []
-    while f"hidden{len(widths) + 1}.linear.weight" in state:
-        widths.append(state[f"hidden{len(widths) + 1}.linear.weight"].shape[0])
-    return widths
-
-
 def reused_layers(cfg: TransferConfig, state: dict[str, torch.Tensor]) -> list[int]:
     """1-based indices of the hidden layers whose weights are copied."""
-    available = len(source_widths(state))
+    available = len(hidden_widths(state))
     if available == 0:
         raise UserError(f"transfer.source: {cfg.source} has no hidden layers to reuse (no hidden1.linear.weight)")
     k = available if cfg.layers is None else cfg.layers
@@ -77,9 +74,11 @@ def reused_layers(cfg: TransferConfig, state: dict[str, torch.Tensor]) -> list[i
     return [i for i in range(1, k + 1) if i != cfg.replace]
 
 
-def model_config(model: ModelConfig, cfg: TransferConfig, state: dict[str, torch.Tensor]) -> ModelConfig:
+def model_config(model, cfg: TransferConfig, state: dict[str, torch.Tensor]):
     """The source's first k widths (the replaced layer keeps its width), then the added layers."""
-    widths = source_widths(state)
+    if not hasattr(model, "hidden"):
+        raise UserError(f"transfer.source: transfer learning stacks hidden layers; model={model.name} has none")
+    widths = hidden_widths(state)
     k = len(widths) if cfg.layers is None else cfg.layers
     return dataclasses.replace(model, hidden=widths[:k] + list(cfg.add), depth=None, width=None)
 
@@ -88,7 +87,7 @@ def check_fits(state: dict[str, torch.Tensor], layers: list[int], in_features: i
                shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
     """The source tensors to copy into a model whose state has these shapes; a source that does
     not fit is refused with every difference (run before the run writes anything)."""
-    source_in = state["hidden1.linear.weight"].shape[1]
+    source_in = affine_weight(state, "hidden1").shape[1]
     if source_in != in_features:
         raise UserError(
             f"transfer.source was trained on inputs of {source_in} features; this run's data has "
@@ -124,10 +123,10 @@ def reuse(model: nn.Module, state: dict[str, torch.Tensor], layers: list[int], i
     return [n for n in copied if n in params]
 
 
-def frozen_modules(model: nn.Module, layers: list[int], reused: list[str]) -> list[nn.Module]:
+def frozen_norms(model: Network, layers: list[int], reused: list[str]) -> list[nn.Module]:
     """Batch-norm layers of the reused blocks (and the input norm, if it was reused): kept in
     evaluation mode while frozen, so their running statistics stay the source's."""
-    blocks = [getattr(model, f"hidden{i}") for i in layers]
+    blocks = [model.get_submodule(f"hidden{i}") for i in layers]
     if any(name.startswith("input_norm.") for name in reused):
         blocks.append(model.input_norm)
     return [m for b in blocks for m in b.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -144,6 +143,37 @@ def is_frozen(cfg: TransferConfig, epochs_done: int) -> bool:
     return cfg.freeze and (cfg.unfreeze_after is None or epochs_done < cfg.unfreeze_after)
 
 
-def describe(cfg: TransferConfig, layers: list[int], widths: list[int]) -> dict[str, Any]:
+class Unfreezing:
+    """Reused layers frozen (transfer.freeze) for the first transfer.unfreeze_after epochs, their
+    batch norms kept in evaluation mode; then trained again, at their learning rate times
+    transfer.unfreeze_lr_factor."""
+
+    def __init__(self, cfg: TransferConfig, model: Network, state: TrainState, schedule: Schedule):
+        self.cfg, self.model, self.schedule = cfg, model, schedule
+        self.frozen = bool(state.reused) and cfg.freeze and not state.unfrozen
+        self.norms: list[nn.Module] = []
+        if self.frozen:
+            set_frozen(model, state.reused, True)
+            self.norms = frozen_norms(model, state.reused_layers, state.reused)
+
+    def start_epoch(self, epoch: int, state: TrainState) -> bool:
+        """Unfreeze when this epoch is the first to train the reused layers; whether it did."""
+        if not self.frozen or is_frozen(self.cfg, epoch - 1):
+            return False
+        set_frozen(self.model, state.reused, False)
+        self.frozen, self.norms, state.unfrozen = False, [], True
+        self.schedule.scale_reused(self.cfg.unfreeze_lr_factor)  # saved with the schedule's state
+        log.info("transfer: reused layers unfrozen for epoch %d, their learning rate x %g",
+                 epoch, self.cfg.unfreeze_lr_factor)
+        return True
+
+    def train_mode(self) -> None:
+        """The model in training mode, except frozen batch norms (their running statistics stay)."""
+        self.model.train()
+        for module in self.norms:
+            module.eval()
+
+
+def summary(cfg: TransferConfig, layers: list[int], widths: list[int]) -> dict[str, Any]:
     return {"source": cfg.source, "reused_layers": layers, "replaced": cfg.replace, "widths": widths,
             "freeze": cfg.freeze, "unfreeze_after": cfg.unfreeze_after, "unfreeze_lr_factor": cfg.unfreeze_lr_factor}

@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import make_config, run_cli
-from dnnrun import checkpoint, evaluate, sweeps, train
+from dnnrun import checkpoint, evaluate, train
 from dnnrun.errors import UserError
-from dnnrun.metrics import read_jsonl
+from dnnrun.rundir import RunDir, read_jsonl
 
 SETUP = ("data=synthetic", "model.hidden=[32,16]")  # hidden2.linear.weight is (16, 32)
 
@@ -226,7 +226,7 @@ def test_a_report_reads_a_run_whose_metrics_are_being_appended(tmp_path: Path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_bytes(_lines(RECORDS) + b'{"epoch": 3, "val')
-    found = sweeps.read_run(run)
+    found = RunDir(run).read()
     assert found["epochs"] == 2 and found["status"] == "running" and found["val/loss"] == 0.4
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import run_cli
-from dnnrun.metrics import read_jsonl
+from dnnrun.rundir import read_jsonl
 
 EPOCH_KEYS = {"epoch", "step", "train/loss", "train/acc", "val/loss", "val/acc", "lr", "time/epoch_s"}
 

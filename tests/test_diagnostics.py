@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from conftest import make_config, run_cli
-from dnnrun import diagnostics, plots, train
+from dnnrun import diagnosis, diagnostics, faults, plots, train
 from dnnrun.errors import Diverged, Interrupted
-from dnnrun.metrics import read_jsonl
+from dnnrun.rundir import read_jsonl
 
 DEEP = ("model.depth=20", "model.width=16", "trainer.epochs=2", "trainer.diagnostics.every=10")
 
@@ -31,10 +31,11 @@ def test_a_deep_sigmoid_net_with_standard_normal_weights_has_vanishing_gradients
         assert not any("vanish" in s for s in found), found
 
 
-def test_an_interrupted_run_is_diagnosed_and_plotted_too(tmp_path: Path, monkeypatch):
-    monkeypatch.setenv("DNNRUN_FAULT", "int@epoch=1")  # SIGINT after the first epoch's checkpoint
+def test_an_interrupted_run_is_diagnosed_and_plotted_too(tmp_path: Path):
+    sigint = faults.parse("int@epoch=1")  # SIGINT after the first epoch's checkpoint
     with pytest.raises(Interrupted):
-        train.run(make_config(*DEEP, "act=sigmoid", "init=random_normal", "trainer.diagnostics.plots=true"), tmp_path)
+        train.run(make_config(*DEEP, "act=sigmoid", "init=random_normal", "trainer.diagnostics.plots=true"), tmp_path,
+                  hook=sigint)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["test"] is None  # not tested: it did not finish
     assert any(s.startswith("gradients vanish") for s in summary["diagnosis"]), summary["diagnosis"]
@@ -96,21 +97,21 @@ def _history(val: list[float], train_loss: list[float], acc: float = 0.9) -> lis
 
 def test_overfitting_and_not_learning_are_diagnosed_from_the_history():
     overfit = _history([1.0, 0.6, 0.5, 0.55, 0.6, 0.7], [1.0, 0.6, 0.4, 0.3, 0.2, 0.1])
-    (sentence,) = diagnostics.diagnose(overfit, [], n_classes=10)
+    (sentence,) = diagnosis.diagnose(overfit, [], n_classes=10)
     assert sentence.startswith("validation loss rose for the last 3 epochs (0.500 at epoch 3 -> 0.700)")
     assert "while training loss fell (0.400 -> 0.100): overfitting" in sentence
-    assert diagnostics.diagnose(_history([1.0, 0.6, 0.5, 0.55, 0.6], [1.0, 0.6, 0.4, 0.3, 0.2]), [], 10) == []
+    assert diagnosis.diagnose(_history([1.0, 0.6, 0.5, 0.55, 0.6], [1.0, 0.6, 0.4, 0.3, 0.2]), [], 10) == []
     noise = _history([1.0, 0.6, 0.5, 0.51, 0.52, 0.52], [1.0, 0.6, 0.4, 0.3, 0.2, 0.1])  # 4% above the best
-    assert diagnostics.diagnose(noise, [], 10) == []
+    assert diagnosis.diagnose(noise, [], 10) == []
     stuck = _history([2.30, 2.30, 2.30], [2.31, 2.30, 2.30], acc=0.1)
-    (sentence,) = diagnostics.diagnose(stuck, [], n_classes=10)
+    (sentence,) = diagnosis.diagnose(stuck, [], n_classes=10)
     assert sentence == ("the network is not learning: training loss went from 2.310 to 2.300 and validation "
                         "accuracy is 10.0% (chance: 10.0%)")
 
 
 def test_exploding_gradients_are_diagnosed():
     records = [{"step": s, "layers": {"hidden1": {"grad_norm": 5e3}, "output": {"grad_norm": 1.0}}} for s in (1, 2, 3)]
-    (sentence,) = diagnostics.diagnose([], records, n_classes=10)
+    (sentence,) = diagnosis.diagnose([], records, n_classes=10)
     assert sentence == ("gradients explode: the first hidden layer's gradient norm is 5.0e+03 times the output "
                         "layer's (median over 3 monitored steps)")
 
@@ -141,28 +142,22 @@ def test_a_nan_loss_stops_the_run_with_exit_3_and_keeps_the_last_good_checkpoint
 
 # 27 steps per epoch: step 5 is inside the first epoch, step 27 its last (validation comes next).
 @pytest.mark.parametrize("poisoned_step", [5, 27])
-def test_a_nan_gradient_under_a_finite_loss_stops_the_run_naming_its_step(poisoned_step, tmp_path: Path, monkeypatch):
-    build = train.build_model
-
-    def poisoned(*args, **kwargs):  # the model, with a NaN in one of its first layer's gradients
-        model, reg = build(*args, **kwargs)
-        if model.hidden1.linear.weight.device.type != "meta":  # not the shapes-only model of the checks
+def test_a_nan_gradient_under_a_finite_loss_stops_the_run_naming_its_step(poisoned_step, tmp_path: Path):
+    class Poisoned(faults.Hook):
+        def start(self, model, step):  # a NaN in one of the first layer's gradients
             calls = itertools.count(1)
             model.hidden1.linear.weight.register_hook(lambda g: g * float("nan") if next(calls) == poisoned_step else g)
-        return model, reg
 
-    monkeypatch.setattr(train, "build_model", poisoned)
     with pytest.raises(Diverged, match=f"at step {poisoned_step}: a gradient was NaN or infinite: the update made"):
-        train.run(make_config("trainer.diagnostics.every=0"), tmp_path)
+        train.run(make_config("trainer.diagnostics.every=0"), tmp_path, hook=Poisoned())
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "diverged" and summary["diverged_at_step"] == poisoned_step
     assert not (tmp_path / "checkpoints" / "last.pt").exists()  # the broken weights were never saved
 
 
-def test_a_nan_before_the_first_epoch_ends_leaves_no_checkpoint(tmp_path: Path, monkeypatch):
-    monkeypatch.setenv("DNNRUN_FAULT", "nan@step=3")
+def test_a_nan_before_the_first_epoch_ends_leaves_no_checkpoint(tmp_path: Path):
     with pytest.raises(Diverged, match="step 3"):
-        train.run(make_config(), tmp_path)
+        train.run(make_config(), tmp_path, hook=faults.parse("nan@step=3"))
     assert not (tmp_path / "checkpoints").exists()
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "diverged"
 

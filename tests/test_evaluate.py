@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import make_config, run_cli
-from dnnrun import evaluate, train
+from dnnrun import evaluate, metrics, runtime, train
 from dnnrun.data import load
 
 
@@ -18,7 +18,7 @@ def _model(*overrides: str):
     cfg = make_config(*overrides)
     data = load(cfg.data, torch.device("cpu"))
     torch.manual_seed(0)
-    model, _ = train.build_model(cfg, data)
+    model, _ = runtime.build_model(cfg, data)
     return model, data
 
 
@@ -46,7 +46,7 @@ def test_mc_dropout_passes_differ_and_batch_norm_stays_in_evaluation_mode():
 def test_scores_follow_their_definitions():
     probs = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.5, 0.5]])
     y = torch.tensor([0, 1, 1, 0])
-    s = evaluate.scores(probs, y, bins=2)
+    s = metrics.scores(probs, y, bins=2)
     # predictions 0, 0, 1, 0 (a tie goes to the first class): 3 of 4 right
     assert s["accuracy"] == 0.75
     assert s["nll"] == pytest.approx(-(math.log(0.9) + math.log(0.4) + math.log(0.7) + math.log(0.5)) / 4)

@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from conftest import make_config, run_cli
-from dnnrun import checkpoint, sweeps, train
+from dnnrun import checkpoint, train
 from dnnrun.errors import ConfigError, UserError
-from dnnrun.metrics import read_jsonl
+from dnnrun.rundir import RunDir, SweepDir, read_jsonl
 
 # Batch norm, dropout, momentum with 1cycle and per-step diagnostics: every kind of state a resume
 # must restore. 864 training examples / 32 = 27 steps per epoch.
@@ -302,8 +302,8 @@ def test_a_job_killed_under_joblib_loses_no_finished_job_and_a_rerun_finishes(tm
     first = run_cli(*args, cwd=tmp_path, env={"DNNRUN_FAULT": "kill@step=60"})  # only the 3-epoch job gets there
     assert first.returncode == 1, first.stdout + first.stderr  # Hydra prints joblib's error first: accepted
     # The dead job is recorded and listed as failed, next to the finished ones.
-    jobs = sweeps.job_dirs(sweep)
-    killed = sweeps.status(jobs[2])
+    jobs = [j.path for j in SweepDir(sweep).jobs()]
+    killed = RunDir(jobs[2]).read_status()
     assert (killed["status"], killed["exit_code"]) == ("failed", 1)
     assert killed["error"] == "its process died before it finished (killed?)" and killed["job"]["num"] == 2
     with open(sweep / "sweep.csv") as f:
@@ -313,11 +313,11 @@ def test_a_job_killed_under_joblib_loses_no_finished_job_and_a_rerun_finishes(tm
     (line,) = [line for line in first.stderr.splitlines() if line.startswith("error: job 2 (")]
     assert "trainer.epochs=3" in line and line.endswith("failed: its process died before it finished (killed?)")
     done = {job.name: (job / "checkpoints" / "last.pt").stat().st_mtime_ns
-            for job in jobs if sweeps.status(job)["status"] == "completed"}
+            for job in jobs if RunDir(job).read_status()["status"] == "completed"}
     assert len(done) == 2 and not any(name.startswith("2_") for name in done)
     second = run_cli(*args, cwd=tmp_path)
     assert second.returncode == 0, second.stderr
-    jobs = sweeps.job_dirs(sweep)
-    assert [sweeps.status(j)["status"] for j in jobs] == ["completed"] * 3
+    jobs = [j.path for j in SweepDir(sweep).jobs()]
+    assert [RunDir(j).read_status()["status"] for j in jobs] == ["completed"] * 3
     assert {j.name: (j / "checkpoints" / "last.pt").stat().st_mtime_ns for j in jobs if j.name in done} == done
     assert [r["epoch"] for r in read_jsonl(jobs[2] / "metrics.jsonl")] == [1, 2, 3]

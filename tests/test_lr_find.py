@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import make_config, run_cli
-from dnnrun import lr_find, optim, train
+from dnnrun import lr_find, optim, runtime
 from dnnrun.data import load
 
 
@@ -17,7 +17,7 @@ def test_the_curve_falls_then_explodes_and_the_suggestion_lies_where_it_falls():
     cfg = make_config()  # the default range and steps, as `dnnrun mode=lr_find` runs them
     data = load(cfg.data, torch.device("cpu"))
     torch.manual_seed(0)
-    model, _ = train.build_model(cfg, data)
+    model, _ = runtime.build_model(cfg, data)
     result = lr_find.find(model, optim.build(cfg.optimizer, model), data.train, 32, cfg.lr_find,
                           torch.Generator().manual_seed(0))
     lrs, smoothed = result["lrs"], result["smoothed"]

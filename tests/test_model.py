@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from dnnrun.model import ModelConfig, count_parameters, mlp
+from dnnrun.model import Inputs, Layers, MLPConfig, count_parameters, mlp
 from dnnrun.norms import NormConfig
 from dnnrun.regularizers import Regularization
 from dnnrun.schema import Choice
@@ -19,7 +19,7 @@ BN = NormConfig("batchnorm", "before", params={"momentum": 0.2, "eps": 1e-3})
 
 
 def build(hidden=(30, 20), norm=NormConfig("none"), init=HE, act=Choice("relu"), **kw):
-    return mlp(ModelConfig("mlp", list(hidden), **kw), 16, 5, act, norm, init, Regularization())
+    return mlp(MLPConfig("mlp", list(hidden), **kw), Inputs(features=16, classes=5), Layers(act, norm, init, Regularization()))
 
 
 def test_blocks_are_named_and_ordered():

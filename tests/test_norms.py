@@ -6,13 +6,15 @@ import torch
 from torch import nn
 
 from conftest import make_config
-from dnnrun.model import MODELS
+from dnnrun import model
+from dnnrun.model import Inputs, Layers
 from dnnrun.regularizers import combine
 
 
 def _model(*overrides: str, in_features: int = 8) -> nn.Sequential:
     cfg = make_config("model.hidden=[16,12]", *overrides)
-    return MODELS["mlp"](cfg.model, in_features, 3, cfg.act, cfg.norm, cfg.init, combine(cfg.regularizer))
+    layers = Layers(cfg.act, cfg.norm, cfg.init, combine(cfg.regularizer))
+    return model.build(cfg.model, Inputs(features=in_features, classes=3), layers)
 
 
 def test_batchnorm_layers_have_two_learned_vectors_two_running_buffers_and_no_bias_before_them():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import make_config
-from dnnrun import pretrain, train
+from dnnrun import faults, pretrain, train
 from dnnrun.errors import ConfigError, UserError
 
 
@@ -27,20 +27,19 @@ def test_layerwise_pretraining_lowers_each_layers_reconstruction_error(method, o
         assert [r["visible"] for r in layers] == ["gaussian", "bernoulli"]
 
 
-def test_fine_tuning_starts_from_the_pretrained_weights(tmp_path: Path, monkeypatch):
+def test_fine_tuning_starts_from_the_pretrained_weights(tmp_path: Path):
     seen = {}
-    real = train.train_epoch
 
-    def first_epoch(p, *args, **kwargs):
-        seen.setdefault("start", {k: v.clone() for k, v in p.model.state_dict().items()})
-        return real(p, *args, **kwargs)
+    class FirstWeights(faults.Hook):
+        def start(self, model, step):
+            seen.setdefault("start", {k: v.clone() for k, v in model.state_dict().items()})
 
-    monkeypatch.setattr(train, "train_epoch", first_epoch)
-    train.run(make_config("pretrain=autoencoder", "pretrain.epochs=1", "trainer.epochs=1"), tmp_path / "pre")
+    train.run(make_config("pretrain=autoencoder", "pretrain.epochs=1", "trainer.epochs=1"), tmp_path / "pre",
+              hook=FirstWeights())
     pretrained = torch.load(tmp_path / "pre" / "checkpoints" / "pretrained.pt", weights_only=True)["model"]
     assert all(torch.equal(seen["start"][k], pretrained[k]) for k in pretrained)
     seen.clear()
-    train.run(make_config("trainer.epochs=1"), tmp_path / "fresh")  # same seed, no pretraining
+    train.run(make_config("trainer.epochs=1"), tmp_path / "fresh", hook=FirstWeights())  # same seed, no pretraining
     assert not torch.equal(seen["start"]["hidden1.linear.weight"], pretrained["hidden1.linear.weight"])
     assert torch.equal(seen["start"]["output.weight"], pretrained["output.weight"])  # the output layer is not pretrained
 

@@ -8,14 +8,15 @@ from torch import nn
 
 from conftest import make_config
 from dnnrun.errors import ConfigError
-from dnnrun.model import MODELS
+from dnnrun import model
+from dnnrun.model import Inputs, Layers
 from dnnrun.regularizers import combine
 
 
 def _model_and_reg(*overrides: str):
     cfg = make_config("model.hidden=[16,12]", *overrides)
     reg = combine(cfg.regularizer)
-    return MODELS["mlp"](cfg.model, 8, 3, cfg.act, cfg.norm, cfg.init, reg), reg
+    return model.build(cfg.model, Inputs(features=8, classes=3), Layers(cfg.act, cfg.norm, cfg.init, reg)), reg
 
 
 def _nonzero_biases(net: nn.Module) -> None:
@@ -115,12 +116,12 @@ def _trained(tmp_path, name: str, *overrides: str) -> dict[str, torch.Tensor]:
 
 def _initial(*overrides: str) -> dict[str, torch.Tensor]:
     """The weights the run above starts from (it seeds with trainer.seed=0, then builds)."""
-    from dnnrun import train
+    from dnnrun import runtime
     from dnnrun.data import load
 
     cfg = make_config(*overrides)
     torch.manual_seed(0)
-    return train.build_model(cfg, load(cfg.data, torch.device("cpu")))[0].state_dict()
+    return runtime.build_model(cfg, load(cfg.data, torch.device("cpu")))[0].state_dict()
 
 
 def _rows(weights: dict[str, torch.Tensor]) -> torch.Tensor:

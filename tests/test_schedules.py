@@ -10,7 +10,7 @@ import torch
 from conftest import make_config
 from dnnrun import train
 from dnnrun.cli import CONFIG_DIR
-from dnnrun.metrics import read_jsonl
+from dnnrun.rundir import read_jsonl
 from dnnrun.schedules import SCHEDULES, Schedule
 
 LR0, STEPS_PER_EPOCH, EPOCHS = 0.1, 10, 6

@@ -16,7 +16,8 @@ import torch
 import yaml
 
 from conftest import make_config, run_cli
-from dnnrun import report, sweeps, train
+from dnnrun import report, train
+from dnnrun.rundir import RunDir, SweepDir
 
 
 def _status(job: Path) -> str:
@@ -28,7 +29,7 @@ def test_a_failing_job_leaves_the_others_and_a_rerun_finishes_only_it(tmp_path: 
     args = ["-m", "data=synthetic", "trainer.epochs=1,2,3", f"hydra.sweep.dir={sweep}"]
     first = run_cli(*args, cwd=tmp_path, env={"DNNRUN_FAULT": "raise@epoch=3"})  # only the 3-epoch job gets there
     assert first.returncode == 1, first.stdout + first.stderr
-    jobs = sweeps.job_dirs(sweep)
+    jobs = [j.path for j in SweepDir(sweep).jobs()]
     assert [_status(j) for j in jobs] == ["completed", "completed", "failed"]
     assert "sweep: 2 of 3 jobs completed" in first.stdout
     (line,) = [line for line in first.stderr.splitlines() if line.startswith("error: job 2 (")]
@@ -63,8 +64,8 @@ def test_dnnrun_report_ranks_groups_seeds_and_writes_its_files(tmp_path: Path):
         assert (sweep / name).stat().st_size > 0, name
 
     summaries = {}
-    for job in sweeps.job_dirs(sweep):
-        o = sweeps.overrides(job)
+    for job in [j.path for j in SweepDir(sweep).jobs()]:
+        o = RunDir(job).overrides()
         summaries[(o["act"], o["trainer.seed"])] = json.loads((job / "summary.json").read_text())
     with open(sweep / "report.csv") as f:
         rows = {r["act"]: r for r in csv.DictReader(f)}
@@ -99,7 +100,7 @@ def test_joblib_runs_jobs_in_parallel_dividing_the_cores(tmp_path: Path):
     result = run_cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "data=synthetic", "trainer.epochs=30",
                      "act=relu,elu", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    jobs = sweeps.job_dirs(sweep)
+    jobs = [j.path for j in SweepDir(sweep).jobs()]
     assert [_status(j) for j in jobs] == ["completed", "completed"]
     threads = [json.loads((j / "summary.json").read_text())["threads"] for j in jobs]
     assert threads == [max(1, len(os.sched_getaffinity(0)) // 2)] * 2
@@ -115,7 +116,7 @@ def test_submitit_requeues_a_timed_out_job_which_finishes_as_if_uninterrupted(tm
     result = run_cli("-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", "data=synthetic",
                      "trainer.epochs=4", f"hydra.sweep.dir={sweep}", cwd=tmp_path, env={"DNNRUN_FAULT": "usr2@epoch=2"})
     assert result.returncode == 0, result.stdout + result.stderr
-    (job,) = sweeps.job_dirs(sweep)
+    (job,) = [j.path for j in SweepDir(sweep).jobs()]
     assert _status(job) == "completed"
     logs = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_log.err"))
     assert "Caught signal SIGUSR2" in logs
@@ -132,7 +133,7 @@ def test_the_optuna_search_preset_gets_the_monitored_metric_back(tmp_path: Path)
                      f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     found = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
-    best = [json.loads((j / "summary.json").read_text())["best"]["value"] for j in sweeps.job_dirs(sweep)]
+    best = [json.loads((j / "summary.json").read_text())["best"]["value"] for j in [j.path for j in SweepDir(sweep).jobs()]]
     assert len(best) == 3 and found["best_value"] == pytest.approx(min(best))
     assert set(found["best_params"]) == {"optimizer.lr", "regularizer.dropout.rate", "model.width"}
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from conftest import make_config, run_cli
-from dnnrun import checkpoint, train
+from dnnrun import checkpoint, faults, metrics, train
 from dnnrun.errors import Interrupted, UserError
-from dnnrun.metrics import read_jsonl
+from dnnrun.rundir import read_jsonl
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -53,14 +53,14 @@ def test_checkpoints_are_plain_data_loaded_with_weights_only(run_dir: Path):
 
 
 def test_early_stopping_stops_after_patience_and_restores_the_best_weights(run_dir: Path, monkeypatch):
-    real_evaluate = train.evaluate
+    real_evaluate = metrics.loss_and_accuracy
     val_losses = iter([1.0, 0.5, 0.7, 0.6, 0.8, 0.4])
 
     def scripted(model, split, batch_size, autocast):
         loss, acc = real_evaluate(model, split, batch_size, autocast)
         return (next(val_losses), acc) if len(split) == 96 else (loss, acc)  # the validation split
 
-    monkeypatch.setattr(train, "evaluate", scripted)
+    monkeypatch.setattr(metrics, "loss_and_accuracy", scripted)
     cfg = make_config("trainer.epochs=6", "trainer.early_stopping.patience=3")
     summary = train.run(cfg, run_dir)
     assert summary["epochs_run"] == 5 and summary["best"]["epoch"] == 2
@@ -74,7 +74,7 @@ def test_early_stopping_stops_after_patience_and_restores_the_best_weights(run_d
 
 def test_a_run_that_stopped_early_stays_stopped_when_resumed(run_dir: Path, monkeypatch):
     accs = iter([0.5, 0.4, 0.3, 0.9, 0.9, 0.9])  # no improvement after epoch 1: stops after epoch 2
-    monkeypatch.setattr(train, "evaluate", lambda m, s, b, a: (1.0, next(accs)) if len(s) == 96 else (1.0, 0.0))
+    monkeypatch.setattr(metrics, "loss_and_accuracy", lambda m, s, b, a: (1.0, next(accs)) if len(s) == 96 else (1.0, 0.0))
     settings = ("trainer.epochs=6", "trainer.monitor=val/acc", "trainer.early_stopping.patience=1")
     assert train.run(make_config(*settings), run_dir)["epochs_run"] == 2
     resumed = train.run(make_config(*settings, "trainer.resume=auto"), run_dir)
@@ -83,15 +83,15 @@ def test_a_run_that_stopped_early_stays_stopped_when_resumed(run_dir: Path, monk
 
 def test_min_delta_and_accuracy_monitoring(run_dir: Path, monkeypatch):
     accs = iter([0.5, 0.505, 0.7, 0.69])
-    monkeypatch.setattr(train, "evaluate", lambda m, s, b, a: (1.0, next(accs)) if len(s) == 96 else (1.0, 0.0))
+    monkeypatch.setattr(metrics, "loss_and_accuracy", lambda m, s, b, a: (1.0, next(accs)) if len(s) == 96 else (1.0, 0.0))
     cfg = make_config("trainer.epochs=4", "trainer.monitor=val/acc", "trainer.early_stopping.min_delta=0.01")
     summary = train.run(cfg, run_dir)
     assert summary["best"]["epoch"] == 3 and summary["best"]["value"] == 0.7  # 0.505 is within min_delta
 
 
-def _interrupt_after_epoch(monkeypatch, k: int) -> None:
+def _interrupt_after_epoch(k: int) -> faults.Faults:
     """Ctrl-C right after the k-th epoch's checkpoint is written (the fault hook sends SIGINT)."""
-    monkeypatch.setenv("DNNRUN_FAULT", f"int@epoch={k}")
+    return faults.parse(f"int@epoch={k}")
 
 
 # Batch norm (running buffers), Adam (moment estimates), 1cycle (step counter, momentum) and dropout
@@ -103,10 +103,8 @@ RESUMABLE = ("trainer.epochs=4", "trainer.diagnostics.every=10", "norm=batchnorm
 def _straight_and_interrupted(tmp_path: Path, monkeypatch) -> None:
     """`straight` runs all four epochs; `resumed` is interrupted after the second."""
     train.run(make_config(*RESUMABLE), tmp_path / "straight")
-    with monkeypatch.context() as m:
-        _interrupt_after_epoch(m, 2)
-        with pytest.raises(Interrupted):
-            train.run(make_config(*RESUMABLE), tmp_path / "resumed")
+    with pytest.raises(Interrupted):
+        train.run(make_config(*RESUMABLE), tmp_path / "resumed", hook=_interrupt_after_epoch(2))
 
 
 def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path: Path, monkeypatch):
@@ -180,13 +178,13 @@ def test_the_cli_refuses_a_directory_holding_another_run_and_changes_nothing(tmp
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # snapshot, summary, status alike
 
 
-def test_a_failure_is_recorded_in_the_summary(run_dir: Path, monkeypatch):
-    def broken(*args, **kwargs):
-        raise RuntimeError("disk on fire")
+def test_a_failure_is_recorded_in_the_summary(run_dir: Path):
+    class Broken(faults.Hook):
+        def after_step(self, step: int) -> None:
+            raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(train, "train_epoch", broken)
     with pytest.raises(RuntimeError):
-        train.run(make_config(), run_dir)
+        train.run(make_config(), run_dir, hook=Broken())
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["error"] == "RuntimeError: disk on fire"
 

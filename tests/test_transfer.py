@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from conftest import make_config
-from dnnrun import train, transfer
+from dnnrun import runtime, train, transfer
 from dnnrun.data import load
 from dnnrun.errors import UserError
-from dnnrun.metrics import read_jsonl
+from dnnrun.rundir import read_jsonl
 
 SOURCE = ("model.hidden=[32,16,8]", "norm=batchnorm", "trainer.epochs=2")
 
@@ -34,7 +34,7 @@ def _target_model(source: Path, *overrides: str):
     cfg = make_config("norm=batchnorm", f"transfer.source={source}", *overrides)
     data = load(cfg.data, torch.device("cpu"))
     state, _ = transfer.load_source(cfg.transfer)
-    model, _ = train.build_model(cfg, data, transfer.model_config(cfg.model, cfg.transfer, state))
+    model, _ = runtime.build_model(cfg, data, transfer.model_config(cfg.model, cfg.transfer, state))
     layers = transfer.reused_layers(cfg.transfer, state)
     return model, transfer.reuse(model, state, layers, data.n_features, str(source)), layers
 
