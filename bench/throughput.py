@@ -1,12 +1,13 @@
-"""Throughput of dnnrun's training epoch against a plain PyTorch loop, measured in one process.
+"""Throughput of dnnrun's training loop against a plain PyTorch loop, measured in one process.
 
 One epoch of a 784-300-100-10 ReLU MLP on Fashion-MNIST-shaped data (60,000 x 784, 10 classes),
 already on the device, at batch sizes 32 and 256. Both loops shuffle with randperm and take index
-slices of the same tensors; dnnrun's is `train.train_epoch`, exactly as `dnnrun` runs it (running
-loss and accuracy, schedule hook, progress-bar hook). Runs alternate and the best of `--repeats`
-is kept for each, so background noise hits all alike. Prints seconds per epoch, the ratio
-dnnrun / plain (target: <= 1.15) and the cost of the per-layer diagnostics at their default cadence,
-as the ratio to dnnrun without them (target: <= 1.10).
+slices of the same tensors. dnnrun's is `train.Trainer.fit` for one epoch, exactly as `dnnrun`
+runs it (running loss and accuracy, schedule, progress bar, the epoch's end: a validation pass
+on 1,000 examples, metrics.jsonl and the checkpoint); its setup is not timed. Runs alternate and
+the best of `--repeats` is kept for each, so background noise hits all alike. Prints seconds per
+epoch, the ratio dnnrun / plain (target: <= 1.15) and the cost of the per-layer diagnostics at
+their default cadence, as the ratio to dnnrun without them (target: <= 1.10).
 
     python bench/throughput.py [--device auto] [--repeats 3] [--samples 60000]
 """
@@ -16,33 +17,34 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
-from dnnrun import model as model_mod, regularizers, train
-from dnnrun.activations import ACTIVATIONS
-from dnnrun.console import EpochBar
-from dnnrun.diagnostics import DiagnosticsConfig, Monitor
-from dnnrun.loggers import NoLogger
-from dnnrun.data import Split
-from dnnrun.norms import NormConfig
-from dnnrun.schedules import Schedule
-from dnnrun.schema import Choice
+from dnnrun import runtime, train
+from dnnrun.cli import CONFIG_DIR
+from dnnrun.config import parse_run_config
+from dnnrun.data import Data, Split
+from dnnrun.faults import Hook
+from dnnrun.rundir import RunDir
+from dnnrun.signals import StopFlag
 
-HE_NORMAL = Choice("variance_scaling", {"scale": 2.0, "mode": "fan_in", "distribution": "truncated_normal"})
-
-
-def build(device: torch.device) -> torch.nn.Module:
-    cfg = model_mod.ModelConfig(name="mlp", hidden=[300, 100])
-    net = model_mod.mlp(cfg, 784, 10, Choice("relu"), NormConfig("none"), HE_NORMAL, regularizers.Regularization())
-    return net.to(device)
+MODEL = ["model.hidden=[300,100]", "act=relu", "init=he_normal", "optimizer=sgd", "optimizer.lr=0.01"]
 
 
-def plain_epoch(net, split: Split, batch_size: int, shuffle: torch.Generator) -> None:
+def config(batch_size: int, every: int, device: torch.device):
+    overrides = [*MODEL, f"trainer.batch_size={batch_size}", "trainer.epochs=1", "trainer.progress=false",
+                 f"trainer.diagnostics.every={every}", "trainer.diagnostics.plots=false", f"trainer.device={device}"]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return parse_run_config(OmegaConf.to_container(compose("config", overrides=overrides), resolve=True))
+
+
+def plain_epoch(net, data: Data, batch_size: int, shuffle: torch.Generator) -> None:
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
     net.train()
+    split = data.train
     order = torch.randperm(len(split), generator=shuffle).to(split.x.device)
     for i in range(0, len(split), batch_size):
         idx = order[i : i + batch_size]
@@ -52,34 +54,29 @@ def plain_epoch(net, split: Split, batch_size: int, shuffle: torch.Generator) ->
         opt.step()
 
 
-def dnnrun_epoch(net, split: Split, batch_size: int, shuffle: torch.Generator, every: int = 0) -> None:
-    """train.train_epoch as `dnnrun` runs it; `every` > 0 adds the per-layer statistics."""
-    tc = train.TrainerConfig(batch_size=batch_size, progress=False)
-    opt = torch.optim.SGD(net.parameters(), lr=0.01)
-    schedule = Schedule(Choice("constant"), opt, steps_per_epoch=len(split) // batch_size, epochs=1)
-    autocast, scaler = train.mixed_precision(False, split.x.device)
-    with tempfile.TemporaryDirectory() as tmp:
-        monitor = Monitor(net, ACTIVATIONS["relu"], every, Path(tmp) / "diagnostics.jsonl", NoLogger(Path(tmp)))
-        parts = train.Parts(net, opt, schedule, regularizers.Regularization(), autocast, scaler, monitor)
-        with EpochBar(enabled=False, epochs=1) as bar:
-            bar.start_epoch(1, len(split) // batch_size)
-            progress = train.EpochProgress(shuffle_state=shuffle.get_state())
-            train.train_epoch(parts, split, tc, shuffle, bar, step=0, epoch=1, progress=progress)
-
-
-def diagnosed_epoch(net, split: Split, batch_size: int, shuffle: torch.Generator) -> None:
-    dnnrun_epoch(net, split, batch_size, shuffle, every=DiagnosticsConfig().every)
-
-
-def timed(fn, *args) -> float:
-    device = args[1].x.device
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def timed(fn) -> float:
+    device = torch.device("cuda") if torch.cuda.is_available() else None
+    if device is not None:
+        torch.cuda.synchronize()
     start = time.perf_counter()
-    fn(*args)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    fn()
+    if device is not None:
+        torch.cuda.synchronize()
     return time.perf_counter() - start
+
+
+def one_epoch(kind: str, data: Data, batch_size: int, device: torch.device) -> float:
+    """Seconds of one epoch: the plain loop, or dnnrun's loop with or without diagnostics."""
+    if kind == "plain":
+        torch.manual_seed(0)
+        cfg = config(batch_size, 0, device)
+        net = runtime.build_model(cfg, data)[0].to(device)
+        return timed(lambda: plain_epoch(net, data, batch_size, torch.Generator().manual_seed(1)))
+    every = 100 if kind == "diagnosed" else 0  # trainer.diagnostics.every's default
+    cfg = config(batch_size, every, device)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = train.Trainer(cfg, RunDir(tmp), device, train.Start(data, cfg.model), {}, StopFlag(), Hook())
+        return timed(trainer.fit)
 
 
 def main() -> None:
@@ -89,26 +86,26 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=60_000)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 256])
     args = parser.parse_args()
-    device = train.resolve_device(args.device)
+    device = runtime.resolve_device(args.device)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (args.samples, 784), generator=g, dtype=torch.uint8).to(device).float() / 255
     y = torch.randint(0, 10, (args.samples,), generator=g).to(device)
-    split = Split(x, y)
+    held = Split(x[:1000], y[:1000])
+    data = Data(Split(x, y), held, held, n_features=784, n_classes=10, shape=(28, 28), unlabeled=x)
     print(f"device {device}, {args.samples} x 784, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("dnnrun: train.train_epoch; +diagnostics: with per-layer statistics at the default cadence")
+    print("dnnrun: train.Trainer.fit, one epoch; +diagnostics: with per-layer statistics at the default cadence")
     print(f"{'batch':>6} {'plain s/epoch':>14} {'dnnrun s/epoch':>15} {'ratio':>7} {'+diagnostics s':>15} {'ratio to dnnrun':>16}")
-    loops = (("plain", plain_epoch), ("dnnrun", dnnrun_epoch), ("diagnosed", diagnosed_epoch))
+    kinds = ("plain", "dnnrun", "diagnosed")
     for batch_size in args.batch_sizes:
-        times = {name: [] for name, _ in loops}
-        # one untimed epoch each to warm up allocators and kernels
-        for _, fn in loops:
-            fn(build(device), split, batch_size, torch.Generator().manual_seed(1))
+        for kind in kinds:  # one untimed epoch each to warm up allocators and kernels
+            one_epoch(kind, data, batch_size, device)
+        times = {kind: [] for kind in kinds}
         for _ in range(args.repeats):
-            for name, fn in loops:
-                torch.manual_seed(0)
-                times[name].append(timed(fn, build(device), split, batch_size, torch.Generator().manual_seed(1)))
-        plain, ours, diagnosed = (min(times[name]) for name, _ in loops)
+            for kind in kinds:
+                times[kind].append(one_epoch(kind, data, batch_size, device))
+        plain, ours, diagnosed = (min(times[kind]) for kind in kinds)
         print(f"{batch_size:>6} {plain:>14.3f} {ours:>15.3f} {ours / plain:>7.3f} {diagnosed:>15.3f} {diagnosed / ours:>16.3f}")
+
 
 if __name__ == "__main__":
     main()

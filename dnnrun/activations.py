@@ -59,6 +59,7 @@ ACTIVATIONS = {
     "selu": Activation(nn.SELU),
     "gelu": Activation(gelu),
     "silu": Activation(nn.SiLU),  # also called swish: z * sigmoid(z)
+    "mish": Activation(nn.Mish),  # z * tanh(softplus(z))
 }
 
 

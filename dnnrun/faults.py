@@ -6,6 +6,10 @@ so that tests can break a real process:
 
 DNNRUN_FAULT=KIND@POINT=N[,KIND@POINT=N...]
 KIND   nan    the training loss becomes NaN (POINT must be step)
+       arrive create the file DNNRUN_FAULT_ARRIVE/PID
+       wait   wait until DNNRUN_FAULT_WAIT=GLOB:COUNT matches COUNT files (at most WAIT_S seconds).
+              With arrive, a barrier between the processes of a sweep, so that what a test sees
+              does not depend on which process is faster. Faults at one point fire in the order given.
        raise  an exception
        enospc the write fails as on a full disk (POINT must be save)
        kill   SIGKILL: the process dies on the spot
@@ -24,9 +28,11 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import glob
 import os
 import re
 import signal
+import time
 from typing import TYPE_CHECKING
 
 from dnnrun.errors import UserError
@@ -51,10 +57,11 @@ class Hook:
         """A checkpoint file is written and fsynced, not yet renamed into place."""
 
 
-KINDS = ("nan", "raise", "enospc", "kill", "term", "int", "usr2")
+KINDS = ("nan", "arrive", "wait", "raise", "enospc", "kill", "term", "int", "usr2")
 POINTS = ("step", "epoch", "save", "status")
 SIGNALS = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT, "usr2": signal.SIGUSR2}
 ONLY_AT = {"nan": "step", "enospc": "save"}
+WAIT_S = 120
 
 
 class InjectedFault(RuntimeError):
@@ -68,6 +75,14 @@ class Fault:
     n: int
 
     def fire(self) -> None:
+        if self.kind == "arrive":
+            folder = os.environ.get("DNNRUN_FAULT_ARRIVE", "")
+            if not folder:
+                raise UserError("DNNRUN_FAULT=arrive@...: set DNNRUN_FAULT_ARRIVE to a folder")
+            os.makedirs(folder, exist_ok=True)
+            open(os.path.join(folder, str(os.getpid())), "w").close()
+        if self.kind == "wait":
+            wait_for(os.environ.get("DNNRUN_FAULT_WAIT", ""))
         if self.kind == "raise":
             raise InjectedFault(f"DNNRUN_FAULT: injected failure at {self.point} {self.n}")
         if self.kind == "enospc":
@@ -113,6 +128,18 @@ class Faults(Hook):
     def before_rename(self) -> None:
         self.saves += 1
         self.at("save", self.saves)
+
+
+def wait_for(spec: str) -> None:
+    """Block until GLOB matches at least COUNT files (spec "GLOB:COUNT")."""
+    pattern, _, count = spec.rpartition(":")
+    if not pattern or not count.isdigit():
+        raise UserError(f"DNNRUN_FAULT_WAIT={spec!r}: expected GLOB:COUNT, e.g. /tmp/sweep/*/run.log:2")
+    deadline = time.monotonic() + WAIT_S
+    while len(glob.glob(pattern)) < int(count):
+        if time.monotonic() > deadline:
+            raise InjectedFault(f"DNNRUN_FAULT: waited {WAIT_S} s for {count} files matching {pattern}")
+        time.sleep(0.02)
 
 
 def parse(spec: str) -> Faults:

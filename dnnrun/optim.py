@@ -20,6 +20,7 @@ OPTIMIZERS = {
     "adamax": torch.optim.Adamax,
     "nadam": torch.optim.NAdam,
     "adamw": torch.optim.AdamW,
+    "radam": torch.optim.RAdam,
 }
 
 RULES = {"lr": POSITIVE, "momentum": FRACTION, "weight_decay": NON_NEGATIVE, "eps": POSITIVE,

@@ -37,7 +37,7 @@ from dnnrun.data import Data, load as load_data
 from dnnrun.early_stopping import EarlyStopping
 from dnnrun.errors import Diverged, Interrupted, RunError
 from dnnrun.faults import Hook
-from dnnrun.model import fitting_config
+from dnnrun.model import count_parameters, fitting_config
 from dnnrun.rundir import RunDir, now
 from dnnrun.schedules import Schedule
 from dnnrun.signals import StopFlag
@@ -138,7 +138,7 @@ class Trainer:
         if self.world > 1 and device.type == "cuda":
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)  # batch statistics over the global batch
         self.model.to(device)
-        self.state = self._reuse(start)
+        self.state = self._initial_state(start)
         self.optimizer = optim.build(cfg.optimizer, self.model, self.state.reused)
         batches = math.ceil(len(self.data.train) / tc.batch_size)
         self.steps_per_epoch = min(batches, tc.limit_batches or batches)
@@ -167,9 +167,9 @@ class Trainer:
         # The files that run on from the checkpoint hold exactly its epochs and steps.
         run_dir.rewrite_metrics(self.state.history)
         run_dir.truncate_diagnostics(self.state.step + (self.state.progress.batches if self.state.progress else 0))
-        self._describe_start(start)
+        self._record_start(start)
 
-    def _reuse(self, start: Start) -> TrainState:
+    def _initial_state(self, start: Start) -> TrainState:
         """A fresh state, with what transfer.source gives the model (or gave it: a resumed run)."""
         state, cfg = TrainState(), self.cfg
         if start.source is not None:
@@ -191,10 +191,10 @@ class Trainer:
         ids = [self.device.index] if self.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
 
-    def _describe_start(self, start: Start) -> None:
+    def _record_start(self, start: Start) -> None:
         data = self.data
         self.summary.update(
-            parameters=sum(p.numel() for p in self.model.parameters()),
+            parameters=count_parameters(self.model),
             device=runtime.device_name(self.device),
             threads=torch.get_num_threads(),
             processes=self.world,

@@ -26,6 +26,10 @@ def _Phi(z):
     return 0.5 * (1 + math.erf(z / math.sqrt(2)))
 
 
+def _softplus(z):
+    return math.log1p(math.exp(z))
+
+
 def _leaky(alpha):
     return (lambda z: z if z > 0 else alpha * z), (lambda z: 1.0 if z > 0 else alpha)
 
@@ -44,6 +48,8 @@ FORMULAS = {
              lambda z: SELU_LAMBDA * (1.0 if z > 0 else SELU_ALPHA * math.exp(z))),
     "gelu": (lambda z: z * _Phi(z), lambda z: _Phi(z) + z * _phi(z)),
     "silu": (lambda z: z * _sigmoid(z), lambda z: _sigmoid(z) * (1 + z * (1 - _sigmoid(z)))),
+    "mish": (lambda z: z * math.tanh(_softplus(z)),
+             lambda z: math.tanh(_softplus(z)) + z * (1 - math.tanh(_softplus(z)) ** 2) * _sigmoid(z)),
 }
 OPTIONS = sorted(p.stem for p in (CONFIG_DIR / "act").glob("*.yaml"))
 POINTS = [-4.0, -1.5, -0.5, -0.1, 0.1, 0.5, 1.5, 4.0]

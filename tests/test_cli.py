@@ -60,7 +60,7 @@ def test_multirun_writes_one_directory_per_job(tmp_path: Path):
 
 
 def test_help_lists_every_group_and_option_with_a_description(tmp_path: Path):
-    from dnnrun.cli import CONFIG_DIR, GROUP_HELP, describe
+    from dnnrun.cli import CONFIG_DIR, GROUP_HELP, option_line
 
     result = run_cli("--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -68,8 +68,8 @@ def test_help_lists_every_group_and_option_with_a_description(tmp_path: Path):
         assert GROUP_HELP.get(group.name), f"no description for group {group.name}"
         assert f"{group.name}: {GROUP_HELP[group.name]}" in result.stdout
         for option in group.glob("*.yaml"):
-            assert describe(option), f"{option} has no description comment"
-            assert f"  {option.stem:<20} {describe(option)}" in result.stdout
+            assert option_line(option), f"{option} has no description comment"
+            assert f"  {option.stem:<20} {option_line(option)}" in result.stdout
 
 
 BAD_INPUTS = {
@@ -122,8 +122,8 @@ def test_a_torch_older_than_2_10_is_refused(installed, refused, monkeypatch, cap
     monkeypatch.setattr(importlib.metadata, "version", lambda name: installed)
     if refused:
         with pytest.raises(SystemExit) as stop:
-            cli._check_torch()
+            cli.check_torch()
         assert stop.value.code == 2
         assert f"needs PyTorch 2.10 or later (its safe checkpoint loader); this is {installed}" in capsys.readouterr().err
     else:
-        cli._check_torch()
+        cli.check_torch()

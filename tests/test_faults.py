@@ -299,7 +299,10 @@ def test_a_job_killed_under_joblib_loses_no_finished_job_and_a_rerun_finishes(tm
     sweep = tmp_path / "sweep"
     args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "data=synthetic", "trainer.epochs=1,2,3",
             f"hydra.sweep.dir={sweep}"]
-    first = run_cli(*args, cwd=tmp_path, env={"DNNRUN_FAULT": "kill@step=60"})  # only the 3-epoch job gets there
+    # Only the 3-epoch job gets to step 60; it dies there once the other two jobs have finished (a
+    # barrier: which job is faster does not matter), so that no running job is taken down with it.
+    first = run_cli(*args, cwd=tmp_path, env={"DNNRUN_FAULT": "wait@step=60,kill@step=60",
+                                              "DNNRUN_FAULT_WAIT": f"{sweep}/*/status.json:2"})
     assert first.returncode == 1, first.stdout + first.stderr  # Hydra prints joblib's error first: accepted
     # The dead job is recorded and listed as failed, next to the finished ones.
     jobs = [j.path for j in SweepDir(sweep).jobs()]

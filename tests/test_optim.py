@@ -104,6 +104,26 @@ def _nadam(p, steps):
     return w
 
 
+def _radam(p, steps):
+    # Liu et al. (2019): Adam's adaptive rate times a rectification r_t once the length rho_t of the
+    # approximated simple moving average exceeds 5; before that, momentum SGD on the bias-corrected m.
+    (b1, b2), w = p["betas"], W0.clone()
+    m, s = torch.zeros_like(W0), torch.zeros_like(W0)
+    rho_inf = 2 / (1 - b2) - 1
+    for t in range(1, steps + 1):
+        g = A * w
+        m = b1 * m + (1 - b1) * g
+        s = b2 * s + (1 - b2) * g * g
+        m_hat = m / (1 - b1**t)
+        rho = rho_inf - 2 * t * b2**t / (1 - b2**t)
+        if rho > 5:
+            r = math.sqrt((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho))
+            w = w - p["lr"] * r * m_hat * math.sqrt(1 - b2**t) / (s.sqrt() + p["eps"])
+        else:
+            w = w - p["lr"] * m_hat
+    return w
+
+
 BY_HAND = {
     "sgd": _sgd,
     "momentum": _sgd,
@@ -114,6 +134,7 @@ BY_HAND = {
     "adamax": _adamax,
     "nadam": _nadam,
     "adamw": lambda p, steps: _adam(p, steps, decoupled_decay=p["weight_decay"]),
+    "radam": _radam,
 }
 OPTIONS = sorted(p.stem for p in (CONFIG_DIR / "optimizer").glob("*.yaml"))
 
@@ -134,6 +155,19 @@ def test_steps_match_the_textbook_rule(option):
     expected = BY_HAND[option](choice.params, STEPS)
     assert torch.allclose(model.w.detach(), expected, atol=1e-6, rtol=0)
     assert not torch.allclose(model.w.detach(), W0)
+
+
+def test_radam_rectifies_its_rate_once_the_variance_estimate_is_tractable():
+    """STEPS is too few for rho_t to pass 5 (t = 6 with beta2 = 0.999): ten steps reach the rectified rule."""
+    choice = make_config("optimizer=radam").optimizer
+    model = Quadratic()
+    optimizer = optim.build(choice, model)
+    for _ in range(10):
+        optimizer.zero_grad()
+        model.loss().backward()
+        optimizer.step()
+    assert torch.allclose(model.w.detach(), _radam(choice.params, 10), atol=1e-6, rtol=0)
+    assert not torch.allclose(_radam(choice.params, 10), _radam({**choice.params, "betas": [0.9, 0.0]}, 10))
 
 
 def test_the_presets_hold_the_classic_hyperparameters():

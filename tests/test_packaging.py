@@ -37,7 +37,7 @@ def test_the_wheel_contains_every_config(wheel: Path):
     configs = {f"dnnrun/conf/{p.relative_to(ROOT / 'conf')}" for p in (ROOT / "conf").rglob("*.yaml")}
     assert "dnnrun/conf/config.yaml" in configs and len(configs) >= 10
     assert configs <= names
-    assert "dnnrun/cli.py" in names
+    assert "dnnrun/cli/__init__.py" in names
 
 
 def test_an_installed_wheel_composes_its_config_away_from_the_source_tree(wheel: Path, tmp_path: Path):
@@ -48,7 +48,7 @@ def test_an_installed_wheel_composes_its_config_away_from_the_source_tree(wheel:
         [sys.executable, "-c", "import dnnrun.cli as c; print(c.__file__); print(c.CONFIG_DIR)"],
         cwd=tmp_path, env=env, capture_output=True, text=True, check=True,
     ).stdout.split()
-    assert where == [str(site / "dnnrun" / "cli.py"), str(site / "dnnrun" / "conf")]
+    assert where == [str(site / "dnnrun" / "cli" / "__init__.py"), str(site / "dnnrun" / "conf")]
     shown = subprocess.run(
         [sys.executable, "-m", "dnnrun", "--cfg", "job", "data=synthetic", "optimizer=adam"],
         cwd=tmp_path, env=env, capture_output=True, text=True,

@@ -97,8 +97,13 @@ def _log_span(path: Path) -> tuple[datetime, datetime]:
 
 def test_joblib_runs_jobs_in_parallel_dividing_the_cores(tmp_path: Path):
     sweep = tmp_path / "sweep"
-    result = run_cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "data=synthetic", "trainer.epochs=30",
-                     "act=relu,elu", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    # After its first step each job waits until both have got there (a barrier): run one after the
+    # other, the first would wait in vain and fail.
+    barrier = tmp_path / "barrier"
+    result = run_cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "data=synthetic", "trainer.epochs=2",
+                     "act=relu,elu", f"hydra.sweep.dir={sweep}", cwd=tmp_path,
+                     env={"DNNRUN_FAULT": "arrive@step=1,wait@step=1", "DNNRUN_FAULT_ARRIVE": str(barrier),
+                          "DNNRUN_FAULT_WAIT": f"{barrier}/*:2"})
     assert result.returncode == 0, result.stderr
     jobs = [j.path for j in SweepDir(sweep).jobs()]
     assert [_status(j) for j in jobs] == ["completed", "completed"]

@@ -1,0 +1,56 @@
+"""dnnrun's Hydra config tree (conf/): where it is, and the resolver its config.yaml calls.
+
+The resolver is registered when dnnrun.cli is imported, which every process that composes the
+config does first: the command line, its pre-flight check, tests, and the worker processes of
+joblib and submitit (they import the task function's module to unpickle it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+
+def _config_dir() -> Path:
+    """conf/ inside the installed package (wheel), else the source checkout's top-level conf/."""
+    package = Path(__file__).resolve().parent.parent  # dnnrun/
+    for candidate in (package / "conf", package.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise SystemExit(f"dnnrun: no config.yaml in {package / 'conf'} or {package.parent / 'conf'}; reinstall dnnrun")
+
+
+CONFIG_DIR = _config_dir()
+CONFIG_NAME = "config"  # the primary config: config.yaml
+
+# Paths make unreadable directory names, and a job's directory is found again by its name.
+PATH_KEYS = ("transfer.source", "evaluate.checkpoint")
+DIRNAME_EXCLUDED = "dnnrun.dirname_excluded"  # conf/config.yaml: hydra.job.config.override_dirname.exclude_keys
+
+
+def dirname_excluded(*, _root_: DictConfig) -> list[str]:
+    """The override keys that a sweep job's directory name leaves out: the settings that never
+    change a result (dnnrun.config.RESULT_NEUTRAL), every key under one of them (Hydra matches
+    an override's key exactly), and the path-valued keys."""
+    from dnnrun.config import RESULT_NEUTRAL  # imports torch: paid when a config is composed, not on import
+
+    plain = OmegaConf.to_container(_root_, resolve=False)  # keys only: no value needs resolving here
+    keys: list[str] = []
+    for key in RESULT_NEUTRAL:
+        node = plain
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        keys += [key, *_keys_under(node, key)]
+    return list(dict.fromkeys([*keys, *PATH_KEYS]))
+
+
+def _keys_under(node: object, prefix: str) -> list[str]:
+    if not isinstance(node, dict):
+        return []
+    keys = []
+    for name, child in node.items():
+        keys += [f"{prefix}.{name}", *_keys_under(child, f"{prefix}.{name}")]
+    return keys
+
+
+OmegaConf.register_new_resolver(DIRNAME_EXCLUDED, dirname_excluded, replace=True)

@@ -1,0 +1,31 @@
+"""How a run's end is recorded: its status.json (RunDir.write_status), which sweeps read."""
+
+from __future__ import annotations
+
+from dnnrun.errors import (EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, Diverged, Interrupted,
+                           RunError, UserError)
+from dnnrun.rundir import RunDir
+
+STATUS_OF_EXIT = {EXIT_OK: "completed", EXIT_DIVERGED: "diverged", EXIT_INTERRUPTED: "interrupted",
+                  EXIT_TERMINATED: "interrupted"}  # any other code: "failed"
+
+
+def record_end(run: RunDir, code: int, failure: BaseException | None, job: dict) -> None:
+    """Write how the run ended. job: {"num": the job's number in its sweep or None, "overrides": [...]}."""
+    from dnnrun import faults
+
+    injected = faults.from_env()
+    if injected is not None:  # tests: a signal while the end is recorded
+        injected.at("status", 1)
+    run.write_status(STATUS_OF_EXIT.get(code, "failed"), code, job, failure_text(failure))
+
+
+def failure_text(failure: BaseException | None) -> str | None:
+    """What status.json says went wrong: dnnrun's own errors by their message, a bug with its type."""
+    if failure is None:
+        return None
+    if isinstance(failure, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(failure, (UserError, Diverged, RunError, Interrupted)):
+        return str(failure)
+    return f"{type(failure).__name__}: {failure}"

@@ -1,0 +1,68 @@
+"""The end of a sweep: sweep.csv rewritten, every job that did not complete listed, and a non-zero
+exit when there was one; also when the launcher broke before that end (e.g. joblib, when a
+worker process is killed), recording the jobs whose process died."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from dnnrun.cli.messages import error
+from dnnrun.cli.status import record_end
+from dnnrun.errors import EXIT_INTERNAL, RunError
+from dnnrun.rundir import SweepDir
+
+DIED = "its process died before it finished (killed?)"
+
+
+class SweepFailed(SystemExit):
+    """Some job of a sweep did not complete (exit code 1): raised by SweepReport once it has said
+    which, so that the command line tells it from a launcher that broke."""
+
+    def __init__(self) -> None:
+        super().__init__(EXIT_INTERNAL)
+
+
+class SweepReport(Callback):
+    """Hydra's callback at the end of a sweep (conf/config.yaml: hydra.callbacks.sweep_report)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        if report_sweep(Path(config.hydra.sweep.dir)):
+            raise SweepFailed()
+
+
+def report_sweep(sweep_dir: Path) -> bool:
+    """Rewrite sweep.csv and print how many jobs completed and every one that did not; whether one did not."""
+    sweep = SweepDir(sweep_dir)
+    rows = sweep.update_table()
+    failed = [r for r in rows if r["status"] != "completed"]
+    print(f"sweep: {len(rows) - len(failed)} of {len(rows)} jobs completed; table: {sweep.table}")
+    for row in failed:
+        error(f"job {row['job']} ({row['overrides'] or 'no overrides'}): {row['status']}"
+              + (f": {row['error']}" if row.get("error") else ""))
+    return bool(failed)
+
+
+def sweep_broke(sweep_dir: Path, launcher: str, began: bool) -> bool:
+    """After the launcher of a sweep raised, before the sweep's end (Hydra calls no on_multirun_end
+    then): the jobs whose process died left no status.json; they are recorded as failed, and the
+    sweep is reported as SweepReport would. False when no job had begun (no job directory, and
+    `began` false: no job ran in this process): Hydra could not compose a job's config (bad input;
+    it has printed why). launcher: the `_target_` of the sweep's launcher."""
+    jobs = SweepDir(sweep_dir).jobs()
+    if not jobs and not began:
+        return False
+    # A Slurm job (submitit) outlives a failure of the launcher that waits for it: it records its own end.
+    remote = "submitit" in launcher
+    for job in jobs if not remote else []:
+        if not job.status.exists():
+            snapshot = job.snapshot("overrides")
+            overrides = OmegaConf.to_container(OmegaConf.load(snapshot)) if snapshot.is_file() else []
+            number = job.path.name.split("_", 1)[0]
+            record_end(job, EXIT_INTERNAL, RunError(DIED),
+                       {"num": int(number) if number.isdigit() else None, "overrides": overrides})
+    report_sweep(sweep_dir)
+    error(f"the sweep stopped before its end (the error above); jobs that had not begun have no directory in {sweep_dir}")
+    return True
