@@ -120,7 +120,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: RunDir, device: torch.device, start: Start, summary: dict[str, Any],
                  stop: StopFlag, hook: Hook):
         tc = cfg.trainer
-        self.cfg, self.run, self.device, self.data, self.summary, self.stop, self.hook = \
+        self.cfg, self.run_dir, self.device, self.data, self.summary, self.stop, self.hook = \
             cfg, run_dir, device, start.data, summary, stop, hook
         self.wall_start = time.perf_counter()
         for stale in run_dir.remove_stale_temporaries():
@@ -201,7 +201,7 @@ class Trainer:
             data={"train": len(data.train), "val": len(data.val), "test": len(data.test),
                   "features": data.n_features, "classes": data.n_classes},
         )
-        self.run.write_summary(self.summary)
+        self.run_dir.write_summary(self.summary)
         log.info("%s: %d train / %d val / %d test examples, %d features, %d classes; %s parameters on %s",
                  self.cfg.data.name, len(data.train), len(data.val), len(data.test), data.n_features, data.n_classes,
                  f"{self.summary['parameters']:,}", self.summary["device"])
@@ -241,7 +241,7 @@ class Trainer:
                 improved = self.early_stopping.end_epoch(state, record)
                 state.epoch = epoch
                 state.history.append(record)
-                self.run.append_metrics(record)
+                self.run_dir.append_metrics(record)
                 self.logger.epoch(record)
                 self.checkpoints.save(state, improved)
                 self.hook.end_epoch(epoch)
@@ -374,10 +374,10 @@ class Trainer:
             kept = (f"checkpoints/last.pt (epoch {state.epoch}) is untouched" if state.epoch
                     else "no epoch had finished, so there is no checkpoint")
             log.error("%s; the run stops here: %s", ending, kept)
-        self.run.write_activations(self.snapshots)
+        self.run_dir.write_activations(self.snapshots)
         self.logger.close()
 
-        found = diagnosis.diagnose(state.history, self.run.read_diagnostics(), self.data.n_classes)
+        found = diagnosis.diagnose(state.history, self.run_dir.read_diagnostics(), self.data.n_classes)
         if isinstance(ending, Diverged):
             found.insert(0, f"training diverged at step {ending.step}: {ending.what}")
             summary["diverged_at_step"] = ending.step
@@ -397,15 +397,16 @@ class Trainer:
         if tc.diagnostics.plots and self.rank == 0:
             from dnnrun.plots import plot_run  # matplotlib is imported only when plots are drawn
 
-            plot_run(self.run)
+            plot_run(self.run_dir)
         if ending is not None:
-            record(self.run, summary, "diverged" if isinstance(ending, Diverged) else "interrupted", error=str(ending))
+            status = "diverged" if isinstance(ending, Diverged) else "interrupted"
+            finish_summary(self.run_dir, summary, status, error=str(ending))
             print_diagnosis(found)
             raise ending
-        record(self.run, summary, "completed")
+        finish_summary(self.run_dir, summary, "completed")
         console.print(results_table(summary))
         print_diagnosis(found)
-        log.info("run directory: %s", self.run)
+        log.info("run directory: %s", self.run_dir)
         return summary
 
 
@@ -431,7 +432,7 @@ def divergence(model: nn.Module, step: int, what: str, last_update: int) -> Dive
     return Diverged(last_update, "a gradient was NaN or infinite: the update made the weights non-finite")
 
 
-def record(run_dir: RunDir, summary: dict[str, Any], status: str, error: str | None = None) -> None:
+def finish_summary(run_dir: RunDir, summary: dict[str, Any], status: str, error: str | None = None) -> None:
     """How the run ended, in summary.json. A run already failing (a full disk?) keeps its first
     error: a second one in writing the summary is logged, not raised."""
     summary.update(status=status, finished=now(), versions=runtime.versions())
@@ -454,14 +455,14 @@ def _recording(run_dir: RunDir, summary: dict[str, Any]):
         raise  # finish() has recorded it, with the diagnosis
     except (Interrupted, KeyboardInterrupt) as exc:
         if summary["status"] == "running":  # else finish() has recorded it
-            record(run_dir, summary, "interrupted", error=str(exc) or "interrupted")
+            finish_summary(run_dir, summary, "interrupted", error=str(exc) or "interrupted")
         raise
     except OSError as exc:  # a file the run writes (metrics, log, plots) could not be written
         failure = RunError(f"cannot write {exc.filename or run_dir}: {exc.strerror or exc}")
-        record(run_dir, summary, "failed", error=str(failure))
+        finish_summary(run_dir, summary, "failed", error=str(failure))
         raise failure from exc
     except Exception as exc:
-        record(run_dir, summary, "failed", error=f"{type(exc).__name__}: {exc}")
+        finish_summary(run_dir, summary, "failed", error=f"{type(exc).__name__}: {exc}")
         raise
 
 

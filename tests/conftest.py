@@ -1,11 +1,17 @@
-"""Shared helpers: configs composed from the real conf/ tree, and the installed CLI."""
+"""Shared helpers: configs composed from the real conf/ tree, and the CLI (in this process, or
+the installed command in a process of its own)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
+import signal
 import struct
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -41,23 +47,77 @@ def make_config(*overrides: str, data: str | None = "synthetic") -> RunConfig:
 
 
 def run_cli(
-    *args: str, cwd: Path, module: bool = False, env: dict | None = None, root_at_cwd: bool = True
+    *args: str, cwd: Path, env: dict | None = None, root_at_cwd: bool = True, process: bool = False,
+    module: bool = False,
 ) -> subprocess.CompletedProcess:
-    """The installed dnnrun in `cwd`, with the outputs root there too (tests write only under tmp_path),
-    and without plots unless asked for."""
-    command = [sys.executable, "-m", "dnnrun"] if module else [str(DNNRUN)]
+    """dnnrun with these arguments in `cwd`, with the outputs root there too (tests write only
+    under tmp_path), and without plots unless asked for: `dnnrun.cli.main()` in this process (as
+    the console script calls it, its exit code from SystemExit, an uncaught exception printed with
+    exit code 1 as Python does), or with process=True the installed command in a process of its
+    own (module=True: `python -m dnnrun`), for what only a process shows: signals, kill -9, the
+    entry points, launchers that start processes."""
     if root_at_cwd and not any(a.startswith("outputs=") for a in args) and "--help" not in args:
         args = (*args, f"outputs={cwd}")
     if not any(a.startswith("trainer.diagnostics.plots=") for a in args) and "--help" not in args:
         args = (*args, "trainer.diagnostics.plots=false")  # drawing takes longer than these runs
-    return subprocess.run(
-        [*command, *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})},
-    )
+    env = {"HYDRA_FULL_ERROR": "0", **(env or {})}
+    if not process:
+        return _in_process([str(DNNRUN), *args], cwd, env)
+    command = [sys.executable, "-m", "dnnrun"] if module else [str(DNNRUN)]
+    return subprocess.run([*command, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env})
+
+
+def _in_process(argv: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    from hydra.core.global_hydra import GlobalHydra
+
+    from dnnrun.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with _process_state(argv, cwd, env), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+            if not isinstance(exc.code, (int, type(None))):
+                print(exc.code, file=sys.stderr)
+        except BaseException:  # what Python does with an uncaught exception
+            traceback.print_exc()
+            code = 1
+        finally:
+            GlobalHydra.instance().clear()
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
+@contextlib.contextmanager
+def _process_state(argv: list[str], cwd: Path, env: dict[str, str]):
+    """What a dnnrun process changes for itself, put back afterwards: argv, the working directory,
+    the environment, signal handlers, logging (Hydra configures the root logger; dnnrun's logger gets
+    a terminal handler) and torch's thread count."""
+    import torch
+
+    loggers = [logging.getLogger(), logging.getLogger("dnnrun"), logging.getLogger("hydra")]
+    saved_logging = [(lg, list(lg.handlers), lg.level, lg.propagate) for lg in loggers]
+    saved_signals = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    saved = (list(sys.argv), os.getcwd(), dict(os.environ), torch.get_num_threads())
+    sys.argv[:] = argv
+    os.chdir(cwd)
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        sys.argv[:], cwd, environ, threads = saved
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(environ)
+        torch.set_num_threads(threads)
+        for sig, handler in saved_signals.items():
+            signal.signal(sig, handler)
+        for lg, handlers, level, propagate in saved_logging:
+            lg.handlers[:] = handlers
+            lg.setLevel(level)
+            lg.propagate = propagate
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

@@ -1,4 +1,5 @@
-"""The installed `dnnrun` command, run in a subprocess as a user would."""
+"""The `dnnrun` command: the installed console script in a process of its own as a user runs it
+(the happy path, `python -m dnnrun`, a typo), and its main() in this process for the rest."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ EPOCH_KEYS = {"epoch", "step", "train/loss", "train/acc", "val/loss", "val/acc",
 def test_dnnrun_trains_and_leaves_a_complete_run_directory(tmp_path: Path):
     run = tmp_path / "run"
     result = run_cli("data=synthetic", "trainer.epochs=2", "optimizer=adam", "act=elu", "trainer.diagnostics.plots=true",
-                     f"hydra.run.dir={run}", cwd=tmp_path)
+                     f"hydra.run.dir={run}", cwd=tmp_path, process=True)
     assert result.returncode == 0, result.stderr
     for name in (".hydra/config.yaml", ".hydra/overrides.yaml", "metrics.jsonl", "summary.json", "run.log",
                  "checkpoints/last.pt", "checkpoints/best.pt", "diagnostics.jsonl", "activations.json", "status.json",
@@ -46,7 +47,8 @@ def test_plain_dnnrun_trains_digits_with_no_network(tmp_path: Path):
 
 
 def test_python_dash_m_dnnrun_works(tmp_path: Path):
-    result = run_cli("data=synthetic", "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, module=True)
+    result = run_cli("data=synthetic", "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
+                     process=True, module=True)
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "completed"
 
@@ -91,13 +93,15 @@ BAD_INPUTS = {
 }
 
 
-@pytest.mark.parametrize("args, expected", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
-def test_bad_input_exits_2_with_a_message_and_no_traceback(tmp_path: Path, args, expected):
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_exits_2_with_a_message_and_no_traceback(tmp_path: Path, case):
+    args, expected = BAD_INPUTS[case]
     root = tmp_path / "empty"
     args = [a.replace("ROOT", str(root)) for a in args]
     expected = [e.replace("ROOT", str(root)) for e in expected]
     run = tmp_path / "run"
-    result = run_cli(*args, f"hydra.run.dir={run}", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    result = run_cli(*args, f"hydra.run.dir={run}", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path,
+                     process=case == "unknown option")  # a typo, as a user meets it
     output = result.stdout + result.stderr
     assert result.returncode == 2, output
     assert "Traceback" not in output

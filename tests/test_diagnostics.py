@@ -210,11 +210,15 @@ def test_dnnrun_plot_refuses_a_folder_that_is_not_a_run(tmp_path: Path):
 
 
 def run_cli_plot(*args: str, cwd: Path):
+    """dnnrun-plot's main, as its console script runs it: (exit code, what it printed to stderr)."""
+    import contextlib
+    import io
     import subprocess
-    import sys
 
-    script = Path(sys.executable).parent / "dnnrun-plot"
-    return subprocess.run([str(script), *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    err = io.StringIO()
+    with contextlib.chdir(cwd), contextlib.redirect_stderr(err):
+        code = plots.main(list(args))
+    return subprocess.CompletedProcess(args, code, "", err.getvalue())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from conftest import make_config, run_cli
-from dnnrun import checkpoint, train
-from dnnrun.errors import ConfigError, UserError
+from dnnrun import checkpoint, faults, train
+from dnnrun.errors import ConfigError, Interrupted, UserError
 from dnnrun.rundir import RunDir, SweepDir, read_jsonl
 
 # Batch norm, dropout, momentum with 1cycle and per-step diagnostics: every kind of state a resume
@@ -46,8 +46,10 @@ def _same_weights(a: Path, b: Path) -> bool:
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def _faulty_run(tmp_path: Path, fault: str, *extra: str) -> subprocess.CompletedProcess:
-    return run_cli(*SETUP, *extra, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, env={"DNNRUN_FAULT": fault})
+def _faulty_run(tmp_path: Path, fault: str, *extra: str, process: bool = True) -> subprocess.CompletedProcess:
+    """dnnrun with a fault injected; in a process of its own, which the fault may kill or signal."""
+    return run_cli(*SETUP, *extra, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, env={"DNNRUN_FAULT": fault},
+                   process=process)
 
 
 def _resume(tmp_path: Path):
@@ -99,7 +101,7 @@ def test_without_the_rng_state_the_same_resume_differs(tmp_path: Path, straight:
 
 
 def test_a_full_disk_during_a_save_fails_clearly_and_keeps_the_previous_checkpoint(tmp_path: Path):
-    result = _faulty_run(tmp_path, "enospc@save=3")  # epoch 2's first write
+    result = _faulty_run(tmp_path, "enospc@save=3", process=False)  # epoch 2's first write
     output = result.stdout + result.stderr
     assert result.returncode == 1 and "Traceback" not in output
     assert "cannot write" in result.stderr and "checkpoints/best.pt" in result.stderr
@@ -121,8 +123,14 @@ def test_any_file_that_cannot_be_written_is_reported_with_its_path(blocked, tmp_
     assert json.loads((run / "status.json").read_text())["status"] == "failed"
 
 
+def _stopped_after_epoch(tmp_path: Path, epoch: int) -> None:
+    """tmp_path/run as a run stopped after `epoch` leaves it (in this process: SIGINT from the hook)."""
+    with pytest.raises(Interrupted):
+        train.run(make_config(*SETUP[1:]), tmp_path / "run", hook=faults.parse(f"int@epoch={epoch}"))
+
+
 def test_a_corrupted_last_checkpoint_is_reported_and_never_replaced_by_a_fresh_start(tmp_path: Path):
-    assert _faulty_run(tmp_path, "kill@epoch=2").returncode == -signal.SIGKILL
+    _stopped_after_epoch(tmp_path, 2)
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     last.write_bytes(last.read_bytes()[:1000])  # torn, as by a broken disk
     damaged = last.read_bytes()
@@ -220,10 +228,10 @@ def test_every_checkpoint_reader_refuses_a_payload(tmp_path: Path):
 
 
 def test_weights_export_to_safetensors_and_load_back(tmp_path: Path, straight: Path):
+    from dnnrun.export import main as export
+
     out = tmp_path / "weights.safetensors"
-    result = subprocess.run([str(Path(sys.executable).parent / "dnnrun-export"), str(straight / "checkpoints" / "best.pt"),
-                             "--out", str(out)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    assert export([str(straight / "checkpoints" / "best.pt"), "--out", str(out)]) == 0
     loaded = checkpoint.load(out)
     original = checkpoint.load(straight / "checkpoints" / "best.pt")
     assert all(torch.equal(loaded["model"][k], original["model"][k]) for k in original["model"])
@@ -272,7 +280,7 @@ def test_a_sweep_job_cannot_escape_the_outputs_root(tmp_path: Path):
 
 
 def test_resuming_with_a_config_that_changes_the_result_lists_the_changes(tmp_path: Path):
-    assert _faulty_run(tmp_path, "kill@epoch=1").returncode == -signal.SIGKILL
+    _stopped_after_epoch(tmp_path, 1)
     changed = run_cli(*SETUP, "trainer.resume=auto", "optimizer.lr=0.1", "trainer.seed=7",
                       f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert changed.returncode == 2 and "Traceback" not in changed.stderr
@@ -302,7 +310,7 @@ def test_a_job_killed_under_joblib_loses_no_finished_job_and_a_rerun_finishes(tm
     # Only the 3-epoch job gets to step 60; it dies there once the other two jobs have finished (a
     # barrier: which job is faster does not matter), so that no running job is taken down with it.
     first = run_cli(*args, cwd=tmp_path, env={"DNNRUN_FAULT": "wait@step=60,kill@step=60",
-                                              "DNNRUN_FAULT_WAIT": f"{sweep}/*/status.json:2"})
+                                              "DNNRUN_FAULT_WAIT": f"{sweep}/*/status.json:2"}, process=True)
     assert first.returncode == 1, first.stdout + first.stderr  # Hydra prints joblib's error first: accepted
     # The dead job is recorded and listed as failed, next to the finished ones.
     jobs = [j.path for j in SweepDir(sweep).jobs()]
@@ -318,7 +326,7 @@ def test_a_job_killed_under_joblib_loses_no_finished_job_and_a_rerun_finishes(tm
     done = {job.name: (job / "checkpoints" / "last.pt").stat().st_mtime_ns
             for job in jobs if RunDir(job).read_status()["status"] == "completed"}
     assert len(done) == 2 and not any(name.startswith("2_") for name in done)
-    second = run_cli(*args, cwd=tmp_path)
+    second = run_cli(*args, cwd=tmp_path, process=True)
     assert second.returncode == 0, second.stderr
     jobs = [j.path for j in SweepDir(sweep).jobs()]
     assert [RunDir(j).read_status()["status"] for j in jobs] == ["completed"] * 3

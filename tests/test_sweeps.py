@@ -57,9 +57,7 @@ def test_dnnrun_report_ranks_groups_seeds_and_writes_its_files(tmp_path: Path):
     result = run_cli("-m", "data=synthetic", "trainer.epochs=2", "act=relu,elu", "trainer.seed=0,1",
                      f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    shown = subprocess.run([str(Path(sys.executable).parent / "dnnrun-report"), str(sweep)], cwd=tmp_path,
-                           capture_output=True, text=True)
-    assert shown.returncode == 0, shown.stderr
+    assert report.main([str(sweep)]) == 0
     for name in ("report.md", "report.csv", "learning_curves.png", "param_act.png"):
         assert (sweep / name).stat().st_size > 0, name
 
@@ -103,7 +101,7 @@ def test_joblib_runs_jobs_in_parallel_dividing_the_cores(tmp_path: Path):
     result = run_cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "data=synthetic", "trainer.epochs=2",
                      "act=relu,elu", f"hydra.sweep.dir={sweep}", cwd=tmp_path,
                      env={"DNNRUN_FAULT": "arrive@step=1,wait@step=1", "DNNRUN_FAULT_ARRIVE": str(barrier),
-                          "DNNRUN_FAULT_WAIT": f"{barrier}/*:2"})
+                          "DNNRUN_FAULT_WAIT": f"{barrier}/*:2"}, process=True)
     assert result.returncode == 0, result.stderr
     jobs = [j.path for j in SweepDir(sweep).jobs()]
     assert [_status(j) for j in jobs] == ["completed", "completed"]
@@ -119,7 +117,8 @@ def test_submitit_requeues_a_timed_out_job_which_finishes_as_if_uninterrupted(tm
     sweep = tmp_path / "sweep"
     # USR2 is what Slurm sends before a job's time limit and what submitit's local executor sends too.
     result = run_cli("-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", "data=synthetic",
-                     "trainer.epochs=4", f"hydra.sweep.dir={sweep}", cwd=tmp_path, env={"DNNRUN_FAULT": "usr2@epoch=2"})
+                     "trainer.epochs=4", f"hydra.sweep.dir={sweep}", cwd=tmp_path, env={"DNNRUN_FAULT": "usr2@epoch=2"},
+                     process=True)
     assert result.returncode == 0, result.stdout + result.stderr
     (job,) = [j.path for j in SweepDir(sweep).jobs()]
     assert _status(job) == "completed"
