@@ -15,10 +15,10 @@ import dataclasses
 from typing import Any
 
 import torch
-from torch import nn
 
 from dnnrun.activations import Activation
 from dnnrun.model import Network, weight_of
+from dnnrun.norms import BATCH_NORMS
 from dnnrun.rundir import RunDir
 
 SATURATION = 0.02  # distance to an asymptote under which a sigmoid/tanh output counts as saturated
@@ -95,7 +95,7 @@ class LayerStats:
             if out is not None:
                 s.update(activation_stats(out, self.activation))
             norm = getattr(block, "norm", None)
-            if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.running_mean is not None:
+            if isinstance(norm, BATCH_NORMS) and norm.running_mean is not None:
                 s["bn_running_mean"] = norm.running_mean.mean()
                 s["bn_running_var"] = norm.running_var.mean()
             stats[name] = s

@@ -28,12 +28,13 @@ from dnnrun.model import fitting_config
 from dnnrun.rundir import RunDir
 
 log = logging.getLogger("dnnrun")
+DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
 def dropout_on(model: nn.Module) -> int:
     """Evaluation mode everywhere except the dropout layers; returns how many there are."""
     model.eval()
-    layers = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+    layers = [m for m in model.modules() if isinstance(m, DROPOUTS)]
     for m in layers:
         m.train()
     return len(layers)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from dnnrun import activations
-from dnnrun.init import affine_layers, initialize
+from dnnrun.init import initialize
 from dnnrun.norms import NormConfig
 from dnnrun.regularizers import Regularization
 from dnnrun.schema import Choice, Problems, parse as parse_schema

@@ -11,6 +11,9 @@ from torch import nn
 from dnnrun.schema import FRACTION, POSITIVE, Problems, check_rules, parse
 
 
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)  # layers with running statistics
+
+
 @dataclasses.dataclass(frozen=True)
 class Norm:
     build: Callable[..., nn.Module] | None  # called with the layer width first; None: no layer

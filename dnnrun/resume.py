@@ -93,10 +93,10 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 class Checkpoints:
     """Writes and reads a run's training checkpoints; everything it saves is listed in `_contents`."""
 
-    def __init__(self, run: RunDir, model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule: Schedule,
+    def __init__(self, run_dir: RunDir, model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule: Schedule,
                  scaler: torch.amp.GradScaler | None, shuffle: torch.Generator, config: dict[str, Any],
                  before_rename=None):
-        self.run, self.model, self.optimizer, self.schedule = run, model, optimizer, schedule
+        self.run_dir, self.model, self.optimizer, self.schedule = run_dir, model, optimizer, schedule
         self.scaler, self.shuffle, self.config, self.before_rename = scaler, shuffle, config, before_rename
 
     def _contents(self, state: TrainState) -> dict[str, Any]:
@@ -115,7 +115,7 @@ class Checkpoints:
         writes. A crash between the two leaves last.pt an epoch behind best.pt; resuming redoes that
         epoch exactly, so the two agree again."""
         blob = checkpoint.serialize(self._contents(state))
-        for path in (self.run.best, self.run.last) if improved else (self.run.last,):
+        for path in (self.run_dir.best, self.run_dir.last) if improved else (self.run_dir.last,):
             atomic_write(path, lambda f: f.write(blob), self.before_rename)
 
     def save_weights(self, path: Path) -> None:
@@ -131,9 +131,10 @@ class Checkpoints:
         if self.scaler is not None and ckpt.get("scaler"):
             checkpoint.load_into(self.scaler, ckpt["scaler"], path, "gradient scaler")
         checkpoint.restore_rng(ckpt["rng"], self.shuffle)
-        if path.resolve() != self.run.last.resolve() and (path.parent / "best.pt").exists():
-            self.run.checkpoints.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path.parent / "best.pt", self.run.best)
+        best = path.with_name(self.run_dir.best.name)  # the best epoch's checkpoint beside it
+        if path.resolve() != self.run_dir.last.resolve() and best.exists():
+            self.run_dir.checkpoints.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(best, self.run_dir.best)
         state = TrainState.from_dict(ckpt["trainer"])
         log.info("resumed from %s after epoch %d (step %d)", path, state.epoch, state.step)
         return state
@@ -143,9 +144,9 @@ class Checkpoints:
         which weights the model then holds ("best" or "last")."""
         if state.best_epoch in (None, state.epoch):
             return "last"
-        if not self.run.best.exists():
-            log.warning("no %s to restore the best epoch from; testing the last weights", self.run.best)
+        if not self.run_dir.best.exists():
+            log.warning("no %s to restore the best epoch from; testing the last weights", self.run_dir.best)
             return "last"
-        self.model.load_state_dict(checkpoint.load(self.run.best, map_location=device)["model"])
+        self.model.load_state_dict(checkpoint.load(self.run_dir.best, map_location=device)["model"])
         log.info("restored the weights of epoch %d (best %s)", state.best_epoch, monitor)
         return "best"

@@ -167,7 +167,7 @@ class Trainer:
         # The files that run on from the checkpoint hold exactly its epochs and steps.
         run_dir.rewrite_metrics(self.state.history)
         run_dir.truncate_diagnostics(self.state.step + (self.state.progress.batches if self.state.progress else 0))
-        self._record_start(start)
+        self._record_start()
 
     def _initial_state(self, start: Start) -> TrainState:
         """A fresh state, with what transfer.source gives the model (or gave it: a resumed run)."""
@@ -191,7 +191,7 @@ class Trainer:
         ids = [self.device.index] if self.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
 
-    def _record_start(self, start: Start) -> None:
+    def _record_start(self) -> None:
         data = self.data
         self.summary.update(
             parameters=count_parameters(self.model),

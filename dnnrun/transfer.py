@@ -20,6 +20,7 @@ from torch import nn
 from dnnrun import checkpoint
 from dnnrun.errors import UserError
 from dnnrun.model import Network, affine_weight, hidden_widths
+from dnnrun.norms import BATCH_NORMS
 from dnnrun.schema import Problems
 from dnnrun.state import TrainState
 
@@ -129,7 +130,7 @@ def frozen_norms(model: Network, layers: list[int], reused: list[str]) -> list[n
     blocks = [model.get_submodule(f"hidden{i}") for i in layers]
     if any(name.startswith("input_norm.") for name in reused):
         blocks.append(model.input_norm)
-    return [m for b in blocks for m in b.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return [m for b in blocks for m in b.modules() if isinstance(m, BATCH_NORMS)]
 
 
 def set_frozen(model: nn.Module, names: list[str], frozen: bool) -> None:
