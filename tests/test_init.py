@@ -72,6 +72,14 @@ def test_variance_scaling_overrides(mode, fan, distribution):
     _check(w, 2 / fan, distribution)
 
 
+def test_initialize_sets_every_affine_layer_conv_included():
+    net = nn.Sequential(nn.Conv2d(32, 64, 3), nn.Flatten(), nn.Linear(64, 10))
+    initialize(net, make_config("init=he_normal").init)
+    conv, linear = net[0], net[2]
+    assert conv.weight.var().item() == pytest.approx(2 / (32 * 9), rel=0.05)  # fan_in = C_in x k x k
+    assert torch.count_nonzero(conv.bias) == 0 and torch.count_nonzero(linear.bias) == 0
+
+
 def test_fans_follow_pytorchs_layout_for_conv_kernels():
     w = torch.empty(64, 32, 3, 3)  # (out, in, kh, kw): fan_in = 32 * 9
     variance_scaling_(w, scale=2.0, mode="fan_in", distribution="normal")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from dnnrun.model import Inputs, Layers, MLPConfig, count_parameters, mlp
+from dnnrun.model import Inputs, Layers, MLPConfig, count_parameters, fitting_config, mlp
 from dnnrun.norms import NormConfig
 from dnnrun.regularizers import Regularization
 from dnnrun.schema import Choice
@@ -62,3 +62,20 @@ def test_initializer_applies_to_every_linear_weight_and_biases_start_at_zero():
 
 def test_count_parameters():
     assert count_parameters(build()) == (16 * 30 + 30) + (30 * 20 + 20) + (20 * 5 + 5)
+
+
+def test_the_network_names_its_blocks_and_what_lies_below_each():
+    net = build(hidden=(30, 20, 10))
+    assert [name for name, _ in net.blocks()] == ["hidden1", "hidden2", "hidden3", "output"]
+    assert [name for name, _ in net.hidden()] == ["hidden1", "hidden2", "hidden3"]
+    assert net.below("hidden3")(torch.randn(4, 16)).shape == (4, 20)  # the input through hidden1 and hidden2
+    assert net.body()(torch.randn(4, 16)).shape == (4, net.head_width) == (4, 10)
+
+
+def test_a_state_dict_gives_back_the_config_whose_shapes_fit_it():
+    """What resume, evaluate and transfer rebuild a model from: the widths the weights have."""
+    state = build(hidden=(30, 20, 10)).state_dict()
+    fitted = fitting_config(MLPConfig("mlp", [300, 100], depth=4, width=8), state)
+    assert fitted.widths == [30, 20, 10]
+    rebuilt = mlp(fitted, Inputs(features=16, classes=5), Layers(Choice("relu"), NormConfig("none"), HE, Regularization()))
+    rebuilt.load_state_dict(state)  # every key and shape fits

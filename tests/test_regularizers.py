@@ -10,7 +10,7 @@ from conftest import make_config
 from dnnrun.errors import ConfigError
 from dnnrun import model
 from dnnrun.model import Inputs, Layers
-from dnnrun.regularizers import combine
+from dnnrun.regularizers import Regularization, combine
 
 
 def _model_and_reg(*overrides: str):
@@ -90,6 +90,20 @@ def test_max_norm_caps_every_units_incoming_weights_after_a_step():
     small = before <= 0.5  # rows already within the cap are left unchanged
     after = net.hidden1.linear.weight.norm(dim=1)
     assert torch.allclose(after[small], before[small])
+
+
+def test_max_norm_caps_each_conv_filter_and_penalties_count_conv_kernels():
+    """Affine layers other than Linear: a conv weight (out, in, kh, kw) is capped per output filter,
+    and its kernel is a weight matrix for l1/l2 (its bias is not)."""
+    conv = nn.Conv2d(3, 4, 3)
+    with torch.no_grad():
+        conv.weight.mul_(torch.tensor([0.1, 10.0, 0.2, 20.0]).view(4, 1, 1, 1))
+        conv.bias.fill_(5.0)
+    before = conv.weight.detach().flatten(1).norm(dim=1)
+    Regularization(max_norm=1.0).after_step(conv)
+    after = conv.weight.detach().flatten(1).norm(dim=1)
+    assert torch.allclose(after, torch.minimum(before, torch.ones(4)))  # filters 1 and 3 capped at 1, 0 and 2 kept
+    assert Regularization(l2=1.0).penalty(conv).item() == pytest.approx(conv.weight.pow(2).sum().item())
 
 
 def test_regularizers_compose():
