@@ -80,7 +80,7 @@ def _entries(cls: type) -> dict[str, Any]:
         args = typing.get_args(tp) if isinstance(tp, types.UnionType) else (tp,)
         nested = next((a for a in args if dataclasses.is_dataclass(a)), None)
         if nested is not None:
-            spec[name] = Optional(_entries(nested)) if type(None) in args else _entries(nested)
+            spec[name] = OptionalEntry(_entries(nested)) if type(None) in args else _entries(nested)
         else:
             allowed = [t for a in args for t in ((int, float) if a is float else (typing.get_origin(a) or a,))]
             spec[name] = tuple(dict.fromkeys(allowed))
@@ -88,7 +88,7 @@ def _entries(cls: type) -> dict[str, Any]:
 
 
 @dataclasses.dataclass(frozen=True)
-class Optional:
+class OptionalEntry:
     """An entry that may be missing or None, and is checked against `spec` when it is there."""
 
     spec: dict[str, Any]
@@ -111,7 +111,7 @@ def _problem(value: Any, spec: dict[str, Any], where: str) -> str | None:
     """What is missing or of the wrong type in `value` against `spec` (the first problem), or None."""
     for key, want in spec.items():
         name = f"{where}.{key}" if where else key
-        if isinstance(want, Optional):
+        if isinstance(want, OptionalEntry):
             if value.get(key) is None:
                 continue
             want = want.spec

@@ -245,6 +245,18 @@ def test_weights_export_to_safetensors_and_load_back(tmp_path: Path, straight: P
         train.run(make_config(*SETUP[1:], f"trainer.resume={out}"), tmp_path / "resumed")
 
 
+def test_export_takes_a_run_directory_for_its_best_checkpoint(tmp_path: Path, straight: Path):
+    import shutil
+
+    from dnnrun.export import main as export
+
+    run = shutil.copytree(straight, tmp_path / "run")
+    assert export([str(run)]) == 0
+    exported = checkpoint.load(run / "checkpoints" / "best.safetensors")
+    best = checkpoint.load(run / "checkpoints" / "best.pt")
+    assert all(torch.equal(exported["model"][k], best["model"][k]) for k in best["model"])
+
+
 # ---------------------------------------------------------------------------------------------
 # Hostile or mistaken configs
 
