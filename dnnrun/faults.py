@@ -7,6 +7,7 @@ so that tests can break a real process:
 DNNRUN_FAULT=KIND@POINT=N[,KIND@POINT=N...]
 KIND   nan    the training loss becomes NaN (POINT must be step)
        arrive create the file DNNRUN_FAULT_ARRIVE/PID
+       hold   stop right there, as a process that hangs would (InjectedFault after WAIT_S seconds)
        wait   wait until DNNRUN_FAULT_WAIT=GLOB:COUNT matches COUNT files (at most WAIT_S seconds).
               With arrive, a barrier between the processes of a sweep, so that what a test sees
               does not depend on which process is faster. Faults at one point fire in the order given.
@@ -57,7 +58,7 @@ class Hook:
         """A checkpoint file is written and fsynced, not yet renamed into place."""
 
 
-KINDS = ("nan", "arrive", "wait", "raise", "enospc", "kill", "term", "int", "usr2")
+KINDS = ("nan", "arrive", "hold", "wait", "raise", "enospc", "kill", "term", "int", "usr2")
 POINTS = ("step", "epoch", "save", "status")
 SIGNALS = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT, "usr2": signal.SIGUSR2}
 ONLY_AT = {"nan": "step", "enospc": "save"}
@@ -81,6 +82,9 @@ class Fault:
                 raise UserError("DNNRUN_FAULT=arrive@...: set DNNRUN_FAULT_ARRIVE to a folder")
             os.makedirs(folder, exist_ok=True)
             open(os.path.join(folder, str(os.getpid())), "w").close()
+        if self.kind == "hold":
+            time.sleep(WAIT_S)
+            raise InjectedFault(f"DNNRUN_FAULT: held for {WAIT_S} s at {self.point} {self.n}")
         if self.kind == "wait":
             wait_for(os.environ.get("DNNRUN_FAULT_WAIT", ""))
         if self.kind == "raise":

@@ -344,3 +344,31 @@ def test_a_job_killed_under_joblib_loses_no_finished_job_and_a_rerun_finishes(tm
     assert [RunDir(j).read_status()["status"] for j in jobs] == ["completed"] * 3
     assert {j.name: (j / "checkpoints" / "last.pt").stat().st_mtime_ns for j in jobs if j.name in done} == done
     assert [r["epoch"] for r in read_jsonl(jobs[2] / "metrics.jsonl")] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_a_job_that_a_dying_joblib_worker_takes_down_is_resumed_not_restarted_by_the_rerun(tmp_path: Path):
+    """joblib ends every worker when one dies: a job running beside it dies too. By construction
+    here: job 0 (batch 32, 27 steps an epoch) stops at step 40, in its second epoch, and stays
+    there; job 1 (batch 256, 4 steps an epoch, never at step 40) dies after its third epoch once
+    job 0 is held. The re-run continues job 0 from its first epoch's checkpoint."""
+    sweep, held = tmp_path / "sweep", tmp_path / "held"
+    args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "data=synthetic", "trainer.epochs=3",
+            "trainer.batch_size=32,256", f"hydra.sweep.dir={sweep}"]
+    first = run_cli(*args, cwd=tmp_path, process=True,
+                    env={"DNNRUN_FAULT": "arrive@step=40,hold@step=40,wait@epoch=3,kill@epoch=3",
+                         "DNNRUN_FAULT_ARRIVE": str(held), "DNNRUN_FAULT_WAIT": f"{held}/*:1"})
+    assert first.returncode == 1, first.stdout + first.stderr
+    taken_down, killed = (RunDir(j.path) for j in SweepDir(sweep).jobs())
+    for job in (taken_down, killed):
+        assert job.read_status()["status"] == "failed"
+        assert job.read_status()["error"] == "its process died before it finished (killed?)"
+    assert checkpoint.load(taken_down.last)["trainer"]["epoch"] == 1
+    first_epoch = taken_down.read_metrics()[0]
+
+    second = run_cli(*args, cwd=tmp_path, process=True)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert [job.read_status()["status"] for job in (taken_down, killed)] == ["completed"] * 2
+    assert "resumed from" in taken_down.log.read_text()
+    assert [r["epoch"] for r in taken_down.read_metrics()] == [1, 2, 3]
+    assert taken_down.read_metrics()[0] == first_epoch  # epoch 1 as the first attempt trained it: not again
