@@ -15,7 +15,9 @@ import re
 import sys
 from pathlib import Path
 
+from hydra.core.override_parser.types import ValueType
 from hydra.errors import HydraException
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationToMissingValueError, OmegaConfBaseException
 
@@ -26,6 +28,7 @@ from dnnrun.cli.rules import code_problems, outside_outputs
 from dnnrun.errors import EXIT_BAD_INPUT, ConfigError
 from dnnrun.schema import did_you_mean, unknown
 
+CHOICES = (ValueType.ELEMENT, ValueType.SIMPLE_CHOICE_SWEEP, ValueType.CHOICE_SWEEP)  # what the check expands
 RERUN_REFUSED = ("--experimental-rerun is not supported: it unpickles a file (which can run code) and skips "
                  "dnnrun's checks; run again with the overrides in RUN_DIR/.hydra/overrides.yaml")
 
@@ -151,39 +154,8 @@ def _check(overrides: list[str], multirun: bool, launching: bool, config_path: s
 
 
 def _check_composed(composer: Composer, parsed: list, multirun: bool, launching: bool) -> Preflight:
-    from hydra.core.override_parser.types import ValueType
-    from hydra.types import RunMode
-
-    choices = (ValueType.ELEMENT, ValueType.SIMPLE_CHOICE_SWEEP, ValueType.CHOICE_SWEEP)
     problems: list[str] = []
-    fixed: list = []  # the group selections that are no sweep (and group deletions), to compose with
-    group_sweeps: list[list] = []  # each swept group's valid options, as overrides
-    values = []  # the other overrides: applied to the composed config one by one, as Hydra does
-    for o in parsed:
-        key = o.key_or_group
-        if key == "hydra.searchpath":
-            continue  # in the composer's own overrides
-        if not composer.is_group(key):
-            values.append(o)
-            continue
-        if o.is_delete():
-            fixed.append(o)
-        if o.is_delete() or o.value_type not in choices:
-            continue  # glob and range sweeps: Hydra expands and checks them
-        options = composer.options(key)
-        pairs = zip(o.sweep_iterator(), o.sweep_string_iterator()) if o.is_sweep_override() \
-            else [(o.value(), None)]
-        valid = []
-        for value, text in pairs:
-            bad = [n for n in (value if isinstance(value, list) else [value]) if n is not None and str(n) not in options]
-            problems += [f"{key}={n}: " + unknown(f"{key} option", n, options) for n in bad]
-            if not bad:
-                valid.append(o if text is None else parse(f"{o.get_key_element()}={text}"))
-        if valid and o.is_sweep_override():
-            group_sweeps.append(valid)
-        elif valid:
-            fixed.append(valid[0])
-
+    fixed, group_sweeps, values = _group_choices(composer, parsed, problems)
     # The master config, as Hydra composes it before a run or a sweep: without the sweeps. Its
     # hydra node is the one whose callbacks, launcher and sweeper Hydra instantiates.
     mode = RunMode.MULTIRUN if multirun else RunMode.RUN
@@ -194,41 +166,12 @@ def _check_composed(composer: Composer, parsed: list, multirun: bool, launching:
     multirun = multirun or master.hydra.mode == RunMode.MULTIRUN
     if not multirun:
         problems += composer.sweep_problems(parsed)
-    applied, value_sweeps = [], []  # the overrides every job gets; each value of each swept key
-    for o in values:
-        if o.value_type not in choices:  # range, interval and glob sweeps: left to Hydra and its sweepers
-            if _plain(o) and (missing := _missing_key(master, o.key_or_group)):
-                problems.append(missing)
-        elif o.is_sweep_override():
-            value_sweeps.append([parse(f"{o.get_key_element()}={s}") for s in o.sweep_string_iterator()])
-        else:
-            applied.append(o)
+    applied, value_sweeps = _value_overrides(values, master, problems)
     master, applied, found = _compose_each(composer, fixed, applied, mode, master)
     problems += found
-
-    def job(groups: list, sweep_values: list) -> DictConfig | None:
-        """A job's config, composed as a sweeper composes it (RunMode.RUN): the master's overrides,
-        these group options and these values."""
-        label = " ".join(o.input_line for o in [*groups, *sweep_values])
-        try:
-            cfg, _, found = _compose_each(composer, [*fixed, *groups], [*applied, *sweep_values], RunMode.RUN)
-        except COMPOSE_ERRORS as exc:
-            problems.append(f"with {label}: {explain(exc)}")
-            return None
-        problems.extend(f"with {label}: {p}" if label else p for p in found if p not in problems)
-        return None if found else cfg
-
-    # The jobs to check: the first of the sweep, then each other value of each swept key or
-    # group in turn (the others at their first), so that every value is seen once.
     jobs = [("", master)]
     if multirun and (group_sweeps or value_sweeps):
-        firsts = [s[0] for s in group_sweeps], [s[0] for s in value_sweeps]
-        jobs = [("", job(*firsts))]
-        for i, sweep in enumerate(group_sweeps):
-            jobs += [(o.input_line, job([*firsts[0][:i], o, *firsts[0][i + 1:]], firsts[1])) for o in sweep[1:]]
-        for i, sweep in enumerate(value_sweeps):
-            jobs += [(o.input_line, job(firsts[0], [*firsts[1][:i], o, *firsts[1][i + 1:]])) for o in sweep[1:]]
-        jobs = [(label, cfg) for label, cfg in jobs if cfg is not None]
+        jobs = _sweep_jobs(composer, fixed, applied, group_sweeps, value_sweeps, problems)
 
     # The run's directory (a sweep's: the master config's), resolved now as Hydra will resolve it.
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
@@ -245,6 +188,78 @@ def _check_composed(composer: Composer, parsed: list, multirun: bool, launching:
     pins = _pins(parsed, key, where) if launching and where is not None else None
     return Preflight(problems, pins=pins or (), sweep_dir=Path(where) if multirun and pins is not None else None,
                      launcher=str(OmegaConf.select(master, "hydra.launcher._target_", default="") or ""))
+
+
+def _group_choices(composer: Composer, parsed: list, problems: list[str]) -> tuple[list, list[list], list]:
+    """(the group selections that are no sweep, and group deletions, to compose with; each swept
+    group's valid options, as overrides; the other overrides). Unknown options go to `problems`."""
+    fixed, group_sweeps, values = [], [], []
+    for o in parsed:
+        key = o.key_or_group
+        if key == "hydra.searchpath":
+            continue  # in the composer's own overrides
+        if not composer.is_group(key):
+            values.append(o)
+            continue
+        if o.is_delete():
+            fixed.append(o)
+        if o.is_delete() or o.value_type not in CHOICES:
+            continue  # glob and range sweeps: Hydra expands and checks them
+        options = composer.options(key)
+        pairs = zip(o.sweep_iterator(), o.sweep_string_iterator()) if o.is_sweep_override() \
+            else [(o.value(), None)]
+        valid = []
+        for value, text in pairs:
+            bad = [n for n in (value if isinstance(value, list) else [value]) if n is not None and str(n) not in options]
+            problems += [f"{key}={n}: " + unknown(f"{key} option", n, options) for n in bad]
+            if not bad:
+                valid.append(o if text is None else parse(f"{o.get_key_element()}={text}"))
+        if valid and o.is_sweep_override():
+            group_sweeps.append(valid)
+        elif valid:
+            fixed.append(valid[0])
+    return fixed, group_sweeps, values
+
+
+def _value_overrides(values: list, master: DictConfig, problems: list[str]) -> tuple[list, list[list]]:
+    """(the value overrides every job gets, each swept key's values as overrides). Range, interval
+    and glob sweeps are left to Hydra and its sweepers: only their key is checked."""
+    applied, value_sweeps = [], []
+    for o in values:
+        if o.value_type not in CHOICES:
+            if _plain(o) and (missing := _missing_key(master, o.key_or_group)):
+                problems.append(missing)
+        elif o.is_sweep_override():
+            value_sweeps.append([parse(f"{o.get_key_element()}={s}") for s in o.sweep_string_iterator()])
+        else:
+            applied.append(o)
+    return applied, value_sweeps
+
+
+def _sweep_jobs(composer: Composer, fixed: list, applied: list, group_sweeps: list[list], value_sweeps: list[list],
+                problems: list[str]) -> list[tuple[str, DictConfig]]:
+    """(label, config) of the jobs to check: the first of the sweep, then each other value of each
+    swept group or key in turn (the others at their first), so that every value is seen once. Each
+    is composed as a sweeper composes it (RunMode.RUN); a job that cannot be is left out, its
+    problems added."""
+
+    def job(groups: list, sweep_values: list) -> DictConfig | None:
+        label = " ".join(o.input_line for o in [*groups, *sweep_values])
+        try:
+            cfg, _, found = _compose_each(composer, [*fixed, *groups], [*applied, *sweep_values], RunMode.RUN)
+        except COMPOSE_ERRORS as exc:
+            problems.append(f"with {label}: {explain(exc)}")
+            return None
+        problems.extend(f"with {label}: {p}" if label else p for p in found if p not in problems)
+        return None if found else cfg
+
+    groups, values = [s[0] for s in group_sweeps], [s[0] for s in value_sweeps]
+    jobs = [("", job(groups, values))]
+    for i, sweep in enumerate(group_sweeps):
+        jobs += [(o.input_line, job([*groups[:i], o, *groups[i + 1:]], values)) for o in sweep[1:]]
+    for i, sweep in enumerate(value_sweeps):
+        jobs += [(o.input_line, job(groups, [*values[:i], o, *values[i + 1:]])) for o in sweep[1:]]
+    return [(label, cfg) for label, cfg in jobs if cfg is not None]
 
 
 def _compose_each(composer: Composer, start: list, overrides: list, mode, composed: DictConfig | None = None):
