@@ -18,15 +18,6 @@ from dnnrun.transfer import TransferConfig
 
 Mode = Literal["train", "lr_find", "evaluate"]
 
-# Settings that never change what a run computes: where files are, how much is shown or recorded,
-# on which device. A resume may change them (resume.MAY_CHANGE_ON_RESUME), and a sweep job's
-# directory name leaves them out (conf/config.yaml's exclude_keys, through the resolver in
-# dnnrun/cli/conf.py). A key stands for the keys under it too.
-RESULT_NEUTRAL = ("outputs", "data.root", "data.download", "trainer.resume", "trainer.force_resume",
-                  "trainer.progress", "trainer.threads", "trainer.device", "trainer.eval_batch_size",
-                  "trainer.detect_anomaly", "trainer.diagnostics", "logger")
-
-
 @dataclasses.dataclass(frozen=True)
 class TrainerConfig:
     epochs: int = 20

@@ -17,9 +17,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dnnrun import checkpoint
-from dnnrun.config import RESULT_NEUTRAL
 from dnnrun.errors import UserError
-from dnnrun.rundir import RunDir, atomic_write
+from dnnrun.rundir import RESULT_NEUTRAL, RunDir, atomic_write
 from dnnrun.state import TrainState
 
 if TYPE_CHECKING:

@@ -42,6 +42,15 @@ from dnnrun.metrics import maximized
 
 TMP_MARK = ".tmp-"  # temporary files are named .NAME.tmp-PID until renamed
 
+# Settings that never change what a run computes: where files are, how much is shown or recorded,
+# on which device. A sweep job's directory name leaves them out (conf/config.yaml's exclude_keys,
+# through the resolver in dnnrun/cli/conf.py), and a resume may change them
+# (resume.MAY_CHANGE_ON_RESUME). A key stands for the keys under it too. Here, not in config.py,
+# so that composing a config (which names directories) does not import torch.
+RESULT_NEUTRAL = ("outputs", "data.root", "data.download", "trainer.resume", "trainer.force_resume",
+                  "trainer.progress", "trainer.threads", "trainer.device", "trainer.eval_batch_size",
+                  "trainer.detect_anomaly", "trainer.diagnostics", "logger")
+
 
 # ---------------------------------------------------------------------------------------------
 # Writing and reading files
@@ -106,12 +115,14 @@ def read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def append_jsonl(path: Path, record: dict) -> None:
-    """One line, flushed and fsynced: a reader never sees half a record except at the very end."""
+def append_jsonl(path: Path, record: dict, durable: bool = True) -> None:
+    """One line, flushed (and with `durable`, fsynced): a reader never sees half a record except at
+    the very end."""
     with open(path, "a") as f:
         f.write(json.dumps(jsonable(record)) + "\n")
         f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            os.fsync(f.fileno())
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
@@ -292,13 +303,11 @@ class RunDir:
         return read_jsonl(self.diagnostics)
 
     def append_diagnostics(self, entry: dict) -> None:
-        with open(self.diagnostics, "a") as f:  # not fsynced: statistics, cheap to lose in a crash
-            f.write(json.dumps(jsonable(entry)) + "\n")
+        append_jsonl(self.diagnostics, entry, durable=False)  # statistics: cheap to lose in a crash
 
     def truncate_diagnostics(self, last_step: int) -> None:
         """On resume: drop records after the checkpoint, which the resumed run will write again."""
-        kept = [r for r in self.read_diagnostics() if r["step"] <= last_step]
-        self.diagnostics.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        write_jsonl(self.diagnostics, [r for r in self.read_diagnostics() if r["step"] <= last_step])
 
     def read_activations(self) -> dict[str, Any]:
         return read_json(self.activations) or {}

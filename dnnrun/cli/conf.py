@@ -30,9 +30,9 @@ DIRNAME_EXCLUDED = "dnnrun.dirname_excluded"  # conf/config.yaml: hydra.job.conf
 
 def dirname_excluded(*, _root_: DictConfig) -> list[str]:
     """The override keys that a sweep job's directory name leaves out: the settings that never
-    change a result (dnnrun.config.RESULT_NEUTRAL), every key under one of them (Hydra matches
+    change a result (dnnrun.rundir.RESULT_NEUTRAL), every key under one of them (Hydra matches
     an override's key exactly), and the path-valued keys."""
-    from dnnrun.config import RESULT_NEUTRAL  # imports torch: paid when a config is composed, not on import
+    from dnnrun.rundir import RESULT_NEUTRAL
 
     plain = OmegaConf.to_container(_root_, resolve=False)  # keys only: no value needs resolving here
     keys: list[str] = []
