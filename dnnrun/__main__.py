@@ -1,3 +1,3 @@
-from dnnrun.cli import main
+from dnnrun.cli import console
 
-main()
+console()

@@ -5,36 +5,60 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from collections.abc import Callable
-from typing import Literal
-
-from torch import nn
+from typing import TYPE_CHECKING, Literal
 
 from dnnrun.schema import NON_NEGATIVE, Choice, Problems, check_rules, parse_choice
+
+if TYPE_CHECKING:
+    from torch import nn
+
+# torch is imported when a unit is built, not here: checking a config must not wait for it.
+
+
+def _unit(name: str) -> Callable[[], nn.Module]:
+    """A unit with nothing to set: torch.nn's class of that name, e.g. Sigmoid."""
+
+    def build() -> nn.Module:
+        from torch import nn
+
+        return getattr(nn, name)()
+
+    return build
 
 
 def leaky_relu(alpha: float = 0.01) -> nn.Module:
     """z for z > 0, alpha * z below: the leak keeps units from dying."""
+    from torch import nn
+
     return nn.LeakyReLU(alpha)
 
 
 def elu(alpha: float = 1.0) -> nn.Module:
     """z for z > 0, alpha * (exp(z) - 1) below: tends to -alpha for very negative z."""
+    from torch import nn
+
     return nn.ELU(alpha)
 
 
 def rrelu(lower: float = 1 / 8, upper: float = 1 / 3) -> nn.Module:
     """Randomized leaky ReLU: in training each negative input's slope is drawn from U(lower, upper);
     in evaluation the slope is fixed to (lower + upper) / 2."""
+    from torch import nn
+
     return nn.RReLU(lower, upper)
 
 
 def prelu(num_features: int, per_unit: bool = False, init: float = 0.25) -> nn.Module:
     """Parametric leaky ReLU: the slope is learned, one shared by the layer or one per unit."""
+    from torch import nn
+
     return nn.PReLU(num_features if per_unit else 1, init)
 
 
 def gelu(approximate: Literal["none", "tanh"] = "none") -> nn.Module:
     """z * Phi(z), Phi the standard normal CDF; `tanh` uses the faster tanh approximation of Phi."""
+    from torch import nn
+
     return nn.GELU(approximate)
 
 
@@ -48,18 +72,18 @@ class Activation:
 
 
 ACTIVATIONS = {
-    "sigmoid": Activation(nn.Sigmoid, asymptotes=(0.0, 1.0)),
-    "tanh": Activation(nn.Tanh, asymptotes=(-1.0, 1.0)),
-    "relu": Activation(nn.ReLU, can_die=True),
+    "sigmoid": Activation(_unit("Sigmoid"), asymptotes=(0.0, 1.0)),
+    "tanh": Activation(_unit("Tanh"), asymptotes=(-1.0, 1.0)),
+    "relu": Activation(_unit("ReLU"), can_die=True),
     "leaky_relu": Activation(leaky_relu),
     "rrelu": Activation(rrelu),
     "prelu": Activation(prelu),
     "elu": Activation(elu),
     # fixed lambda and alpha: self-normalizing with LeCun init and standardized inputs
-    "selu": Activation(nn.SELU),
+    "selu": Activation(_unit("SELU")),
     "gelu": Activation(gelu),
-    "silu": Activation(nn.SiLU),  # also called swish: z * sigmoid(z)
-    "mish": Activation(nn.Mish),  # z * tanh(softplus(z))
+    "silu": Activation(_unit("SiLU")),  # also called swish: z * sigmoid(z)
+    "mish": Activation(_unit("Mish")),  # z * tanh(softplus(z))
 }
 
 

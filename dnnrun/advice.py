@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from torch import nn
-
 from dnnrun.init import is_lecun
 from dnnrun.regularizers import combine
 
@@ -31,7 +29,7 @@ def warnings(cfg: RunConfig) -> list[str]:
             found.append("act=selu without LeCun initialization (variance 1 / fan_in): the network will not "
                          "self-normalize (use init=lecun_normal)")
         reg = combine(cfg.regularizer)
-        if reg.dropout_layer is nn.Dropout and (reg.dropout > 0 or reg.input_dropout > 0):
+        if reg.dropout_layer == "Dropout" and (reg.dropout > 0 or reg.input_dropout > 0):
             found.append("act=selu with plain dropout: it shifts the mean and variance SELU relies on "
                          "(use regularizer=[alpha_dropout])")
         if cfg.data.scaling != "standardize" and not cfg.norm.on_inputs:

@@ -1,6 +1,9 @@
 """The whole run's config, checked group by group before anything is trained: the groups'
 schemas (dataclasses here and in each concern's module, or a registry's `Choice`), the checks
-across groups, and the settings that never change what a run computes."""
+across groups, and the settings that never change what a run computes.
+
+Checking a config imports no torch (it takes seconds): the concern modules import it in the
+functions that build and train, not at the top."""
 
 from __future__ import annotations
 
@@ -10,13 +13,46 @@ from typing import Any, Literal
 
 from dnnrun import activations, init, loggers, model, optim, pretrain, regularizers, schedules
 from dnnrun.data import DataConfig, parse_data
-from dnnrun.diagnostics import DiagnosticsConfig
 from dnnrun.early_stopping import EarlyStoppingConfig
 from dnnrun.norms import NormConfig, parse_norm
 from dnnrun.schema import Choice, Problems, check_value, did_you_mean, parse
-from dnnrun.transfer import TransferConfig
 
 Mode = Literal["train", "lr_find", "evaluate"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DiagnosticsConfig:
+    every: int = 100  # optimizer steps between per-layer statistics; 0: off
+    # write plots/ at the end of the run; auto: for a single run, not for each job of a sweep (drawing
+    # takes longer than a short job; the sweep's report compares the jobs, `dnnrun-plot RUN_DIR` draws one)
+    plots: bool | Literal["auto"] = "auto"
+
+    def check(self, problems, key: str) -> None:
+        if self.every < 0:
+            problems.add(f"{key}.every", f"must be >= 0 (0: off), got {self.every}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransferConfig:
+    source: str | None = None  # a dnnrun checkpoint (e.g. outputs/task_a/checkpoints/best.pt); null: no transfer
+    layers: int | None = None  # reuse the source's first k hidden layers; null: all of them
+    replace: int | None = None  # give this reused hidden layer (1-based) fresh weights, e.g. layers=4 replace=4
+    add: list[int] = dataclasses.field(default_factory=list)  # widths of new hidden layers on top
+    freeze: bool = False  # keep the reused layers' weights (and batch-norm statistics) fixed
+    unfreeze_after: int | None = None  # epochs after which frozen layers train again; null: never
+    unfreeze_lr_factor: float = 1.0  # multiplies the reused layers' learning rate when they unfreeze
+
+    def check(self, problems: Problems, key: str) -> None:
+        for name in ("layers", "replace", "unfreeze_after"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                problems.add(f"{key}.{name}", f"must be >= 1 or null, got {value}")
+        if any(w < 1 for w in self.add):
+            problems.add(f"{key}.add", f"every width must be >= 1, got {self.add}")
+        if self.unfreeze_lr_factor <= 0:
+            problems.add(f"{key}.unfreeze_lr_factor", f"must be > 0, got {self.unfreeze_lr_factor}")
+        if self.replace is not None and self.layers is not None and self.replace > self.layers:
+            problems.add(f"{key}.replace", f"must be one of the reused layers 1..{self.layers}, got {self.replace}")
 
 @dataclasses.dataclass(frozen=True)
 class TrainerConfig:
@@ -39,6 +75,7 @@ class TrainerConfig:
     progress: bool = True  # Rich progress bar (on terminals only)
     threads: int | None = None  # CPU threads for torch; null: PyTorch's choice (a parallel sweep divides the cores)
     diagnostics: DiagnosticsConfig = dataclasses.field(default_factory=DiagnosticsConfig)
+    option: str | None = None  # the YAML it came from (conf/trainer/OPTION.yaml)
 
     def check(self, problems: Problems, key: str) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "limit_batches", "threads"):
@@ -112,6 +149,19 @@ class RunConfig:
     lr_find: LRFindConfig
     evaluate: EvaluateConfig
     raw: dict[str, Any]  # the plain config as composed, stored in checkpoints and summaries
+
+    def options(self) -> str:
+        """The option of every group, as on a command line: `data=digits ... init=he_normal ...`.
+        Each option's YAML names itself (`option:`); a config saved before that falls back to the
+        registry name."""
+        groups = {"data": self.data, "model": self.model, "init": self.init, "act": self.act, "norm": self.norm,
+                  "optimizer": self.optimizer, "schedule": self.schedule, "trainer": self.trainer,
+                  "logger": self.logger, "pretrain": self.pretrain}
+        chosen = {g: getattr(c, "option", None) or getattr(c, "name", "?") for g, c in groups.items()}
+        chosen["regularizer"] = "[" + ",".join(self.raw.get("regularizer") or {}) + "]"
+        order = ("data", "model", "init", "act", "norm", "optimizer", "schedule", "regularizer", "trainer", "logger",
+                 "pretrain")
+        return " ".join(f"{g}={chosen[g]}" for g in order)
 
 
 # Each group's checker: (plain data, key, problems) -> the typed config, or None after a problem.

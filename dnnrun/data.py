@@ -12,14 +12,17 @@ import dataclasses
 import inspect
 import os
 from collections.abc import Callable, Iterator
+from importlib.resources import files
 from pathlib import Path
-from typing import Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from dnnrun.errors import DataError
 from dnnrun.schema import NON_NEGATIVE, POSITIVE, Problems, Rule, check_rules, parse
 
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported in the functions that load, not here: checking a config must not wait for it.
 DEFAULT_ROOT = "~/.cache/dnnrun-data"
 
 
@@ -39,14 +42,18 @@ class Arrays:
 # ---------------------------------------------------------------------------------------------
 # Loaders: (root, download, **params) -> Arrays
 
+DIGITS = "digits.npz"  # in the package: images (1797, 64) and labels (1797,), both uint8
+
 
 def digits(root: Path, download: bool) -> Arrays:
-    """scikit-learn's bundled 8x8 handwritten digits: 1,797 images, pixel values 0..16."""
-    from sklearn.datasets import load_digits
+    """The 8x8 handwritten digits shipped in the package (dnnrun/digits.npz): 1,797 images, pixel
+    values 0..16, from the UCI "Optical Recognition of Handwritten Digits" set (README: Data)."""
+    import numpy as np
+    import torch
 
-    bunch = load_digits()
-    x = torch.as_tensor(bunch.data, dtype=torch.uint8)
-    y = torch.as_tensor(bunch.target, dtype=torch.int64)
+    with np.load(files("dnnrun") / DIGITS) as arrays:
+        x = torch.as_tensor(arrays["images"])  # (1797, 64) uint8
+        y = torch.as_tensor(arrays["labels"], dtype=torch.int64)
     return Arrays(x, y, None, None, max_value=16.0, n_classes=10, shape=(8, 8))
 
 
@@ -60,6 +67,8 @@ def synthetic(
     seed: int = 0,
 ) -> Arrays:
     """Deterministic Gaussian blobs around random uint8 prototypes: a quick, learnable set for tests."""
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     centers = torch.randint(0, 256, (n_classes, n_features), generator=g).float()
     y = torch.arange(n_samples) % n_classes
@@ -80,6 +89,7 @@ class TorchvisionSet:
     url: str  # where the archives are
 
     def __call__(self, root: Path, download: bool) -> Arrays:  # the same (root, download) as every loader
+        import torch
         import torchvision.datasets
 
         cls = getattr(torchvision.datasets, self.class_name)
@@ -113,6 +123,8 @@ class TorchvisionSet:
 
 
 def _flat_uint8(data: Any) -> torch.Tensor:
+    import torch
+
     x = torch.as_tensor(data)
     return x.reshape(len(x), -1).to(torch.uint8)
 
@@ -158,6 +170,7 @@ class DataConfig:
     max_train: int | None = None  # keep at most this many training examples (after the validation split)
     split_seed: int = 0  # fixes which examples go to validation (and test), whatever the training seed
     params: dict[str, Any] = dataclasses.field(default_factory=dict)  # the loader's own options
+    option: str | None = None  # the YAML it came from (conf/data/OPTION.yaml)
 
     def check(self, problems: Problems, key: str) -> None:
         sizes_ok = True
@@ -205,6 +218,8 @@ class Split:
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Mini-batches in a random order drawn from `generator` (in order when it is None), from
         batch number `start` on (a checkpoint taken mid-epoch continues there)."""
+        import torch
+
         n = len(self)
         if generator is None:
             for i in range(start * batch_size, n, batch_size):
@@ -232,6 +247,8 @@ def _count(size: float, n: int) -> int:
 
 
 def _split_off(x: torch.Tensor, y: torch.Tensor, size: float, seed: int, what: str):
+    import torch
+
     n = len(y)
     k = _count(size, n)
     if k >= n:
@@ -242,6 +259,8 @@ def _split_off(x: torch.Tensor, y: torch.Tensor, size: float, seed: int, what: s
 
 
 def _keep_classes(x: torch.Tensor, y: torch.Tensor, classes: list[int], n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
     mapping = torch.full((max(n_classes, int(y.max()) + 1),), -1, dtype=torch.int64)  # old label -> new, or -1
     mapping[torch.tensor(classes)] = torch.arange(len(classes))
     keep = mapping[y] >= 0
@@ -289,6 +308,8 @@ def load(cfg: DataConfig, device: torch.device) -> Data:
 
 
 def _scaler(scaling: str, x_train: torch.Tensor, max_value: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    import torch
+
     if scaling == "none":
         return lambda x: x
     if scaling == "unit":

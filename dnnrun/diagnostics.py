@@ -11,28 +11,17 @@ near zero) and its batch norm's running statistics. Between those steps it costs
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
 
 from dnnrun.activations import Activation
-from dnnrun.model import Network, weight_of
-from dnnrun.norms import BATCH_NORMS
+from dnnrun.network import Network, weight_of
+from dnnrun.norms import is_batch_norm
 from dnnrun.rundir import RunDir
 
 SATURATION = 0.02  # distance to an asymptote under which a sigmoid/tanh output counts as saturated
 HISTOGRAM_BINS = 60
-
-
-@dataclasses.dataclass(frozen=True)
-class DiagnosticsConfig:
-    every: int = 100  # optimizer steps between per-layer statistics; 0: off
-    plots: bool = True  # write plots/ at the end of the run
-
-    def check(self, problems, key: str) -> None:
-        if self.every < 0:
-            problems.add(f"{key}.every", f"must be >= 0 (0: off), got {self.every}")
 
 
 class LayerStats:
@@ -95,7 +84,7 @@ class LayerStats:
             if out is not None:
                 s.update(activation_stats(out, self.activation))
             norm = getattr(block, "norm", None)
-            if isinstance(norm, BATCH_NORMS) and norm.running_mean is not None:
+            if is_batch_norm(norm) and norm.running_mean is not None:
                 s["bn_running_mean"] = norm.running_mean.mean()
                 s["bn_running_var"] = norm.running_var.mean()
             stats[name] = s

@@ -9,14 +9,21 @@ Without torchrun's environment (WORLD_SIZE unset or 1) every function here is a 
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported by the functions that talk to the process group: the command line asks only
+# launched_rank(), before it knows whether it will train.
 
 
 def init_from_env(device: str = "auto") -> tuple[int, int]:
     """Join the process group torchrun describes in the environment; returns (rank, world size).
     NCCL for GPUs, gloo for CPUs (also on a machine with GPUs when trainer.device=cpu)."""
+    import torch
+    import torch.distributed as dist
+
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         if torch.cuda.is_available() and device != "cpu":
             torch.cuda.set_device(local_rank())
@@ -27,6 +34,8 @@ def init_from_env(device: str = "auto") -> tuple[int, int]:
 
 
 def rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -45,6 +54,8 @@ def broadcast(obj):
     """Rank 0's value of obj, on every rank."""
     if rank_world()[1] == 1:
         return obj
+    import torch.distributed as dist
+
     holder = [obj]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
@@ -54,11 +65,16 @@ def sum_across(values: list[float], device: torch.device) -> list[float]:
     """Element-wise sums over the ranks (the values themselves in a single process)."""
     if rank_world()[1] == 1:
         return values
+    import torch
+    import torch.distributed as dist
+
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return tensor.tolist()
 
 
 def shutdown() -> None:
+    import torch.distributed as dist
+
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -5,10 +5,12 @@ counts as a bad epoch; `patience` bad epochs in a row stop the run (Keras' Early
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dnnrun.metrics import better
-from dnnrun.state import TrainState
+
+if TYPE_CHECKING:
+    from dnnrun.state import TrainState
 
 
 @dataclasses.dataclass(frozen=True)

@@ -73,6 +73,9 @@ def run(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
     trained = dataclasses.replace(trained, data=data_cfg)
     run_dir.path.mkdir(parents=True, exist_ok=True)
     device = runtime.resolve_device(cfg.trainer.device)
+    log.info("evaluate %s on the %s split; output directory: %s (on %s)", path, ev.split, run_dir,
+             runtime.device_name(device))
+    log.info("as trained: %s", trained.options())
     runtime.seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
     data = load_data(data_cfg, device)
     model, _ = runtime.build_model(trained, data, fitting_config(trained.model, ckpt["model"]))
@@ -100,6 +103,7 @@ def run(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
     run_dir.write_evaluation(result)
     run_dir.write_summary({"status": "completed", "mode": "evaluate", **result})
     console.print(_table(result))
+    log.info("written: %s", run_dir.evaluation)
     return result
 
 

@@ -7,19 +7,22 @@ conf/init/ set its scale, mode and distribution. Fans follow PyTorch's (out, in,
 from __future__ import annotations
 
 import math
-from typing import Literal
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Literal
 
 from dnnrun.schema import POSITIVE, Choice, Problems, check_rules, parse_choice
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+# The initializers below are called under torch.no_grad() (initialize); torch is imported where
+# they run, not here: checking a config must not wait for it.
 
 # A truncated normal cut at two standard deviations has variance 0.87962566^2 of the untruncated
 # one; dividing the standard deviation by it makes the variance after truncation the target.
 _TRUNCATED_STD = 0.87962566103423978
 
 
-@torch.no_grad()
 def variance_scaling_(
     weight: torch.Tensor,
     scale: float = 1.0,
@@ -38,6 +41,8 @@ def variance_scaling_(
     if distribution == "normal":
         weight.normal_(0.0, math.sqrt(variance))
     elif distribution == "truncated_normal":
+        from torch import nn
+
         std = math.sqrt(variance) / _TRUNCATED_STD
         nn.init.trunc_normal_(weight, 0.0, std, -2 * std, 2 * std)
     else:
@@ -45,25 +50,27 @@ def variance_scaling_(
         weight.uniform_(-limit, limit)
 
 
-@torch.no_grad()
 def random_normal_(weight: torch.Tensor, mean: float = 0.0, std: float = 1.0) -> None:
     """N(mean, std^2) whatever the layer's size: the pre-2010 habit that makes deep nets fail."""
     weight.normal_(mean, std)
 
 
-@torch.no_grad()
 def random_uniform_(weight: torch.Tensor, low: float = -1.0, high: float = 1.0) -> None:
     weight.uniform_(low, high)
 
 
 def orthogonal_(weight: torch.Tensor, gain: float = 1.0) -> None:
     """A (semi-)orthogonal matrix times gain (Saxe et al. 2014): W W^T = gain^2 I for the smaller side."""
+    from torch import nn
+
     nn.init.orthogonal_(weight, gain)
 
 
 def torch_default_(weight: torch.Tensor) -> None:
     """What nn.Linear does by itself: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), variance 1 / (3 fan_in).
     (dnnrun still starts the biases at zero.)"""
+    from torch import nn
+
     nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
 
 
@@ -94,18 +101,21 @@ def parse(raw, key: str, problems: Problems) -> Choice | None:
     return choice
 
 
-AFFINE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # the layers with a weight that initializers set
-
-
 def affine_layers(model: nn.Module) -> list[nn.Module]:
-    """Every Linear and Conv layer in a module (itself included), in order."""
-    return [m for m in model.modules() if isinstance(m, AFFINE)]
+    """Every Linear and Conv layer in a module (itself included), in order: the layers with a
+    weight that initializers set."""
+    from torch import nn
+
+    return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
 
 
 def initialize(model: nn.Module, choice: Choice) -> None:
     """Apply the chosen initializer to every affine layer's weight and zero its bias."""
+    import torch
+
     init_ = INITIALIZERS[choice.name]
-    for layer in affine_layers(model):
-        init_(layer.weight, **choice.params)
-        if layer.bias is not None:
-            nn.init.zeros_(layer.bias)
+    with torch.no_grad():
+        for layer in affine_layers(model):
+            init_(layer.weight, **choice.params)
+            if layer.bias is not None:
+                layer.bias.zero_()

@@ -3,13 +3,15 @@ TensorBoard event files under the run directory (`tensorboard --logdir outputs`)
 
 from __future__ import annotations
 
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from dnnrun.errors import UserError
-from dnnrun.rundir import RunDir
 from dnnrun.schema import Choice, Problems, parse_choice
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from dnnrun.rundir import RunDir
 
 
 class NoLogger:

@@ -85,6 +85,8 @@ def run(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
     tc, run_dir = cfg.trainer, RunDir(run_dir)
     run_dir.path.mkdir(parents=True, exist_ok=True)
     device = runtime.resolve_device(tc.device)
+    log.info("lr_find: output directory %s (on %s)", run_dir, runtime.device_name(device))
+    log.info("%s", cfg.options())
     runtime.seed_everything(tc.seed, tc.deterministic)
     data = load_data(cfg.data, device)
     model, _ = runtime.build_model(cfg, data)
@@ -108,4 +110,5 @@ def run(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
             f"Suggested: optimizer={cfg.optimizer.name} optimizer.lr={result['suggestion']:.2g}   "
             f"(curve: {run_dir.plot('lr_find')})"
         )
+    log.info("written: %s, %s", run_dir.lr_find, run_dir.plot("lr_find"))
     return result

@@ -1,6 +1,6 @@
 """Models by name. A builder gets its own config, what the data looks like (`Inputs`) and the
 technique groups every layer follows (`Layers`: activation, norm, init, regularization), and
-returns a `Network`: named blocks, input to output, that diagnostics, transfer, pretraining and
+returns a `Network` (network.py): named blocks, input to output, that diagnostics, transfer, pretraining and
 max-norm find by name instead of assuming a fixed stack of nn.Linear.
 
     MODELS = {"mlp": Architecture(MLPConfig, mlp, mlp_fitting)}
@@ -13,18 +13,23 @@ from __future__ import annotations
 import dataclasses
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from dnnrun import activations
 from dnnrun.init import initialize
 from dnnrun.norms import NormConfig
 from dnnrun.regularizers import Regularization
-from dnnrun.schema import Choice, Problems, parse as parse_schema
+from dnnrun.schema import Choice, Problems
+from dnnrun.schema import parse as parse_schema
 
-OUTPUT = "output"  # the name of every network's last layer
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from dnnrun.network import Network
+
+# The configs and the registry are read without torch (checking a config must not wait for it);
+# the builders import it, and the modules they build from (network.py).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,51 +51,6 @@ class Layers:
     reg: Regularization
 
 
-class Block(nn.Sequential):
-    """A hidden layer: its affine layer first (named `linear`, or `conv`), then `norm`, `act` and
-    `dropout` where present, in the order they apply."""
-
-    @property
-    def affine(self) -> nn.Module:
-        return self[0]
-
-
-class Network(nn.Sequential):
-    """A model as dnnrun's features see it: optional input layers (`input_norm`, `input_dropout`),
-    hidden blocks named hidden1..hiddenN, then the `output` layer. State-dict keys follow the names
-    (hidden2.linear.weight), so checkpoints and transfer find layers by name."""
-
-    def hidden(self) -> list[tuple[str, Block]]:
-        return [(name, m) for name, m in self.named_children() if isinstance(m, Block)]
-
-    def blocks(self) -> list[tuple[str, nn.Module]]:
-        """The layers diagnostics watch: the hidden blocks, then the output layer."""
-        return [*self.hidden(), (OUTPUT, self.output)]
-
-    def below(self, name: str) -> nn.Sequential:
-        """Everything in front of the named block: the input layers and the hidden blocks before it."""
-        names = list(self._modules)
-        return nn.Sequential(*[self._modules[n] for n in names[: names.index(name)]])
-
-    def body(self) -> nn.Sequential:
-        """Everything but the output layer: the features a head on top would see."""
-        return self.below(OUTPUT)
-
-    @property
-    def head_width(self) -> int:
-        """The number of features the output layer takes."""
-        return self.output.in_features
-
-
-def weight_of(layer: nn.Module) -> torch.Tensor:
-    """The main weight of a block or of the output layer: its affine layer's."""
-    return (layer.affine if isinstance(layer, Block) else layer).weight
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 # ---------------------------------------------------------------------------------------------
 # The multilayer perceptron
 
@@ -101,6 +61,7 @@ class MLPConfig:
     hidden: list[int] = dataclasses.field(default_factory=lambda: [300, 100])  # widths, input to output
     depth: int | None = None  # with width: `depth` hidden layers of `width` units, replacing `hidden`
     width: int | None = None
+    option: str | None = None  # the YAML it came from (conf/model/OPTION.yaml)
 
     def check(self, problems: Problems, key: str) -> None:
         if (self.depth is None) != (self.width is None):
@@ -120,12 +81,16 @@ class MLPConfig:
 
 def mlp(cfg: MLPConfig, inputs: Inputs, layers: Layers) -> Network:
     """Per hidden layer Linear -> [norm] -> activation -> [dropout] (or the norm after the activation)."""
+    from torch import nn
+
+    from dnnrun.network import OUTPUT, Block, Network
+
     norm, reg = layers.norm, layers.reg
     modules: OrderedDict[str, nn.Module] = OrderedDict()
     if norm.on_inputs:
         modules["input_norm"] = norm.layer(inputs.features)
     if reg.input_dropout > 0:
-        modules["input_dropout"] = reg.dropout_layer(reg.input_dropout)
+        modules["input_dropout"] = getattr(nn, reg.dropout_layer)(reg.input_dropout)
     width_in = inputs.features
     for i, width in enumerate(cfg.widths, start=1):
         block: OrderedDict[str, nn.Module] = OrderedDict()
@@ -137,7 +102,7 @@ def mlp(cfg: MLPConfig, inputs: Inputs, layers: Layers) -> Network:
         if norm_layer is not None and norm.placement == "after":
             block["norm"] = norm_layer
         if reg.dropout > 0:
-            block["dropout"] = reg.dropout_layer(reg.dropout)
+            block["dropout"] = getattr(nn, reg.dropout_layer)(reg.dropout)
         modules[f"hidden{i}"] = Block(block)
         width_in = width
     modules[OUTPUT] = nn.Linear(width_in, inputs.classes)

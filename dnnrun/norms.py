@@ -3,29 +3,37 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from typing import Any, Literal
-
-from torch import nn
+from typing import TYPE_CHECKING, Any, Literal
 
 from dnnrun.schema import FRACTION, POSITIVE, Problems, check_rules, parse
 
+if TYPE_CHECKING:
+    from torch import nn
 
-BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)  # layers with running statistics
+
+def is_batch_norm(module: nn.Module) -> bool:
+    """A layer with running statistics (of the batches it saw in training)."""
+    from torch import nn
+
+    return isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm))
 
 
 @dataclasses.dataclass(frozen=True)
 class Norm:
-    build: Callable[..., nn.Module] | None  # called with the layer width first; None: no layer
+    layer: str | None  # torch.nn's class, called with the layer width first; None: no layer
     cancels_bias: bool  # true when the layer subtracts a per-unit mean, so a bias before it is wasted
+    # what a config may set, by torch.nn's names (torch is imported only to build the layer)
+    params: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 NORMS = {
-    "none": Norm(build=None, cancels_bias=False),
+    "none": Norm(layer=None, cancels_bias=False),
     # momentum is PyTorch's: running = (1 - momentum) * running + momentum * batch (Keras' 0.99 is 0.01)
-    "batchnorm": Norm(build=nn.BatchNorm1d, cancels_bias=True),
+    "batchnorm": Norm("BatchNorm1d", cancels_bias=True,
+                      params={"eps": float, "momentum": float, "affine": bool, "track_running_stats": bool,
+                              "bias": bool}),
     # normalizes each example over its units; a per-unit bias before it is not cancelled
-    "layernorm": Norm(build=nn.LayerNorm, cancels_bias=False),
+    "layernorm": Norm("LayerNorm", cancels_bias=False, params={"eps": float, "elementwise_affine": bool, "bias": bool}),
 }
 
 
@@ -35,10 +43,11 @@ class NormConfig:
     placement: Literal["before", "after"] = "before"  # before or after the activation
     on_inputs: bool = False  # also normalize the raw inputs with a layer of this kind (in place of standardizing)
     params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    option: str | None = None  # the YAML it came from (conf/norm/OPTION.yaml)
 
     def check(self, problems: Problems, key: str) -> None:
         check_rules(self.params, {"eps": POSITIVE, "momentum": FRACTION}, key, problems)
-        if self.on_inputs and NORMS.get(self.name, NORMS["none"]).build is None:
+        if self.on_inputs and NORMS.get(self.name, NORMS["none"]).layer is None:
             problems.add(f"{key}.on_inputs", f"needs a normalization layer; norm '{self.name}' has none")
 
     @property
@@ -47,8 +56,12 @@ class NormConfig:
         return NORMS[self.name].cancels_bias and self.placement == "before"
 
     def layer(self, width: int) -> nn.Module | None:
-        build = NORMS[self.name].build
-        return None if build is None else build(width, **self.params)
+        name = NORMS[self.name].layer
+        if name is None:
+            return None
+        from torch import nn
+
+        return getattr(nn, name)(width, **self.params)
 
 
 def parse_norm(raw, key: str, problems: Problems) -> NormConfig | None:

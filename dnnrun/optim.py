@@ -3,25 +3,46 @@ arguments (PyTorch's names: lr, momentum, nesterov, betas, eps, weight_decay, ..
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Collection
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from dnnrun.regularizers import is_weight_matrix
 from dnnrun.schema import FRACTION, NON_NEGATIVE, POSITIVE, Choice, Problems, check_rules, parse_choice
 
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+    """A class of torch.optim, and the keyword arguments a config may set (PyTorch's names and
+    defaults). They are written out because reading the signature means importing torch, which
+    checking a config must not wait for; a test holds them to torch's signatures."""
+
+    cls: str
+    params: dict[str, Any]
+
+
+_ADAM = {"lr": float, "betas": tuple, "eps": float, "weight_decay": float}
+
 # Momentum and Nesterov are SGD with settings (conf/optimizer/momentum.yaml, nesterov.yaml).
 OPTIMIZERS = {
-    "sgd": torch.optim.SGD,
-    "adagrad": torch.optim.Adagrad,
-    "rmsprop": torch.optim.RMSprop,
-    "adam": torch.optim.Adam,
-    "adamax": torch.optim.Adamax,
-    "nadam": torch.optim.NAdam,
-    "adamw": torch.optim.AdamW,
-    "radam": torch.optim.RAdam,
+    "sgd": Optimizer("SGD", {"lr": float, "momentum": float, "dampening": float, "weight_decay": float,
+                             "nesterov": bool}),
+    "adagrad": Optimizer("Adagrad", {"lr": float, "lr_decay": float, "weight_decay": float,
+                                     "initial_accumulator_value": float, "eps": float}),
+    "rmsprop": Optimizer("RMSprop", {"lr": float, "alpha": float, "eps": float, "weight_decay": float,
+                                     "momentum": float, "centered": bool}),
+    "adam": Optimizer("Adam", {**_ADAM, "amsgrad": bool, "decoupled_weight_decay": bool}),
+    "adamax": Optimizer("Adamax", _ADAM),
+    "nadam": Optimizer("NAdam", {**_ADAM, "momentum_decay": float, "decoupled_weight_decay": bool}),
+    "adamw": Optimizer("AdamW", {**_ADAM, "amsgrad": bool}),
+    "radam": Optimizer("RAdam", {**_ADAM, "decoupled_weight_decay": bool}),
 }
+# Settings of torch's optimizers that a config cannot set: how the step is computed, not what.
+NOT_SETTABLE = {"maximize", "foreach", "differentiable", "fused", "capturable"}
 
 RULES = {"lr": POSITIVE, "momentum": FRACTION, "weight_decay": NON_NEGATIVE, "eps": POSITIVE,
          "alpha": FRACTION, "momentum_decay": NON_NEGATIVE, "initial_accumulator_value": NON_NEGATIVE}
@@ -55,4 +76,6 @@ def param_groups(model: nn.Module, reused: Collection[str] = ()) -> list[dict]:
 
 
 def build(choice: Choice, model: nn.Module, reused: Collection[str] = ()) -> torch.optim.Optimizer:
-    return OPTIMIZERS[choice.name](param_groups(model, reused), **choice.params)
+    import torch
+
+    return getattr(torch.optim, OPTIMIZERS[choice.name].cls)(param_groups(model, reused), **choice.params)

@@ -7,33 +7,44 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display needed, and never an interactive window
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.colors import LogNorm  # noqa: E402
-from matplotlib.ticker import NullFormatter  # noqa: E402
-
-from dnnrun.activations import ACTIVATIONS, build as build_activation  # noqa: E402
-from dnnrun.errors import command  # noqa: E402
-from dnnrun.rundir import RunDir  # noqa: E402
-from dnnrun.schema import Choice  # noqa: E402
+from dnnrun.errors import command
+from dnnrun.metrics import maximized
+from dnnrun.rundir import RunDir
 
 SIZE = (10, 6)  # inches; at DPI this is 1000 x 600 pixels
 DPI = 100
 RUN_PLOTS = ("learning_curves", "gradient_flow", "activations", "unit_health")
 MAX_PANELS = 24  # layers drawn in the activation-distribution plot (deeper nets: evenly spaced ones)
+SMALL = 7  # font size of the labels in grids of small plots
+
+
+@functools.cache
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed, never an interactive window),
+    imported when the first plot is drawn: importing this module costs nothing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def __getattr__(name: str):  # `from dnnrun.plots import plt` (dnnrun-report's figures) imports it then
+    if name == "plt":
+        return _pyplot()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _save(fig, path: Path) -> Path:
     fig.set_size_inches(*SIZE)
     fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
 
 
@@ -41,7 +52,7 @@ def _save_grid(fig, axes, used: int, title: str, path: Path) -> Path:
     """A grid of small plots: the unused cells hidden, one legend, a title."""
     for ax in list(axes.flat)[used:]:
         ax.set_axis_off()
-    axes.flat[0].legend(fontsize=7)
+    axes.flat[0].legend(fontsize=SMALL)
     fig.suptitle(title)
     fig.tight_layout()
     return _save(fig, path)
@@ -58,15 +69,21 @@ def _extent(steps: list[int], rows: int) -> tuple[float, float, float, float]:
     return steps[0] - half, steps[-1] + half, rows - 0.5, -0.5
 
 
-def learning_curves(history: list[dict], path: Path) -> Path:
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2)
+def learning_curves(history: list[dict], path: Path, best: tuple[int, str] | None = None) -> Path:
+    """Loss and accuracy per epoch, training against validation, the learning rate on a second axis;
+    best = (epoch, monitor) marks that epoch on both."""
+    fig, (loss_ax, acc_ax) = _pyplot().subplots(1, 2)
     epochs = [r["epoch"] for r in history]
     for split, style in (("train", "-"), ("val", "--")):
         loss_ax.plot(epochs, [r[f"{split}/loss"] for r in history], style, label=f"{split} loss")
         acc_ax.plot(epochs, [r[f"{split}/acc"] for r in history], style, label=f"{split} accuracy")
+    if best is not None:
+        epoch, monitor = best
+        for ax in (loss_ax, acc_ax):
+            ax.axvline(epoch, color="green", ls="-.", lw=1, label=f"best epoch ({epoch}, by {monitor})")
     lr_ax = loss_ax.twinx()
     lr_ax.plot(epochs, [r["lr"] for r in history], ":", color="grey", label="learning rate")
-    lr_ax.set_ylabel("learning rate")
+    lr_ax.set(xlabel="epoch", ylabel="learning rate")  # its x axis is the loss plot's (hidden)
     if history and all(r["lr"] and r["lr"] > 0 for r in history):
         lr_ax.set_yscale("log")
     loss_ax.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
@@ -78,8 +95,35 @@ def learning_curves(history: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
+def best_epoch(run: RunDir, history: list[dict]) -> tuple[int, str] | None:
+    """(epoch, monitor) of the run's best epoch: the one summary.json names, once it describes this
+    history; else (a run still going, or the end of a run, drawn before its summary is written) the
+    best trainer.monitor value in the history."""
+    summary = run.read_summary() or {}
+    best = summary.get("best") or {}
+    monitor = best.get("monitor") or _monitor(run)
+    if best.get("epoch") is not None and history and summary.get("epochs_run") == history[-1]["epoch"]:
+        return best["epoch"], monitor
+    scored = [r for r in history if r.get(monitor) is not None and math.isfinite(r[monitor])]
+    if not scored:
+        return None
+    pick = max if maximized(monitor) else min
+    return pick(scored, key=lambda r: r[monitor])["epoch"], monitor
+
+
+def _monitor(run: RunDir) -> str:
+    """trainer.monitor from the run's config snapshot (val/loss, the default, without one)."""
+    import yaml
+
+    path = run.snapshot("config")
+    config = yaml.safe_load(path.read_text()) if path.is_file() else None
+    return ((config or {}).get("trainer") or {}).get("monitor") or "val/loss"
+
+
 def gradient_flow(records: list[dict], path: Path) -> Path:
-    fig, ax = plt.subplots()
+    from matplotlib.colors import LogNorm
+
+    fig, ax = _pyplot().subplots()
     layers = list(records[0]["layers"]) if records else []
     values = [[r["layers"].get(layer, {}).get("grad_norm") or float("nan") for r in records] for layer in layers]
     positive = [v for row in values for v in row if v > 0 and math.isfinite(v)]
@@ -91,13 +135,16 @@ def gradient_flow(records: list[dict], path: Path) -> Path:
     image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis",
                       norm=LogNorm(vmin=min(positive), vmax=max(positive)), extent=_extent(steps, len(layers)))
     ax.set_yticks(range(len(layers)), layers)
-    ax.set(xlabel="step", title="gradient flow: L2 norm of each layer's weight gradient (log scale)")
+    ax.set(xlabel="step", ylabel="layer", title="gradient flow: L2 norm of each layer's weight gradient (log scale)")
     fig.colorbar(image, ax=ax, label="gradient norm")
     fig.tight_layout()
     return _save(fig, path)
 
 
 def activations(snapshots: dict, path: Path) -> Path:
+    from matplotlib.ticker import NullFormatter
+
+    plt = _pyplot()
     layers = list(snapshots.get("end") or snapshots.get("start") or {})
     shown = f"{MAX_PANELS} of the {len(layers)} layers, " if len(layers) > MAX_PANELS else ""
     if shown:  # very deep nets: evenly spaced layers, the first and the last included
@@ -121,7 +168,10 @@ def activations(snapshots: dict, path: Path) -> Path:
         ax.set_yscale("log")  # the spike of exact zeros (ReLU) would flatten everything else
         ax.yaxis.set_minor_formatter(NullFormatter())  # decades only: small panels have no room for more
         ax.set_title(layer, fontsize=9)
-        ax.tick_params(labelsize=7 if len(layers) <= 8 else 6)
+        size = SMALL if len(layers) <= 8 else SMALL - 1
+        ax.set_xlabel("activation", fontsize=size)
+        ax.set_ylabel("fraction", fontsize=size)
+        ax.tick_params(labelsize=size)
     return _save_grid(fig, axes, len(layers), f"activation distributions per layer ({shown}fraction per bin, "
                       "log scale), at the start and the end of training", path)
 
@@ -130,6 +180,7 @@ def unit_health(records: list[dict], path: Path) -> Path:
     """Dead (ReLU) and saturated (sigmoid/tanh) fractions as layer x step maps, one per kind present."""
     layers = [layer for layer in (records[0]["layers"] if records else {}) if layer != "output"]
     kinds = [k for k in ("dead", "saturated") if any(k in r["layers"].get(layer, {}) for r in records for layer in layers)]
+    plt = _pyplot()
     if not kinds:
         fig, ax = plt.subplots()
         _placeholder(ax, "no dead or saturated units to track for this activation (only ReLU, sigmoid and tanh)")
@@ -141,8 +192,8 @@ def unit_health(records: list[dict], path: Path) -> Path:
         image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="magma", vmin=0, vmax=1,
                           extent=_extent(steps, len(layers)))
         ax.set_yticks(range(len(layers)), layers)
-        ax.set(xlabel="step", title=f"fraction of {kind} units")
-        fig.colorbar(image, ax=ax)
+        ax.set(xlabel="step", ylabel="layer", title=f"fraction of {kind} units")
+        fig.colorbar(image, ax=ax, label=f"{kind} fraction")
     fig.tight_layout()
     return _save(fig, path)
 
@@ -151,9 +202,9 @@ def plot_run(run: RunDir | Path) -> list[Path]:
     """Draw every plot of a run into RUN_DIR/plots/ from its metrics, diagnostics and snapshots."""
     run = run if isinstance(run, RunDir) else RunDir(run)
     run.plots.mkdir(exist_ok=True)
-    records = run.read_diagnostics()
+    records, history = run.read_diagnostics(), run.read_metrics()
     return [
-        learning_curves(run.read_metrics(), run.plot("learning_curves")),
+        learning_curves(history, run.plot("learning_curves"), best_epoch(run, history)),
         gradient_flow(records, run.plot("gradient_flow")),
         activations(run.read_activations(), run.plot("activations")),
         unit_health(records, run.plot("unit_health")),
@@ -162,10 +213,15 @@ def plot_run(run: RunDir | Path) -> list[Path]:
 
 def activation_functions(path: Path) -> Path:
     """Every registered activation and its derivative over [-5, 5] (derivatives by autograd)."""
+    import torch
+
+    from dnnrun.activations import ACTIVATIONS, build as build_activation
+    from dnnrun.schema import Choice
+
     names = sorted(ACTIVATIONS)
     cols = 4
     rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, squeeze=False, sharex=True)
+    fig, axes = _pyplot().subplots(rows, cols, squeeze=False, sharex=True)
     z = torch.linspace(-5, 5, 401, dtype=torch.float64, requires_grad=True)
     for ax, name in zip(axes.flat, names):
         module = build_activation(Choice(name), width=1).double().eval()
@@ -175,7 +231,9 @@ def activation_functions(path: Path) -> Path:
         ax.plot(z.detach(), grad, "--", label="f'(z)")
         ax.axhline(0, color="grey", lw=0.5)
         ax.set_title(name, fontsize=9)
-        ax.tick_params(labelsize=7)
+        ax.set_xlabel("z", fontsize=SMALL)
+        ax.set_ylabel("f(z), f'(z)", fontsize=SMALL)
+        ax.tick_params(labelsize=SMALL)
         asymptotes = ACTIVATIONS[name].asymptotes
         if asymptotes:  # where the output hugs an asymptote the derivative vanishes
             for a in asymptotes:
@@ -185,7 +243,7 @@ def activation_functions(path: Path) -> Path:
 
 
 def lr_find_plot(result: dict, path: Path) -> Path:
-    fig, ax = plt.subplots()
+    fig, ax = _pyplot().subplots()
     ax.plot(result["lrs"], result["losses"], alpha=0.3, label="loss")
     ax.plot(result["lrs"], result["smoothed"], label="smoothed loss")
     if result.get("suggestion"):

@@ -20,22 +20,25 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from typing import Any
-
-import torch
-import torch.nn.functional as F
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from dnnrun.errors import UserError
-from dnnrun.model import Network
 from dnnrun.schema import FRACTION, POSITIVE, Choice, Problems, check_rules, parse_choice
 
+if TYPE_CHECKING:
+    import torch
+
+    from dnnrun.network import Network
+
+# torch is imported in the functions that pretrain, not here: checking a config must not wait for it.
 log = logging.getLogger("dnnrun")
 MONITOR_SIZE = 1024  # examples on which the reconstruction error or auxiliary accuracy is reported
 
 
 def _dense_blocks(model: Network, method: str):
     """The hidden blocks, each with a Linear layer: what layer-wise pretraining builds its decoders on."""
+    from torch import nn
+
     hidden = model.hidden()
     for name, block in hidden:
         if not isinstance(block.affine, nn.Linear):
@@ -46,6 +49,8 @@ def _dense_blocks(model: Network, method: str):
 def _fit(optimizer: torch.optim.Optimizer, loss_of: Callable[[torch.Tensor], torch.Tensor], n: int, batch_size: int,
          generator: torch.Generator, device: torch.device) -> None:
     """One epoch of mini-batch steps; loss_of(indices) is the loss of those examples."""
+    import torch
+
     order = torch.randperm(n, generator=generator).to(device)
     for start in range(0, n, batch_size):
         loss = loss_of(order[start : start + batch_size])
@@ -66,6 +71,10 @@ def autoencoder(
     model: Network, x: torch.Tensor, shape: tuple[int, ...] | None, generator: torch.Generator,
     epochs: int = 5, lr: float = 1e-3, batch_size: int = 128,
 ) -> dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
     report = []
     monitor = x[:MONITOR_SIZE]
     for name, block in _dense_blocks(model, "autoencoder"):
@@ -97,6 +106,9 @@ def rbm(
 ) -> dict[str, Any]:
     """Bernoulli hidden units; visible units are Bernoulli where the layer's input lies in [0, 1]
     (sigmoid outputs, inputs scaled to [0, 1]) and unit-variance Gaussian otherwise (standardized inputs)."""
+    import torch
+    import torch.nn.functional as F
+
     report = []
     monitor = x[:MONITOR_SIZE]
     for name, block in _dense_blocks(model, "rbm"):
@@ -146,6 +158,8 @@ def corrupt(x: torch.Tensor, fraction: float, generator: torch.Generator) -> tup
     """About half of the examples get `fraction` of their features replaced by another example's
     (label 1); the rest stay as they are (label 0). A corrupted example always differs from its
     original; one identical to every other example cannot be corrupted and keeps label 0."""
+    import torch
+
     n, d = x.shape
     device = x.device
     partner = (torch.arange(n) + torch.randint(1, max(n, 2), (n,), generator=generator)) % n
@@ -162,6 +176,8 @@ def corrupt(x: torch.Tensor, fraction: float, generator: torch.Generator) -> tup
 
 def rotate(x: torch.Tensor, shape: tuple[int, ...], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Each image turned by 0, 1, 2 or 3 quarter turns (the label)."""
+    import torch
+
     h, w = shape[0], shape[1]
     labels = torch.randint(0, 4, (len(x),), generator=generator).to(x.device)
     images = x.reshape(len(x), *shape)
@@ -177,6 +193,10 @@ def _auxiliary(
     classes: int, epochs: int, lr: float, batch_size: int, generator: torch.Generator, task: str,
 ) -> dict[str, Any]:
     """Train all hidden layers plus a temporary head on labels made by `make`, fresh each epoch."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
     stack = model.body()
     head = nn.Linear(model.head_width, classes).to(x.device)
     optimizer = torch.optim.Adam([*stack.parameters(), *head.parameters()], lr=lr)
@@ -235,6 +255,8 @@ def parse(raw, key: str, problems: Problems) -> Choice | None:
 
 
 def run(choice: Choice, model: Network, x: torch.Tensor, shape: tuple[int, ...] | None, seed: int) -> dict[str, Any]:
+    import torch
+
     generator = torch.Generator().manual_seed(seed)
     report = PRETRAINERS[choice.name](model, x, shape, generator, **choice.params)
     return {"method": choice.name, **report} if report else {}

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from dnnrun.init import affine_layers
 from dnnrun.schema import FRACTION, NON_NEGATIVE, POSITIVE, Choice, Problems, check_rules, parse_choice
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 def is_weight_matrix(p: torch.Tensor) -> bool:
@@ -48,12 +49,12 @@ def l1_l2(l1: float = 1e-5, l2: float = 1e-4) -> dict[str, Any]:
 
 def dropout(rate: float = 0.2, input_rate: float = 0.2) -> dict[str, Any]:
     """Zeroes each unit with probability rate in training and scales the rest by 1 / (1 - rate)."""
-    return {"dropout": rate, "input_dropout": input_rate, "dropout_layer": nn.Dropout}
+    return {"dropout": rate, "input_dropout": input_rate, "dropout_layer": "Dropout"}
 
 
 def alpha_dropout(rate: float = 0.1, input_rate: float = 0.1) -> dict[str, Any]:
     """Dropout that keeps the mean and variance of its inputs: the kind that SELU nets need."""
-    return {"dropout": rate, "input_dropout": input_rate, "dropout_layer": nn.AlphaDropout}
+    return {"dropout": rate, "input_dropout": input_rate, "dropout_layer": "AlphaDropout"}
 
 
 def max_norm(max_value: float = 1.0) -> dict[str, Any]:
@@ -81,13 +82,15 @@ class Regularization:
     l2: float = 0.0
     dropout: float = 0.0  # rate after every hidden layer's activation (never after the output layer)
     input_dropout: float = 0.0  # rate on the inputs
-    dropout_layer: type[nn.Module] = nn.Dropout
+    dropout_layer: str = "Dropout"  # torch.nn's class
     max_norm: float | None = None
 
     def penalty(self, model: nn.Module) -> torch.Tensor | None:
         """The loss term added in training: l1 * sum |w| + l2 * sum w^2 over the weight matrices."""
         if not (self.l1 or self.l2):
             return None
+        import torch
+
         weights = weight_matrices(model)
         total = torch.zeros((), device=weights[0].device)
         if self.l1:
@@ -96,16 +99,18 @@ class Regularization:
             total = total + self.l2 * sum(w.pow(2).sum() for w in weights)
         return total
 
-    @torch.no_grad()
     def after_step(self, model: nn.Module) -> None:
         """Max-norm: each unit's (or conv filter's) incoming weights rescaled to norm <= max_norm."""
         if self.max_norm is None:
             return
-        for layer in affine_layers(model):
-            w = layer.weight  # (out, in, *kernel): w[i] is unit or filter i's incoming weights
-            if w.requires_grad:  # frozen layers stay as they are
-                norms = w.reshape(len(w), -1).norm(dim=1).reshape(-1, *[1] * (w.ndim - 1))
-                w.mul_((self.max_norm / norms.clamp_min(1e-12)).clamp(max=1.0))
+        import torch
+
+        with torch.no_grad():
+            for layer in affine_layers(model):
+                w = layer.weight  # (out, in, *kernel): w[i] is unit or filter i's incoming weights
+                if w.requires_grad:  # frozen layers stay as they are
+                    norms = w.reshape(len(w), -1).norm(dim=1).reshape(-1, *[1] * (w.ndim - 1))
+                    w.mul_((self.max_norm / norms.clamp_min(1e-12)).clamp(max=1.0))
 
 
 def parse(raw: Any, key: str, problems: Problems) -> list[Choice] | None:

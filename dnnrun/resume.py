@@ -74,6 +74,8 @@ def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     old, new = _flatten(saved), _flatten(now)
     changes = []
     for key in sorted(old.keys() | new.keys()):
+        if key.endswith(".option"):
+            continue  # the name of an option's YAML: a label; the settings it holds are compared
         if old.get(key) != new.get(key) and not any(key == k or key.startswith(k + ".") for k in MAY_CHANGE_ON_RESUME):
             changes.append(f"{key}: {old.get(key, '(unset)')!r} in the checkpoint, {new.get(key, '(unset)')!r} now")
     return changes

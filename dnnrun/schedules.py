@@ -11,12 +11,13 @@ import bisect
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from dnnrun.metrics import better
 from dnnrun.schema import FRACTION, NON_NEGATIVE, POSITIVE, Choice, Problems, check_rules, parse_choice
+
+if TYPE_CHECKING:
+    import torch
 
 Rate = Callable[[int], float]  # t -> learning rate
 

@@ -34,8 +34,14 @@ class Problems:
 
 
 def did_you_mean(name: object, choices: typing.Iterable[str]) -> str:
-    match = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.6)
-    return f" (did you mean '{match[0]}'?)" if match else ""
+    # Case is ignored: `act=Relu` means relu (difflib alone finds 'elu' closer); a choice that
+    # differs only in case wins, else the closest one.
+    folded: dict[str, str] = {}
+    for choice in choices:
+        folded.setdefault(str(choice).casefold(), str(choice))
+    wanted = str(name).casefold()
+    match = [wanted] if wanted in folded else difflib.get_close_matches(wanted, list(folded), n=1, cutoff=0.6)
+    return f" (did you mean '{folded[match[0]]}'?)" if match else ""
 
 
 def unknown(kind: str, name: object, choices: typing.Iterable[str]) -> str:
@@ -49,6 +55,7 @@ class Choice:
 
     name: str
     params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    option: str | None = None  # the YAML it came from (conf/GROUP/OPTION.yaml): he_normal for variance_scaling
 
 
 # A rule on one parameter's value: (test, what the value must be).
@@ -153,8 +160,16 @@ def check_value(value: Any, tp: Any, key: str, problems: Problems) -> bool:
 # Registries: a name picks a callable, the remaining keys are its keyword arguments.
 
 
-def _settable(fn: Callable) -> tuple[dict[str, inspect.Parameter], bool]:
-    """Parameters a config may set: those with defaults (the builder supplies the rest)."""
+def _settable(entry: Any) -> tuple[dict[str, Any], bool]:
+    """(name -> the type a config may give, whether other keywords are taken too).
+
+    A registry entry either declares its parameters (`params`: name -> type, for a class of
+    another library, whose signature cannot be read without importing it) or is read from its
+    callable's signature: the parameters with defaults (the builder supplies the rest)."""
+    declared = getattr(entry, "params", None)
+    if isinstance(declared, Mapping):
+        return dict(declared), False
+    fn = _callable(entry)
     sig = inspect.signature(fn)
     settable = {
         n: p
@@ -163,16 +178,25 @@ def _settable(fn: Callable) -> tuple[dict[str, inspect.Parameter], bool]:
         and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     }
     open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
-    return settable, open_ended
+    return {n: _param_type(fn, p) for n, p in settable.items()}, open_ended
+
+
+def _annotation(fn: Callable, param: inspect.Parameter) -> Any:
+    """One parameter's annotation, evaluated as typing.get_type_hints would, but alone: the others
+    (a tensor's, say) may name a module that is not imported, and need not be."""
+    target = fn.__init__ if isinstance(fn, type) else fn if inspect.isroutine(fn) else type(fn).__call__
+    hint = param.annotation
+    if isinstance(hint, str):
+        try:
+            hint = eval(hint, getattr(target, "__globals__", {}))  # noqa: S307 (a source annotation)
+        except Exception:  # a name that does not resolve here: fall back to the default's type
+            return None
+    return None if hint is inspect.Parameter.empty else hint
 
 
 def _param_type(fn: Callable, param: inspect.Parameter) -> Any:
     """The type a parameter accepts: its annotation where we can check it, else its default's type."""
-    target = fn.__init__ if isinstance(fn, type) else fn if inspect.isroutine(fn) else type(fn).__call__
-    try:
-        hint = typing.get_type_hints(target).get(param.name)
-    except Exception:  # annotations that do not resolve: fall back to the default's type
-        hint = None
+    hint = _annotation(fn, param)
     if hint is not None and _supported(hint) and _matches(param.default, hint):
         return hint  # e.g. not torch's Union[float, Tensor], which falls back to "a number"
     default = param.default
@@ -182,19 +206,19 @@ def _param_type(fn: Callable, param: inspect.Parameter) -> Any:
         return float
     if isinstance(default, str):
         return str
-    if isinstance(default, (tuple, list)):
+    if isinstance(default, tuple):
+        return tuple
+    if isinstance(default, list):
         return list
     return Any
 
 
-def bind_params(
-    fn: Callable, params: Mapping[str, Any], key: str, label: str, problems: Problems
-) -> dict[str, Any]:
-    settable, open_ended = _settable(fn)
+def bind_params(entry: Any, params: Mapping[str, Any], key: str, label: str, problems: Problems) -> dict[str, Any]:
+    """The keyword arguments of a registry entry, checked against the parameters it takes."""
+    settable, open_ended = _settable(entry)
     bound: dict[str, Any] = {}
     for name, value in params.items():
-        param = settable.get(name)
-        if param is None:
+        if name not in settable:
             if not open_ended:
                 problems.add(
                     f"{key}.{name}",
@@ -204,15 +228,15 @@ def bind_params(
                 continue
             bound[name] = value
             continue
-        tp = _param_type(fn, param)
-        if tp is list:
+        tp = settable[name]
+        if tp in (list, tuple):  # a sequence of numbers (betas, boundaries, ...); its rules check the rest
             if not isinstance(value, list):
                 problems.add(f"{key}.{name}", f"expected a list, got {value!r}")
                 continue
             if _non_finite(value):
                 problems.add(f"{key}.{name}", f"must hold finite numbers, got {value!r}")
                 continue
-            bound[name] = tuple(value) if isinstance(param.default, tuple) else value
+            bound[name] = tp(value)
         elif check_value(value, tp, f"{key}.{name}", problems):
             bound[name] = _normalise(value, tp)
     return bound
@@ -280,7 +304,7 @@ def parse(
             bad.add("name")
     if extra:
         if takes_params and factory is not None:
-            values["params"] = bind_params(_callable(factory), extra, key, f"{kind or key} '{name}'", problems)
+            values["params"] = bind_params(factory, extra, key, f"{kind or key} '{name}'", problems)
         elif not takes_params:
             valid = [n for n in fields]
             for extra_name in extra:

@@ -37,7 +37,8 @@ from dnnrun.data import Data, load as load_data
 from dnnrun.early_stopping import EarlyStopping
 from dnnrun.errors import Diverged, Interrupted, RunError
 from dnnrun.faults import Hook
-from dnnrun.model import count_parameters, fitting_config
+from dnnrun.model import fitting_config
+from dnnrun.network import count_parameters
 from dnnrun.rundir import RunDir, now
 from dnnrun.schedules import Schedule
 from dnnrun.signals import StopFlag
@@ -202,6 +203,8 @@ class Trainer:
                   "features": data.n_features, "classes": data.n_classes},
         )
         self.run_dir.write_summary(self.summary)
+        log.info("run directory: %s (on %s)", self.run_dir, self.summary["device"])
+        log.info("%s", self.cfg.options())
         log.info("%s: %d train / %d val / %d test examples, %d features, %d classes; %s parameters on %s",
                  self.cfg.data.name, len(data.train), len(data.val), len(data.test), data.n_features, data.n_classes,
                  f"{self.summary['parameters']:,}", self.summary["device"])

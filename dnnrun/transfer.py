@@ -19,38 +19,16 @@ from torch import nn
 
 from dnnrun import checkpoint
 from dnnrun.errors import UserError
-from dnnrun.model import Network, affine_weight, hidden_widths
-from dnnrun.norms import BATCH_NORMS
-from dnnrun.schema import Problems
+from dnnrun.model import affine_weight, hidden_widths
+from dnnrun.network import Network
+from dnnrun.norms import is_batch_norm
 from dnnrun.state import TrainState
 
 if TYPE_CHECKING:
+    from dnnrun.config import TransferConfig
     from dnnrun.schedules import Schedule
 
 log = logging.getLogger("dnnrun")
-
-
-@dataclasses.dataclass(frozen=True)
-class TransferConfig:
-    source: str | None = None  # a dnnrun checkpoint (e.g. outputs/task_a/checkpoints/best.pt); null: no transfer
-    layers: int | None = None  # reuse the source's first k hidden layers; null: all of them
-    replace: int | None = None  # give this reused hidden layer (1-based) fresh weights, e.g. layers=4 replace=4
-    add: list[int] = dataclasses.field(default_factory=list)  # widths of new hidden layers on top
-    freeze: bool = False  # keep the reused layers' weights (and batch-norm statistics) fixed
-    unfreeze_after: int | None = None  # epochs after which frozen layers train again; null: never
-    unfreeze_lr_factor: float = 1.0  # multiplies the reused layers' learning rate when they unfreeze
-
-    def check(self, problems: Problems, key: str) -> None:
-        for name in ("layers", "replace", "unfreeze_after"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                problems.add(f"{key}.{name}", f"must be >= 1 or null, got {value}")
-        if any(w < 1 for w in self.add):
-            problems.add(f"{key}.add", f"every width must be >= 1, got {self.add}")
-        if self.unfreeze_lr_factor <= 0:
-            problems.add(f"{key}.unfreeze_lr_factor", f"must be > 0, got {self.unfreeze_lr_factor}")
-        if self.replace is not None and self.layers is not None and self.replace > self.layers:
-            problems.add(f"{key}.replace", f"must be one of the reused layers 1..{self.layers}, got {self.replace}")
 
 
 def load_source(cfg: TransferConfig) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -130,7 +108,7 @@ def frozen_norms(model: Network, layers: list[int], reused: list[str]) -> list[n
     blocks = [model.get_submodule(f"hidden{i}") for i in layers]
     if any(name.startswith("input_norm.") for name in reused):
         blocks.append(model.input_norm)
-    return [m for b in blocks for m in b.modules() if isinstance(m, BATCH_NORMS)]
+    return [m for b in blocks for m in b.modules() if is_batch_norm(m)]
 
 
 def set_frozen(model: nn.Module, names: list[str], frozen: bool) -> None:

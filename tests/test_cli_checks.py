@@ -197,7 +197,7 @@ SWEEP_PROBLEMS = {
                                       "optimizer.lr: must be > 0, got -1"]),
     "a key that only one swept option lacks": (["-m", "optimizer=sgd,adam", "optimizer.momentum=0.9"],
                                                ["with optimizer=adam: optimizer.momentum: unknown key 'momentum' in "
-                                                "optimizer; valid: name, lr, betas"]),
+                                                "optimizer; valid: option, name, lr, betas"]),
     "appending a key that exists, in a sweep": (["-m", "+trainer.epochs=1,2"],
                                                 ["Could not append to config. An item is already at 'trainer.epochs'"]),
 }
@@ -224,3 +224,28 @@ def test_the_cli_lists_a_sweeps_problems_with_exit_2_and_runs_no_job(tmp_path: P
     assert list(tmp_path.iterdir()) == []  # no job ran, no directory was made
 
 
+
+
+NO_TORCH = """\
+import sys
+from dnnrun.cli import check_command_line
+
+good = check_command_line(["-m", "optimizer=adam,nesterov", "act=relu,prelu,selu", "init=he_normal,lecun_normal",
+                           "norm=batchnorm", "regularizer=[l2,dropout]", "schedule=onecycle,piecewise_constant",
+                           "optimizer.lr=0.01,0.1", "data=synthetic", "data.n_samples=300", "model.hidden=[8,8]",
+                           "pretrain=autoencoder", "logger=tensorboard", "trainer.epochs=2"])
+bad = check_command_line(["optimizer=adamm", "trainer.epochz=3", "optimizer.lr=-1", "act.alpha=-1"])
+heavy = sorted(m for m in ("torch", "matplotlib", "sklearn", "tensorboard", "torchvision") if m in sys.modules)
+print(good, len(bad), heavy)
+"""
+
+
+def test_checking_a_command_line_imports_no_torch(tmp_path):
+    """Names, keys and every value of a sweep are checked without torch, matplotlib or scikit-learn:
+    a typo answers at once. (A process of its own: this one has imported torch long ago.)"""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", NO_TORCH], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["[]", "4", "[]"], done.stdout  # no problem; four problems; no heavy module

@@ -123,7 +123,7 @@ def test_override_checks_name_the_option_or_key_and_suggest():
     (problem,) = check_overrides(["norm=batchnom"])
     assert "unknown norm option 'batchnom'; valid: batchnorm, layernorm, none (did you mean 'batchnorm'?)" in problem
     (problem,) = check_overrides(["optimizer=adam", "optimizer.momentum=0.9"])  # adam has no momentum
-    assert problem.startswith("optimizer.momentum: unknown key 'momentum' in optimizer; valid: name, lr, betas")
+    assert problem.startswith("optimizer.momentum: unknown key 'momentum' in optimizer; valid: option, name, lr, betas")
     (problem,) = check_overrides(["trainer.early_stopping.patiense=3"])
     assert "unknown key 'patiense' in trainer.early_stopping" in problem and "did you mean 'patience'" in problem
     (problem,) = check_overrides(["regularizer=[l2,l3]"])

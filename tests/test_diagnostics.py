@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_config, run_cli
+
 from dnnrun import diagnosis, diagnostics, faults, plots, train
+from dnnrun.console import console
 from dnnrun.errors import Diverged, Interrupted
 from dnnrun.rundir import read_jsonl
 
@@ -43,18 +44,25 @@ def test_an_interrupted_run_is_diagnosed_and_plotted_too(tmp_path: Path):
 
 
 def test_a_relu_net_driven_with_a_huge_learning_rate_has_dead_units(tmp_path: Path):
-    summary = train.run(make_config("act=relu", "optimizer.lr=1", "trainer.diagnostics.every=10"), tmp_path)
+    with console.capture() as printed:
+        summary = train.run(make_config("act=relu", "optimizer.lr=1", "trainer.diagnostics.every=10"), tmp_path)
     dead = [s for s in summary["diagnosis"] if "dead" in s]
     assert dead, summary["diagnosis"]
+    assert dead[0].remedies == diagnosis.REMEDIES["dead_units"]
+    assert json.loads((tmp_path / "summary.json").read_text())["diagnosis"] == summary["diagnosis"]  # the sentences
+    lines = printed.get().splitlines()
+    assert lines[lines.index(f"  - {dead[0]}") + 1].startswith("    try: act=leaky_relu, act=leaky_relu_0.2, ")
     last = read_jsonl(tmp_path / "diagnostics.jsonl")[-1]
     worst = max(stats.get("dead", 0) for stats in last["layers"].values())
     assert worst >= 0.5 and f"{worst:.0%} of units in layer" in dead[0]
 
 
 def test_a_healthy_run_gets_no_diagnosis(tmp_path: Path):
-    summary = train.run(make_config("trainer.epochs=5", "trainer.diagnostics.every=10"), tmp_path)
+    with console.capture() as printed:
+        summary = train.run(make_config("trainer.epochs=5", "trainer.diagnostics.every=10"), tmp_path)
     assert summary["test"]["test/acc"] > 0.8
     assert summary["diagnosis"] == []
+    assert printed.get().splitlines()[-1] == "(no diagnosis: nothing unusual was seen)"  # the run's last word
 
 
 def test_diagnostics_jsonl_holds_every_layer_every_n_steps(tmp_path: Path):

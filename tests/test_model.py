@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from dnnrun.model import Inputs, Layers, MLPConfig, count_parameters, fitting_config, mlp
+from dnnrun.model import Inputs, Layers, MLPConfig, fitting_config, mlp
+from dnnrun.network import count_parameters
 from dnnrun.norms import NormConfig
 from dnnrun.regularizers import Regularization
 from dnnrun.schema import Choice

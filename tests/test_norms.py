@@ -60,3 +60,16 @@ def test_layernorm_normalizes_each_example_the_same_in_training_and_evaluation()
     assert torch.allclose(out.mean(1), torch.zeros(5), atol=1e-5)
     assert torch.allclose(out.var(1, unbiased=False), torch.ones(5), atol=1e-3)
     assert torch.equal(block.norm.eval()(x), block.norm.train()(x))
+
+
+def test_declared_parameters_are_torchs():
+    """As the optimizers': what a config may set of a norm layer is torch's signature, less the
+    layer's size and where it lives."""
+    from test_optim import _declared_matches_torch
+
+    from dnnrun.norms import NORMS
+
+    for name, norm in NORMS.items():
+        if norm.layer is not None:
+            cls = getattr(nn, norm.layer)
+            assert _declared_matches_torch(cls, norm.params, {"device", "dtype"}) == [], name

@@ -183,3 +183,26 @@ def test_weight_decay_never_applies_to_biases_or_norm_parameters():
     decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
     assert decayed == {id(net[0].weight), id(net[3].weight)}
     assert math.isclose(groups[0]["weight_decay"], 0.01) and groups[1]["weight_decay"] == 0.0
+
+
+def _declared_matches_torch(cls, declared: dict, not_settable: set[str]) -> list[str]:
+    """What differs between the parameters a registry declares for a torch class and its signature."""
+    import inspect
+
+    params = {n: p.default for n, p in inspect.signature(cls).parameters.items()
+              if p.default is not inspect.Parameter.empty}
+    found = [f"{n}: not in torch's signature" for n in declared if n not in params]
+    found += [f"{n}: neither declared nor marked not settable" for n in params
+              if n not in declared and n not in not_settable]
+    kind = {bool: bool, int: float, float: float, tuple: tuple}
+    found += [f"{n}: declared {tp.__name__}, torch's default is {params[n]!r}" for n, tp in declared.items()
+              if n in params and params[n] is not None and kind.get(type(params[n])) is not tp]
+    return found
+
+
+@pytest.mark.parametrize("name", sorted(optim.OPTIMIZERS))
+def test_declared_parameters_are_torchs(name):
+    """The parameters a config may set are written out (reading them from torch's signature would
+    import torch while checking a config); they must be torch's own, and torch's new ones noticed."""
+    entry = optim.OPTIMIZERS[name]
+    assert _declared_matches_torch(getattr(torch.optim, entry.cls), entry.params, optim.NOT_SETTABLE) == []

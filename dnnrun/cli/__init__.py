@@ -1,42 +1,95 @@
 """The command line: the only part of dnnrun that imports Hydra. It checks the command line
 (checks), has Hydra compose the config and run the task (app: one run, or one job of a sweep, which
 turns the config into plain typed objects and calls `train.run(cfg, run_dir)`), and reports a
-sweep's end (sweep). `dnnrun --help`: help."""
+sweep's end (sweep). `dnnrun --help`: help.
+
+Importing this package is cheap (omegaconf, for the resolver that conf/config.yaml calls): Hydra and
+the rest are imported by main() once its signal handlers are in place, and the names below on
+first use."""
 
 from __future__ import annotations
 
 import atexit
+import gc
+import importlib
+import os
 import shutil
 import signal
 import sys
 import tempfile
 
-import hydra
-
-from dnnrun.cli.app import App
-from dnnrun.cli.checks import check_command_line, check_overrides, check_torch, preflight
 from dnnrun.cli.conf import CONFIG_DIR, CONFIG_NAME
-from dnnrun.cli.help import GROUP_HELP, help_text, option_line
-from dnnrun.cli.messages import error
-from dnnrun.cli.sweep import SweepFailed, SweepReport, sweep_broke
-from dnnrun.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, ConfigError, Interrupted
+from dnnrun.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, Interrupted
 
 __all__ = ["CONFIG_DIR", "GROUP_HELP", "SweepReport", "check_command_line", "check_overrides", "check_torch",
-           "help_text", "main", "option_line"]
+           "console", "help_text", "main", "option_line"]
+
+_LAZY = {"GROUP_HELP": "help", "help_text": "help", "option_line": "help", "SweepReport": "sweep",
+         "check_command_line": "checks", "check_overrides": "checks", "check_torch": "checks"}
+
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what the shell reports for git or cat cut short by `| head`
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"dnnrun.cli.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def main() -> None:
-    # SIGTERM (docker stop, schedulers) stops dnnrun like Ctrl-C, also as a container's PID 1, which
-    # gets no default signal handling; during training, train.run takes over to save first.
-    signal.signal(signal.SIGTERM, _terminate)
-    if {"--help", "-h"} & set(sys.argv[1:]):
-        print(help_text())
+    # Ctrl-C and SIGTERM (docker stop, schedulers; also as a container's PID 1, which gets no default
+    # signal handling) stop dnnrun at once with one line while it starts: imports, the check, Hydra
+    # composing the config, the run's set-up. Installed before any of that; once training runs,
+    # train.run takes over to save first. A signal that dnnrun's parent ignores (`dnnrun &` in a
+    # script ignores SIGINT) stays ignored, as Python itself leaves it.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, _terminate)
+    try:
+        _main(sys.argv[1:])
+    except (Interrupted, KeyboardInterrupt) as exc:  # before or between runs: nothing to save
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)  # a second signal must not turn this line into a traceback
+        from dnnrun.cli.messages import error
+
+        error(str(exc) or "interrupted")
+        sys.exit(getattr(exc, "exit_code", EXIT_INTERRUPTED))
+
+
+def console() -> None:
+    """The `dnnrun` command (and `python -m dnnrun`): main(), in a process that ends with it."""
+    try:
+        main()
+    finally:
+        # Nothing is left to collect that matters: skip the collector's last passes over torch's
+        # objects while the interpreter shuts down (about half a second on 2 cores). atexit
+        # handlers still run.
+        gc.freeze()
+
+
+def _main(argv: list[str]) -> None:
+    if {"--help", "-h"} & set(argv):
+        from dnnrun.cli.help import help_text
+
+        _say(help_text())
         return
-    check_torch()
-    checked = preflight(sys.argv[1:])  # the same on every rank under torchrun: before its scratch dir
+    if "--version" in argv:
+        _say(_versions())
+        return
+    from dnnrun.cli.checks import check_torch, preflight
+    from dnnrun.cli.messages import error
+    from dnnrun.errors import ConfigError
+
+    checked = preflight(argv)  # the same on every rank under torchrun: before its scratch dir
     if checked.problems:
         error(checked.problems[0] if len(checked.problems) == 1 else str(ConfigError(checked.problems)))
         sys.exit(EXIT_BAD_INPUT)
+    check_torch()
+    import hydra
+
+    from dnnrun.cli.app import App
+    from dnnrun.cli.sweep import SweepFailed, sweep_broke
+
     sys.argv[1:] = checked.argv  # with the run or sweep directory that was checked: Hydra uses that one
     _scratch_dir_for_other_ranks()
     app = App()
@@ -54,9 +107,31 @@ def main() -> None:
         if checked.sweep_dir is not None:
             sweep_broke(checked.sweep_dir, checked.launcher, app.began)
         raise
-    except (Interrupted, KeyboardInterrupt) as exc:  # before or between runs: nothing to save
-        error(str(exc) or "interrupted")
-        sys.exit(getattr(exc, "exit_code", EXIT_INTERRUPTED))
+
+
+def _versions() -> str:
+    """dnnrun's, PyTorch's, Hydra's and Python's versions, from the package metadata: importing
+    torch to ask it takes seconds."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(distribution: str) -> str:
+        try:
+            return version(distribution)
+        except PackageNotFoundError:
+            return "not installed"
+
+    python = ".".join(str(n) for n in sys.version_info[:3])
+    return f"dnnrun {of('dnnrun')} (torch {of('torch')}, Hydra {of('hydra-core')}, Python {python})"
+
+
+def _say(text: str) -> None:
+    """Print to stdout; a reader that stopped early (`dnnrun --help | head -1`) ends dnnrun quietly
+    with 141, as the shell reports git or cat cut short by SIGPIPE: `set -o pipefail` scripts know it."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit finds no pipe
+        sys.exit(EXIT_BROKEN_PIPE)
 
 
 def _terminate(signum: int, frame) -> None:

@@ -166,7 +166,8 @@ def _save_snapshot(cfg: DictConfig, hc: DictConfig, run: RunDir) -> None:
 
 def _for_this_process(run_cfg, hc: DictConfig, run: RunDir, sweeping: bool, rank: int):
     """What only the launcher knows: threads and GPU of a parallel job, resuming a requeued job,
-    and, under torchrun, where rank 0 keeps the checkpoints."""
+    whether plots are drawn (trainer.diagnostics.plots=auto), and, under torchrun, where rank 0
+    keeps the checkpoints."""
     import dataclasses
 
     import torch
@@ -182,6 +183,9 @@ def _for_this_process(run_cfg, hc: DictConfig, run: RunDir, sweeping: bool, rank
             trainer = dataclasses.replace(trainer, threads=max(1, cores // jobs))
         if trainer.device == "auto" and torch.cuda.device_count() > 1:
             trainer = dataclasses.replace(trainer, device=f"cuda:{hc.job.num % torch.cuda.device_count()}")
+    if trainer.diagnostics.plots == "auto":  # plots for a run, not for each job of a sweep
+        trainer = dataclasses.replace(trainer, diagnostics=dataclasses.replace(trainer.diagnostics,
+                                                                              plots=not sweeping))
     if sweeping and trainer.resume is None and run.last.exists():
         trainer = dataclasses.replace(trainer, resume="auto")  # a requeued or re-run job continues
     if rank > 0 and trainer.resume == "auto":  # this rank's own directory is a scratch one
@@ -199,3 +203,4 @@ def _log_to(console) -> None:
     if not any(isinstance(h, RichHandler) for h in log.handlers):
         log.addHandler(RichHandler(console=console, show_path=False, show_time=False, markup=False))
         log.propagate = False
+    log.setLevel(logging.INFO)  # every mode says where it writes, and what it found

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -156,6 +157,10 @@ def _check(overrides: list[str], multirun: bool, launching: bool, config_path: s
 def _check_composed(composer: Composer, parsed: list, multirun: bool, launching: bool) -> Preflight:
     problems: list[str] = []
     fixed, group_sweeps, values = _group_choices(composer, parsed, problems)
+    if problems and not values:
+        # Only options were chosen, and some do not exist: nothing is left to check but how the
+        # valid ones combine, which waits until the names are right. A typo answers at once.
+        return Preflight(problems)
     # The master config, as Hydra composes it before a run or a sweep: without the sweeps. Its
     # hydra node is the one whose callbacks, launcher and sweeper Hydra instantiates.
     mode = RunMode.MULTIRUN if multirun else RunMode.RUN
@@ -169,6 +174,8 @@ def _check_composed(composer: Composer, parsed: list, multirun: bool, launching:
     applied, value_sweeps = _value_overrides(values, master, problems)
     master, applied, found = _compose_each(composer, fixed, applied, mode, master)
     problems += found
+    if launching and not multirun and master.hydra.mode != RunMode.MULTIRUN:
+        problems += _sweep_without_multirun(master, parsed)  # Hydra would ignore the sweeper and run once
     jobs = [("", master)]
     if multirun and (group_sweeps or value_sweeps):
         jobs = _sweep_jobs(composer, fixed, applied, group_sweeps, value_sweeps, problems)
@@ -179,8 +186,9 @@ def _check_composed(composer: Composer, parsed: list, multirun: bool, launching:
     where = _select(resolvable, key)
     problems += code_problems(resolvable.hydra)
     for label, cfg in jobs:
-        resolvable = _resolvable(cfg)
-        found = code_problems(resolvable.hydra)
+        if cfg is not master:
+            resolvable = _resolvable(cfg)
+        found = code_problems(resolvable.hydra) if cfg is not master else []
         if launching:
             found += _directory_problems(resolvable, key, where) + _value_problems(resolvable)
         problems += [f"with {label}: {p}" if label else p for p in found if p not in problems]
@@ -198,14 +206,14 @@ def _group_choices(composer: Composer, parsed: list, problems: list[str]) -> tup
         key = o.key_or_group
         if key == "hydra.searchpath":
             continue  # in the composer's own overrides
-        if not composer.is_group(key):
+        options = composer.options(key)  # a group's options; [] for a key, or a group of groups only
+        if not options and not composer.is_group(key):
             values.append(o)
             continue
         if o.is_delete():
             fixed.append(o)
         if o.is_delete() or o.value_type not in CHOICES:
             continue  # glob and range sweeps: Hydra expands and checks them
-        options = composer.options(key)
         pairs = zip(o.sweep_iterator(), o.sweep_string_iterator()) if o.is_sweep_override() \
             else [(o.value(), None)]
         valid = []
@@ -219,6 +227,20 @@ def _group_choices(composer: Composer, parsed: list, problems: list[str]) -> tup
         elif valid:
             fixed.append(valid[0])
     return fixed, group_sweeps, values
+
+
+def _sweep_without_multirun(master: DictConfig, parsed: list) -> list[str]:
+    """A config composed for one run that asks for a sweep: a sweeper other than Hydra's basic
+    one (hydra/sweeper=optuna, as experiment=search selects) or a search space (hydra.sweeper.params)."""
+    sweeper = OmegaConf.select(master, "hydra.runtime.choices", default={}).get("hydra/sweeper", "basic")
+    params = OmegaConf.select(master, "hydra.sweeper.params", default=None)
+    asked = [f"hydra/sweeper={sweeper}"] if sweeper != "basic" else []
+    if params:
+        asked.append(f"over {', '.join(str(k) for k in params)}")
+    if not asked:
+        return []
+    command = " ".join(["dnnrun -m", *(shlex.quote(o.input_line) for o in parsed)])
+    return [f"the config sets up a sweep ({' '.join(asked)}), which runs only with -m (--multirun): {command}"]
 
 
 def _value_overrides(values: list, master: DictConfig, problems: list[str]) -> tuple[list, list[list]]:
@@ -253,12 +275,26 @@ def _sweep_jobs(composer: Composer, fixed: list, applied: list, group_sweeps: li
         problems.extend(f"with {label}: {p}" if label else p for p in found if p not in problems)
         return None if found else cfg
 
+    def with_value(first: DictConfig | None, o) -> DictConfig | None:
+        """The first job with one plain value set otherwise: Hydra sets it as OmegaConf.update
+        does, on a key the first job's composing found (much cheaper than composing it again)."""
+        if first is None or not _plain(o):
+            return job(groups, [*values[:i], o, *values[i + 1:]])
+        cfg = first.copy()
+        try:
+            OmegaConf.update(cfg, o.key_or_group, o.value(), merge=True)
+        except OmegaConfBaseException as exc:
+            problems.append(f"with {o.input_line}: {explain(exc)}")
+            return None
+        return cfg
+
     groups, values = [s[0] for s in group_sweeps], [s[0] for s in value_sweeps]
-    jobs = [("", job(groups, values))]
+    first = job(groups, values)
+    jobs = [("", first)]
     for i, sweep in enumerate(group_sweeps):
         jobs += [(o.input_line, job([*groups[:i], o, *groups[i + 1:]], values)) for o in sweep[1:]]
     for i, sweep in enumerate(value_sweeps):
-        jobs += [(o.input_line, job(groups, [*values[:i], o, *values[i + 1:]])) for o in sweep[1:]]
+        jobs += [(o.input_line, with_value(first, o)) for o in sweep[1:]]
     return [(label, cfg) for label, cfg in jobs if cfg is not None]
 
 
@@ -266,6 +302,8 @@ def _compose_each(composer: Composer, start: list, overrides: list, mode, compos
     """(config, the overrides that apply, the problems of the others): `start`, then each
     override in turn as Hydra applies it, for every problem at once. All at once first, which
     is all it takes when there is none."""
+    if composed is not None and not overrides:
+        return composed, overrides, []
     try:
         return composer.compose([*start, *overrides], mode), overrides, []
     except COMPOSE_ERRORS:

@@ -15,7 +15,6 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dnnrun.cli.app import App
 from dnnrun.cli.conf import CONFIG_DIR
 from dnnrun.cli.messages import explain
 
@@ -116,7 +115,7 @@ def _primary(config_path: str | None) -> str:
     if config_path.startswith("pkg://"):
         module = config_path.removeprefix("pkg://")
     else:
-        package = App.task.__module__.split(".")[:-1]
+        package = __name__.split(".")[:-1]  # the task function's package: App.task is in app.py, beside this file
         parts = config_path.replace(os.path.sep, "/").split("/")
         while parts[:1] == [".."]:
             parts, package = parts[1:], package[:-1]

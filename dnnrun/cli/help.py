@@ -1,9 +1,11 @@
-"""`dnnrun --help`: every group and every option, each with the first comment line of its YAML."""
+"""`dnnrun --help`: every group and every option, each with the first comment line of its YAML,
+and every setting that config.yaml holds itself (mode, transfer.*, ...) with its default and comment."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
 from omegaconf import OmegaConf
 
 from dnnrun.cli.conf import CONFIG_DIR
@@ -32,6 +34,46 @@ def option_line(path: Path) -> str:
     return ""
 
 
+def settings(path: Path = CONFIG_DIR / "config.yaml") -> list[tuple[str, str, list[tuple[str, str]]]]:
+    """The values a config file sets itself (not its defaults list, not the hydra node), as
+    (section, the section's comment, [(key=default, the key's comment), ...]): the top-level values
+    first, in a section named "", then each top-level mapping, its keys dotted (transfer.source).
+    A comment is the one on the key's line; the default is the value as the file spells it."""
+    text = path.read_text()
+    lines = text.splitlines()
+
+    def comment(key: yaml.Node, value: yaml.Node) -> str:
+        line = lines[key.start_mark.line]
+        same_line = value.end_mark.line == key.start_mark.line
+        rest = line[value.end_mark.column if same_line else key.end_mark.column:]
+        return rest.partition("#")[2].strip()
+
+    def literal(key: yaml.Node, value: yaml.Node) -> str:
+        if value.start_mark.line != key.start_mark.line or value.end_mark.line != value.start_mark.line:
+            return "..."  # a block value: --cfg job shows it
+        return lines[value.start_mark.line][value.start_mark.column:value.end_mark.column]
+
+    def leaves(node: yaml.MappingNode, prefix: str) -> list[tuple[str, str]]:
+        found = []
+        for key, value in node.value:
+            if isinstance(value, yaml.MappingNode) and value.flow_style is False:
+                found += leaves(value, f"{prefix}{key.value}.")
+            else:
+                found.append((f"{prefix}{key.value}={literal(key, value)}", comment(key, value)))
+        return found
+
+    top: list[tuple[str, str]] = []
+    sections: list[tuple[str, str, list[tuple[str, str]]]] = [("", "", top)]
+    for key, value in yaml.compose(text).value:
+        if key.value in ("defaults", "hydra"):
+            continue
+        if isinstance(value, yaml.MappingNode) and value.flow_style is False:
+            sections.append((key.value, comment(key, value), leaves(value, f"{key.value}.")))
+        else:
+            top.append((f"{key.value}={literal(key, value)}", comment(key, value)))
+    return [s for s in sections if s[2]]
+
+
 def help_text() -> str:
     defaults: dict[str, object] = {}
     for entry in OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "config.yaml"))["defaults"]:
@@ -51,6 +93,11 @@ def help_text() -> str:
         lines += ["", f"{group}: {GROUP_HELP.get(group, '')}" + (f" (default: {default})" if default else "")]
         for path in sorted((CONFIG_DIR / group).glob("*.yaml")):
             lines.append(f"  {path.stem:<20} {option_line(path)}")
+    found = settings()
+    width = max((len(key) for _, _, keys in found for key, _ in keys), default=0)
+    for section, about, keys in found:
+        lines += ["", f"{section}: {about}" if section else "settings outside the groups (key=default):"]
+        lines += [f"  {key:<{width}}  {text}".rstrip() for key, text in keys]
     lines += [
         "",
         "examples:",
@@ -65,5 +112,6 @@ def help_text() -> str:
         "  -m experiment=search (Optuna); torchrun --nproc_per_node=N -m dnnrun ... (one run on N GPUs);",
         "  dnnrun-report SWEEP_DIR; dnnrun-plot RUN_DIR",
         "  dnnrun --hydra-help                   Hydra's own flags",
+        "  dnnrun --version                      dnnrun's, PyTorch's, Hydra's and Python's versions",
     ]
     return "\n".join(lines)

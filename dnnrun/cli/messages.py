@@ -3,12 +3,14 @@ message of an exception that Hydra wrapped."""
 
 from __future__ import annotations
 
+import os
+import sys
+
 
 def error(message: str) -> None:
-    from rich.console import Console
-    from rich.text import Text
-
-    Console(stderr=True).print(Text("error: ", style="bold red") + Text(message), soft_wrap=True)
+    """`error: message` on stderr; `error:` in bold red on a terminal (unless NO_COLOR is set)."""
+    color = sys.stderr.isatty() and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+    print(f"\x1b[1;31merror:\x1b[0m {message}" if color else f"error: {message}", file=sys.stderr, flush=True)
 
 
 def explain(exc: BaseException) -> str:
