@@ -9,7 +9,9 @@
     training time, the sum of the epochs' `time/epoch_s` in its metrics.jsonl. Target: <= 1.5x.
 (c) A basic-launcher multirun of 10 jobs (`dnnrun -m trainer.seed=0,...,9`, the default run each)
     against one of 1 job: what each job after the first adds beyond its own training time.
-    Target: <= 150 ms a job.
+    Target: <= 150 ms a job. Also printed: the same for a Hydra app that does nothing with dnnrun's
+    config, what Hydra's basic sweeper and launcher cost by themselves (they compose each job's
+    config twice).
 
 Each command runs in a fresh directory; baseline and dnnrun runs alternate and the best of
 `--repeats` is kept for each, so background noise hits all alike. Never run it beside another
@@ -39,6 +41,16 @@ with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
     compose("config", overrides=["optimizer=adam"])
 """
 SEEDS = 10
+HYDRA_APP = """\
+import hydra
+from dnnrun.cli.conf import CONFIG_DIR
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
+def task(cfg):
+    return None
+
+task()
+"""
 
 
 def timed(command: list[str], cwd: Path, expect: int = 0) -> float:
@@ -93,14 +105,21 @@ def main() -> None:
         run_wall, run_train = min(run_s)
 
         # (c) per-job overhead of a sweep
-        one, ten = [], []
+        one, ten, hydra_one, hydra_ten = [], [], [], []
+        seeds = ",".join(str(s) for s in range(SEEDS))
+        app = root / "hydra_app.py"
+        app.write_text(HYDRA_APP)
+        no_report = "~hydra.callbacks.sweep_report"  # dnnrun's sweep report: nothing to report here
         for _ in range(args.sweep_repeats):
             where = fresh(root, "c")
             one.append(timed([*DNNRUN, "-m", "trainer.seed=0"], where) - training_time(where / "outputs"))
             where = fresh(root, "c")
-            seeds = ",".join(str(s) for s in range(SEEDS))
             ten.append(timed([*DNNRUN, "-m", f"trainer.seed={seeds}"], where) - training_time(where / "outputs"))
+            hydra_one.append(timed([sys.executable, str(app), "-m", "trainer.seed=0", no_report], fresh(root, "c")))
+            hydra_ten.append(timed([sys.executable, str(app), "-m", f"trainer.seed={seeds}", no_report],
+                                   fresh(root, "c")))
         per_job = (best(ten) - best(one)) / (SEEDS - 1)
+        hydra_per_job = (best(hydra_ten) - best(hydra_one)) / (SEEDS - 1)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -108,15 +127,21 @@ def main() -> None:
     print(f"start-up of dnnrun ({env_note}); best of {args.repeats} (sweeps: of {args.sweep_repeats})")
     print(f"(a) python -c 'import hydra'          {best(hydra_s):6.3f} s")
     print(f"    Hydra composing dnnrun's config     {best(compose_s):6.3f} s")
-    print(f"    dnnrun optimizer=adamm (a typo)     {best(typo_s):6.3f} s   {best(typo_s) / best(hydra_s):.2f}x import hydra"
-          f" (target <= 1.5), {best(typo_s) / best(compose_s):.2f}x Hydra composing")
-    print(f"    dnnrun trainer.epochz=3 (a key)     {best(key_s):6.3f} s   {best(key_s) / best(hydra_s):.2f}x import hydra")
+    typo, key, hydra = best(typo_s), best(key_s), best(hydra_s)
+    print(f"    dnnrun optimizer=adamm (a typo)     {typo:6.3f} s   {typo / hydra:.2f}x import hydra"
+          f" (target <= 1.5), {typo / best(compose_s):.2f}x Hydra composing")
+    print(f"    dnnrun trainer.epochz=3 (a key)     {key:6.3f} s   {key / hydra:.2f}x import hydra, "
+          f"{key / best(compose_s):.2f}x Hydra composing")
     print(f"(b) import torch + torch.optim.SGD      {best(floor_s):6.3f} s")
     print(f"    + dnnrun's training (metrics.jsonl) {run_train:6.3f} s   = floor {floor:.3f} s")
-    print(f"    dnnrun (digits, 20 epochs, plots)   {run_wall:6.3f} s   {run_wall / floor:.2f}x the floor (target <= 1.5)")
+    print(f"    dnnrun (digits, 20 epochs, plots)   {run_wall:6.3f} s   "
+          f"{run_wall / floor:.2f}x the floor (target <= 1.5)")
     print(f"(c) 1-job multirun beyond training      {best(one):6.3f} s")
     print(f"    {SEEDS}-job multirun beyond training     {best(ten):6.3f} s   "
           f"{per_job * 1000:.0f} ms a job after the first (target <= 150)")
+    print(f"    Hydra alone, the same sweeps        {best(hydra_one):6.3f} s / {best(hydra_ten):.3f} s   "
+          f"{hydra_per_job * 1000:.0f} ms a job after the first: dnnrun's own share "
+          f"{(per_job - hydra_per_job) * 1000:.0f} ms")
 
 
 if __name__ == "__main__":

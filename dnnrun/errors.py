@@ -17,6 +17,7 @@ EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C): 128 + 2
 EXIT_TERMINATED = 143  # SIGTERM (docker stop, a scheduler): 128 + 15
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: output cut short by a closed pipe (`dnnrun --help | head`), as for git
 
 
 class UserError(Exception):

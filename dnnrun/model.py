@@ -19,8 +19,7 @@ from dnnrun import activations
 from dnnrun.init import initialize
 from dnnrun.norms import NormConfig
 from dnnrun.regularizers import Regularization
-from dnnrun.schema import Choice, Problems
-from dnnrun.schema import parse as parse_schema
+from dnnrun.schema import Choice, Problems, parse as parse_schema
 
 if TYPE_CHECKING:
     import torch

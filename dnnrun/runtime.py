@@ -5,6 +5,7 @@ bench/."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import platform
@@ -22,6 +23,14 @@ if TYPE_CHECKING:
     from dnnrun.data import Data
 
 log = logging.getLogger("dnnrun")
+
+
+@functools.cache
+def warm_up() -> None:
+    """The first optimizer a process builds makes torch import its compiler stack (torch._dynamo:
+    1-3 s on 2 cores). Done once per process before a run's clock starts, so that the first job of
+    a sweep is timed like the others."""
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
 
 
 def resolve_device(name: str) -> torch.device:

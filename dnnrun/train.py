@@ -59,6 +59,7 @@ def run(cfg: RunConfig, run_dir: str | os.PathLike, on_start: Callable[[], None]
     directory as it was. `on_start` runs once the run owns the directory (the CLI writes Hydra's
     config snapshot there); `hook` is called at fixed points of the loop (tests)."""
     run_dir = RunDir(run_dir)
+    runtime.warm_up()
     device = runtime.resolve_device(cfg.trainer.device)
     # What the checks log before run.log exists is kept for it, and dropped if they refuse the run.
     early = logging.handlers.MemoryHandler(capacity=10_000, flushLevel=logging.CRITICAL + 1)

@@ -34,6 +34,20 @@ def test_dnnrun_trains_and_leaves_a_complete_run_directory(tmp_path: Path):
     assert "test/acc" in result.stdout  # the results table
     snapshot = (run / ".hydra/config.yaml").read_text()
     assert "name: elu" in snapshot and "name: adam" in snapshot
+    # Where things go and what was chosen, said before the first epoch (the console may wrap lines).
+    said = " ".join(result.stdout.split())
+    start = said.index("epoch 1/2")
+    assert -1 < said.find(f"run directory: {run} (on cpu)") < start
+    assert -1 < said.find("data=synthetic model=mlp init=he_normal act=elu norm=none optimizer=adam "
+                          "schedule=constant regularizer=[none] trainer=default logger=none pretrain=none") < start
+
+
+def test_cfg_job_shows_the_chosen_option_of_each_group(tmp_path: Path):
+    """Two presets of one registry entry (variance_scaling) are told apart by their `option`."""
+    result = run_cli("--cfg", "job", "init=glorot_uniform", "act=leaky_relu_0.2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "option: glorot_uniform\n  name: variance_scaling" in result.stdout
+    assert "option: leaky_relu_0.2\n  name: leaky_relu" in result.stdout
 
 
 def test_plain_dnnrun_trains_digits_with_no_network(tmp_path: Path):

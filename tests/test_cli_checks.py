@@ -249,3 +249,8 @@ def test_checking_a_command_line_imports_no_torch(tmp_path):
     done = subprocess.run([sys.executable, "-c", NO_TORCH], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["[]", "4", "[]"], done.stdout  # no problem; four problems; no heavy module
+
+
+def test_a_value_that_hydra_cannot_compose_is_a_problem_not_a_traceback():
+    problems = cli.check_command_line(['hydra.sweeper.params={act:"relu,elu"}'])
+    assert len(problems) == 1 and "hydra.sweeper.params" in problems[0], problems

@@ -12,9 +12,9 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
-from conftest import DNNRUN, run_cli
 from omegaconf import OmegaConf
 
+from conftest import DNNRUN, run_cli
 from dnnrun.cli import CONFIG_DIR
 from dnnrun.schema import did_you_mean
 

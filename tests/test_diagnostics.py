@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_config, run_cli
 
+from conftest import make_config, run_cli
 from dnnrun import diagnosis, diagnostics, faults, plots, train
 from dnnrun.console import console
 from dnnrun.errors import Diverged, Interrupted

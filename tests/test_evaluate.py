@@ -65,6 +65,10 @@ def test_dnnrun_mode_evaluate_reports_deterministic_and_mc_dropout_figures(tmp_p
                      f"hydra.run.dir={run}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "MC dropout (10 passes)" in result.stdout
+    said = " ".join(result.stdout.split())  # the console may wrap lines
+    assert said.index(f"evaluate {best} on the test split; output directory: {run} (on cpu)") < said.index("MC dropout")
+    assert "as trained: data=synthetic model=mlp init=he_normal act=relu" in said and "regularizer=[dropout]" in said
+    assert f"written: {run / 'evaluation.json'}" in said
     report = json.loads((run / "evaluation.json").read_text())
     assert report["examples"] == 240 and report["split"] == "test"
     assert report["deterministic"]["accuracy"] == pytest.approx(summary["test"]["test/acc"])

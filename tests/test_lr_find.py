@@ -46,6 +46,10 @@ def test_dnnrun_mode_lr_find_writes_its_results_and_no_checkpoint(tmp_path: Path
     result = run_cli("mode=lr_find", "data=synthetic", "lr_find.steps=100", f"hydra.run.dir={run}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "Suggested: optimizer=sgd optimizer.lr=" in result.stdout
+    said = " ".join(result.stdout.split())  # the console may wrap lines
+    assert said.index(f"lr_find: output directory {run} (on cpu)") < said.index("Suggested:")
+    assert "data=synthetic model=mlp init=he_normal" in said
+    assert f"written: {run / 'lr_find.json'}, {run / 'plots' / 'lr_find.png'}" in said
     found = json.loads((run / "lr_find.json").read_text())
     assert len(found["lrs"]) == len(found["losses"]) == found["steps"] and found["suggestion"] > 0
     assert (run / "plots" / "lr_find.png").stat().st_size > 10_000

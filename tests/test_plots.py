@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_config
 
+from conftest import make_config
 from dnnrun import plots, train
 from dnnrun.rundir import RunDir
 

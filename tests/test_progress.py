@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_config
 from rich.console import Console
 from rich.logging import RichHandler
 
+from conftest import make_config
 from dnnrun import console as console_module, train
 from dnnrun.console import EpochBar, time_left
 from dnnrun.state import EpochProgress

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from conftest import make_config
-from dnnrun.errors import ConfigError
 from dnnrun import model
+from dnnrun.errors import ConfigError
 from dnnrun.model import Inputs, Layers
 from dnnrun.regularizers import Regularization, combine
 

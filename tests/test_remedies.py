@@ -9,9 +9,9 @@ import pickle
 import shlex
 
 import pytest
-from conftest import compose_raw
 from hydra.errors import HydraException
 
+from conftest import compose_raw
 from dnnrun import diagnosis
 from dnnrun.cli import CONFIG_DIR
 from dnnrun.config import parse_run_config

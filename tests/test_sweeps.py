@@ -179,3 +179,17 @@ def test_torchrun_with_two_processes_matches_one_process_with_the_same_global_ba
     assert summary["final"]["train/loss"] == pytest.approx(single["final"]["train/loss"], rel=1e-5)
     assert summary["final"]["val/acc"] == pytest.approx(single["final"]["val/acc"])
     assert not {p.name for p in tmp_path.iterdir()} - {"ddp", "single", "source"}  # rank 1 wrote nothing here
+
+
+@pytest.mark.parametrize("given, sweeping, drawn", [("auto", False, True), ("auto", True, False),
+                                                    ("true", True, True), ("false", False, False)])
+def test_plots_auto_draws_them_for_a_run_not_for_each_job_of_a_sweep(tmp_path: Path, given, sweeping, drawn):
+    """Drawing takes longer than a short job; the sweep's report compares the jobs."""
+    from omegaconf import OmegaConf
+
+    from dnnrun.cli.app import _for_this_process
+
+    cfg = make_config(f"trainer.diagnostics.plots={given}")
+    hc = OmegaConf.create({"launcher": {"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"}})
+    resolved = _for_this_process(cfg, hc, RunDir(tmp_path), sweeping=sweeping, rank=0)
+    assert resolved.trainer.diagnostics.plots is drawn

@@ -19,15 +19,13 @@ import sys
 import tempfile
 
 from dnnrun.cli.conf import CONFIG_DIR, CONFIG_NAME
-from dnnrun.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, Interrupted
+from dnnrun.errors import EXIT_BAD_INPUT, EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_INTERRUPTED, Interrupted
 
 __all__ = ["CONFIG_DIR", "GROUP_HELP", "SweepReport", "check_command_line", "check_overrides", "check_torch",
            "console", "help_text", "main", "option_line"]
 
 _LAZY = {"GROUP_HELP": "help", "help_text": "help", "option_line": "help", "SweepReport": "sweep",
          "check_command_line": "checks", "check_overrides": "checks", "check_torch": "checks"}
-
-EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what the shell reports for git or cat cut short by `| head`
 
 
 def __getattr__(name: str):

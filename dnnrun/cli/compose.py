@@ -63,8 +63,11 @@ class Composer:
                                              overrides=self.base)
 
     def compose(self, overrides: list, mode) -> DictConfig:
-        return self.loader.load_configuration(self.config_name, [*self.base, *(o.input_line for o in overrides)],
-                                              mode, validate_sweep_overrides=False)
+        try:
+            return self.loader.load_configuration(self.config_name, [*self.base, *(o.input_line for o in overrides)],
+                                                  mode, validate_sweep_overrides=False)
+        except AttributeError as exc:  # OmegaConf validating some values of Hydra's own nodes (hydra.sweeper.params={...})
+            raise HydraException(" ".join(str(exc).split())) from None
 
     def sweep_problems(self, parsed: list) -> list[str]:
         """Hydra's refusal of a sweep in a single run (ambiguous or needing --multirun)."""
