@@ -163,8 +163,9 @@ class DataConfig:
     name: str
     root: str = DEFAULT_ROOT  # torchvision sets are downloaded to and cached here
     download: bool = True  # try to download torchvision sets whose files are missing
-    val_size: float = 0.1  # < 1: fraction of the training set; >= 1: number of examples
-    test_size: float = 0.2  # only for sets without an official test split (digits, synthetic)
+    # a number in (0, 1): a fraction of the training set; an integer: a number of examples (1.0 is neither)
+    val_size: float | int = 0.1
+    test_size: float | int = 0.2  # as val_size; only for sets without an official test split (digits, synthetic)
     scaling: Literal["none", "unit", "standardize"] = "standardize"  # unit: to [0, 1]
     classes: list[int] | None = None  # keep only these labels, relabelled 0..k-1 in this order
     max_train: int | None = None  # keep at most this many training examples (after the validation split)
@@ -176,8 +177,9 @@ class DataConfig:
         sizes_ok = True
         for name in ("val_size", "test_size"):
             value = getattr(self, name)
-            if value <= 0 or (value >= 1 and not float(value).is_integer()):
-                problems.add(f"{key}.{name}", f"must be a fraction in (0, 1) or a whole number of examples, got {value}")
+            if not (0 < value < 1 if isinstance(value, float) else value >= 1):
+                problems.add(f"{key}.{name}", f"must be a fraction in (0, 1) or a whole number of examples (an "
+                                              f"integer, without a decimal point), got {value!r}")
                 sizes_ok = False
         if self.max_train is not None and self.max_train < 1:
             problems.add(f"{key}.max_train", f"must be >= 1 or null, got {self.max_train}")
@@ -242,8 +244,9 @@ class Data:
     unlabeled: torch.Tensor  # every training input, also those that max_train leaves without their label
 
 
-def _count(size: float, n: int) -> int:
-    return int(size) if size >= 1 else max(1, round(size * n))
+def _count(size: float | int, n: int) -> int:
+    """Examples to carve out of n: a fraction of them (a float), or a number (an int)."""
+    return size if isinstance(size, int) else max(1, round(size * n))
 
 
 def _split_off(x: torch.Tensor, y: torch.Tensor, size: float, seed: int, what: str):

@@ -16,6 +16,7 @@ A run directory (`RunDir`):
     tensorboard/              logger=tensorboard
     evaluation.json           mode=evaluate
     lr_find.json              mode=lr_find
+    .owner                    the pid of the process that holds the directory, while it does (RunDir.owned)
 
 A sweep directory (`SweepDir`) holds its jobs' run directories, named N_OVERRIDES by the job
 number N, a directory N_rejected for a job refused before it began, and sweep.csv.
@@ -33,6 +34,7 @@ import io
 import json
 import math
 import os
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -243,6 +245,40 @@ class RunDir:
         """The config snapshot's files: config, hydra, overrides."""
         return self.snapshot_dir / f"{name}.yaml"
 
+    @property
+    def owner(self) -> Path:
+        return self.path / ".owner"
+
+    @contextlib.contextmanager
+    def owned(self) -> Iterator[None]:
+        """This process's hold on the directory, for all it does there: a second dnnrun (a second
+        Enter, a re-run sweep, a requeued job whose first process still lives) is refused with a
+        UserError naming the holder, and nothing of the first is touched. The lock is an flock on
+        the directory itself, released by the kernel when the process ends, however it ends: a
+        killed run never blocks its own resume. `.owner` says who holds it, for the message."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:  # a refused run beside this one removed the empty directory
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDONLY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                try:
+                    holder = f" (pid {int(self.owner.read_text())})"
+                except (OSError, ValueError):
+                    holder = ""  # it has the lock and has not written its pid yet
+                raise UserError(f"{self} is in use by another dnnrun process{holder}; wait for it to end, "
+                                f"or choose another directory (hydra.run.dir=...)") from None
+            self.owner.write_text(f"{os.getpid()}\n")
+            try:
+                yield
+            finally:
+                self.owner.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+
     # What a directory holds
     def holds_run(self) -> list[str]:
         """The files that show another run used this directory (a fresh run must not overwrite them)."""
@@ -261,9 +297,10 @@ class RunDir:
     def remove_if_empty(self, up_to: Path) -> None:
         """Remove this directory if it is empty, and the folders above it (outputs/<date>/) while
         they are empty, up to but not including `up_to`. Another run may begin in one of them
-        meanwhile: a folder that is not empty stays."""
-        if not self.path.is_dir() or any(self.path.iterdir()):
+        meanwhile: a folder that is not empty stays. This process's own `.owner` does not count."""
+        if not self.path.is_dir() or any(p != self.owner for p in self.path.iterdir()):
             return
+        self.owner.unlink(missing_ok=True)
         self.path.rmdir()
         top, path = Path(up_to).expanduser().resolve(), self.path.resolve().parent
         while path != top and path.is_relative_to(top):

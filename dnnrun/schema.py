@@ -141,7 +141,8 @@ def _normalise(value: Any, tp: Any) -> Any:
     """Ints given for float fields become floats, so saved configs and checkpoints agree."""
     if tp is float and isinstance(value, int):
         return float(value)
-    if typing.get_origin(tp) in (Union, types.UnionType) and float in typing.get_args(tp):
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (Union, types.UnionType) and float in args and int not in args:
         return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
     return value
 

@@ -293,3 +293,16 @@ def test_a_failed_download_names_the_reason(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets.MNIST, "download", offline)
     with pytest.raises(DataError, match="Name or service not known.*could not download them"):
         load(DataConfig(name="mnist", root=str(tmp_path), download=True), CPU)
+
+
+@pytest.mark.parametrize("given, problem", [("1.0", True), ("2.0", True), ("0.0", True), ("-3", True), ("0", True),
+                                            ("1", False), ("100", False), ("0.25", False)])
+def test_a_size_is_a_fraction_as_a_float_and_a_count_as_an_integer(given, problem):
+    """No guessing: 1.0 and 2.0 are refused, not read as one or two examples."""
+    if problem:
+        found = _config_problems(f"data.val_size={given}", f"data.test_size={given}")
+        assert [p.split(":")[0] for p in found] == ["data.val_size", "data.test_size"], found
+        assert all("an integer, without a decimal point" in p for p in found)
+    else:
+        cfg = parse_run_config(compose_raw("data=synthetic", f"data.val_size={given}", f"data.test_size={given}")).data
+        assert type(cfg.val_size) is type(cfg.test_size) is (float if "." in given else int)

@@ -7,6 +7,7 @@ the sweep's end (sweep.SweepReport) lists the failures."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -58,41 +59,49 @@ class App:
         if rejected is not None and rank == 0:
             shutil.rmtree(rejected.path, ignore_errors=True)  # an earlier attempt's refusal
 
-        refusal = _refusal(cfg, run, sweep)
-        if refusal is None and sweeping:
-            previous = run.read_status() or {}
-            if previous.get("status") == "completed" and previous.get("job", {}).get("overrides") == job["overrides"]:
-                log.info("job %s already completed in %s: skipped", hc.job.num, run)
-                return run.read().get(_monitor(cfg))
-        if refusal is not None:
-            code, value, failure, started = EXIT_BAD_INPUT, None, UserError(refusal), False
-            error(refusal)
-        else:
-            try:
-                code, value, failure, started = _run(cfg, run, hc, sweeping, rank)
-            finally:
-                distributed.shutdown()
-        if rank == 0:
-            held = StopFlag()
-            held.deferring = True  # a second Ctrl-C must not cut the record of how the run ended
-            with held.installed():
-                if started:
-                    record_end(run, code, failure, job)
-                else:
-                    run.remove_if_empty(sweep.path if in_sweep else Path(cfg.outputs))  # Hydra made it for this run
-                    if rejected is not None:
-                        record_end(rejected, code, failure, job)
-                if in_sweep:
-                    sweep.update_table()
-            if held.signum and sweeping and code not in (EXIT_INTERRUPTED, EXIT_TERMINATED):  # the sweep stops here
-                sys.exit(Interrupted(held.signum).exit_code)
-        if code == EXIT_INTERNAL and not sweeping and not isinstance(failure, RunError):
-            raise failure  # a bug: Hydra prints the traceback; exit code 1
-        if code in (EXIT_INTERRUPTED, EXIT_TERMINATED) or (code and not sweeping):
-            sys.exit(code)  # a signal stops a whole sweep too
-        # What a sweeper (e.g. Optuna) optimizes: the best value of trainer.monitor. A failed job gives
-        # NaN, which Optuna records as a failed trial before going on with the next.
-        return float("nan") if code else value
+        with contextlib.ExitStack() as hold:  # rank 0 holds the directory until the job's end is recorded
+            busy = None
+            if rank == 0 and not outside_outputs(cfg.outputs, {"run": run.path}):
+                try:
+                    hold.enter_context(run.owned())
+                except UserError as exc:  # another dnnrun holds it: refused, and its files left alone
+                    busy = str(exc)
+            refusal = busy or _refusal(cfg, run, sweep)
+            if refusal is None and sweeping:
+                previous = run.read_status() or {}
+                done = previous.get("status") == "completed"
+                if done and previous.get("job", {}).get("overrides") == job["overrides"]:
+                    log.info("job %s already completed in %s: skipped", hc.job.num, run)
+                    return run.read().get(_monitor(cfg))
+            if refusal is not None:
+                code, value, failure, started = EXIT_BAD_INPUT, None, UserError(refusal), False
+                error(refusal)
+            else:
+                try:
+                    code, value, failure, started = _run(cfg, run, hc, sweeping, rank)
+                finally:
+                    distributed.shutdown()
+            if rank == 0 and busy is None:  # a directory another process holds: its records are its own
+                held = StopFlag()
+                held.deferring = True  # a second Ctrl-C must not cut the record of how the run ended
+                with held.installed():
+                    if started:
+                        record_end(run, code, failure, job)
+                    else:
+                        run.remove_if_empty(sweep.path if in_sweep else Path(cfg.outputs))  # Hydra made it for this run
+                        if rejected is not None:
+                            record_end(rejected, code, failure, job)
+                    if in_sweep:
+                        sweep.update_table()
+                if held.signum and sweeping and code not in (EXIT_INTERRUPTED, EXIT_TERMINATED):  # the sweep stops here
+                    sys.exit(Interrupted(held.signum).exit_code)
+            if code == EXIT_INTERNAL and not sweeping and not isinstance(failure, RunError):
+                raise failure  # a bug: Hydra prints the traceback; exit code 1
+            if code in (EXIT_INTERRUPTED, EXIT_TERMINATED) or (code and not sweeping):
+                sys.exit(code)  # a signal stops a whole sweep too
+            # What a sweeper (e.g. Optuna) optimizes: the best value of trainer.monitor. A failed job gives
+            # NaN, which Optuna records as a failed trial before going on with the next.
+            return float("nan") if code else value
 
 
 def _refusal(cfg: DictConfig, run: RunDir, sweep: SweepDir | None) -> str | None:
