@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import os
 from collections.abc import Callable, Iterator
 from importlib.resources import files
@@ -37,6 +38,33 @@ class Arrays:
     max_value: float  # the raw value that scaling=unit maps to 1.0
     n_classes: int
     shape: tuple[int, ...] | None = None  # one example's shape before flattening: (H, W) or (H, W, C)
+
+    def check(self, source: str) -> None:
+        """Files that disagree with themselves are refused here, with what was expected, rather than
+        failing deep inside torch or training on part of them: every image has its label, the
+        labels are classes, and the splits' examples have one size."""
+        import torch
+
+        features = self.x_train.shape[1] if self.x_train.ndim == 2 else None
+        splits = [("training", self.x_train, self.y_train)]
+        if self.x_test is not None:
+            splits.append(("test", self.x_test, self.y_test))
+        for split, x, y in splits:
+            if x.ndim != 2 or not (x.dtype == torch.uint8 or x.is_floating_point()):
+                raise DataError(f"{source}: the {split} images are {x.dtype} of shape {tuple(x.shape)}; expected "
+                                "one row of uint8 (or float) values per image")
+            if len(x) != len(y):
+                raise DataError(f"{source}: the {split} split has {len(x)} images but {len(y)} labels; "
+                                "expected one label per image (a file cut short, or from another download?)")
+            if x.shape[1] != features:
+                raise DataError(f"{source}: the {split} images have {x.shape[1]} values each, the training images "
+                                f"{features}; expected one size for every split")
+            if len(y) and (int(y.min()) < 0 or int(y.max()) >= self.n_classes):
+                raise DataError(f"{source}: the {split} labels run from {int(y.min())} to {int(y.max())}; expected "
+                                f"classes 0..{self.n_classes - 1}")
+        if self.shape is not None and math.prod(self.shape) != features:
+            raise DataError(f"{source}: images of shape {self.shape} hold {math.prod(self.shape)} values, "
+                            f"not {features}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,7 +126,9 @@ class TorchvisionSet:
             test = cls(str(root), train=False, download=download)
         except Exception as exc:  # torchvision raises RuntimeError or URLError; the cause goes in the message
             where = root / self.folder
-            reason = " ".join(str(exc).split())[:300]  # torchvision's messages span lines
+            # torchvision's messages span lines; a bad header fails an assert without any
+            reason = " ".join(str(exc).split())[:300] or (f"{type(exc).__name__}: a file does not have the "
+                                                           "format torchvision reads (a bad header?)")
             files, archives = ", ".join(self.files), f"{', '.join(self.archives)} (from {self.url})"
             if download:
                 advice = (f"and could not download them.\nOffline, put the official {archives} in {where}: "
@@ -273,6 +303,9 @@ def _keep_classes(x: torch.Tensor, y: torch.Tensor, classes: list[int], n_classe
 def load(cfg: DataConfig, device: torch.device) -> Data:
     root = Path(os.path.expanduser(cfg.root))
     arrays = DATASETS[cfg.name](root, cfg.download, **cfg.params)
+    loader = DATASETS[cfg.name]
+    arrays.check(f"{loader.class_name} under {root / loader.folder} ({', '.join(loader.files)})"
+                 if isinstance(loader, TorchvisionSet) else cfg.name)
     x_train, y_train, x_test, y_test = arrays.x_train, arrays.y_train, arrays.x_test, arrays.y_test
     n_classes = arrays.n_classes
     if cfg.classes is not None:

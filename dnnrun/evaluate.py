@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,10 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int, samples: int = 0
         model.eval()
 
 
-def run(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
+def run(cfg: RunConfig, run_dir: str | Path, on_start: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Evaluate evaluate.checkpoint; everything that can refuse it (the checkpoint, its config, the
+    device, the data) is checked before the directory is written, then `on_start` runs (the CLI
+    writes Hydra's config snapshot)."""
     ev, run_dir = cfg.evaluate, RunDir(run_dir)
     if ev.checkpoint is None:
         raise UserError("mode=evaluate needs evaluate.checkpoint=PATH (a dnnrun checkpoint)")
@@ -71,16 +75,18 @@ def run(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
     # The model and data as trained; where the data files live is this machine's business.
     data_cfg = dataclasses.replace(trained.data, root=cfg.data.root, download=cfg.data.download)
     trained = dataclasses.replace(trained, data=data_cfg)
-    run_dir.path.mkdir(parents=True, exist_ok=True)
     device = runtime.resolve_device(cfg.trainer.device)
-    log.info("evaluate %s on the %s split; output directory: %s (on %s)", path, ev.split, run_dir,
-             runtime.device_name(device))
-    log.info("as trained: %s", trained.options())
     runtime.seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
     data = load_data(data_cfg, device)
     model, _ = runtime.build_model(trained, data, fitting_config(trained.model, ckpt["model"]))
     checkpoint.load_into(model, ckpt["model"], path)
     model.to(device)
+    run_dir.path.mkdir(parents=True, exist_ok=True)
+    if on_start is not None:
+        on_start()
+    log.info("evaluate %s on the %s split; output directory: %s (on %s)", path, ev.split, run_dir,
+             runtime.device_name(device))
+    log.info("as trained: %s", trained.options())
     split = getattr(data, ev.split)
     batch = cfg.trainer.eval_batch_size
     result: dict[str, Any] = {

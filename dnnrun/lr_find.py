@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,16 +80,19 @@ def suggest(lrs: list[float], smoothed: list[float]) -> dict[str, Any]:
     return {"suggestion": lrs[at], "min_loss_lr": lrs[low], "falling": [lrs[0], lrs[low]]}
 
 
-def run(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
+def run(cfg: RunConfig, run_dir: str | Path, on_start: Callable[[], None] | None = None) -> dict[str, Any]:
     """The test on the model the config describes, freshly initialized (without transfer.source or
-    pretraining: the test is about the optimizer and its rate, and it spends the model)."""
+    pretraining: the test is about the optimizer and its rate, and it spends the model). The device
+    and the data are checked before the directory is written, then `on_start` runs."""
     tc, run_dir = cfg.trainer, RunDir(run_dir)
-    run_dir.path.mkdir(parents=True, exist_ok=True)
     device = runtime.resolve_device(tc.device)
-    log.info("lr_find: output directory %s (on %s)", run_dir, runtime.device_name(device))
-    log.info("%s", cfg.options())
     runtime.seed_everything(tc.seed, tc.deterministic)
     data = load_data(cfg.data, device)
+    run_dir.path.mkdir(parents=True, exist_ok=True)
+    if on_start is not None:
+        on_start()
+    log.info("lr_find: output directory %s (on %s)", run_dir, runtime.device_name(device))
+    log.info("%s", cfg.options())
     model, _ = runtime.build_model(cfg, data)
     model.to(device)
     optimizer = optim.build(cfg.optimizer, model)

@@ -23,6 +23,7 @@ class Optimizer:
 
     cls: str
     params: dict[str, Any]
+    state: int  # tensors of the parameters' size it keeps per parameter, at most (the memory estimate)
 
 
 _ADAM = {"lr": float, "betas": tuple, "eps": float, "weight_decay": float}
@@ -30,16 +31,16 @@ _ADAM = {"lr": float, "betas": tuple, "eps": float, "weight_decay": float}
 # Momentum and Nesterov are SGD with settings (conf/optimizer/momentum.yaml, nesterov.yaml).
 OPTIMIZERS = {
     "sgd": Optimizer("SGD", {"lr": float, "momentum": float, "dampening": float, "weight_decay": float,
-                             "nesterov": bool}),
+                             "nesterov": bool}, state=1),  # the momentum buffer
     "adagrad": Optimizer("Adagrad", {"lr": float, "lr_decay": float, "weight_decay": float,
-                                     "initial_accumulator_value": float, "eps": float}),
+                                     "initial_accumulator_value": float, "eps": float}, state=1),
     "rmsprop": Optimizer("RMSprop", {"lr": float, "alpha": float, "eps": float, "weight_decay": float,
-                                     "momentum": float, "centered": bool}),
-    "adam": Optimizer("Adam", {**_ADAM, "amsgrad": bool, "decoupled_weight_decay": bool}),
-    "adamax": Optimizer("Adamax", _ADAM),
-    "nadam": Optimizer("NAdam", {**_ADAM, "momentum_decay": float, "decoupled_weight_decay": bool}),
-    "adamw": Optimizer("AdamW", {**_ADAM, "amsgrad": bool}),
-    "radam": Optimizer("RAdam", {**_ADAM, "decoupled_weight_decay": bool}),
+                                     "momentum": float, "centered": bool}, state=3),  # square avg, momentum, mean
+    "adam": Optimizer("Adam", {**_ADAM, "amsgrad": bool, "decoupled_weight_decay": bool}, state=3),  # m, v, max v
+    "adamax": Optimizer("Adamax", _ADAM, state=2),
+    "nadam": Optimizer("NAdam", {**_ADAM, "momentum_decay": float, "decoupled_weight_decay": bool}, state=2),
+    "adamw": Optimizer("AdamW", {**_ADAM, "amsgrad": bool}, state=3),
+    "radam": Optimizer("RAdam", {**_ADAM, "decoupled_weight_decay": bool}, state=2),
 }
 # Settings of torch's optimizers that a config cannot set: how the step is computed, not what.
 NOT_SETTABLE = {"maximize", "foreach", "differentiable", "fused", "capturable"}

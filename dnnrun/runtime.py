@@ -89,6 +89,54 @@ def build_model(cfg: RunConfig, data: Data, model_cfg=None) -> tuple[model_mod.N
     return model_mod.build(model_cfg or cfg.model, inputs_of(data), layers), reg
 
 
+SLOW_LAYERS = 1000  # layers beyond which a step runs so many kernels one after another that a warning is due
+
+
+def memory_problem(model: torch.nn.Module, cfg: RunConfig, device: torch.device) -> str | None:
+    """Whether the model, built on the meta device (no memory), can train on `device`: its
+    weights, gradients and optimizer state (optim.OPTIMIZERS' `state`) and the activations of a
+    batch, in float32, against the memory free there. None when it fits or the free memory is
+    unknown (MPS); a warning is logged when its depth makes every step very slow."""
+    from dnnrun import optim
+
+    params = sum(p.numel() for p in model.parameters())
+    affine = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d))]
+    units = sum(m.weight.shape[0] for m in affine)  # outputs per example (per position, for conv layers)
+    batch = max(cfg.trainer.batch_size, cfg.trainer.eval_batch_size)
+    # linear, norm, activation and dropout outputs kept for the backward pass
+    needed = 4 * (params * (2 + optim.OPTIMIZERS[cfg.optimizer.name].state) + 4 * batch * units)
+    if len(affine) > SLOW_LAYERS:
+        log.warning("the model has %s layers: every step runs them one after another (forward and backward), "
+                    "which takes long whatever their width", f"{len(affine):,}")
+    free = free_memory(device)
+    if free is None or needed <= free:
+        return None
+    return (f"the model needs about {needed / 2**30:,.1f} GiB to train ({params:,} parameters: weights, gradients "
+            f"and {cfg.optimizer.name}'s state, plus a batch's activations, in float32) and {device_name(device)} "
+            f"has {free / 2**30:,.1f} GiB free; make it smaller (model.hidden, model.depth, model.width) or lower "
+            f"trainer.batch_size and trainer.eval_batch_size")
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on the device: CUDA's own figure, the kernel's
+    MemAvailable for the CPU (else the free pages); None where it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def versions() -> dict[str, str]:
     found = {"python": platform.python_version(), "torch": torch.__version__}
     for dist in ("dnnrun", "hydra-core", "omegaconf", "numpy", "torchvision"):

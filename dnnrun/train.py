@@ -35,7 +35,7 @@ from dnnrun.activations import ACTIVATIONS
 from dnnrun.console import EpochBar, console, print_diagnosis, results_table
 from dnnrun.data import Data, load as load_data
 from dnnrun.early_stopping import EarlyStopping
-from dnnrun.errors import Diverged, Interrupted, RunError
+from dnnrun.errors import Diverged, Interrupted, RunError, UserError
 from dnnrun.faults import Hook
 from dnnrun.model import fitting_config
 from dnnrun.network import count_parameters
@@ -105,9 +105,11 @@ def prepare(cfg: RunConfig, run_dir: RunDir, device: torch.device) -> Start:
         if act is not None and act != cfg.act.name:  # it fits, but its weights were learned for another unit
             log.warning("transfer.source was trained with act=%s; this run uses act=%s", act, cfg.act.name)
         start.model_cfg = transfer.model_config(cfg.model, cfg.transfer, start.source)
+    with torch.device("meta"):
+        shapes, _ = runtime.build_model(cfg, start.data, start.model_cfg)
+    if (too_big := runtime.memory_problem(shapes, cfg, device)) is not None:
+        raise UserError(too_big)
     if ckpt is not None or start.source is not None:
-        with torch.device("meta"):
-            shapes, _ = runtime.build_model(cfg, start.data, start.model_cfg)
         if ckpt is not None:
             checkpoint.check_fits(shapes, ckpt["model"], resume_from)
         else:

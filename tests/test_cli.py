@@ -145,3 +145,17 @@ def test_a_torch_older_than_2_10_is_refused(installed, refused, monkeypatch, cap
         assert f"needs PyTorch 2.10 or later (its safe checkpoint loader); this is {installed}" in capsys.readouterr().err
     else:
         cli.check_torch()
+
+
+@pytest.mark.parametrize("refused", ["trainer.resume=/no/such.pt", "transfer.source=/no/such.pt",
+                                     "data.val_size=100000", "trainer.device=cuda"])
+def test_a_run_refused_once_it_starts_leaves_no_outputs_root_it_made(tmp_path: Path, refused):
+    if refused == "trainer.device=cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = run_cli("data=synthetic", refused, f"outputs={tmp_path / 'new'}", cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert not (tmp_path / "new").exists()
+    made = tmp_path / "kept"
+    made.mkdir()  # a root that was there before stays
+    assert run_cli("data=synthetic", refused, f"outputs={made}", cwd=tmp_path).returncode == 2
+    assert made.is_dir() and not any(made.iterdir())

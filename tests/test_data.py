@@ -16,7 +16,7 @@ import pytest
 import torch
 import torchvision.datasets
 
-from conftest import compose_raw, write_mnist_like
+from conftest import compose_raw, run_cli, write_idx, write_mnist_like
 from dnnrun import data
 from dnnrun.config import parse_run_config
 from dnnrun.data import Arrays, DataConfig, load
@@ -306,3 +306,46 @@ def test_a_size_is_a_fraction_as_a_float_and_a_count_as_an_integer(given, proble
     else:
         cfg = parse_run_config(compose_raw("data=synthetic", f"data.val_size={given}", f"data.test_size={given}")).data
         assert type(cfg.val_size) is type(cfg.test_size) is (float if "." in given else int)
+
+
+def _bad_header(raw: Path) -> None:
+    path = raw / "train-images-idx3-ubyte"
+    data = bytearray(path.read_bytes())
+    data[2:4] = b"\x09\x99"  # the IDX magic number: type and number of dimensions
+    path.write_bytes(bytes(data))
+
+
+INCONSISTENT = {
+    "labels outside the classes": (lambda raw: write_idx(raw / "train-labels-idx1-ubyte", np.arange(40) % 10 + 5),
+                                   "the training labels run from 5 to 14; expected classes 0..9"),
+    "fewer labels than images": (lambda raw: write_idx(raw / "train-labels-idx1-ubyte", np.arange(30) % 10),
+                                 "the training split has 40 images but 30 labels; expected one label per image"),
+    "more labels than images": (lambda raw: write_idx(raw / "t10k-labels-idx1-ubyte", np.arange(50) % 10),
+                                "the test split has 12 images but 50 labels"),
+    "test images of another size": (
+        lambda raw: write_idx(raw / "t10k-images-idx3-ubyte", np.zeros((12, 20, 20), dtype=np.uint8)),
+        "the test images have 400 values each, the training images 784; expected one size for every split"),
+    "a bad header": (_bad_header, "(AssertionError: a file does not have the format torchvision reads (a bad header?))"),
+}
+
+
+@pytest.mark.parametrize("case", INCONSISTENT)
+def test_files_that_disagree_with_themselves_are_refused_with_what_was_expected(tmp_path: Path, case):
+    """Each was accepted (and trained on part of the data) or failed deep inside torch before."""
+    spoil, expected = INCONSISTENT[case]
+    raw = tmp_path / "FashionMNIST" / "raw"
+    write_mnist_like(raw)
+    spoil(raw)
+    with pytest.raises(DataError) as info:
+        load(DataConfig(name="fashion_mnist", root=str(tmp_path), download=False, val_size=5), CPU)
+    assert expected in str(info.value) and str(raw) in str(info.value)
+
+
+def test_inconsistent_files_stop_dnnrun_with_exit_2_and_no_run_directory(tmp_path: Path):
+    raw = tmp_path / "data" / "FashionMNIST" / "raw"
+    write_mnist_like(raw)
+    INCONSISTENT["labels outside the classes"][0](raw)
+    result = run_cli("data=fashion_mnist", f"data.root={tmp_path / 'data'}", "data.download=false",
+                     f"hydra.run.dir={tmp_path / 'runs' / 'one'}", f"outputs={tmp_path / 'runs'}", cwd=tmp_path)
+    assert result.returncode == 2 and "expected classes 0..9" in result.stderr, result.stderr
+    assert not (tmp_path / "runs" / "one").exists()

@@ -81,3 +81,15 @@ def test_dnnrun_mode_evaluate_reports_deterministic_and_mc_dropout_figures(tmp_p
 def test_evaluate_without_a_checkpoint_exits_2(tmp_path: Path):
     result = run_cli("mode=evaluate", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
     assert result.returncode == 2 and "evaluate.checkpoint" in result.stderr
+
+
+@pytest.mark.parametrize("mode", ["evaluate", "lr_find"])
+def test_a_refused_evaluate_or_lr_find_leaves_no_directory(tmp_path: Path, mode):
+    """They used to write .hydra/ and status.json before their checks."""
+    (tmp_path / "bad.pt").write_text("not a checkpoint")
+    refused = {"evaluate": ["mode=evaluate", f"evaluate.checkpoint={tmp_path / 'bad.pt'}"],
+               "lr_find": ["mode=lr_find", "data=synthetic", "data.val_size=100000"]}[mode]
+    result = run_cli(*refused, f"hydra.run.dir={tmp_path / 'out' / 'run'}", f"outputs={tmp_path / 'out'}",
+                     cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert not (tmp_path / "out").exists()

@@ -17,6 +17,7 @@ import shutil
 import signal
 import sys
 import tempfile
+from pathlib import Path
 
 from dnnrun.cli.conf import CONFIG_DIR, CONFIG_NAME
 from dnnrun.errors import EXIT_BAD_INPUT, EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_INTERRUPTED, Interrupted
@@ -90,7 +91,7 @@ def _main(argv: list[str]) -> None:
 
     sys.argv[1:] = checked.argv  # with the run or sweep directory that was checked: Hydra uses that one
     _scratch_dir_for_other_ranks()
-    app = App()
+    app = App(new_root=checked.outputs is not None and not Path(checked.outputs).expanduser().exists())
     try:
         hydra.main(config_path=str(CONFIG_DIR), config_name=CONFIG_NAME, version_base="1.3")(app.task)()
     except SweepFailed:

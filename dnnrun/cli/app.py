@@ -34,8 +34,9 @@ class App:
     its launcher runs in this process (joblib and submitit run them in other processes, each with
     its own copy of this object)."""
 
-    def __init__(self) -> None:
+    def __init__(self, new_root: bool = False) -> None:
         self.began = False  # a run or a job began in this process: a failure after that is no config error
+        self.new_root = new_root  # the outputs root did not exist before: a refused run removes it too
 
     def task(self, cfg: DictConfig) -> float | None:
         from dnnrun import distributed  # torch is imported here, after Hydra has parsed argv
@@ -88,7 +89,8 @@ class App:
                     if started:
                         record_end(run, code, failure, job)
                     else:
-                        run.remove_if_empty(sweep.path if in_sweep else Path(cfg.outputs))  # Hydra made it for this run
+                        root = Path(cfg.outputs).expanduser().resolve()  # Hydra made the directory for this run
+                        run.remove_if_empty(sweep.path if in_sweep else root.parent if self.new_root else root)
                         if rejected is not None:
                             record_end(rejected, code, failure, job)
                     if in_sweep:
@@ -141,11 +143,9 @@ def _run(cfg: DictConfig, run: RunDir, hc: DictConfig, sweeping: bool, rank: int
         run_cfg = _for_this_process(parse_run_config(OmegaConf.to_container(cfg, resolve=True)), hc, run,
                                     sweeping, rank)
         if run_cfg.mode == "lr_find":
-            start()
-            return EXIT_OK, lr_find.run(run_cfg, run.path)["suggestion"], None, True
+            return EXIT_OK, lr_find.run(run_cfg, run.path, on_start=start)["suggestion"], None, True
         if run_cfg.mode == "evaluate":
-            start()
-            return EXIT_OK, evaluate.run(run_cfg, run.path)["deterministic"]["accuracy"], None, True
+            return EXIT_OK, evaluate.run(run_cfg, run.path, on_start=start)["deterministic"]["accuracy"], None, True
         summary = train.run(run_cfg, run.path if rank == 0 else Path(hc.runtime.output_dir), on_start=start,
                             hook=faults.from_env())
         return EXIT_OK, summary["best"]["value"], None, True

@@ -42,6 +42,7 @@ class Preflight:
     pins: tuple[str, ...] = ()  # overrides to add: the run or sweep directory as checked (hydra.run.dir=...)
     sweep_dir: Path | None = None  # the directory of the sweep about to start, when pinned
     launcher: str = ""  # the `_target_` of the sweep's launcher
+    outputs: str | None = None  # the outputs root, as checked
     argv: tuple[str, ...] = ()  # the command line for Hydra: the one checked, with the pins among its overrides
 
 
@@ -183,7 +184,7 @@ def _check_composed(composer: Composer, parsed: list, multirun: bool, launching:
     # The run's directory (a sweep's: the master config's), resolved now as Hydra will resolve it.
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     resolvable = _resolvable(master)
-    where = _select(resolvable, key)
+    where, root = _select(resolvable, key), _select(resolvable, "outputs")
     problems += code_problems(resolvable.hydra)
     for label, cfg in jobs:
         if cfg is not master:
@@ -195,7 +196,8 @@ def _check_composed(composer: Composer, parsed: list, multirun: bool, launching:
     problems = list(dict.fromkeys(problems))
     pins = _pins(parsed, key, where) if launching and where is not None else None
     return Preflight(problems, pins=pins or (), sweep_dir=Path(where) if multirun and pins is not None else None,
-                     launcher=str(OmegaConf.select(master, "hydra.launcher._target_", default="") or ""))
+                     launcher=str(OmegaConf.select(master, "hydra.launcher._target_", default="") or ""),
+                     outputs=root)
 
 
 def _group_choices(composer: Composer, parsed: list, problems: list[str]) -> tuple[list, list[list], list]:

@@ -1,0 +1,68 @@
+"""A model too big for the device is refused before anything is allocated or created, with the
+estimate; a very deep one is trained with a warning."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_config, run_cli
+from dnnrun import runtime
+from dnnrun.data import Data, Split
+
+CPU = torch.device("cpu")
+
+
+def _meta_model(cfg):
+    split = Split(torch.zeros(4, 8), torch.zeros(4, dtype=torch.int64))
+    data = Data(split, split, split, n_features=8, n_classes=3, shape=None, unlabeled=split.x)
+    with torch.device("meta"):
+        return runtime.build_model(cfg, data)[0]
+
+
+def test_the_estimate_counts_weights_gradients_optimizer_state_and_a_batch(monkeypatch):
+    cfg = make_config("model.hidden=[100]", "optimizer=adam", "trainer.batch_size=10", "trainer.eval_batch_size=10")
+    params = 8 * 100 + 100 + 100 * 3 + 3
+    needed = 4 * (params * (2 + 3) + 4 * 10 * (100 + 3))  # Adam: m, v (and max v with amsgrad)
+    monkeypatch.setattr(runtime, "free_memory", lambda device: needed)
+    assert runtime.memory_problem(_meta_model(cfg), cfg, CPU) is None
+    monkeypatch.setattr(runtime, "free_memory", lambda device: needed - 1)
+    problem = runtime.memory_problem(_meta_model(cfg), cfg, CPU)
+    assert f"({params:,} parameters: weights, gradients and adam's state" in problem
+    monkeypatch.setattr(runtime, "free_memory", lambda device: None)  # unknown (MPS): no refusal
+    assert runtime.memory_problem(_meta_model(cfg), cfg, CPU) is None
+
+
+def test_a_very_deep_model_gets_a_warning_with_its_depth(monkeypatch, caplog):
+    monkeypatch.setattr(runtime, "SLOW_LAYERS", 5)
+    cfg = make_config("model.depth=6", "model.width=4")
+    with caplog.at_level(logging.WARNING, logger="dnnrun"):
+        assert runtime.memory_problem(_meta_model(cfg), cfg, CPU) is None
+    assert "the model has 7 layers: every step runs them one after another" in caplog.text
+
+
+def test_a_model_too_big_for_memory_exits_2_with_the_estimate_and_leaves_nothing(tmp_path: Path):
+    """model.hidden=[1000000000] ended in an allocator traceback, with a run directory left behind."""
+    result = run_cli("data=synthetic", "model.hidden=[1000000000]", f"outputs={tmp_path / 'out'}", cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "the model needs about" in result.stderr and "GiB free" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name, most", [("sgd", {"momentum": 0.9}), ("adagrad", {}),
+                                        ("rmsprop", {"momentum": 0.9, "centered": True}), ("adam", {"amsgrad": True}),
+                                        ("adamax", {}), ("nadam", {}), ("adamw", {"amsgrad": True}), ("radam", {})])
+def test_the_state_an_optimizer_declares_covers_what_it_keeps(name, most):
+    """optim.OPTIMIZERS' `state` (tensors of a parameter's size) is what torch keeps at the most."""
+    from dnnrun import optim
+
+    w = torch.nn.Parameter(torch.ones(5, 5))
+    opt = getattr(torch.optim, optim.OPTIMIZERS[name].cls)([w], lr=0.1, **most)
+    w.grad = torch.ones_like(w)
+    opt.step()
+    assert sum(1 for v in opt.state[w].values() if torch.is_tensor(v) and v.shape == w.shape) \
+        == optim.OPTIMIZERS[name].state
