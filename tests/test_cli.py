@@ -159,3 +159,16 @@ def test_a_run_refused_once_it_starts_leaves_no_outputs_root_it_made(tmp_path: P
     made.mkdir()  # a root that was there before stays
     assert run_cli("data=synthetic", refused, f"outputs={made}", cwd=tmp_path).returncode == 2
     assert made.is_dir() and not any(made.iterdir())
+
+
+def test_a_run_directory_that_cannot_take_status_json_ends_with_a_message_not_a_traceback(tmp_path: Path, monkeypatch):
+    from dnnrun.rundir import RunDir
+
+    def read_only(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self.status))
+
+    monkeypatch.setattr(RunDir, "write_status", read_only)
+    result = run_cli("data=synthetic", "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert f"cannot record how the run ended in {tmp_path / 'run' / 'status.json'}: Permission denied" in result.stderr

@@ -254,3 +254,57 @@ def test_checking_a_command_line_imports_no_torch(tmp_path):
 def test_a_value_that_hydra_cannot_compose_is_a_problem_not_a_traceback():
     problems = cli.check_command_line(['hydra.sweeper.params={act:"relu,elu"}'])
     assert len(problems) == 1 and "hydra.sweeper.params" in problems[0], problems
+
+
+PLUGIN_REFUSALS = {
+    "a setup shell line": (["-m", "hydra/launcher=slurm", "hydra.launcher.setup=[touch,/tmp/x]"],
+                           "hydra.launcher.setup: runs as a shell line or a program"),
+    "srun arguments": (["-m", "hydra/launcher=slurm", "+hydra.launcher.srun_args=['--prolog=/bin/x']"],
+                       "hydra.launcher.srun_args: runs as a shell line or a program"),
+    "an sbatch option that runs a program": (["-m", "hydra/launcher=slurm",
+                                              "+hydra.launcher.additional_parameters.prolog=/bin/x"],
+                                             "additional_parameters.prolog: not an sbatch option dnnrun passes on"),
+    "a second line in an sbatch value": (["-m", "hydra/launcher=slurm", "hydra.launcher.partition='gpu\nrm -rf ~'"],
+                                         "hydra.launcher.partition: must be one line"),
+    "submitit's pickles elsewhere": (["-m", "hydra/launcher=submitit_local",
+                                      "hydra.launcher.submitit_folder=/elsewhere"],
+                                     "hydra.launcher.submitit_folder resolves to /elsewhere, outside the outputs root"),
+    "an Optuna database elsewhere": (["-m", "experiment=search", "hydra.sweeper.storage=sqlite:////elsewhere.db"],
+                                     "hydra.sweeper.storage resolves to /elsewhere.db, outside the outputs root"),
+    "an Optuna database server": (["-m", "experiment=search", "hydra.sweeper.storage=postgresql://host/db"],
+                                  "only a SQLite file under the outputs root"),
+    "an unknown launcher setting": (["-m", "hydra/launcher=joblib", "+hydra.launcher.foo=1"],
+                                    "hydra.launcher.foo: not a setting dnnrun passes to JoblibLauncher"),
+    "a job log file elsewhere": (["+hydra.job_logging.handlers.file.class=logging.FileHandler",
+                                  "+hydra.job_logging.handlers.file.filename=/tmp/any"],
+                                 "hydra.job_logging.handlers.file.filename: '/tmp/any' lies outside the run's"),
+    "a Hydra log file elsewhere": (["-m", "act=relu,elu",
+                                    "+hydra.hydra_logging.handlers.file.class=logging.FileHandler",
+                                    "+hydra.hydra_logging.handlers.file.filename=/tmp/any"],
+                                   "hydra.hydra_logging.handlers.file.filename: '/tmp/any' lies outside"),
+}
+
+
+@pytest.mark.parametrize("case", PLUGIN_REFUSALS)
+def test_plugin_settings_that_run_commands_or_write_elsewhere_are_refused(case, tmp_path):
+    argv, expected = PLUGIN_REFUSALS[case]
+    problems = cli.check_command_line([*argv, f"outputs={tmp_path}"])
+    assert any(expected in p for p in problems), problems
+
+
+@pytest.mark.parametrize("argv", [
+    ["-m", "hydra/launcher=slurm", "hydra.launcher.partition=gpu",
+     "+hydra.launcher.additional_parameters.mail_type=ALL"],
+    ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+    ["-m", "experiment=search", "hydra.sweeper.storage=sqlite:///{root}/study.db", "hydra.sweeper.n_trials=3"],
+    ["+hydra.job_logging.handlers.file.class=logging.FileHandler",
+     "+hydra.job_logging.handlers.file.filename=${{hydra:runtime.output_dir}}/job.log"],
+])
+def test_the_allowed_plugin_settings_pass(argv, tmp_path):
+    assert cli.check_command_line([*(a.format(root=tmp_path) for a in argv), f"outputs={tmp_path}"]) == []
+
+
+@pytest.mark.parametrize("subdir", ["../../elsewhere", "/elsewhere/${hydra.job.num}"])
+def test_a_sweep_subdir_that_leads_out_is_refused_before_any_job(subdir, tmp_path):
+    problems = cli.check_command_line(["-m", "act=relu,elu", f"hydra.sweep.subdir={subdir}", f"outputs={tmp_path}"])
+    assert any("hydra.sweep.subdir" in p and "leads out of the sweep's directory" in p for p in problems), problems

@@ -25,7 +25,7 @@ from omegaconf.errors import InterpolationToMissingValueError, OmegaConfBaseExce
 from dnnrun.cli.compose import COMPOSE_ERRORS, Composer, Refused, composer_for, parse, quoted
 from dnnrun.cli.conf import CONFIG_NAME
 from dnnrun.cli.messages import error, explain
-from dnnrun.cli.rules import code_problems, outside_outputs
+from dnnrun.cli.rules import code_problems, logging_file_problems, outside_outputs, plugin_problems, subdir_problems
 from dnnrun.errors import EXIT_BAD_INPUT, ConfigError
 from dnnrun.schema import did_you_mean, unknown
 
@@ -185,7 +185,8 @@ def _check_composed(composer: Composer, parsed: list, multirun: bool, launching:
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     resolvable = _resolvable(master)
     where, root = _select(resolvable, key), _select(resolvable, "outputs")
-    problems += code_problems(resolvable.hydra)
+    problems += code_problems(resolvable.hydra) + plugin_problems(resolvable.hydra, root)
+    problems += logging_file_problems(resolvable.hydra, where) + (subdir_problems(resolvable.hydra) if multirun else [])
     for label, cfg in jobs:
         if cfg is not master:
             resolvable = _resolvable(cfg)

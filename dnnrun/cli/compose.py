@@ -66,7 +66,7 @@ class Composer:
         try:
             return self.loader.load_configuration(self.config_name, [*self.base, *(o.input_line for o in overrides)],
                                                   mode, validate_sweep_overrides=False)
-        except AttributeError as exc:  # OmegaConf validating some values of Hydra's own nodes (hydra.sweeper.params={...})
+        except AttributeError as exc:  # OmegaConf validating some values of Hydra's nodes: hydra.sweeper.params={...}
             raise HydraException(" ".join(str(exc).split())) from None
 
     def sweep_problems(self, parsed: list) -> list[str]:

@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue, OmegaConfBaseException
 
 from dnnrun.cli.messages import explain
@@ -113,3 +113,132 @@ def outside_outputs(root: str, places: dict[str, Path]) -> str | None:
             return (f"{what} resolves to {path.resolve()}, outside the outputs root {base}; choose a directory "
                     f"under it, or set the root: outputs=DIR")
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The settings of the launchers and sweepers the README supports: an allow-list. Each setting is
+# a plain value, a path (under the outputs root), a line (one line of text: submitit writes it
+# into the sbatch script), or never set (a shell line or command: setup, srun_args). A setting
+# not listed here is refused rather than passed through.
+
+VALUE, PATH, LINE, NEVER, SBATCH, STORAGE = "value", "path", "line", "never", "sbatch", "storage"
+_SUBMITIT = {"submitit_folder": PATH, "timeout_min": VALUE, "cpus_per_task": VALUE, "gpus_per_node": VALUE,
+             "tasks_per_node": VALUE, "mem_gb": VALUE, "nodes": VALUE, "name": LINE, "stderr_to_stdout": VALUE}
+PLUGIN_SETTINGS = {
+    "hydra._internal.core_plugins.basic_launcher.BasicLauncher": {},
+    "hydra._internal.core_plugins.basic_sweeper.BasicSweeper": {"max_batch_size": VALUE, "params": VALUE},
+    "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher": {
+        "n_jobs": VALUE, "backend": VALUE, "prefer": VALUE, "require": VALUE, "verbose": VALUE, "timeout": VALUE,
+        "pre_dispatch": VALUE, "batch_size": VALUE, "temp_folder": PATH, "max_nbytes": VALUE, "mmap_mode": VALUE},
+    "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher": _SUBMITIT,
+    "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher": {
+        **_SUBMITIT, "partition": LINE, "qos": LINE, "comment": LINE, "constraint": LINE, "exclude": LINE,
+        "gres": LINE, "cpus_per_gpu": VALUE, "gpus_per_task": VALUE, "mem_per_gpu": LINE, "mem_per_cpu": LINE,
+        "account": LINE, "signal_delay_s": VALUE, "max_num_timeout": VALUE, "array_parallelism": VALUE,
+        "additional_parameters": SBATCH, "setup": NEVER, "srun_args": NEVER},
+    "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper": {
+        "sampler": VALUE, "direction": VALUE, "storage": STORAGE, "study_name": LINE, "n_trials": VALUE,
+        "n_jobs": VALUE, "max_failure_rate": VALUE, "search_space": VALUE, "params": VALUE,
+        "custom_search_space": VALUE},  # the sampler's _target_ and custom_search_space: code_problems
+}
+# sbatch options that hydra.launcher.additional_parameters may set (one line each); none runs a program.
+SBATCH_OPTIONS = ("mail_type", "mail_user", "time", "begin", "deadline", "reservation", "licenses", "hint", "nice",
+                  "requeue", "wckey", "cluster", "clusters", "priority", "mem", "ntasks", "distribution")
+
+
+def plugin_problems(hydra: DictConfig, root: str | None) -> list[str]:
+    """What the launcher's and sweeper's settings would do beyond running dnnrun's jobs: run a shell
+    line, write outside the outputs root, or anything dnnrun does not know (refused)."""
+    problems = []
+    for node in ("launcher", "sweeper"):
+        settings = hydra.get(node)
+        target = settings.get("_target_") if isinstance(settings, DictConfig) else None
+        allowed = PLUGIN_SETTINGS.get(target)
+        if allowed is None:
+            continue  # code_problems has refused an unknown target, or it is an installed plugin dnnrun does not know
+        for key in settings:
+            if key == "_target_":
+                continue
+            path = f"hydra.{node}.{key}"
+            kind = allowed.get(key)
+            try:
+                value = settings[key]
+            except OmegaConfBaseException as exc:
+                problems.append(f"{path}: cannot be checked before the run ({explain(exc)}); give it a plain value")
+                continue
+            if kind is None:
+                problems.append(f"{path}: not a setting dnnrun passes to {target.rpartition('.')[2]}; valid: "
+                                f"{', '.join(allowed) or 'none'}{did_you_mean(key, allowed)}")
+            else:
+                problems += _setting_problems(path, kind, value, root)
+    return problems
+
+
+def _setting_problems(path: str, kind: str, value: object, root: str | None) -> list[str]:
+    if value is None:
+        return []
+    if kind == NEVER and value not in ("", [], {}) and not (isinstance(value, (ListConfig, DictConfig)) and not value):
+        return [f"{path}: runs as a shell line or a program in the job's script, which a config may not do; "
+                f"prepare the environment before calling dnnrun (the job inherits it)"]
+    if kind == LINE and isinstance(value, str) and ("\n" in value or "\r" in value):
+        return [f"{path}: must be one line (submitit writes it into the job's script), got {value!r}"]
+    if kind == PATH and root is not None:
+        outside = outside_outputs(root, {path: Path(str(value).split("%", 1)[0])})
+        return [outside] if outside else []
+    if kind == STORAGE:
+        url = str(value)
+        if not url.startswith("sqlite:///"):
+            return [f"{path}: only a SQLite file under the outputs root (sqlite:///PATH) may hold a study, got {url!r}"]
+        outside = outside_outputs(root, {path: Path(url.removeprefix("sqlite:///"))}) if root is not None else None
+        return [outside] if outside else []
+    if kind == SBATCH and isinstance(value, DictConfig):
+        found = []
+        for option, setting in value.items():
+            if option not in SBATCH_OPTIONS:
+                found.append(f"{path}.{option}: not an sbatch option dnnrun passes on; valid: "
+                             f"{', '.join(SBATCH_OPTIONS)}{did_you_mean(option, SBATCH_OPTIONS)}")
+            elif "\n" in str(setting) or "\r" in str(setting):
+                found.append(f"{path}.{option}: must be one line, got {setting!r}")
+        return found
+    return []
+
+
+def logging_file_problems(hydra: DictConfig, where: str | None) -> list[str]:
+    """A logging handler writes only inside the run (or sweep) directory: a `filename` that resolves
+    now must lie there; one that does not must start from the job's directory (hydra.runtime.output_dir)."""
+    problems = []
+    for node in LOGGING:
+        handlers = OmegaConf.select(hydra, f"{node.removeprefix('hydra.')}.handlers", default=None)
+        if not isinstance(handlers, DictConfig):
+            continue
+        for name in handlers:
+            path = f"{node}.handlers.{name}.filename"
+            raw = OmegaConf.to_container(handlers[name], resolve=False).get("filename") \
+                if isinstance(handlers[name], DictConfig) else None
+            if raw is None:
+                continue
+            rest = re.sub(r"^\$\{hydra[.:]runtime\.output_dir\}/", "", str(raw))
+            if rest != str(raw) and ".." not in Path(rest).parts and \
+                    not re.sub(r"\$\{hydra[.:]job\.(name|num|id)\}", "", rest).count("${"):
+                continue  # inside the job's own directory (named after the job, perhaps)
+            try:
+                filename = Path(str(OmegaConf.select(hydra, path.removeprefix("hydra."), throw_on_missing=True)))
+            except OmegaConfBaseException:
+                problems.append(f"{path}: {raw!r} cannot be checked before the run; give a path that starts with "
+                                "${hydra:runtime.output_dir}/")
+                continue
+            inside = where is not None and filename.resolve().is_relative_to(Path(where).resolve())
+            if not inside:
+                problems.append(f"{path}: {str(filename)!r} lies outside the run's directory; a log file goes inside "
+                                "it: ${hydra:runtime.output_dir}/NAME.log")
+    return problems
+
+
+def subdir_problems(hydra: DictConfig) -> list[str]:
+    """A sweep's jobs stay inside its directory: hydra.sweep.subdir is relative, without `..`
+    (it is known only when each job starts, so its text is checked)."""
+    sweep = hydra.get("sweep")
+    raw = OmegaConf.to_container(sweep, resolve=False).get("subdir") if isinstance(sweep, DictConfig) else None
+    if isinstance(raw, str) and (Path(raw).is_absolute() or ".." in Path(raw).parts):
+        return [f"hydra.sweep.subdir: {raw!r} leads out of the sweep's directory; give a relative path without '..'"]
+    return []
