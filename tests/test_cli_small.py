@@ -138,8 +138,11 @@ def test_a_signal_during_start_up_exits_with_its_code_and_one_line(tmp_path: Pat
     path = os.pathsep.join(p for p in (str(tmp_path / "plugins"), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "PYTHONPATH": path, "HOLD_AT": str(hold_at), "HOLD_READY": str(ready), "HYDRA_FULL_ERROR": "0"}
     outputs = tmp_path / "outputs"
+    # A shell that starts this test in the background (CI scripts) has SIGINT ignored, which dnnrun
+    # keeps ignored, as it should: the process under test gets the default handling back.
     process = subprocess.Popen([str(DNNRUN), "data=synthetic", "trainer.epochs=1", f"outputs={outputs}"], cwd=tmp_path,
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while not ready.exists() and process.poll() is None and time.monotonic() < deadline:

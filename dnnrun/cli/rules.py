@@ -155,7 +155,11 @@ def plugin_problems(hydra: DictConfig, root: str | None) -> list[str]:
         target = settings.get("_target_") if isinstance(settings, DictConfig) else None
         allowed = PLUGIN_SETTINGS.get(target)
         if allowed is None:
-            continue  # code_problems has refused an unknown target, or it is an installed plugin dnnrun does not know
+            if target in _plugins():  # installed, but dnnrun does not know what its settings do (else code_problems)
+                known = ", ".join(t.rpartition(".")[2] for t in PLUGIN_SETTINGS)
+                problems.append(f"hydra.{node}: {target} is not a plugin whose settings dnnrun knows; supported: "
+                                f"{known}")
+            continue
         for key in settings:
             if key == "_target_":
                 continue
