@@ -24,7 +24,13 @@ if TYPE_CHECKING:
     import torch
 
 # torch is imported in the functions that load, not here: checking a config must not wait for it.
-DEFAULT_ROOT = "~/.cache/dnnrun-data"
+DEFAULT_ROOT = "~/.cache/dnnrun-data"  # data.root when neither the command line nor DNNRUN_DATA gives one
+
+
+def default_root() -> str:
+    """DataConfig's root when none is given: $DNNRUN_DATA, else DEFAULT_ROOT, as conf/data/*.yaml's
+    `${oc.env:DNNRUN_DATA,...}` says for every data set (read when a config is made, not at import)."""
+    return os.environ.get("DNNRUN_DATA", DEFAULT_ROOT)
 
 
 @dataclasses.dataclass
@@ -191,7 +197,7 @@ RULES: dict[str, Rule] = {"n_samples": POSITIVE, "n_features": POSITIVE, "n_clas
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     name: str
-    root: str = DEFAULT_ROOT  # torchvision sets are downloaded to and cached here
+    root: str = dataclasses.field(default_factory=default_root)  # torchvision sets are downloaded to and cached here
     download: bool = True  # try to download torchvision sets whose files are missing
     # a number in (0, 1): a fraction of the training set; an integer: a number of examples (1.0 is neither)
     val_size: float | int = 0.1

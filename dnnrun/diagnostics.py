@@ -25,9 +25,11 @@ HISTOGRAM_BINS = 60
 
 
 class LayerStats:
-    """Per-layer statistics on every `every`-th step, appended to diagnostics.jsonl. The loop calls
-    it three times a step: before the forward pass, between backward and the optimizer step, and
-    after the step; on the other steps each call costs one comparison."""
+    """Per-layer statistics on every `every`-th step and on each epoch's first and last step (so
+    that a run shorter than `every` steps still has some to diagnose), appended to
+    diagnostics.jsonl. The loop calls it three times a step: before the forward pass, between
+    backward and the optimizer step, and after the step; on the other steps each call costs one
+    comparison."""
 
     def __init__(self, model: Network, activation: Activation, every: int, run: RunDir, logger):
         self.model, self.activation, self.every, self.run, self.logger = model, activation, every, run, logger
@@ -38,8 +40,9 @@ class LayerStats:
         self._before: dict[str, torch.Tensor] = {}
         self._grad_norms: dict[str, torch.Tensor] = {}
 
-    def before_step(self, step: int) -> None:
-        self.due = self.every > 0 and step % self.every == 0
+    def before_step(self, step: int, edge: bool = False) -> None:
+        """`edge`: the step is an epoch's first or last."""
+        self.due = self.every > 0 and (edge or step % self.every == 0)
         if self.due:
             self._watch_activations()
 

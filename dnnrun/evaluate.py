@@ -22,7 +22,7 @@ from torch import nn
 from dnnrun import checkpoint, runtime
 from dnnrun.config import RunConfig, parse_run_config
 from dnnrun.console import console
-from dnnrun.data import load as load_data
+from dnnrun.data import DEFAULT_ROOT, load as load_data
 from dnnrun.errors import ConfigError, UserError
 from dnnrun.metrics import scores
 from dnnrun.model import fitting_config
@@ -72,8 +72,16 @@ def run(cfg: RunConfig, run_dir: str | Path, on_start: Callable[[], None] | None
     except ConfigError as exc:
         raise UserError(f"{path} is not a usable dnnrun checkpoint: the config saved in it is invalid:\n"
                         + "\n".join(f"  - {p}" for p in exc.problems)) from None
-    # The model and data as trained; where the data files live is this machine's business.
-    data_cfg = dataclasses.replace(trained.data, root=cfg.data.root, download=cfg.data.download)
+    # The model and data as trained, as Lightning's load_from_checkpoint restores the saved
+    # hyperparameters unless told otherwise. Where the files live: the command line's data.root,
+    # else $DNNRUN_DATA, else the checkpoint's own root. Every conf/data/*.yaml (and DataConfig's
+    # default) resolves root to `data.root=... if given, else $DNNRUN_DATA, else DEFAULT_ROOT`, so
+    # the composed root already ranks the first two; only DEFAULT_ROOT means "neither said", and
+    # the checkpoint's root is taken then (data.root=~/.cache/dnnrun-data spelt out reads the same).
+    # Downloading: the checkpoint's setting, unless data.download=false here forbids it (true is
+    # the composed default, so it cannot override a checkpoint trained with download=false).
+    root = cfg.data.root if cfg.data.root != DEFAULT_ROOT else trained.data.root
+    data_cfg = dataclasses.replace(trained.data, root=root, download=trained.data.download and cfg.data.download)
     trained = dataclasses.replace(trained, data=data_cfg)
     device = runtime.resolve_device(cfg.trainer.device)
     runtime.seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)

@@ -1,8 +1,12 @@
 """Where metrics go besides metrics.jsonl and diagnostics.jsonl: `logger=tensorboard` adds
-TensorBoard event files under the run directory (`tensorboard --logdir outputs`)."""
+TensorBoard event files under the run directory (`tensorboard --logdir outputs`), and at the end
+the run's options and key values as hparams with its final, best and test metrics (the HParams tab
+compares the runs of a sweep)."""
 
 from __future__ import annotations
 
+import json
+import math
 from typing import TYPE_CHECKING, Any
 
 from dnnrun.errors import UserError
@@ -11,7 +15,13 @@ from dnnrun.schema import Choice, Problems, parse_choice
 if TYPE_CHECKING:
     from torch import nn
 
+    from dnnrun.config import RunConfig
     from dnnrun.rundir import RunDir
+
+# The groups whose every value is a hyperparameter (the trainer's are picked in TRAINER_HPARAMS);
+# data, paths and modes stay out: they would add columns that rarely differ within a sweep.
+HPARAM_GROUPS = ("model", "init", "act", "norm", "optimizer", "schedule", "regularizer")
+TRAINER_HPARAMS = ("epochs", "batch_size", "seed", "clip_value", "clip_norm", "amp")
 
 
 class NoLogger:
@@ -23,6 +33,9 @@ class NoLogger:
 
     def diagnostics(self, entry: dict[str, Any], model: nn.Module) -> None:
         pass
+
+    def summary(self, cfg: RunConfig, summary: dict[str, Any]) -> None:
+        """Once, at the end of the run, with the summary complete (final, best and test metrics)."""
 
     def close(self) -> None:
         pass
@@ -61,8 +74,49 @@ class TensorBoard(NoLogger):
                 if p.grad is not None:
                     self.writer.add_histogram(f"gradients/{name}", p.grad.detach().float().cpu(), step)
 
+    def summary(self, cfg: RunConfig, summary: dict[str, Any]) -> None:
+        # run_name="." puts the hparams in this run's own folder (add_hparams would otherwise make a
+        # timestamped sub-run), so that TensorBoard shows them as one run with the scalars.
+        self.writer.add_hparams(hparams(cfg), summary_metrics(summary), run_name=".",
+                                global_step=summary.get("steps"))
+
     def close(self) -> None:
         self.writer.close()
+
+
+def hparams(cfg: RunConfig) -> dict[str, int | float | str | bool]:
+    """The option of every group (`init: he_normal`, `regularizer: [l2,dropout]`) and the values of
+    the hyperparameter groups flattened with dots (`optimizer.lr`, `model.hidden: "[300, 100]"`).
+    Lists become JSON strings; None is dropped (TensorBoard takes only int, float, str and bool)."""
+    chosen = dict(option.split("=", 1) for option in cfg.options().split())
+    values = {group: {k: v for k, v in (cfg.raw.get(group) or {}).items() if k not in ("option", "name")}
+              for group in HPARAM_GROUPS}
+    values["trainer"] = {k: cfg.raw["trainer"].get(k) for k in TRAINER_HPARAMS}
+    return {**chosen, **_flatten(values)}
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, int | float | str | bool]:
+    flat: dict[str, int | float | str | bool] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten({k: v for k, v in value.items() if k not in ("option", "name")}, f"{prefix}{key}."))
+        elif isinstance(value, (list, tuple)):
+            flat[prefix + key] = json.dumps(value)
+        elif isinstance(value, (int, float, str, bool)):
+            flat[prefix + key] = value
+    return flat
+
+
+def summary_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """The HParams tab's metric columns. Their tags start with `hparams/`: add_hparams also writes
+    each metric as a scalar, which under the epoch metrics' own tags (`val/loss`) would add a point
+    to their curves."""
+    best, final = summary.get("best") or {}, summary.get("final") or {}
+    found = {f"hparams/best/{best.get('monitor')}": best.get("value"), "hparams/best/epoch": best.get("epoch")}
+    found.update({f"hparams/final/{k}": final.get(k) for k in ("train/loss", "train/acc", "val/loss", "val/acc")})
+    found.update({f"hparams/{k}": (summary.get("test") or {}).get(k) for k in ("test/loss", "test/acc")})
+    return {k: float(v) for k, v in found.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
 LOGGERS = {"none": NoLogger, "tensorboard": TensorBoard}

@@ -5,7 +5,9 @@
     dnnrun-report ... --out DIR             where report.md, report.csv and the figures go
 
 The swept values (the overrides that differ between runs) become columns; runs that differ only by
-trainer.seed are grouped into mean +- std; groups are ranked by their best validation metric.
+trainer.seed are grouped into mean +- std; groups are ranked by their best validation metric. Tables
+show numbers to 3 significant digits (report.csv keeps them exact); param_NAME.png puts a numeric
+parameter on a numeric axis (logarithmic over two decades or more), a named one in categories.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.table import Table
 
 from dnnrun.console import console
@@ -88,26 +91,89 @@ def _columns(settings: list[str]) -> list[str]:
     return ["#", *settings, "runs", "status", *METRICS]
 
 
-def _cells(place: int, row: dict[str, Any], settings: list[str]) -> list[str]:
+def _cells(place: int, row: dict[str, Any], settings: list[str], labels: dict[str, dict[str, str]]) -> list[str]:
     """One ranked group's row, as the terminal table and report.md show it."""
-    return [str(place), *[str(row[k]) for k in settings], str(row["runs"]), row["status"], *[_fmt(row, m) for m in METRICS]]
+    return [str(place), *[labels[k].get(row[k], row[k]) for k in settings], str(row["runs"]), row["status"],
+            *[_fmt(row, m) for m in METRICS]]
 
 
-def table(groups: list[dict[str, Any]], settings: list[str], monitor: str) -> Table:
-    t = Table(title=f"ranked by best {monitor}", title_justify="left")
-    for column in _columns(settings):
-        t.add_column(column, justify="left" if column in settings or column == "status" else "right")
-    for i, row in enumerate(groups, start=1):
-        t.add_row(*_cells(i, row, settings))
+def _number(value: str) -> float | None:
+    try:
+        x = float(value)
+    except ValueError:
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _numeric(values: list[str]) -> list[float] | None:
+    """The values of a swept parameter as numbers, or None when it is categorical (act=relu,elu)."""
+    numbers = [_number(v) for v in values]
+    return None if any(x is None for x in numbers) else numbers
+
+
+def value_labels(values: list[str]) -> dict[str, str]:
+    """How a parameter's values are shown: floats to 3 significant digits (0.00031622776601683794 ->
+    0.000316), more only where two values would otherwise read the same; integers and names as given."""
+    floats = {v: x for v in values if (x := _number(v)) is not None and not v.lstrip("+-").isdigit()}
+    for digits in range(3, 18):
+        labels = {v: f"{x:.{digits}g}" for v, x in floats.items()}
+        if len(set(labels.values())) == len(labels):
+            break
+    return {v: labels.get(v, v) for v in values}
+
+
+def _labels(values: list[dict[str, str]], settings: list[str]) -> dict[str, dict[str, str]]:
+    """value_labels of each parameter, from its values in rows or runs' overrides."""
+    return {k: value_labels(sorted({v.get(k, "-") for v in values}, key=_natural)) for k in settings}
+
+
+def _short_names(settings: list[str]) -> dict[str, str]:
+    """optimizer.lr -> lr, where the last part names one parameter only."""
+    last = [k.rsplit(".", 1)[-1] for k in settings]
+    return {k: short if last.count(short) == 1 else k for k, short in zip(settings, last)}
+
+
+def table(groups: list[dict[str, Any]], settings: list[str], monitor: str, width: int = 120) -> Table:
+    """The ranked groups for a terminal `width` characters wide. Every header shows whole: columns
+    that read the same in every row go into the caption, and where the swept parameters' full names
+    still do not fit they are shortened (optimizer.lr -> lr) and named in full in a legend."""
+    labels = _labels(groups, settings)
+    header = _columns(settings)
+    rows = [_cells(i, row, settings, labels) for i, row in enumerate(groups, start=1)]
+    columns = list(zip(header, *rows)) if rows else [(h,) for h in header]
+    same = [c for c in columns if len(rows) > 1 and c[0] not in ("#", monitor, *settings) and len(set(c[1:])) == 1]
+    columns = [c for c in columns if c not in same]
+    names = {k: k for k in settings}
+    if _min_width(columns, names) > width:
+        names = _short_names(settings)
+    fits = _min_width(columns, names) <= width  # else Rich narrows the columns: headers fold, never cut
+    caption = ["same in every row: " + ", ".join(f"{c[0]}={c[1]}" for c in same)] if same else []
+    caption += [f"{short} = {k}" for k, short in names.items() if short != k]
+    t = Table(title=f"ranked by best {monitor}", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
+              pad_edge=False, caption="; ".join(caption) or None, caption_justify="left")
+    for name, *_ in columns:
+        head = names.get(name, name)
+        t.add_column(head, justify="left" if name in settings or name == "status" else "right",
+                     min_width=len(head) if fits else None, overflow="fold")
+    for i in range(len(rows)):
+        t.add_row(*[c[1 + i] for c in columns])
     return t
+
+
+def _min_width(columns: list[tuple[str, ...]], names: dict[str, str]) -> int:
+    """The narrowest the table can be without cutting a header or a word: each column as wide as its
+    header and its longest word, 3 characters between columns (padding and rule)."""
+    cells = [(names.get(c[0], c[0]), *c[1:]) for c in columns]
+    return sum(max(len(w) for cell in c for w in cell.split()) for c in cells) + 3 * (len(cells) - 1)
 
 
 def write_markdown(groups: list[dict[str, Any]], settings: list[str], monitor: str, path: Path, figures: list[Path]) -> None:
     header = _columns(settings)
+    labels = _labels(groups, settings)
     lines = ["# dnnrun report", "", f"Ranked by the best {monitor} of each run (mean ± std over seeds).", "",
              "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for i, row in enumerate(groups, start=1):
-        lines.append("| " + " | ".join(_cells(i, row, settings)) + " |")
+        lines.append("| " + " | ".join(_cells(i, row, settings, labels)) + " |")
     failures = [m for row in groups for m in row["members"] if m["status"] not in ("completed", "running")]
     if failures:
         lines += ["", "## Runs that did not complete", ""]
@@ -128,9 +194,11 @@ def figures(runs: list[dict[str, Any]], settings: list[str], monitor: str, out: 
     from dnnrun.plots import DPI, SIZE, plt  # the plots module sets the non-interactive backend
 
     written = []
+    labels = _labels([run["overrides"] for run in runs], settings)
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=SIZE)
     for run in runs:
-        label = " ".join(f"{k}={run['overrides'].get(k, '-')}" for k in settings) or run["name"]
+        values = {k: run["overrides"].get(k, "-") for k in settings}
+        label = " ".join(f"{k}={labels[k][v]}" for k, v in values.items()) or run["name"]
         epochs = [r["epoch"] for r in run["history"]]
         loss_ax.plot(epochs, [r["val/loss"] for r in run["history"]], label=label)
         acc_ax.plot(epochs, [r["val/acc"] for r in run["history"]], label=label)
@@ -143,21 +211,47 @@ def figures(runs: list[dict[str, Any]], settings: list[str], monitor: str, out: 
     plt.close(fig)
     written.append(out / "learning_curves.png")
     for key in settings:
-        values = sorted({run["overrides"].get(key, "-") for run in runs}, key=_natural)
-        fig, ax = plt.subplots(figsize=SIZE)
-        for x, value in enumerate(values):
-            ys = [r[monitor] for r in runs if r["overrides"].get(key, "-") == value and r[monitor] is not None]
-            ax.scatter([x] * len(ys), ys, alpha=0.6)
-            if ys:
-                ax.plot([x - 0.2, x + 0.2], [statistics.fmean(ys)] * 2, color="black")
-        ax.set_xticks(range(len(values)), values)
-        ax.set(xlabel=key, ylabel=f"best {monitor}", title=f"best {monitor} by {key} (dots: runs, bars: means)")
-        fig.tight_layout()
+        fig = param_figure(runs, key, monitor)
         path = out / f"param_{key.replace('/', '_')}.png"
         fig.savefig(path, dpi=DPI)
         plt.close(fig)
         written.append(path)
     return written
+
+
+LOG_SPAN = 100  # a numeric parameter whose positive values span this factor or more gets a log axis
+
+
+def param_figure(runs: list[dict[str, Any]], key: str, monitor: str):
+    """The best `monitor` of each run against its value of `key` (a matplotlib Figure, not saved).
+    Numbers (optimizer.lr=0.00031622776601683794) go on a numeric axis, logarithmic where they span
+    two decades or more; names (act=relu) are categories, one tick each, in natural order."""
+    from dnnrun.plots import SIZE, plt
+
+    values = sorted({run["overrides"].get(key, "-") for run in runs}, key=_natural)
+    numbers = _numeric(values)
+    xs = numbers or list(range(len(values)))
+    fig, ax = plt.subplots(figsize=SIZE)
+    means = []
+    for x, value in zip(xs, values):
+        ys = [r[monitor] for r in runs if r["overrides"].get(key, "-") == value and r[monitor] is not None]
+        ax.scatter([x] * len(ys), ys, alpha=0.6)
+        means.append((x, statistics.fmean(ys)) if ys else None)
+    if numbers is None:
+        for x, mean in filter(None, means):
+            ax.plot([x - 0.2, x + 0.2], [mean] * 2, color="black")
+        ax.set_xticks(range(len(values)), [value_labels(values)[v] for v in values])
+        marks = "dots: runs, bars: means"
+    else:
+        points = [m for m in means if m]
+        if points:
+            ax.plot(*zip(*points), color="black", linewidth=1)
+        if min(numbers) > 0 and max(numbers) / min(numbers) >= LOG_SPAN:
+            ax.set_xscale("log")
+        marks = "dots: runs, line: means"
+    ax.set(xlabel=key, ylabel=f"best {monitor}", title=f"best {monitor} by {key} ({marks})")
+    fig.tight_layout()
+    return fig
 
 
 def _natural(value: str):
@@ -189,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     drawn = figures(runs, settings, monitor, out)
     write_markdown(groups, settings, monitor, out / "report.md", drawn)
     write_csv(groups, settings, out / "report.csv")
-    console.print(table(groups, settings, monitor))
+    console.print(table(groups, settings, monitor, console.width))
     print(f"report: {out / 'report.md'}, {out / 'report.csv'}, {len(drawn)} figures")
     return 0
 

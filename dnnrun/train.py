@@ -234,7 +234,7 @@ class Trainer:
                     if progress.batches == self.steps_per_epoch:  # trainer.limit_batches
                         break
                     step = state.step + progress.batches + 1
-                    self.layer_stats.before_step(step)
+                    self.layer_stats.before_step(step, edge=progress.batches in (0, self.steps_per_epoch - 1))
                     stopping = self.step(xb, yb, step, progress)
                     self.layer_stats.after_step(step, epoch)
                     self.bar.step(progress)
@@ -381,7 +381,6 @@ class Trainer:
                     else "no epoch had finished, so there is no checkpoint")
             log.error("%s; the run stops here: %s", ending, kept)
         self.run_dir.write_activations(self.snapshots)
-        self.logger.close()
 
         found = diagnosis.diagnose(state.history, self.run_dir.read_diagnostics(), self.data.n_classes)
         if isinstance(ending, Diverged):
@@ -398,6 +397,8 @@ class Trainer:
             diagnosis=found,
             wall_time_s=time.perf_counter() - self.wall_start,
         )
+        self.logger.summary(self.cfg, summary)  # TensorBoard's hparams: the options with the final, best, test metrics
+        self.logger.close()
         if summary["stop_reason"]:
             log.info(summary["stop_reason"])
         if tc.diagnostics.plots and self.rank == 0:

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from conftest import run_cli
+from dnnrun.cli.conf import digest
 from dnnrun.rundir import read_jsonl
 
 EPOCH_KEYS = {"epoch", "step", "train/loss", "train/acc", "val/loss", "val/acc", "lr", "time/epoch_s"}
@@ -71,8 +73,12 @@ def test_multirun_writes_one_directory_per_job(tmp_path: Path):
     sweep = tmp_path / "sweep"
     result = run_cli("-m", "act=relu,elu", "data=synthetic", "trainer.epochs=1", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    jobs = sorted(p.parent.name for p in sweep.glob("*/summary.json"))
-    assert jobs == ["0_act=relu,data=synthetic,trainer.epochs=1", "1_act=elu,data=synthetic,trainer.epochs=1"]
+    jobs = sorted(p.parent for p in sweep.glob("*/summary.json"))
+    # a short name (number and a digest of the overrides); the overrides in the job's own files
+    assert [j.name for j in jobs] == [f"0_{digest('act=relu,data=synthetic,trainer.epochs=1')}",
+                                      f"1_{digest('act=elu,data=synthetic,trainer.epochs=1')}"]
+    assert all(len(j.name) == 10 for j in jobs)
+    assert [yaml.safe_load((j / ".hydra" / "overrides.yaml").read_text())[0] for j in jobs] == ["act=relu", "act=elu"]
 
 
 def test_help_lists_every_group_and_option_with_a_description(tmp_path: Path):

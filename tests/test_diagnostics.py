@@ -68,8 +68,9 @@ def test_a_healthy_run_gets_no_diagnosis(tmp_path: Path):
 def test_diagnostics_jsonl_holds_every_layer_every_n_steps(tmp_path: Path):
     train.run(make_config("norm=batchnorm", "trainer.diagnostics.every=10", "trainer.epochs=2"), tmp_path / "relu")
     records = read_jsonl(tmp_path / "relu" / "diagnostics.jsonl")
-    assert [r["step"] for r in records] == [10, 20, 30, 40, 50]  # 27 steps per epoch
-    assert [r["epoch"] for r in records] == [1, 1, 2, 2, 2]
+    # 27 steps per epoch: every 10th, and each epoch's first and last
+    assert [r["step"] for r in records] == [1, 10, 20, 27, 28, 30, 40, 50, 54]
+    assert [r["epoch"] for r in records] == [1, 1, 1, 1, 2, 2, 2, 2, 2]
     hidden = {"grad_norm", "weight_norm", "update_ratio", "act_mean", "act_std", "dead", "bn_running_mean", "bn_running_var"}
     for r in records:
         assert list(r["layers"]) == ["hidden1", "hidden2", "output"]
@@ -79,6 +80,14 @@ def test_diagnostics_jsonl_holds_every_layer_every_n_steps(tmp_path: Path):
     train.run(make_config("act=tanh", "trainer.diagnostics.every=10", "trainer.epochs=1"), tmp_path / "tanh")
     layer = read_jsonl(tmp_path / "tanh" / "diagnostics.jsonl")[0]["layers"]["hidden1"]
     assert "saturated" in layer and "dead" not in layer
+
+
+def test_a_run_shorter_than_the_cadence_still_has_statistics_to_diagnose(tmp_path: Path):
+    """At the default cadence (every 100 steps) a 2-epoch run of 27 steps an epoch had none."""
+    train.run(make_config("trainer.epochs=2", "act=sigmoid", "init=random_normal", "model.depth=8",
+                          "model.width=16"), tmp_path)
+    assert [r["step"] for r in read_jsonl(tmp_path / "diagnostics.jsonl")] == [1, 27, 28, 54]
+    assert any("saturated" in finding for finding in json.loads((tmp_path / "summary.json").read_text())["diagnosis"])
 
 
 def test_diagnostics_off(tmp_path: Path):
@@ -250,5 +259,5 @@ def test_tensorboard_event_files_hold_the_metrics_and_histograms(tmp_path: Path)
     assert [e.step for e in logged] == [r["step"] for r in history]
     assert [e.value for e in logged] == pytest.approx([r["val/loss"] for r in history], rel=1e-6)
     steps = [e.step for e in events.Scalars("diagnostics/hidden1/grad_norm")]
-    assert steps == [r["step"] for r in read_jsonl(tmp_path / "diagnostics.jsonl")] == [20, 40]
+    assert steps == [r["step"] for r in read_jsonl(tmp_path / "diagnostics.jsonl")] == [1, 20, 27, 28, 40, 54]
     assert all(math.isfinite(e.value) for e in events.Scalars("train/loss"))

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import socket
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import make_config, run_cli
+from conftest import make_config, run_cli, write_mnist_like
 from dnnrun import evaluate, metrics, runtime, train
 from dnnrun.data import load
 
@@ -93,3 +94,59 @@ def test_a_refused_evaluate_or_lr_find_leaves_no_directory(tmp_path: Path, mode)
                      cwd=tmp_path)
     assert result.returncode == 2, result.stdout + result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def offline(tmp_path: Path, monkeypatch) -> list:
+    """No network, and a home of the test's own (so ~/.cache/dnnrun-data is empty): the connections
+    tried (torchvision downloading) are recorded and refused."""
+    tried = []
+
+    def refuse(*args, **kwargs):
+        tried.append(args)
+        raise OSError("the network is off in this test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)  # looking a host name up
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("DNNRUN_DATA", raising=False)
+    return tried
+
+
+def _train_on_fashion_mnist_files(tmp_path: Path, *overrides: str) -> Path:
+    """One epoch on tiny Fashion-MNIST-format files; returns best.pt."""
+    cfg = make_config("trainer.epochs=1", "data.val_size=8", *overrides, data="fashion_mnist")
+    train.run(cfg, tmp_path / "trained")
+    return tmp_path / "trained" / "checkpoints" / "best.pt"
+
+
+def test_evaluate_finds_the_data_through_dnnrun_data_as_training_did(tmp_path: Path, offline, monkeypatch):
+    """`DNNRUN_DATA=... dnnrun mode=evaluate evaluate.checkpoint=...` looked under ~/.cache/dnnrun-data
+    (the default digits group ignored DNNRUN_DATA) and tried to download."""
+    write_mnist_like(tmp_path / "data" / "FashionMNIST" / "raw")
+    monkeypatch.setenv("DNNRUN_DATA", str(tmp_path / "data"))
+    best = _train_on_fashion_mnist_files(tmp_path)  # data.root from DNNRUN_DATA, download=true
+    result = run_cli("mode=evaluate", f"evaluate.checkpoint={best}", f"hydra.run.dir={tmp_path / 'eval'}",
+                     cwd=tmp_path, env={"DNNRUN_DATA": str(tmp_path / "data")})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads((tmp_path / "eval" / "evaluation.json").read_text())["examples"] == 12
+    # on another machine (or after a move) DNNRUN_DATA wins over the root saved in the checkpoint
+    (tmp_path / "data").rename(tmp_path / "moved")
+    result = run_cli("mode=evaluate", f"evaluate.checkpoint={best}", f"hydra.run.dir={tmp_path / 'eval2'}",
+                     cwd=tmp_path, env={"DNNRUN_DATA": str(tmp_path / "moved")})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert offline == []  # no download tried
+
+
+def test_evaluate_without_dnnrun_data_reads_the_checkpoints_root_and_download_setting(tmp_path: Path, offline):
+    write_mnist_like(tmp_path / "data" / "FashionMNIST" / "raw")
+    best = _train_on_fashion_mnist_files(tmp_path, f"data.root={tmp_path / 'data'}", "data.download=false")
+    result = run_cli("mode=evaluate", f"evaluate.checkpoint={best}", f"hydra.run.dir={tmp_path / 'eval'}",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert offline == []
+    # the command line's data.root wins; download=false came from the checkpoint: no download tried
+    result = run_cli("mode=evaluate", f"evaluate.checkpoint={best}", f"data.root={tmp_path / 'elsewhere'}",
+                     f"hydra.run.dir={tmp_path / 'eval2'}", cwd=tmp_path)
+    assert result.returncode == 2 and f"{tmp_path / 'elsewhere' / 'FashionMNIST'}" in result.stderr
+    assert "and data.download=false" in result.stderr and offline == []

@@ -1,11 +1,12 @@
-"""dnnrun's Hydra config tree (conf/): where it is, and the resolver its config.yaml calls.
+"""dnnrun's Hydra config tree (conf/): where it is, and the resolvers its config.yaml calls.
 
-The resolver is registered when dnnrun.cli is imported, which every process that composes the
+The resolvers are registered when dnnrun.cli is imported, which every process that composes the
 config does first: the command line, its pre-flight check, tests, and the worker processes of
 joblib and submitit (they import the task function's module to unpickle it)."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -26,6 +27,14 @@ CONFIG_NAME = "config"  # the primary config: config.yaml
 # Paths make unreadable directory names, and a job's directory is found again by its name.
 PATH_KEYS = ("transfer.source", "evaluate.checkpoint")
 DIRNAME_EXCLUDED = "dnnrun.dirname_excluded"  # conf/config.yaml: hydra.job.config.override_dirname.exclude_keys
+DIGEST = "dnnrun.digest"  # conf/config.yaml: hydra.sweep.subdir, a job's directory: its number and this
+
+
+def digest(text: str) -> str:
+    """8 hex digits naming a job's overrides (hydra.job.override_dirname) in its directory's name:
+    short, the same for the same overrides (a re-run finds the job again), the overrides themselves
+    in the job's .hydra/overrides.yaml, status.json and the sweep's sweep.csv."""
+    return hashlib.sha256(str(text).encode()).hexdigest()[:8]
 
 
 def dirname_excluded(*, _root_: DictConfig) -> list[str]:
@@ -54,3 +63,4 @@ def _keys_under(node: object, prefix: str) -> list[str]:
 
 
 OmegaConf.register_new_resolver(DIRNAME_EXCLUDED, dirname_excluded, replace=True)
+OmegaConf.register_new_resolver(DIGEST, digest, replace=True)
