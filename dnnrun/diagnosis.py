@@ -102,8 +102,12 @@ def _median(values: list[float]) -> float | None:
 
 def _gradient_flow(records: list[dict[str, Any]]) -> list[Finding]:
     """The lowest trained hidden layer's gradient norm against the output layer's (frozen layers,
-    e.g. reused ones in transfer learning, have none)."""
+    e.g. reused ones in transfer learning, have none). Where it vanishes, each layer's median ratio
+    says from which layer down; a saturated layer at the top of that stretch is named as the cause
+    (a sigmoid or tanh unit near its asymptote passes back almost none of the gradient it gets),
+    one elsewhere is not."""
     ratios, lowest = [], None
+    per_layer: dict[str, list[float]] = {}
     for r in records:
         layers = r["layers"]
         trained = [name for name, s in layers.items() if name != "output" and "grad_norm" in s]
@@ -111,13 +115,26 @@ def _gradient_flow(records: list[dict[str, Any]]) -> list[Finding]:
         if trained and last:
             lowest = trained[0]
             ratios.append(layers[lowest]["grad_norm"] / last)
+            for name in trained:
+                per_layer.setdefault(name, []).append(layers[name]["grad_norm"] / last)
     ratio = _median(ratios)
     if ratio is None:
         return []
     which = "the first hidden layer's" if lowest == "hidden1" else f"the lowest trained layer's ({lowest})"
     if ratio < VANISHING:
-        return [Finding("vanishing_gradients", f"gradients vanish: {which} gradient norm is {ratio:.1e} of the "
-                        f"output layer's (median over {len(ratios)} monitored steps)")]
+        sentence = (f"gradients vanish: {which} gradient norm is {ratio:.1e} of the output layer's (median over "
+                    f"{len(ratios)} monitored steps)")
+        faint = [int(name.removeprefix("hidden")) for name, rs in per_layer.items() if _median(rs) < VANISHING]
+        top = max(faint, default=int(lowest.removeprefix("hidden")))
+        if top > int(lowest.removeprefix("hidden")):
+            sentence += f"; it is under {VANISHING:g} of it from layer {top} down"
+        # the gradient is lost passing back through the layer where the faint stretch begins, or the one above
+        cause = [int(name.removeprefix("hidden")) for name, s in records[-1]["layers"].items()
+                 if (s.get("saturated") or 0) >= SATURATED and top <= int(name.removeprefix("hidden")) <= top + 1]
+        if cause:
+            sentence += (f"; layer {_ranges(cause)} there is saturated, and a saturated unit passes back almost none "
+                         f"of the gradient it gets: the saturation makes it vanish")
+        return [Finding("vanishing_gradients", sentence)]
     if ratio > EXPLODING:
         return [Finding("exploding_gradients", f"gradients explode: {which} gradient norm is {ratio:.1e} times "
                         f"the output layer's (median over {len(ratios)} monitored steps)")]
