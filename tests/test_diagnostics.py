@@ -259,14 +259,16 @@ def test_tensorboard_event_files_hold_the_metrics_and_histograms(tmp_path: Path)
     assert [e.step for e in logged] == [r["step"] for r in history]
     assert [e.value for e in logged] == pytest.approx([r["val/loss"] for r in history], rel=1e-6)
     steps = [e.step for e in events.Scalars("diagnostics/hidden1/grad_norm")]
-    assert steps == [r["step"] for r in read_jsonl(tmp_path / "diagnostics.jsonl")] == [1, 20, 27, 28, 40, 54]
+    recorded = [r["step"] for r in read_jsonl(tmp_path / "diagnostics.jsonl")]
+    assert steps == recorded == [1, 20, 27, 28, 40, 54]
     assert all(math.isfinite(e.value) for e in events.Scalars("train/loss"))
 
 
 def _records(ratios: list[float], saturated: list[float], steps: int = 5) -> list[dict]:
     """Per-layer records of a 6-layer net: each hidden layer's gradient norm (the output's is 1)."""
     layers = {f"hidden{i + 1}": {"grad_norm": r, "saturated": s} for i, (r, s) in enumerate(zip(ratios, saturated))}
-    return [{"step": 10 * (k + 1), "epoch": 1, "layers": {**layers, "output": {"grad_norm": 1.0}}} for k in range(steps)]
+    output = {"grad_norm": 1.0}
+    return [{"step": 10 * (k + 1), "epoch": 1, "layers": {**layers, "output": output}} for k in range(steps)]
 
 
 FADING = [1e-5, 1e-5, 1e-5, 1e-4, 0.5, 0.5]  # lost between layers 5 and 4
