@@ -17,8 +17,9 @@ from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from dnnrun.augment import AUGMENTATIONS
 from dnnrun.errors import DataError
-from dnnrun.schema import NON_NEGATIVE, POSITIVE, Problems, Rule, check_rules, parse
+from dnnrun.schema import NON_NEGATIVE, POSITIVE, Problems, Rule, check_rules, parse, unknown
 
 if TYPE_CHECKING:
     import torch
@@ -168,6 +169,7 @@ def _flat_uint8(data: Any) -> torch.Tensor:
 _MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 _MNIST_ARCHIVES = tuple(f"{name}.gz" for name in _MNIST_FILES)
 
+NOT_IMAGES = ("synthetic",)  # sets whose examples have no image shape (Arrays.shape is None): no augmentation
 DATASETS: dict[str, Callable[..., Arrays]] = {
     "digits": digits,
     "synthetic": synthetic,
@@ -206,6 +208,7 @@ class DataConfig:
     classes: list[int] | None = None  # keep only these labels, relabelled 0..k-1 in this order
     max_train: int | None = None  # keep at most this many training examples (after the validation split)
     split_seed: int = 0  # fixes which examples go to validation (and test), whatever the training seed
+    augment: list[str] = dataclasses.field(default_factory=list)  # training batches only: augment.AUGMENTATIONS
     params: dict[str, Any] = dataclasses.field(default_factory=dict)  # the loader's own options
     option: str | None = None  # the YAML it came from (conf/data/OPTION.yaml)
 
@@ -223,6 +226,11 @@ class DataConfig:
             problems.add(f"{key}.classes", f"must list at least two distinct labels, got {self.classes}")
         check_rules({"split_seed": self.split_seed}, {"split_seed": SEED}, key, problems)
         check_rules(self.params, RULES, key, problems)
+        for name in self.augment:
+            if name not in AUGMENTATIONS:
+                problems.add(f"{key}.augment", unknown("augmentation", name, AUGMENTATIONS))
+        if self.augment and self.name in NOT_IMAGES:
+            problems.add(f"{key}.augment", f"augments images; {self.name}'s examples are not images")
         if self.name == "synthetic":  # its size is a setting, so whether the splits fit is known now
             defaults = inspect.signature(synthetic).parameters
             n, k = (self.params.get(p, defaults[p].default) for p in ("n_samples", "n_classes"))

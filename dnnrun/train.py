@@ -32,6 +32,7 @@ from torch import nn
 from dnnrun import (advice, checkpoint, diagnosis, diagnostics, distributed, loggers, metrics, optim, pretrain, resume,
                     runtime, transfer)
 from dnnrun.activations import ACTIVATIONS
+from dnnrun.augment import Augment
 from dnnrun.console import EpochBar, console, print_diagnosis, results_table
 from dnnrun.data import Data, load as load_data
 from dnnrun.early_stopping import EarlyStopping
@@ -156,6 +157,7 @@ class Trainer:
         self.layer_stats = diagnostics.LayerStats(self.model, ACTIVATIONS[cfg.act.name], tc.diagnostics.every,
                                                   run_dir, self.logger)
         self.bar = EpochBar(tc.progress, tc.epochs)
+        self.augment = Augment(cfg.data.augment, self.data.shape, tc.seed) if cfg.data.augment else None
         self.probe = self.data.val.x[:512]  # a fixed batch for the activation snapshots
         if start.checkpoint is not None:
             self.state = self.checkpoints.restore(start.checkpoint, start.resume_from)
@@ -263,6 +265,8 @@ class Trainer:
         epoch's progress; returns whether SIGINT/SIGTERM asked to stop (after this step). Raises
         Diverged at a non-finite loss or gradient norm."""
         tc, global_size = self.cfg.trainer, len(yb)
+        if self.augment is not None:  # the global batch, as one process would see it
+            xb = self.augment(xb, step)
         if self.world > 1:
             xb, yb = xb[self.rank :: self.world], yb[self.rank :: self.world]
         with self.autocast():
