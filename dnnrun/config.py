@@ -12,7 +12,7 @@ import re
 from typing import Any, Literal
 
 from dnnrun import activations, init, loggers, model, optim, pretrain, regularizers, schedules
-from dnnrun.data import DataConfig, parse_data
+from dnnrun.data import NOT_IMAGES, DataConfig, parse_data
 from dnnrun.early_stopping import EarlyStoppingConfig
 from dnnrun.norms import NormConfig, parse_norm
 from dnnrun.schema import Choice, Problems, check_value, did_you_mean, parse
@@ -210,5 +210,8 @@ def _check_across_groups(cfg: dict[str, Any], problems: Problems) -> None:
     if cfg["pretrain"].name == "rbm" and (cfg["act"].name != "sigmoid" or cfg["norm"].name != "none"):
         problems.add("pretrain", f"rbm pretraining needs sigmoid units and no norm layers (act=sigmoid norm=none), "
                                  f"got act={cfg['act'].name} norm={cfg['norm'].name}")
+    if cfg["model"].name == "cnn" and cfg["data"].name in NOT_IMAGES:
+        problems.add("model", f"model=cnn needs images; data={cfg['data'].name}'s examples are vectors "
+                              f"(use an image set, e.g. data=digits, or model=mlp)")
     if cfg["mode"] == "evaluate" and cfg["evaluate"].checkpoint is None:
         problems.add("evaluate.checkpoint", "mode=evaluate needs the checkpoint to evaluate: evaluate.checkpoint=PATH")

@@ -107,10 +107,12 @@ class LayerStats:
 
 def activation_stats(out: torch.Tensor, activation: Activation) -> dict[str, torch.Tensor]:
     """Mean, std, and (where the activation has them) the dead units' fraction and the saturated
-    outputs' fraction of a (batch, units) activation tensor."""
+    outputs' fraction of a (batch, units) activation tensor, or (batch, channels, H, W) of a conv
+    block, where a unit is a channel: dead when it is 0 for every example at every position."""
     s = {"act_mean": out.mean(), "act_std": out.std()}
     if activation.can_die:
-        s["dead"] = (out == 0).all(dim=0).float().mean()
+        units = out.transpose(0, 1).reshape(out.shape[1], -1) if out.ndim > 2 else out.T
+        s["dead"] = (units == 0).all(dim=1).float().mean()
     if activation.asymptotes is not None:
         low, high = activation.asymptotes
         near = torch.minimum(out - low, high - out) < SATURATION

@@ -1,9 +1,9 @@
 """Models by name. A builder gets its own config, what the data looks like (`Inputs`) and the
 technique groups every layer follows (`Layers`: activation, norm, init, regularization), and
-returns a `Network` (network.py): named blocks, input to output, that diagnostics, transfer, pretraining and
-max-norm find by name instead of assuming a fixed stack of nn.Linear.
+returns a `Network` (network.py): named blocks, input to output, that diagnostics, transfer,
+pretraining and max-norm find by name instead of assuming a fixed stack of nn.Linear.
 
-    MODELS = {"mlp": Architecture(MLPConfig, mlp, mlp_fitting)}
+    MODELS = {"mlp": Architecture(MLPConfig, mlp, mlp_fitting), "cnn": Architecture(CNNConfig, cnn, ...)}
 
 Adding a model is one builder, one config dataclass and one YAML in conf/model/.
 """
@@ -13,9 +13,10 @@ from __future__ import annotations
 import dataclasses
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from dnnrun import activations
+from dnnrun.errors import UserError
 from dnnrun.init import initialize
 from dnnrun.norms import NormConfig
 from dnnrun.regularizers import Regularization
@@ -94,14 +95,8 @@ def mlp(cfg: MLPConfig, inputs: Inputs, layers: Layers) -> Network:
     for i, width in enumerate(cfg.widths, start=1):
         block: OrderedDict[str, nn.Module] = OrderedDict()
         block["linear"] = nn.Linear(width_in, width, bias=not norm.drops_bias)
-        norm_layer = norm.layer(width)
-        if norm_layer is not None and norm.placement == "before":
-            block["norm"] = norm_layer
-        block["act"] = activations.build(layers.act, width)
-        if norm_layer is not None and norm.placement == "after":
-            block["norm"] = norm_layer
-        if reg.dropout > 0:
-            block["dropout"] = getattr(nn, reg.dropout_layer)(reg.dropout)
+        _finish_block(block, norm.layer(width), norm, layers, width,
+                      getattr(nn, reg.dropout_layer)(reg.dropout) if reg.dropout > 0 else None)
         modules[f"hidden{i}"] = Block(block)
         width_in = width
     modules[OUTPUT] = nn.Linear(width_in, inputs.classes)
@@ -130,6 +125,109 @@ def affine_weight(state: dict[str, torch.Tensor], block: str) -> torch.Tensor | 
 
 
 # ---------------------------------------------------------------------------------------------
+# The convolutional net
+
+
+@dataclasses.dataclass(frozen=True)
+class CNNConfig:
+    name: str
+    channels: list[int] = dataclasses.field(default_factory=lambda: [32, 64])  # one stage each, input to output
+    blocks: int = 1  # conv blocks per stage
+    kernel: int = 3  # odd: "same" padding keeps the size within a stage
+    pool: Literal["max", "avg", "none"] = "max"  # after each stage: halves height and width
+    global_pool: bool = False  # average each channel of the last stage to one value (ResNet-style), else flatten
+    head: list[int] = dataclasses.field(default_factory=lambda: [128])  # dense layers before the output
+    option: str | None = None  # the YAML it came from (conf/model/OPTION.yaml)
+
+    def check(self, problems: Problems, key: str) -> None:
+        if not self.channels or any(c < 1 for c in self.channels):
+            problems.add(f"{key}.channels", f"needs one width >= 1 per stage, got {self.channels}")
+        if self.blocks < 1:
+            problems.add(f"{key}.blocks", f"must be >= 1, got {self.blocks}")
+        if self.kernel < 1 or self.kernel % 2 == 0:
+            problems.add(f"{key}.kernel", f"must be odd and >= 1, got {self.kernel}")
+        if any(w < 1 for w in self.head):
+            problems.add(f"{key}.head", f"every width must be >= 1, got {self.head}")
+
+    @property
+    def widths(self) -> list[int]:
+        """The hidden blocks' widths (conv channels, then the head's units), as hidden1..N."""
+        return [c for c in self.channels for _ in range(self.blocks)] + list(self.head)
+
+
+def cnn(cfg: CNNConfig, inputs: Inputs, layers: Layers) -> Network:
+    """Stages of conv blocks, Conv2d -> [norm] -> activation -> [dropout] (the norm per channel:
+    BatchNorm2d, or for layernorm GroupNorm with one group, over (C, H, W) of each example), pooling
+    after each stage, then the maps flattened (or averaged per channel), the head's dense blocks and
+    the output layer. The blocks are hidden1..N, as the MLP's, so that diagnostics, transfer and
+    max-norm find them."""
+    from torch import nn
+
+    from dnnrun.network import OUTPUT, Block, Images, Network
+
+    if inputs.shape is None:
+        raise UserError("model=cnn needs images; this data's examples are vectors (use an image set, or model=mlp)")
+    norm, reg = layers.norm, layers.reg
+    images = Images(inputs.shape)
+    modules: OrderedDict[str, nn.Module] = OrderedDict(images=images)
+    if norm.on_inputs:
+        modules["input_norm"] = norm.conv_layer(images.channels)
+    if reg.input_dropout > 0:
+        modules["input_dropout"] = getattr(nn, reg.dropout_layer)(reg.input_dropout)
+    dropout = _SPATIAL[reg.dropout_layer] if reg.spatial else reg.dropout_layer
+    width_in, i = images.channels, 0
+    rows, cols = images.shape[0], images.shape[1]  # of the maps, as they shrink
+    for stage, channels in enumerate(cfg.channels, start=1):
+        for _ in range(cfg.blocks):
+            i += 1
+            block: OrderedDict[str, nn.Module] = OrderedDict()
+            block["conv"] = nn.Conv2d(width_in, channels, cfg.kernel, padding=cfg.kernel // 2, bias=not norm.drops_bias)
+            _finish_block(block, norm.conv_layer(channels), norm, layers, channels,
+                          getattr(nn, dropout)(reg.dropout) if reg.dropout > 0 else None)
+            modules[f"hidden{i}"] = Block(block)
+            width_in = channels
+        if cfg.pool != "none":
+            modules[f"pool{stage}"] = (nn.MaxPool2d if cfg.pool == "max" else nn.AvgPool2d)(2, ceil_mode=True)
+            rows, cols = -(-rows // 2), -(-cols // 2)  # ceil_mode
+    if cfg.global_pool:
+        modules["flatten"] = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    else:
+        modules["flatten"] = nn.Flatten()
+        width_in *= rows * cols
+    for width in cfg.head:
+        i += 1
+        block = OrderedDict(linear=nn.Linear(width_in, width, bias=not norm.drops_bias))
+        _finish_block(block, norm.layer(width), norm, layers, width,
+                      getattr(nn, reg.dropout_layer)(reg.dropout) if reg.dropout > 0 else None)
+        modules[f"hidden{i}"] = Block(block)
+        width_in = width
+    modules[OUTPUT] = nn.Linear(width_in, inputs.classes)
+    model = Network(modules)
+    initialize(model, layers.init)
+    return model
+
+
+_SPATIAL = {"Dropout": "Dropout2d", "AlphaDropout": "FeatureAlphaDropout"}  # whole channels, for conv blocks
+
+
+def _finish_block(block, norm_layer, norm: NormConfig, layers: Layers, width: int, dropout) -> None:
+    """After the affine layer: [norm] -> activation -> [dropout], or the norm after the activation."""
+    if norm_layer is not None and norm.placement == "before":
+        block["norm"] = norm_layer
+    block["act"] = activations.build(layers.act, width)
+    if norm_layer is not None and norm.placement == "after":
+        block["norm"] = norm_layer
+    if dropout is not None:
+        block["dropout"] = dropout
+
+
+def cnn_fitting(cfg: CNNConfig, state: dict[str, torch.Tensor]) -> CNNConfig:
+    """A CNN's shapes come from its config: a checkpoint or a transfer source of another shape does
+    not fit, which check_fits says (transfer.add and a changed head are for MLPs for now)."""
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
 # The registry
 
 
@@ -140,7 +238,7 @@ class Architecture:
     fitting: Callable[[Any, dict[str, torch.Tensor]], Any]  # the config whose shapes fit a state dict
 
 
-MODELS = {"mlp": Architecture(MLPConfig, mlp, mlp_fitting)}
+MODELS = {"mlp": Architecture(MLPConfig, mlp, mlp_fitting), "cnn": Architecture(CNNConfig, cnn, cnn_fitting)}
 
 
 def parse(raw, key: str, problems: Problems):

@@ -52,3 +52,19 @@ def weight_of(layer: nn.Module) -> torch.Tensor:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+class Images(nn.Module):
+    """Flattened examples back to images (B, C, H, W), from their shape (H, W) or (H, W, C): the
+    data keeps each example as one row in that layout."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        super().__init__()
+        self.shape = (*shape, 1) if len(shape) == 2 else tuple(shape)
+
+    @property
+    def channels(self) -> int:
+        return self.shape[2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(len(x), *self.shape).permute(0, 3, 1, 2)

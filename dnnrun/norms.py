@@ -55,6 +55,18 @@ class NormConfig:
         """The Linear before this norm needs no bias: the norm's own shift replaces it."""
         return NORMS[self.name].cancels_bias and self.placement == "before"
 
+    def conv_layer(self, channels: int) -> nn.Module | None:
+        """The norm for conv blocks, per channel: BatchNorm2d for batchnorm; for layernorm GroupNorm
+        with one group, which normalizes each example over (C, H, W) as LayerNorm does over its units."""
+        if NORMS[self.name].layer is None:
+            return None
+        from torch import nn
+
+        if self.name == "layernorm":
+            return nn.GroupNorm(1, channels, eps=self.params.get("eps", 1e-5),
+                                affine=self.params.get("elementwise_affine", True))
+        return getattr(nn, NORMS[self.name].layer.replace("1d", "2d"))(channels, **self.params)
+
     def layer(self, width: int) -> nn.Module | None:
         name = NORMS[self.name].layer
         if name is None:

@@ -47,14 +47,16 @@ def l1_l2(l1: float = 1e-5, l2: float = 1e-4) -> dict[str, Any]:
     return {"l1": l1, "l2": l2}
 
 
-def dropout(rate: float = 0.2, input_rate: float = 0.2) -> dict[str, Any]:
-    """Zeroes each unit with probability rate in training and scales the rest by 1 / (1 - rate)."""
-    return {"dropout": rate, "input_dropout": input_rate, "dropout_layer": "Dropout"}
+def dropout(rate: float = 0.2, input_rate: float = 0.2, spatial: bool = False) -> dict[str, Any]:
+    """Zeroes each unit with probability rate in training and scales the rest by 1 / (1 - rate);
+    spatial: in conv blocks, whole channels (Dropout2d), as neighbouring pixels are correlated."""
+    return {"dropout": rate, "input_dropout": input_rate, "dropout_layer": "Dropout", "spatial": spatial}
 
 
-def alpha_dropout(rate: float = 0.1, input_rate: float = 0.1) -> dict[str, Any]:
-    """Dropout that keeps the mean and variance of its inputs: the kind that SELU nets need."""
-    return {"dropout": rate, "input_dropout": input_rate, "dropout_layer": "AlphaDropout"}
+def alpha_dropout(rate: float = 0.1, input_rate: float = 0.1, spatial: bool = False) -> dict[str, Any]:
+    """Dropout that keeps the mean and variance of its inputs: the kind that SELU nets need
+    (spatial: whole channels of conv blocks, FeatureAlphaDropout)."""
+    return {"dropout": rate, "input_dropout": input_rate, "dropout_layer": "AlphaDropout", "spatial": spatial}
 
 
 def max_norm(max_value: float = 1.0) -> dict[str, Any]:
@@ -83,6 +85,7 @@ class Regularization:
     dropout: float = 0.0  # rate after every hidden layer's activation (never after the output layer)
     input_dropout: float = 0.0  # rate on the inputs
     dropout_layer: str = "Dropout"  # torch.nn's class
+    spatial: bool = False  # conv blocks drop whole channels
     max_norm: float | None = None
 
     def penalty(self, model: nn.Module) -> torch.Tensor | None:

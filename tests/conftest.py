@@ -35,6 +35,7 @@ def compose_raw(*overrides: str) -> dict:
 COMPANIONS = {
     "pretrain=rbm": ["act=sigmoid"],  # RBMs are made of sigmoid units
     "pretrain=rotation": ["data=digits"],  # needs square images
+    "model=cnn": ["data=digits", "model.channels=[4,8]"],  # images
 }
 
 

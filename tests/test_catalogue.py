@@ -8,12 +8,14 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from conftest import COMPANIONS, compose_raw, make_config, write_mnist_like
 from dnnrun import (activations, advice, data, init, loggers, model, norms, optim, pretrain, regularizers, schedules,
                     train)
 from dnnrun.cli import CONFIG_DIR
+from dnnrun.errors import UserError
 
 REGISTRIES = {
     "data": data.DATASETS,
@@ -49,7 +51,8 @@ def test_every_registry_entry_has_a_yaml_and_every_yaml_a_registry_entry(group):
 @pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_trains_a_few_steps_with_a_finite_loss(group, option, tmp_path):
     value = f"[{option}]" if group == "regularizer" else option
-    overrides = [f"{group}={value}", "trainer.epochs=2", "trainer.limit_batches=4", "model.hidden=[32,16]"]
+    overrides = [f"{group}={value}", "trainer.epochs=2", "trainer.limit_batches=4"]
+    overrides += ["model.hidden=[32,16]"] if (group, option) != ("model", "cnn") else []
     if group == "pretrain" and option != "none":
         overrides.append("pretrain.epochs=1")
     companions = COMPANIONS.get(f"{group}={option}", [])
@@ -60,6 +63,46 @@ def test_every_option_trains_a_few_steps_with_a_finite_loss(group, option, tmp_p
     for name in ("train/loss", "val/loss"):
         assert math.isfinite(summary["final"][name])
     assert math.isfinite(summary["test"]["test/loss"])
+
+
+CONV_OPTIONS = [(g, o) for g, o in OPTIONS if g != "model"]
+DENSE_ONLY = {"pretrain=autoencoder", "pretrain=rbm"}  # layer-wise pretraining of dense layers
+
+
+@pytest.mark.parametrize("group, option", CONV_OPTIONS, ids=[f"{g}={o}" for g, o in CONV_OPTIONS])
+def test_every_option_trains_a_conv_net_too(group, option, tmp_path):
+    """The same groups on model=cnn (8x8 digits, two stages): norms per channel, dropout (spatial
+    too), init fans over the receptive field, max-norm per filter, pretraining on images."""
+    value = f"[{option}]" if group == "regularizer" else option
+    overrides = [f"{group}={value}", "model=cnn", "model.channels=[4,8]", "trainer.epochs=2", "trainer.limit_batches=4",
+                 *[c for c in COMPANIONS.get(f"{group}={option}", []) if not c.startswith("data=")]]
+    if group == "pretrain" and option != "none":
+        overrides.append("pretrain.epochs=1")
+    if f"{group}={option}" in DENSE_ONLY:
+        with pytest.raises(UserError, match=f"pretrain={option} pretrains dense layers; hidden1 is a Conv2d"):
+            train.run(make_config(*overrides, data="digits"), tmp_path)
+        return
+    summary = train.run(make_config(*overrides, data="digits"), tmp_path)
+    assert summary["status"] == "completed" and summary["steps"] == 8
+    assert all(math.isfinite(summary["final"][name]) for name in ("train/loss", "val/loss"))
+
+
+def test_spatial_dropout_and_the_conv_norms_are_the_channelwise_kinds():
+    from torch import nn
+
+    from dnnrun.runtime import build_model
+
+    def kinds(*overrides):
+        cfg = make_config("model=cnn", "model.channels=[4]", *overrides, data="digits")
+        split = data.Split(torch.zeros(2, 64), torch.zeros(2, dtype=torch.int64))
+        net, _ = build_model(cfg, data.Data(split, split, split, 64, 10, (8, 8), split.x))
+        return [type(m) for m in net.hidden1]
+
+    assert kinds("norm=batchnorm", "regularizer=[dropout]", "regularizer.dropout.spatial=true") == \
+        [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Dropout2d]
+    assert kinds("norm=layernorm", "regularizer=[dropout]") == [nn.Conv2d, nn.GroupNorm, nn.ReLU, nn.Dropout]
+    assert kinds("act=selu", "regularizer=[alpha_dropout]", "regularizer.alpha_dropout.spatial=true")[-1] \
+        is nn.FeatureAlphaDropout
 
 
 TORCHVISION_FOLDERS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}

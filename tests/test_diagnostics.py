@@ -294,3 +294,12 @@ def test_saturation_that_leaves_the_gradients_flowing_is_not_called_vanishing():
     found = diagnosis.diagnose([], _records([0.9, 0.6, 0.7, 0.5, 0.8, 1.1], [0.88, 0.57, 0.6, 0.55, 0.5, 0.6]), 10)
     assert [f.rule for f in found] == ["saturated_units"]
     assert diagnosis.diagnose([], _records([0.9, 0.6, 0.7, 0.5, 0.8, 1.1], [0.0] * 6), 10) == []
+
+
+def test_a_conv_blocks_unit_is_a_channel_dead_when_zero_everywhere():
+    from dnnrun.activations import ACTIVATIONS
+
+    out = torch.ones(2, 3, 2, 2)
+    out[:, 0] = 0  # channel 0: zero for every example at every position
+    out[0, 1, 0, 0] = 0  # channel 1: zero somewhere only
+    assert diagnostics.activation_stats(out, ACTIVATIONS["relu"])["dead"].item() == pytest.approx(1 / 3)

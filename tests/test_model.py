@@ -8,10 +8,11 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import make_config
 from dnnrun.model import Inputs, Layers, MLPConfig, fitting_config, mlp
 from dnnrun.network import count_parameters
 from dnnrun.norms import NormConfig
-from dnnrun.regularizers import Regularization
+from dnnrun.regularizers import Regularization, combine
 from dnnrun.schema import Choice
 
 HE = Choice("variance_scaling", {"scale": 2.0, "mode": "fan_in", "distribution": "truncated_normal"})
@@ -80,3 +81,25 @@ def test_a_state_dict_gives_back_the_config_whose_shapes_fit_it():
     assert fitted.widths == [30, 20, 10]
     rebuilt = mlp(fitted, Inputs(features=16, classes=5), Layers(Choice("relu"), NormConfig("none"), HE, Regularization()))
     rebuilt.load_state_dict(state)  # every key and shape fits
+
+
+def test_the_cnn_has_named_conv_blocks_pools_and_a_head_and_reads_images_in_their_layout():
+    from torch import nn
+
+    from dnnrun.model import CNNConfig, cnn
+
+    cfg = make_config("model=cnn", "model.channels=[4,8]", "model.blocks=2", "model.head=[16]", "norm=batchnorm",
+                      data="digits")
+    layers = Layers(cfg.act, cfg.norm, cfg.init, combine(cfg.regularizer))
+    net = cnn(cfg.model, Inputs(features=3 * 8 * 8, classes=10, shape=(8, 8, 3)), layers)
+    assert list(net._modules) == ["images", "hidden1", "hidden2", "pool1", "hidden3", "hidden4", "pool2", "flatten",
+                                  "hidden5", "output"]
+    assert net.hidden5.linear.in_features == 8 * 2 * 2  # 8x8 maps pooled twice
+    assert [type(b.affine) for _, b in net.hidden()] == [nn.Conv2d] * 4 + [nn.Linear]
+    assert net.hidden1.conv.bias is None and isinstance(net.hidden1.norm, nn.BatchNorm2d)  # the norm's shift instead
+    assert isinstance(cfg.model, CNNConfig) and cfg.model.widths == [4, 4, 8, 8, 16]
+    x = torch.arange(2 * 8 * 8 * 3, dtype=torch.float32).reshape(2, 8, 8, 3)  # (H, W, C), as CIFAR-10's files
+    seen = {}
+    net.hidden1.conv.register_forward_hook(lambda m, i, o: seen.__setitem__("in", i[0]))
+    assert net(x.reshape(2, -1)).shape == (2, 10)
+    assert torch.equal(seen["in"], x.permute(0, 3, 1, 2))  # channels first, each pixel where it was
