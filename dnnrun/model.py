@@ -83,18 +83,26 @@ def mlp(cfg: MLPConfig, inputs: Inputs, layers: Layers) -> Network:
     """Per hidden layer Linear -> [norm] -> activation -> [dropout] (or the norm after the activation)."""
     from torch import nn
 
-    from dnnrun.network import OUTPUT, Block, Network
-
     norm, reg = layers.norm, layers.reg
     modules: OrderedDict[str, nn.Module] = OrderedDict()
     if norm.on_inputs:
         modules["input_norm"] = norm.layer(inputs.features)
     if reg.input_dropout > 0:
         modules["input_dropout"] = getattr(nn, reg.dropout_layer)(reg.input_dropout)
-    width_in = inputs.features
-    for i, width in enumerate(cfg.widths, start=1):
-        block: OrderedDict[str, nn.Module] = OrderedDict()
-        block["linear"] = nn.Linear(width_in, width, bias=not norm.drops_bias)
+    return _dense_to_output(modules, inputs.features, cfg.widths, 1, inputs, layers)
+
+
+def _dense_to_output(modules: OrderedDict, width_in: int, widths: list[int], first: int, inputs: Inputs,
+                     layers: Layers) -> Network:
+    """Dense blocks hidden{first}... of these widths and the output layer after `modules`, all
+    initialized: the MLP's body, a CNN's head."""
+    from torch import nn
+
+    from dnnrun.network import OUTPUT, Block, Network
+
+    norm, reg = layers.norm, layers.reg
+    for i, width in enumerate(widths, start=first):
+        block = OrderedDict(linear=nn.Linear(width_in, width, bias=not norm.drops_bias))
         _finish_block(block, norm.layer(width), norm, layers, width,
                       getattr(nn, reg.dropout_layer)(reg.dropout) if reg.dropout > 0 else None)
         modules[f"hidden{i}"] = Block(block)
@@ -163,7 +171,7 @@ def cnn(cfg: CNNConfig, inputs: Inputs, layers: Layers) -> Network:
     max-norm find them."""
     from torch import nn
 
-    from dnnrun.network import OUTPUT, Block, Images, Network
+    from dnnrun.network import Block, Images
 
     if inputs.shape is None:
         raise UserError("model=cnn needs images; this data's examples are vectors (use an image set, or model=mlp)")
@@ -194,17 +202,7 @@ def cnn(cfg: CNNConfig, inputs: Inputs, layers: Layers) -> Network:
     else:
         modules["flatten"] = nn.Flatten()
         width_in *= rows * cols
-    for width in cfg.head:
-        i += 1
-        block = OrderedDict(linear=nn.Linear(width_in, width, bias=not norm.drops_bias))
-        _finish_block(block, norm.layer(width), norm, layers, width,
-                      getattr(nn, reg.dropout_layer)(reg.dropout) if reg.dropout > 0 else None)
-        modules[f"hidden{i}"] = Block(block)
-        width_in = width
-    modules[OUTPUT] = nn.Linear(width_in, inputs.classes)
-    model = Network(modules)
-    initialize(model, layers.init)
-    return model
+    return _dense_to_output(modules, width_in, cfg.head, i + 1, inputs, layers)
 
 
 _SPATIAL = {"Dropout": "Dropout2d", "AlphaDropout": "FeatureAlphaDropout"}  # whole channels, for conv blocks
