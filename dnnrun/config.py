@@ -150,18 +150,20 @@ class RunConfig:
     evaluate: EvaluateConfig
     raw: dict[str, Any]  # the plain config as composed, stored in checkpoints and summaries
 
-    def options(self) -> str:
-        """The option of every group, as on a command line: `data=digits ... init=he_normal ...`.
+    def choices(self) -> dict[str, str]:
+        """The option of every group, in the order of conf/config.yaml's defaults: {"init": "he_normal", ...}.
         Each option's YAML names itself (`option:`); a config saved before that falls back to the
         registry name."""
         groups = {"data": self.data, "model": self.model, "init": self.init, "act": self.act, "norm": self.norm,
-                  "optimizer": self.optimizer, "schedule": self.schedule, "trainer": self.trainer,
-                  "logger": self.logger, "pretrain": self.pretrain}
+                  "optimizer": self.optimizer, "schedule": self.schedule, "regularizer": None,
+                  "trainer": self.trainer, "logger": self.logger, "pretrain": self.pretrain}
         chosen = {g: getattr(c, "option", None) or getattr(c, "name", "?") for g, c in groups.items()}
         chosen["regularizer"] = "[" + ",".join(self.raw.get("regularizer") or {}) + "]"
-        order = ("data", "model", "init", "act", "norm", "optimizer", "schedule", "regularizer", "trainer", "logger",
-                 "pretrain")
-        return " ".join(f"{g}={chosen[g]}" for g in order)
+        return chosen
+
+    def options(self) -> str:
+        """choices() as on a command line: `data=digits model=mlp init=he_normal ...`."""
+        return " ".join(f"{group}={option}" for group, option in self.choices().items())
 
 
 # Each group's checker: (plain data, key, problems) -> the typed config, or None after a problem.

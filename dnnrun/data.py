@@ -316,8 +316,8 @@ def _keep_classes(x: torch.Tensor, y: torch.Tensor, classes: list[int], n_classe
 
 def load(cfg: DataConfig, device: torch.device) -> Data:
     root = Path(os.path.expanduser(cfg.root))
-    arrays = DATASETS[cfg.name](root, cfg.download, **cfg.params)
     loader = DATASETS[cfg.name]
+    arrays = loader(root, cfg.download, **cfg.params)
     arrays.check(f"{loader.class_name} under {root / loader.folder} ({', '.join(loader.files)})"
                  if isinstance(loader, TorchvisionSet) else cfg.name)
     x_train, y_train, x_test, y_test = arrays.x_train, arrays.y_train, arrays.x_test, arrays.y_test

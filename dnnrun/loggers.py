@@ -10,7 +10,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from dnnrun.errors import UserError
-from dnnrun.schema import Choice, Problems, parse_choice
+from dnnrun.schema import Choice, Problems, flatten, parse_choice
 
 if TYPE_CHECKING:
     from torch import nn
@@ -86,25 +86,13 @@ class TensorBoard(NoLogger):
 
 def hparams(cfg: RunConfig) -> dict[str, int | float | str | bool]:
     """The option of every group (`init: he_normal`, `regularizer: [l2,dropout]`) and the values of
-    the hyperparameter groups flattened with dots (`optimizer.lr`, `model.hidden: "[300, 100]"`).
+    the hyperparameter groups with dotted keys (`optimizer.lr`, `model.hidden: "[300, 100]"`).
     Lists become JSON strings; None is dropped (TensorBoard takes only int, float, str and bool)."""
-    chosen = dict(option.split("=", 1) for option in cfg.options().split())
-    values = {group: {k: v for k, v in (cfg.raw.get(group) or {}).items() if k not in ("option", "name")}
-              for group in HPARAM_GROUPS}
+    values = {group: cfg.raw.get(group) or {} for group in HPARAM_GROUPS}
     values["trainer"] = {k: cfg.raw["trainer"].get(k) for k in TRAINER_HPARAMS}
-    return {**chosen, **_flatten(values)}
-
-
-def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, int | float | str | bool]:
-    flat: dict[str, int | float | str | bool] = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_flatten({k: v for k, v in value.items() if k not in ("option", "name")}, f"{prefix}{key}."))
-        elif isinstance(value, (list, tuple)):
-            flat[prefix + key] = json.dumps(value)
-        elif isinstance(value, (int, float, str, bool)):
-            flat[prefix + key] = value
-    return flat
+    flat = {k: v for k, v in flatten(values).items() if k.rsplit(".", 1)[-1] not in ("option", "name")}
+    return {**cfg.choices(), **{k: json.dumps(v) if isinstance(v, (list, tuple)) else v for k, v in flat.items()
+                                if isinstance(v, (int, float, str, bool, list, tuple))}}
 
 
 def summary_metrics(summary: dict[str, Any]) -> dict[str, float]:

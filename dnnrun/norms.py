@@ -22,6 +22,7 @@ def is_batch_norm(module: nn.Module) -> bool:
 class Norm:
     layer: str | None  # torch.nn's class, called with the layer width first; None: no layer
     cancels_bias: bool  # true when the layer subtracts a per-unit mean, so a bias before it is wasted
+    conv: str | None = None  # its class for conv blocks, called with the channels first
     # what a config may set, by torch.nn's names (torch is imported only to build the layer)
     params: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -29,11 +30,13 @@ class Norm:
 NORMS = {
     "none": Norm(layer=None, cancels_bias=False),
     # momentum is PyTorch's: running = (1 - momentum) * running + momentum * batch (Keras' 0.99 is 0.01)
-    "batchnorm": Norm("BatchNorm1d", cancels_bias=True,
+    "batchnorm": Norm("BatchNorm1d", cancels_bias=True, conv="BatchNorm2d",
                       params={"eps": float, "momentum": float, "affine": bool, "track_running_stats": bool,
                               "bias": bool}),
     # normalizes each example over its units; a per-unit bias before it is not cancelled
-    "layernorm": Norm("LayerNorm", cancels_bias=False, params={"eps": float, "elementwise_affine": bool, "bias": bool}),
+    # for conv blocks one group of GroupNorm: each example normalized over (C, H, W), as LayerNorm over its units
+    "layernorm": Norm("LayerNorm", cancels_bias=False, conv="GroupNorm",
+                      params={"eps": float, "elementwise_affine": bool, "bias": bool}),
 }
 
 
@@ -58,14 +61,15 @@ class NormConfig:
     def conv_layer(self, channels: int) -> nn.Module | None:
         """The norm for conv blocks, per channel: BatchNorm2d for batchnorm; for layernorm GroupNorm
         with one group, which normalizes each example over (C, H, W) as LayerNorm does over its units."""
-        if NORMS[self.name].layer is None:
+        name = NORMS[self.name].conv
+        if name is None:
             return None
         from torch import nn
 
-        if self.name == "layernorm":
+        if name == "GroupNorm":  # LayerNorm's settings, by GroupNorm's names
             return nn.GroupNorm(1, channels, eps=self.params.get("eps", 1e-5),
                                 affine=self.params.get("elementwise_affine", True))
-        return getattr(nn, NORMS[self.name].layer.replace("1d", "2d"))(channels, **self.params)
+        return getattr(nn, name)(channels, **self.params)
 
     def layer(self, width: int) -> nn.Module | None:
         name = NORMS[self.name].layer

@@ -19,6 +19,7 @@ import torch
 from dnnrun import checkpoint
 from dnnrun.errors import UserError
 from dnnrun.rundir import RESULT_NEUTRAL, RunDir, atomic_write
+from dnnrun.schema import flatten
 from dnnrun.state import TrainState
 
 if TYPE_CHECKING:
@@ -71,7 +72,7 @@ def load_resumable(path: Path, cfg: RunConfig, device: torch.device) -> dict[str
 
 def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """'key: X in the checkpoint, Y now' for each setting that differs and alters the result."""
-    old, new = _flatten(saved), _flatten(now)
+    old, new = flatten(saved), flatten(now)
     changes = []
     for key in sorted(old.keys() | new.keys()):
         if key.endswith(".option"):
@@ -79,16 +80,6 @@ def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
         if old.get(key) != new.get(key) and not any(key == k or key.startswith(k + ".") for k in MAY_CHANGE_ON_RESUME):
             changes.append(f"{key}: {old.get(key, '(unset)')!r} in the checkpoint, {new.get(key, '(unset)')!r} now")
     return changes
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 class Checkpoints:

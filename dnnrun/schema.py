@@ -72,6 +72,18 @@ def check_rules(values: Mapping[str, Any], rules: Mapping[str, Rule], key: str, 
             problems.add(f"{key}.{name}", f"{must}, got {value!r}")
 
 
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested plain data as dotted keys: {"optimizer": {"lr": 0.1}} -> {"optimizer.lr": 0.1}
+    (an empty mapping stays a value)."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 # ---------------------------------------------------------------------------------------------
 # Types
 

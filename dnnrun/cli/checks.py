@@ -278,7 +278,7 @@ def _sweep_jobs(composer: Composer, fixed: list, applied: list, group_sweeps: li
         problems.extend(f"with {label}: {p}" if label else p for p in found if p not in problems)
         return None if found else cfg
 
-    def with_value(first: DictConfig | None, o) -> DictConfig | None:
+    def with_value(first: DictConfig | None, i: int, o) -> DictConfig | None:
         """The first job with one plain value set otherwise: Hydra sets it as OmegaConf.update
         does, on a key the first job's composing found (much cheaper than composing it again)."""
         if first is None or not _plain(o):
@@ -297,7 +297,7 @@ def _sweep_jobs(composer: Composer, fixed: list, applied: list, group_sweeps: li
     for i, sweep in enumerate(group_sweeps):
         jobs += [(o.input_line, job([*groups[:i], o, *groups[i + 1:]], values)) for o in sweep[1:]]
     for i, sweep in enumerate(value_sweeps):
-        jobs += [(o.input_line, with_value(first, o)) for o in sweep[1:]]
+        jobs += [(o.input_line, with_value(first, i, o)) for o in sweep[1:]]
     return [(label, cfg) for label, cfg in jobs if cfg is not None]
 
 

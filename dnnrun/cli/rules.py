@@ -181,7 +181,7 @@ def plugin_problems(hydra: DictConfig, root: str | None) -> list[str]:
 def _setting_problems(path: str, kind: str, value: object, root: str | None) -> list[str]:
     if value is None:
         return []
-    if kind == NEVER and value not in ("", [], {}) and not (isinstance(value, (ListConfig, DictConfig)) and not value):
+    if kind == NEVER and not (isinstance(value, (str, ListConfig, DictConfig)) and len(value) == 0):
         return [f"{path}: runs as a shell line or a program in the job's script, which a config may not do; "
                 f"prepare the environment before calling dnnrun (the job inherits it)"]
     if kind == LINE and isinstance(value, str) and ("\n" in value or "\r" in value):
