@@ -88,10 +88,10 @@ def main() -> None:
     args = parser.parse_args()
     device = runtime.resolve_device(args.device)
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (args.samples, 784), generator=g, dtype=torch.uint8).to(device).float() / 255
+    x = torch.randint(0, 256, (args.samples, 1, 28, 28), generator=g, dtype=torch.uint8).to(device).float() / 255
     y = torch.randint(0, 10, (args.samples,), generator=g).to(device)
     held = Split(x[:1000], y[:1000])
-    data = Data(Split(x, y), held, held, n_features=784, n_classes=10, shape=(28, 28), unlabeled=x)
+    data = Data(Split(x, y), held, held, n_features=784, n_classes=10, shape=(1, 28, 28), unlabeled=x)
     print(f"device {device}, {args.samples} x 784, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("dnnrun: train.Trainer.fit, one epoch; +diagnostics: with per-layer statistics at the default cadence")
     print(f"{'batch':>6} {'plain s/epoch':>14} {'dnnrun s/epoch':>15} {'ratio':>7} {'+diagnostics s':>15} {'ratio to dnnrun':>16}")

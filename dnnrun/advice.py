@@ -14,7 +14,8 @@ if TYPE_CHECKING:
 def warnings(cfg: RunConfig) -> list[str]:
     found = []
     t = cfg.transfer
-    if t.source is None and (t.freeze or t.unfreeze_after is not None or t.layers is not None or t.replace is not None or t.add):
+    reuses = t.source is not None or getattr(cfg.model, "weights", None) is not None  # model=zoo: model.weights
+    if not reuses and (t.freeze or t.unfreeze_after is not None or t.layers is not None or t.replace is not None or t.add):
         found.append("transfer settings without transfer.source have no effect: this run trains from scratch")
     if cfg.norm.on_inputs and cfg.data.scaling == "standardize":
         found.append("norm.on_inputs=true with data.scaling=standardize: the input BN layer is meant to replace "

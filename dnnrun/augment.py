@@ -4,10 +4,7 @@ validation or test one) with tensor operations where the batch already is.
 Each step's random draws come from a generator seeded with (trainer.seed, the step's number), not
 from a stream that runs on: a run resumed at any step, even in the middle of an epoch, draws what
 the uninterrupted run drew, with nothing to keep in the checkpoint. The draws are a few numbers per
-example, made on the CPU and moved to the device.
-
-Images are batches (B, C, H, W); the data keeps them flattened, in the layout of their shape
-((H, W) or (H, W, C)), which `Augment` undoes and redoes around the functions.
+example, made on the CPU and moved to the device. Batches are images (B, C, H, W), as data.py keeps them.
 """
 
 from __future__ import annotations
@@ -65,17 +62,16 @@ AUGMENTATIONS = {"crop": crop, "flip": flip, "cutout": cutout}
 
 
 class Augment:
-    """The chosen augmentations, in the order given, for images of `shape` ((H, W) or (H, W, C))."""
+    """The chosen augmentations, in the order given."""
 
-    def __init__(self, names: list[str], shape: tuple[int, ...], seed: int):
+    def __init__(self, names: list[str], seed: int):
         self.functions = [AUGMENTATIONS[name] for name in names]
-        self.shape, self.seed = (*shape, 1) if len(shape) == 2 else tuple(shape), seed
+        self.seed = seed
 
-    def __call__(self, x: torch.Tensor, step: int) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, step: int) -> torch.Tensor:
         import torch
 
         g = torch.Generator().manual_seed((self.seed << 32) + step)  # seed < 2**32: one stream per (seed, step)
-        images = x.reshape(len(x), *self.shape).permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
         for function in self.functions:
             images = function(images, g)
-        return images.permute(0, 2, 3, 1).reshape(len(x), -1)
+        return images

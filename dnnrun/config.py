@@ -62,7 +62,10 @@ class TrainerConfig:
     device: str = "auto"  # auto (CUDA if present, else CPU) | cpu | cuda | cuda:N | mps
     seed: int = 0  # one seed for initialization, shuffling and dropout
     deterministic: bool = False  # deterministic kernels only (slower on GPU)
-    amp: bool = False  # mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling)
+    # mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling); auto: for conv nets
+    amp: bool | Literal["auto"] = "auto"
+    channels_last: bool | Literal["auto"] = "auto"  # conv nets in the NHWC memory format; auto: on CUDA
+    compile: bool = False  # the training forward pass through torch.compile (falls back with a warning)
     clip_value: float | None = None  # clip each gradient element to [-v, v]
     clip_norm: float | None = None  # rescale the gradients when their global L2 norm exceeds this
     monitor: Literal["val/loss", "val/acc"] = "val/loss"  # picks best.pt and drives early stopping
@@ -212,8 +215,20 @@ def _check_across_groups(cfg: dict[str, Any], problems: Problems) -> None:
     if cfg["pretrain"].name == "rbm" and (cfg["act"].name != "sigmoid" or cfg["norm"].name != "none"):
         problems.add("pretrain", f"rbm pretraining needs sigmoid units and no norm layers (act=sigmoid norm=none), "
                                  f"got act={cfg['act'].name} norm={cfg['norm'].name}")
-    if cfg["model"].name == "cnn" and cfg["data"].name in NOT_IMAGES:
-        problems.add("model", f"model=cnn needs images; data={cfg['data'].name}'s examples are vectors "
+    name = cfg["model"].name
+    if model.MODELS[name].images and cfg["data"].name in NOT_IMAGES:
+        problems.add("model", f"model={name} needs images; data={cfg['data'].name}'s examples are vectors "
                               f"(use an image set, e.g. data=digits, or model=mlp)")
+    if cfg["pretrain"].name in ("autoencoder", "rbm") and name != "mlp":
+        problems.add("pretrain", f"pretrain={cfg['pretrain'].name} pretrains dense layers one by one: model=mlp "
+                                 f"only; for model={name} use pretrain=rotation or pretrain=corrupted")
+    if name == "zoo":
+        transfer = cfg["transfer"]
+        if transfer.source is not None or transfer.add or transfer.replace is not None:
+            problems.add("transfer", "model=zoo reuses the weights of model.weights; transfer.source, transfer.add and "
+                                     "transfer.replace are for dnnrun's own models (transfer.layers counts its stages)")
+        if transfer.freeze and cfg["model"].weights is None:
+            problems.add("transfer.freeze", "keeps reused weights fixed, but model.weights is null: give the weights "
+                                            "to reuse (model.weights=PATH)")
     if cfg["mode"] == "evaluate" and cfg["evaluate"].checkpoint is None:
         problems.add("evaluate.checkpoint", "mode=evaluate needs the checkpoint to evaluate: evaluate.checkpoint=PATH")

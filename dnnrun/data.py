@@ -1,8 +1,10 @@
 """Datasets held as tensors on the training device.
 
-A loader returns whole uint8 arrays (N, features) on the CPU. `load` filters classes, carves the
-validation split (and a test split for sets without one) with a fixed seed, caps the training set,
-moves the compact uint8 tensors to the device and converts them to float32 once, there. Training
+A loader returns whole uint8 arrays on the CPU: images as images (N, C, H, W), other examples as
+vectors (N, features). `load` filters classes, carves the validation split (and a test split for
+sets without one) with a fixed seed, caps the training set, moves the compact uint8 tensors to the
+device and converts them to float32 once, there. Models take the examples in that shape (an MLP
+flattens images itself). Training
 batches are index slices of a `randperm`; there is no per-sample Dataset/collate path.
 """
 
@@ -36,7 +38,8 @@ def default_root() -> str:
 
 @dataclasses.dataclass
 class Arrays:
-    """What a loader returns: uint8 (or float) features (N, D) and int64 labels, on the CPU."""
+    """What a loader returns: uint8 (or float) images (N, C, H, W) or vectors (N, D), and int64
+    labels, on the CPU."""
 
     x_train: torch.Tensor
     y_train: torch.Tensor
@@ -44,7 +47,11 @@ class Arrays:
     y_test: torch.Tensor | None
     max_value: float  # the raw value that scaling=unit maps to 1.0
     n_classes: int
-    shape: tuple[int, ...] | None = None  # one example's shape before flattening: (H, W) or (H, W, C)
+
+    @property
+    def shape(self) -> tuple[int, ...] | None:
+        """One image's shape (C, H, W); None when the examples are vectors."""
+        return tuple(self.x_train.shape[1:]) if self.x_train.ndim == 4 else None
 
     def check(self, source: str) -> None:
         """Files that disagree with themselves are refused here, with what was expected, rather than
@@ -52,32 +59,29 @@ class Arrays:
         labels are classes, and the splits' examples have one size."""
         import torch
 
-        features = self.x_train.shape[1] if self.x_train.ndim == 2 else None
+        example = tuple(self.x_train.shape[1:])
         splits = [("training", self.x_train, self.y_train)]
         if self.x_test is not None:
             splits.append(("test", self.x_test, self.y_test))
         for split, x, y in splits:
-            if x.ndim != 2 or not (x.dtype == torch.uint8 or x.is_floating_point()):
-                raise DataError(f"{source}: the {split} images are {x.dtype} of shape {tuple(x.shape)}; expected "
-                                "one row of uint8 (or float) values per image")
+            if x.ndim not in (2, 4) or not (x.dtype == torch.uint8 or x.is_floating_point()):
+                raise DataError(f"{source}: the {split} examples are {x.dtype} of shape {tuple(x.shape)}; expected "
+                                "uint8 (or float) images (N, C, H, W) or rows (N, features)")
             if len(x) != len(y):
                 raise DataError(f"{source}: the {split} split has {len(x)} images but {len(y)} labels; "
                                 "expected one label per image (a file cut short, or from another download?)")
-            if x.shape[1] != features:
-                raise DataError(f"{source}: the {split} images have {x.shape[1]} values each, the training images "
-                                f"{features}; expected one size for every split")
+            if tuple(x.shape[1:]) != example:
+                raise DataError(f"{source}: the {split} examples have shape {tuple(x.shape[1:])}, the training "
+                                f"examples {example}; expected one shape for every split")
             if len(y) and (int(y.min()) < 0 or int(y.max()) >= self.n_classes):
                 raise DataError(f"{source}: the {split} labels run from {int(y.min())} to {int(y.max())}; expected "
                                 f"classes 0..{self.n_classes - 1}")
-        if self.shape is not None and math.prod(self.shape) != features:
-            raise DataError(f"{source}: images of shape {self.shape} hold {math.prod(self.shape)} values, "
-                            f"not {features}")
 
 
 # ---------------------------------------------------------------------------------------------
 # Loaders: (root, download, **params) -> Arrays
 
-DIGITS = "digits.npz"  # in the package: images (1797, 64) and labels (1797,), both uint8
+DIGITS = "digits.npz"  # in the package: images (1797, 64), 8 x 8 row by row, and labels (1797,), both uint8
 
 
 def digits(root: Path, download: bool) -> Arrays:
@@ -87,9 +91,9 @@ def digits(root: Path, download: bool) -> Arrays:
     import torch
 
     with np.load(files("dnnrun") / DIGITS) as arrays:
-        x = torch.as_tensor(arrays["images"])  # (1797, 64) uint8
+        x = torch.as_tensor(arrays["images"]).reshape(-1, 1, 8, 8)  # uint8
         y = torch.as_tensor(arrays["labels"], dtype=torch.int64)
-    return Arrays(x, y, None, None, max_value=16.0, n_classes=10, shape=(8, 8))
+    return Arrays(x, y, None, None, max_value=16.0, n_classes=10)
 
 
 def synthetic(
@@ -149,21 +153,21 @@ class TorchvisionSet:
                 "(or the DNNRUN_DATA environment variable) at a folder that has them."
             ) from None
         return Arrays(
-            x_train=_flat_uint8(train.data),
+            x_train=_images(train.data),
             y_train=torch.as_tensor(train.targets, dtype=torch.int64),
-            x_test=_flat_uint8(test.data),
+            x_test=_images(test.data),
             y_test=torch.as_tensor(test.targets, dtype=torch.int64),
             max_value=255.0,
             n_classes=len(train.classes),
-            shape=tuple(torch.as_tensor(train.data).shape[1:]),
         )
 
 
-def _flat_uint8(data: Any) -> torch.Tensor:
+def _images(data: Any) -> torch.Tensor:
+    """torchvision's images as (N, C, H, W) uint8: MNIST's are (N, H, W), CIFAR's (N, H, W, C)."""
     import torch
 
-    x = torch.as_tensor(data)
-    return x.reshape(len(x), -1).to(torch.uint8)
+    x = torch.as_tensor(data).to(torch.uint8)
+    return x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2).contiguous()
 
 
 _MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -209,6 +213,7 @@ class DataConfig:
     max_train: int | None = None  # keep at most this many training examples (after the validation split)
     split_seed: int = 0  # fixes which examples go to validation (and test), whatever the training seed
     augment: list[str] = dataclasses.field(default_factory=list)  # training batches only: augment.AUGMENTATIONS
+    resize: int | None = None  # images resized to resize x resize on the device; null: as they are (model=zoo: its size)
     params: dict[str, Any] = dataclasses.field(default_factory=dict)  # the loader's own options
     option: str | None = None  # the YAML it came from (conf/data/OPTION.yaml)
 
@@ -231,6 +236,10 @@ class DataConfig:
                 problems.add(f"{key}.augment", unknown("augmentation", name, AUGMENTATIONS))
         if self.augment and self.name in NOT_IMAGES:
             problems.add(f"{key}.augment", f"augments images; {self.name}'s examples are not images")
+        if self.resize is not None and self.resize < 1:
+            problems.add(f"{key}.resize", f"must be >= 1 or null, got {self.resize}")
+        elif self.resize is not None and self.name in NOT_IMAGES:
+            problems.add(f"{key}.resize", f"resizes images; {self.name}'s examples are not images")
         if self.name == "synthetic":  # its size is a setting, so whether the splits fit is known now
             defaults = inspect.signature(synthetic).parameters
             n, k = (self.params.get(p, defaults[p].default) for p in ("n_samples", "n_classes"))
@@ -253,7 +262,7 @@ def parse_data(raw, key: str, problems: Problems) -> DataConfig | None:
 
 @dataclasses.dataclass
 class Split:
-    x: torch.Tensor  # (N, features) float32, on the training device
+    x: torch.Tensor  # (N, C, H, W) or (N, features) float32, on the training device
     y: torch.Tensor  # (N,) int64
 
     def __len__(self) -> int:
@@ -282,9 +291,9 @@ class Data:
     train: Split
     val: Split
     test: Split
-    n_features: int
+    n_features: int  # values per example (C x H x W for images)
     n_classes: int
-    shape: tuple[int, ...] | None  # one example's shape before flattening, for image-aware code
+    shape: tuple[int, ...] | None  # one image's (C, H, W); None when the examples are vectors
     unlabeled: torch.Tensor  # every training input, also those that max_train leaves without their label
 
 
@@ -349,7 +358,7 @@ def load(cfg: DataConfig, device: torch.device) -> Data:
         train=train,
         val=Split(scale(splits["val"][0]), splits["val"][1]),
         test=Split(scale(splits["test"][0]), splits["test"][1]),
-        n_features=x_train.shape[1],
+        n_features=math.prod(x_train.shape[1:]),
         n_classes=n_classes,
         shape=arrays.shape,
         # the same tensor as train.x unless max_train dropped some labels

@@ -86,8 +86,8 @@ class LayerStats:
             out = outputs.get(name)
             if out is not None:
                 s.update(activation_stats(out, self.activation))
-            norm = getattr(block, "norm", None)
-            if is_batch_norm(norm) and norm.running_mean is not None:
+            norm = next((m for m in block.modules() if is_batch_norm(m)), None)  # the block's first
+            if norm is not None and norm.running_mean is not None:
                 s["bn_running_mean"] = norm.running_mean.mean()
                 s["bn_running_var"] = norm.running_var.mean()
             stats[name] = s

@@ -22,7 +22,7 @@ from torch import nn
 from dnnrun import checkpoint, runtime
 from dnnrun.config import RunConfig, parse_run_config
 from dnnrun.console import console
-from dnnrun.data import DEFAULT_ROOT, load as load_data
+from dnnrun.data import DEFAULT_ROOT
 from dnnrun.errors import ConfigError, UserError
 from dnnrun.metrics import scores
 from dnnrun.model import fitting_config
@@ -85,7 +85,7 @@ def run(cfg: RunConfig, run_dir: str | Path, on_start: Callable[[], None] | None
     trained = dataclasses.replace(trained, data=data_cfg)
     device = runtime.resolve_device(cfg.trainer.device)
     runtime.seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
-    data = load_data(data_cfg, device)
+    data = runtime.load_data(data_cfg, trained.model, device)
     model, _ = runtime.build_model(trained, data, fitting_config(trained.model, ckpt["model"]))
     checkpoint.load_into(model, ckpt["model"], path)
     model.to(device)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from dnnrun import optim, runtime
 from dnnrun.config import LRFindConfig, RunConfig
 from dnnrun.console import console
-from dnnrun.data import Split, load as load_data
+from dnnrun.data import Split
 from dnnrun.rundir import RunDir
 
 log = logging.getLogger("dnnrun")
@@ -87,7 +87,7 @@ def run(cfg: RunConfig, run_dir: str | Path, on_start: Callable[[], None] | None
     tc, run_dir = cfg.trainer, RunDir(run_dir)
     device = runtime.resolve_device(tc.device)
     runtime.seed_everything(tc.seed, tc.deterministic)
-    data = load_data(cfg.data, device)
+    data = runtime.load_data(cfg.data, cfg.model, device)
     run_dir.path.mkdir(parents=True, exist_ok=True)
     if on_start is not None:
         on_start()

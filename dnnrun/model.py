@@ -3,7 +3,7 @@ technique groups every layer follows (`Layers`: activation, norm, init, regulari
 returns a `Network` (network.py): named blocks, input to output, that diagnostics, transfer,
 pretraining and max-norm find by name instead of assuming a fixed stack of nn.Linear.
 
-    MODELS = {"mlp": Architecture(MLPConfig, mlp, mlp_fitting), "cnn": Architecture(CNNConfig, cnn, ...)}
+    MODELS = {"mlp": Architecture(MLPConfig, mlp, mlp_fitting), "cnn": ..., "resnet": ...}
 
 Adding a model is one builder, one config dataclass and one YAML in conf/model/.
 """
@@ -21,6 +21,7 @@ from dnnrun.init import initialize
 from dnnrun.norms import NormConfig
 from dnnrun.regularizers import Regularization
 from dnnrun.schema import Choice, Problems, parse as parse_schema
+from dnnrun.zoo import ZooConfig
 
 if TYPE_CHECKING:
     import torch
@@ -36,9 +37,10 @@ if TYPE_CHECKING:
 class Inputs:
     """What a model is built for."""
 
-    features: int  # values per example, flattened
+    features: int  # values per example (C x H x W for images)
     classes: int
-    shape: tuple[int, ...] | None = None  # one example's shape before flattening: (H, W) or (H, W, C), for images
+    shape: tuple[int, ...] | None = None  # one image's (C, H, W); None when the examples are vectors
+    resize: int | None = None  # data.resize: images resized to resize x resize on the device, in the model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,11 +82,14 @@ class MLPConfig:
 
 
 def mlp(cfg: MLPConfig, inputs: Inputs, layers: Layers) -> Network:
-    """Per hidden layer Linear -> [norm] -> activation -> [dropout] (or the norm after the activation)."""
+    """Per hidden layer Linear -> [norm] -> activation -> [dropout] (or the norm after the activation);
+    images are flattened first."""
     from torch import nn
 
     norm, reg = layers.norm, layers.reg
     modules: OrderedDict[str, nn.Module] = OrderedDict()
+    if inputs.shape is not None:
+        modules["flatten_inputs"] = nn.Flatten()
     if norm.on_inputs:
         modules["input_norm"] = norm.layer(inputs.features)
     if reg.input_dropout > 0:
@@ -128,8 +133,9 @@ def hidden_widths(state: dict[str, torch.Tensor]) -> list[int]:
 
 
 def affine_weight(state: dict[str, torch.Tensor], block: str) -> torch.Tensor | None:
-    """A block's affine weight in a state dict (None when the block is not there)."""
-    return next((state[k] for k in (f"{block}.linear.weight", f"{block}.conv.weight") if k in state), None)
+    """A block's (first) affine weight in a state dict (None when the block is not there)."""
+    names = (f"{block}.linear.weight", f"{block}.conv.weight", f"{block}.inner.conv1.weight")  # Block, Residual
+    return next((state[k] for k in names if k in state), None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,20 +177,17 @@ def cnn(cfg: CNNConfig, inputs: Inputs, layers: Layers) -> Network:
     max-norm find them."""
     from torch import nn
 
-    from dnnrun.network import Block, Images
+    from dnnrun.network import Block
 
-    if inputs.shape is None:
-        raise UserError("model=cnn needs images; this data's examples are vectors (use an image set, or model=mlp)")
+    width_in, rows, cols = _image_shape(inputs, "cnn")
     norm, reg = layers.norm, layers.reg
-    images = Images(inputs.shape)
-    modules: OrderedDict[str, nn.Module] = OrderedDict(images=images)
+    modules: OrderedDict[str, nn.Module] = OrderedDict()
     if norm.on_inputs:
-        modules["input_norm"] = norm.conv_layer(images.channels)
+        modules["input_norm"] = norm.conv_layer(width_in)
     if reg.input_dropout > 0:
         modules["input_dropout"] = getattr(nn, reg.dropout_layer)(reg.input_dropout)
     dropout = _SPATIAL[reg.dropout_layer] if reg.spatial else reg.dropout_layer
-    width_in, i = images.channels, 0
-    rows, cols = images.shape[0], images.shape[1]  # of the maps, as they shrink
+    i = 0  # rows, cols: of the maps, as they shrink
     for stage, channels in enumerate(cfg.channels, start=1):
         for _ in range(cfg.blocks):
             i += 1
@@ -205,6 +208,12 @@ def cnn(cfg: CNNConfig, inputs: Inputs, layers: Layers) -> Network:
     return _dense_to_output(modules, width_in, cfg.head, i + 1, inputs, layers)
 
 
+def _image_shape(inputs: Inputs, model: str) -> tuple[int, ...]:
+    if inputs.shape is None:
+        raise UserError(f"model={model} needs images; this data's examples are vectors (use an image set, or model=mlp)")
+    return inputs.shape
+
+
 _SPATIAL = {"Dropout": "Dropout2d", "AlphaDropout": "FeatureAlphaDropout"}  # whole channels, for conv blocks
 
 
@@ -219,14 +228,111 @@ def _finish_block(block, norm_layer, norm: NormConfig, layers: Layers, width: in
         block["dropout"] = dropout
 
 
-def cnn_fitting(cfg: CNNConfig, state: dict[str, torch.Tensor]) -> CNNConfig:
-    """A CNN's shapes come from its config: a checkpoint or a transfer source of another shape does
-    not fit, which check_fits says (transfer.add and a changed head are for MLPs for now)."""
+def from_config(cfg, state: dict[str, torch.Tensor]):
+    """A conv net's shapes come from its config: a checkpoint or a transfer source of another shape
+    does not fit, which check_fits says (transfer.add and a changed head are for MLPs)."""
     return cfg
 
 
 # ---------------------------------------------------------------------------------------------
+# The residual network
+
+
+@dataclasses.dataclass(frozen=True)
+class ResNetConfig:
+    name: str
+    depth: int = 20  # conv layers + the output layer: 6n + 2 for 3 stages (20, 32, 44, 56, 110: He et al. 2016)
+    width: int = 16  # channels of the first stage, doubled at each stage after it
+    stages: int = 3  # each after the first halves height and width (stride 2)
+    head: list[int] = dataclasses.field(default_factory=list)  # dense layers between the pooled maps and the output
+    option: str | None = None  # the YAML it came from (conf/model/OPTION.yaml)
+
+    def check(self, problems: Problems, key: str) -> None:
+        if self.stages < 1:
+            problems.add(f"{key}.stages", f"must be >= 1, got {self.stages}")
+        elif self.depth < 2 * self.stages + 2 or (self.depth - 2) % (2 * self.stages):
+            problems.add(f"{key}.depth", f"must be {2 * self.stages}n + 2 with n >= 1 for {self.stages} stages "
+                                         f"(e.g. {', '.join(str(2 * self.stages * n + 2) for n in (1, 2, 3, 5))}), "
+                                         f"got {self.depth}")
+        if self.width < 1:
+            problems.add(f"{key}.width", f"must be >= 1, got {self.width}")
+        if any(w < 1 for w in self.head):
+            problems.add(f"{key}.head", f"every width must be >= 1, got {self.head}")
+
+    @property
+    def per_stage(self) -> int:
+        """Residual blocks per stage (two conv layers each)."""
+        return (self.depth - 2) // (2 * self.stages)
+
+    @property
+    def widths(self) -> list[int]:
+        """The hidden blocks' widths: the stem's channels, each residual block's, then the head's units."""
+        stages = [self.width * 2**s for s in range(self.stages) for _ in range(self.per_stage)]
+        return [self.width, *stages, *self.head]
+
+
+def resnet(cfg: ResNetConfig, inputs: Inputs, layers: Layers) -> Network:
+    """The CIFAR ResNet family: a 3x3 conv stem (hidden1), then residual blocks (hidden2..): two 3x3
+    convs, each followed by the norm (BatchNorm2d, or one-group GroupNorm for layernorm), the
+    activation between them and after the sum with the shortcut. The first block of each stage
+    after the first halves the maps (stride 2) and doubles the channels, its shortcut a 1x1 conv
+    (He et al.'s option B). Then each channel averaged, the head and the output layer."""
+    from torch import nn
+
+    from dnnrun.network import Block, Residual
+
+    width_in, _, _ = _image_shape(inputs, "resnet")
+    norm, reg = layers.norm, layers.reg
+    before = norm.placement == "before"
+    dropout = _SPATIAL[reg.dropout_layer] if reg.spatial else reg.dropout_layer
+
+    def drop():
+        return getattr(nn, dropout)(reg.dropout) if reg.dropout > 0 else None
+
+    def conv(c_in: int, c_out: int, stride: int = 1, kernel: int = 3) -> nn.Conv2d:
+        return nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=not norm.drops_bias)
+
+    modules: OrderedDict[str, nn.Module] = OrderedDict()
+    if norm.on_inputs:
+        modules["input_norm"] = norm.conv_layer(width_in)
+    if reg.input_dropout > 0:
+        modules["input_dropout"] = getattr(nn, reg.dropout_layer)(reg.input_dropout)
+    stem: OrderedDict[str, nn.Module] = OrderedDict(conv=conv(width_in, cfg.width))
+    _finish_block(stem, norm.conv_layer(cfg.width), norm, layers, cfg.width, drop())
+    modules["hidden1"] = Block(stem)
+    width_in, i = cfg.width, 1
+    for stage in range(cfg.stages):
+        channels = cfg.width * 2**stage
+        for b in range(cfg.per_stage):
+            i += 1
+            stride = 2 if stage > 0 and b == 0 else 1
+            inner: OrderedDict[str, nn.Module] = OrderedDict(conv1=conv(width_in, channels, stride))
+            _finish_block(inner, norm.conv_layer(channels), norm, layers, channels, None)
+            inner["conv2"] = conv(channels, channels)
+            if before and (second := norm.conv_layer(channels)) is not None:
+                inner["norm2"] = second
+            shortcut: nn.Module = nn.Identity()
+            if stride != 1 or width_in != channels:
+                projection = OrderedDict(conv=conv(width_in, channels, stride, kernel=1))
+                if before and (short_norm := norm.conv_layer(channels)) is not None:
+                    projection["norm"] = short_norm
+                shortcut = nn.Sequential(projection)
+            block = OrderedDict(inner=nn.Sequential(inner), shortcut=shortcut)
+            _finish_block(block, None if before else norm.conv_layer(channels), norm, layers, channels, drop())
+            modules[f"hidden{i}"] = Residual(block)
+            width_in = channels
+    modules["pool"] = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return _dense_to_output(modules, width_in, cfg.head, i + 1, inputs, layers)
+
+
+# ---------------------------------------------------------------------------------------------
 # The registry
+
+
+def zoo(cfg: ZooConfig, inputs: Inputs, layers: Layers) -> Network:
+    from dnnrun import zoo as zoo_mod
+
+    return zoo_mod.build(cfg, inputs, layers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,9 +340,17 @@ class Architecture:
     config: type  # the dataclass its YAML fills
     build: Callable[[Any, Inputs, Layers], Network]
     fitting: Callable[[Any, dict[str, torch.Tensor]], Any]  # the config whose shapes fit a state dict
+    images: bool = False  # needs images (N, C, H, W): refused for data whose examples are vectors
+    # takes pixels in [0, 1] and resizes and normalizes them itself (data.scaling does not apply)
+    own_inputs: bool = False
 
 
-MODELS = {"mlp": Architecture(MLPConfig, mlp, mlp_fitting), "cnn": Architecture(CNNConfig, cnn, cnn_fitting)}
+MODELS = {
+    "mlp": Architecture(MLPConfig, mlp, mlp_fitting),
+    "cnn": Architecture(CNNConfig, cnn, from_config, images=True),
+    "resnet": Architecture(ResNetConfig, resnet, from_config, images=True),
+    "zoo": Architecture(ZooConfig, zoo, from_config, images=True, own_inputs=True),
+}
 
 
 def parse(raw, key: str, problems: Problems):
@@ -247,7 +361,17 @@ def parse(raw, key: str, problems: Problems):
 
 
 def build(cfg, inputs: Inputs, layers: Layers) -> Network:
-    return MODELS[cfg.name].build(cfg, inputs, layers)
+    """The model; with data.resize, images resized first by a `resize` layer (a zoo network
+    resizes in its own input layer)."""
+    architecture = MODELS[cfg.name]
+    if inputs.resize is None or inputs.shape is None or architecture.own_inputs:
+        return architecture.build(cfg, inputs, layers)
+    from dnnrun.network import Resize
+
+    size, channels = inputs.resize, inputs.shape[0]
+    resized = dataclasses.replace(inputs, shape=(channels, size, size), features=channels * size * size)
+    net = architecture.build(cfg, resized, layers)
+    return type(net)(OrderedDict([("resize", Resize(size)), *net.named_children()]))
 
 
 def fitting_config(cfg, state: dict[str, torch.Tensor]):

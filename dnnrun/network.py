@@ -18,6 +18,24 @@ class Block(nn.Sequential):
         return self[0]
 
 
+class Residual(Block):
+    """A ResNet's hidden block (He et al. 2016): `inner` (conv -> [norm] -> activation -> conv ->
+    [norm]) added to the `shortcut` (the identity, or a strided 1x1 conv where the shape changes),
+    then `act`, a `norm` placed after it, and `dropout`, where present. Diagnostics read it as a
+    Block: its affine layer is the first conv, its activation the one after the sum."""
+
+    @property
+    def affine(self) -> nn.Module:
+        return self.inner[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.inner(x) + self.shortcut(x))
+        for name in ("norm", "dropout"):
+            if name in self._modules:
+                y = self._modules[name](y)
+        return y
+
+
 class Network(nn.Sequential):
     """A model as dnnrun's features see it: optional input layers (`input_norm`, `input_dropout`),
     hidden blocks named hidden1..hiddenN, then the `output` layer. State-dict keys follow the names
@@ -34,6 +52,10 @@ class Network(nn.Sequential):
         """Everything in front of the named block: the input layers and the hidden blocks before it."""
         names = list(self._modules)
         return nn.Sequential(*[self._modules[n] for n in names[: names.index(name)]])
+
+    def stages(self) -> list[tuple[str, nn.Module]]:
+        """What transfer.layers counts and transfer.freeze holds: the hidden blocks."""
+        return list(self.hidden())
 
     def body(self) -> nn.Sequential:
         """Everything but the output layer: the features a head on top would see."""
@@ -54,17 +76,49 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-class Images(nn.Module):
-    """Flattened examples back to images (B, C, H, W), from their shape (H, W) or (H, W, C): the
-    data keeps each example as one row in that layout."""
+class Resize(nn.Module):
+    """data.resize: images (B, C, H, W) resized to size x size (bilinear, antialiased when shrinking)."""
 
-    def __init__(self, shape: tuple[int, ...]):
+    def __init__(self, size: int):
         super().__init__()
-        self.shape = (*shape, 1) if len(shape) == 2 else tuple(shape)
-
-    @property
-    def channels(self) -> int:
-        return self.shape[2]
+        self.size = size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(len(x), *self.shape).permute(0, 3, 1, 2)
+        return resize(x, self.size)
+
+
+def resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    if x.shape[-2:] == (size, size):
+        return x
+    shrink = x.shape[-1] > size or x.shape[-2] > size
+    return nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
+
+
+class ZooInputs(nn.Module):
+    """A zoo network's input layer (zoo.py): images (B, C, H, W) with pixels in [0, 1] made what
+    the weights expect: grey repeated to 3 channels, resized (bilinear, antialiased when shrinking)
+    to size x size, normalized per channel. The mean and std are buffers, so that checkpoints and
+    exports hold them."""
+
+    def __init__(self, size: int, mean: list[float], std: list[float]):
+        super().__init__()
+        self.size = size
+        self.register_buffer("mean", torch.tensor(mean).reshape(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).reshape(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        return (resize(x, self.size) - self.mean) / self.std
+
+
+class ZooNetwork(Network):
+    """inputs (ZooInputs), features (a torchvision architecture, its classifier replaced by the
+    identity), output. It has no hidden blocks of dnnrun's own (diagnostics watch the output layer);
+    its stages are the architecture's top-level children with weights."""
+
+    def hidden(self) -> list[tuple[str, Block]]:
+        return []
+
+    def stages(self) -> list[tuple[str, nn.Module]]:
+        return [(f"features.{n}", m) for n, m in self.features.named_children() if any(True for _ in m.parameters())]

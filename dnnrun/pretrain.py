@@ -18,7 +18,6 @@ keeps only a few labels while pretraining still sees every training input.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +41,8 @@ def _dense_blocks(model: Network, method: str):
     hidden = model.hidden()
     for name, block in hidden:
         if not isinstance(block.affine, nn.Linear):
-            raise UserError(f"pretrain={method} pretrains dense layers; {name} is a {type(block.affine).__name__}")
+            raise UserError(f"pretrain={method} pretrains dense layers one by one, so model=mlp only; {name} is a "
+                            f"{type(block.affine).__name__} (for conv nets: pretrain=rotation or pretrain=corrupted)")
     return hidden
 
 
@@ -155,11 +155,13 @@ def rbm(
 
 
 def corrupt(x: torch.Tensor, fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """About half of the examples get `fraction` of their features replaced by another example's
-    (label 1); the rest stay as they are (label 0). A corrupted example always differs from its
-    original; one identical to every other example cannot be corrupted and keeps label 0."""
+    """About half of the examples get `fraction` of their features (pixels) replaced by another
+    example's (label 1); the rest stay as they are (label 0). A corrupted example always differs from
+    its original; one identical to every other example cannot be corrupted and keeps label 0."""
     import torch
 
+    shape = x.shape
+    x = x.reshape(len(x), -1)  # images: one row of pixels each
     n, d = x.shape
     device = x.device
     partner = (torch.arange(n) + torch.randint(1, max(n, 2), (n,), generator=generator)) % n
@@ -171,21 +173,19 @@ def corrupt(x: torch.Tensor, fraction: float, generator: torch.Generator) -> tup
     mask[rows, first] |= differs[rows, first] & ~mask.any(1)
     labels = (torch.rand(n, generator=generator) < 0.5).to(device) & differs.any(1)
     mask &= labels.unsqueeze(1)
-    return torch.where(mask, donor, x), labels.long()
+    return torch.where(mask, donor, x).reshape(shape), labels.long()
 
 
-def rotate(x: torch.Tensor, shape: tuple[int, ...], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each image turned by 0, 1, 2 or 3 quarter turns (the label)."""
+def rotate(x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image (N, C, H, W) turned by 0, 1, 2 or 3 quarter turns (the label)."""
     import torch
 
-    h, w = shape[0], shape[1]
     labels = torch.randint(0, 4, (len(x),), generator=generator).to(x.device)
-    images = x.reshape(len(x), *shape)
-    rotated = torch.empty_like(images)
+    rotated = torch.empty_like(x)
     for quarter in range(4):
         chosen = labels == quarter
-        rotated[chosen] = torch.rot90(images[chosen], quarter, dims=(1, 2))
-    return rotated.reshape(len(x), h * w * math.prod(shape[2:])), labels
+        rotated[chosen] = torch.rot90(x[chosen], quarter, dims=(2, 3))
+    return rotated, labels
 
 
 def _auxiliary(
@@ -230,9 +230,9 @@ def rotation(
     model: Network, x: torch.Tensor, shape: tuple[int, ...] | None, generator: torch.Generator,
     epochs: int = 5, lr: float = 1e-3, batch_size: int = 128,
 ) -> dict[str, Any]:
-    if shape is None or len(shape) < 2 or shape[0] != shape[1]:
+    if shape is None or shape[1] != shape[2]:
         raise UserError(f"pretrain=rotation needs square images; this data's examples have shape {shape}")
-    return _auxiliary(model, x, lambda v: rotate(v, shape, generator), 4, epochs, lr, batch_size, generator,
+    return _auxiliary(model, x, lambda v: rotate(v, generator), 4, epochs, lr, batch_size, generator,
                       "rotation")
 
 

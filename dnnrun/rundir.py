@@ -51,7 +51,8 @@ TMP_MARK = ".tmp-"  # temporary files are named .NAME.tmp-PID until renamed
 # so that composing a config (which names directories) does not import torch.
 RESULT_NEUTRAL = ("outputs", "data.root", "data.download", "trainer.resume", "trainer.force_resume",
                   "trainer.progress", "trainer.threads", "trainer.device", "trainer.eval_batch_size",
-                  "trainer.detect_anomaly", "trainer.diagnostics", "logger")
+                  "trainer.detect_anomaly", "trainer.diagnostics", "trainer.channels_last", "trainer.compile",
+                  "logger")
 
 
 # ---------------------------------------------------------------------------------------------

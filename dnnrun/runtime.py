@@ -5,6 +5,7 @@ bench/."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -20,7 +21,7 @@ from dnnrun.errors import UserError
 
 if TYPE_CHECKING:
     from dnnrun.config import RunConfig
-    from dnnrun.data import Data
+    from dnnrun.data import Data, DataConfig
 
 log = logging.getLogger("dnnrun")
 
@@ -64,10 +65,15 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
 
 
-def mixed_precision(enabled: bool, device: torch.device) -> tuple[Callable[[], contextlib.AbstractContextManager],
-                                                                    torch.amp.GradScaler | None]:
-    """(autocast context factory, GradScaler or None). fp16 needs loss scaling; bf16 does not."""
-    if not enabled:
+def has_conv(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+
+
+def mixed_precision(setting: bool | str, device: torch.device, conv: bool) -> tuple[
+        Callable[[], contextlib.AbstractContextManager], torch.amp.GradScaler | None]:
+    """(autocast context factory, GradScaler or None) for trainer.amp: true, false, or auto (on CUDA
+    for conv nets, whose convolutions gain most). fp16 needs loss scaling; bf16 does not."""
+    if setting is False or (setting == "auto" and not (conv and device.type == "cuda")):
         return contextlib.nullcontext, None
     if device.type != "cuda":
         log.warning("trainer.amp=true works on CUDA only; training in float32 on %s", device)
@@ -77,8 +83,67 @@ def mixed_precision(enabled: bool, device: torch.device) -> tuple[Callable[[], c
     return (lambda: torch.autocast("cuda", dtype=dtype)), scaler
 
 
-def inputs_of(data: Data) -> model_mod.Inputs:
-    return model_mod.Inputs(features=data.n_features, classes=data.n_classes, shape=data.shape)
+def channels_last(setting: bool | str, device: torch.device, model: torch.nn.Module) -> bool:
+    """Whether the model and its input batches use the channels-last memory format (NHWC), which
+    cuDNN's convolutions prefer, above all under mixed precision: trainer.channels_last true, or
+    auto (on CUDA). Conv nets only: a model without conv layers keeps its format, with a warning
+    when true asked for it."""
+    if setting is False or (setting == "auto" and device.type != "cuda"):
+        return False
+    if not has_conv(model):
+        if setting is True:
+            log.warning("trainer.channels_last=true applies to conv layers; this model has none, so it is not used")
+        return False
+    return True
+
+
+class Compiled:
+    """trainer.compile=true: the forward pass through torch.compile, falling back to the module as
+    it is, with a warning, where compiling fails (no C++ compiler for the CPU backend, a platform
+    torch.compile does not support, an operation it cannot trace). Failures are looked for until
+    the first compiled call succeeds; after that, errors are the model's and are raised."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        try:
+            self.compiled: Callable | None = torch.compile(module)
+        except Exception as exc:  # e.g. RuntimeError on a Python version torch.compile does not support
+            self._fall_back(exc)
+        self.proven = False
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compiled is None:
+            return self.module(x)
+        if self.proven:
+            return self.compiled(x)
+        try:
+            out = self.compiled(x)
+        except Exception as exc:  # torch's compile errors have no public base class
+            self._fall_back(exc)
+            return self.module(x)
+        self.proven = True
+        return out
+
+    def _fall_back(self, exc: Exception) -> None:
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        log.warning("trainer.compile=true: torch.compile failed here (%s); training without it", reason)
+        self.compiled = None
+
+
+def load_data(data_cfg: DataConfig, model_cfg, device: torch.device) -> Data:
+    """The data as the model takes it: a zoo network normalizes pixels in [0, 1] itself, with its
+    weights' mean and std, so data.scaling is unit for it."""
+    from dnnrun import data
+
+    if model_mod.MODELS[model_cfg.name].own_inputs and data_cfg.scaling != "unit":
+        log.info("model=%s: pixels scaled to [0, 1], then normalized with its weights' mean and std "
+                 "(data.scaling=%s does not apply)", model_cfg.name, data_cfg.scaling)
+        data_cfg = dataclasses.replace(data_cfg, scaling="unit")
+    return data.load(data_cfg, device)
+
+
+def inputs_of(data: Data, resize: int | None = None) -> model_mod.Inputs:
+    return model_mod.Inputs(features=data.n_features, classes=data.n_classes, shape=data.shape, resize=resize)
 
 
 def build_model(cfg: RunConfig, data: Data, model_cfg=None) -> tuple[model_mod.Network, regularizers.Regularization]:
@@ -86,25 +151,29 @@ def build_model(cfg: RunConfig, data: Data, model_cfg=None) -> tuple[model_mod.N
     a checkpoint or a transfer source), and the regularization its training step applies."""
     reg = regularizers.combine(cfg.regularizer)
     layers = model_mod.Layers(act=cfg.act, norm=cfg.norm, init=cfg.init, reg=reg)
-    return model_mod.build(model_cfg or cfg.model, inputs_of(data), layers), reg
+    return model_mod.build(model_cfg or cfg.model, inputs_of(data, cfg.data.resize), layers), reg
 
 
 SLOW_LAYERS = 1000  # layers beyond which a step runs so many kernels one after another that a warning is due
 
 
-def memory_problem(model: torch.nn.Module, cfg: RunConfig, device: torch.device) -> str | None:
+def memory_problem(model: torch.nn.Module, cfg: RunConfig, device: torch.device,
+                   example: tuple[int, ...] | None = None) -> str | None:
     """Whether the model, built on the meta device (no memory), can train on `device`: its
     weights, gradients and optimizer state (optim.OPTIMIZERS' `state`) and the activations of a
     batch, in float32, against the memory free there. None when it fits or the free memory is
-    unknown (MPS); a warning is logged when its depth makes every step very slow."""
+    unknown (MPS); a warning is logged when its depth makes every step very slow. A conv net's
+    activations (their size depends on the maps') are measured by a pass of one `example`
+    shape (C, H, W) on the meta device."""
     from dnnrun import optim
 
     params = sum(p.numel() for p in model.parameters())
     affine = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d))]
-    units = sum(m.weight.shape[0] for m in affine)  # outputs per example (per position, for conv layers)
     batch = max(cfg.trainer.batch_size, cfg.trainer.eval_batch_size)
-    # linear, norm, activation and dropout outputs kept for the backward pass
-    needed = 4 * (params * (2 + optim.OPTIMIZERS[cfg.optimizer.name].state) + 4 * batch * units)
+    values = _output_values(model, example) if example is not None and has_conv(model) else None  # one example's
+    if values is None:  # linear, norm, activation and dropout outputs kept for the backward pass
+        values = 4 * sum(m.weight.shape[0] for m in affine)
+    needed = 4 * (params * (2 + optim.OPTIMIZERS[cfg.optimizer.name].state) + batch * values)
     if len(affine) > SLOW_LAYERS:
         log.warning("the model has %s layers: every step runs them one after another (forward and backward), "
                     "which takes long whatever their width", f"{len(affine):,}")
@@ -113,8 +182,40 @@ def memory_problem(model: torch.nn.Module, cfg: RunConfig, device: torch.device)
         return None
     return (f"the model needs about {needed / 2**30:,.1f} GiB to train ({params:,} parameters: weights, gradients "
             f"and {cfg.optimizer.name}'s state, plus a batch's activations, in float32) and {device_name(device)} "
-            f"has {free / 2**30:,.1f} GiB free; make it smaller (model.hidden, model.depth, model.width) or lower "
+            f"has {free / 2**30:,.1f} GiB free; make it smaller ({_SIZES.get(cfg.model.name, 'model.*')}) or lower "
             f"trainer.batch_size and trainer.eval_batch_size")
+
+
+_SIZES = {"mlp": "model.hidden, model.depth, model.width", "cnn": "model.channels, model.head, data.resize",
+          "resnet": "model.depth, model.width, data.resize", "zoo": "model.arch, data.resize"}  # what sets a model's size
+
+
+def _output_values(model: torch.nn.Module, example: tuple[int, ...]) -> int | None:
+    """The values every leaf layer outputs for one example: what a training step keeps for the
+    backward pass, measured on the meta device (no memory, no arithmetic), in evaluation mode (batch
+    norm cannot train on one example). None where the pass fails (an architecture that computes
+    with its inputs' values)."""
+    total = 0
+
+    def count(module, inputs, output):
+        nonlocal total
+        if isinstance(output, torch.Tensor):
+            total += output.numel()
+
+    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+    hooks = [m.register_forward_hook(count) for m in leaves]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.empty((1, *example), device="meta"))
+    except Exception:  # an estimate: the other one will do
+        return None
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return total
 
 
 def free_memory(device: torch.device) -> int | None:

@@ -30,11 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from dnnrun import (advice, checkpoint, diagnosis, diagnostics, distributed, loggers, metrics, optim, pretrain, resume,
-                    runtime, transfer)
+                    runtime, transfer, zoo)
 from dnnrun.activations import ACTIVATIONS
 from dnnrun.augment import Augment
 from dnnrun.console import EpochBar, console, print_diagnosis, results_table
-from dnnrun.data import Data, load as load_data
+from dnnrun.data import Data
 from dnnrun.early_stopping import EarlyStopping
 from dnnrun.errors import Diverged, Interrupted, RunError, UserError
 from dnnrun.faults import Hook
@@ -89,7 +89,7 @@ class Start:
     model_cfg: Any  # cfg.model, with the widths of the checkpoint or of the transfer source
     checkpoint: dict[str, Any] | None = None  # the checkpoint to resume ...
     resume_from: Path | None = None  # ... and its file
-    source: dict[str, torch.Tensor] | None = None  # the transfer source's weights
+    source: dict[str, torch.Tensor] | None = None  # the transfer source's weights (model=zoo: model.weights)
 
 
 def prepare(cfg: RunConfig, run_dir: RunDir, device: torch.device) -> Start:
@@ -97,9 +97,11 @@ def prepare(cfg: RunConfig, run_dir: RunDir, device: torch.device) -> Start:
     shapes their weights must fit (checked on the meta device: no memory, no random numbers)."""
     resume_from = resume.checkpoint_to_resume(cfg.trainer.resume, run_dir)
     ckpt = resume.load_resumable(resume_from, cfg, device) if resume_from is not None else None
-    start = Start(load_data(cfg.data, device), cfg.model, ckpt, resume_from)
+    start = Start(runtime.load_data(cfg.data, cfg.model, device), cfg.model, ckpt, resume_from)
     if ckpt is not None:  # a resumed run has the reused weights in its checkpoint
         start.model_cfg = fitting_config(cfg.model, ckpt["model"])
+    elif cfg.model.name == "zoo" and cfg.model.weights:
+        start.source = zoo.load_weights(cfg.model)
     elif cfg.transfer.source:
         start.source, trained_with = transfer.load_source(cfg.transfer)
         act = (trained_with.get("act") or {}).get("name")
@@ -108,13 +110,15 @@ def prepare(cfg: RunConfig, run_dir: RunDir, device: torch.device) -> Start:
         start.model_cfg = transfer.model_config(cfg.model, cfg.transfer, start.source)
     with torch.device("meta"):
         shapes, _ = runtime.build_model(cfg, start.data, start.model_cfg)
-    if (too_big := runtime.memory_problem(shapes, cfg, device)) is not None:
+    if (too_big := runtime.memory_problem(shapes, cfg, device, start.data.shape)) is not None:
         raise UserError(too_big)
     if ckpt is not None or start.source is not None:
         if ckpt is not None:
             checkpoint.check_fits(shapes, ckpt["model"], resume_from)
+        elif cfg.model.name == "zoo":
+            zoo.fitting(start.source, shapes, cfg.transfer.layers, cfg.model.arch)
         else:
-            transfer.check_fits(start.source, transfer.reused_layers(cfg.transfer, start.source), start.data.n_features,
+            transfer.check_fits(start.source, transfer.reused_layers(cfg.transfer, start.source),
                                 {name: t.shape for name, t in shapes.state_dict().items()})
     return start
 
@@ -142,13 +146,14 @@ class Trainer:
         self.model, self.reg = runtime.build_model(cfg, self.data, start.model_cfg)
         if self.world > 1 and device.type == "cuda":
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)  # batch statistics over the global batch
-        self.model.to(device)
+        self.channels_last = runtime.channels_last(tc.channels_last, device, self.model)
+        self.model.to(device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
         self.state = self._initial_state(start)
         self.optimizer = optim.build(cfg.optimizer, self.model, self.state.reused)
         batches = math.ceil(len(self.data.train) / tc.batch_size)
         self.steps_per_epoch = min(batches, tc.limit_batches or batches)
         self.schedule = Schedule(cfg.schedule, self.optimizer, self.steps_per_epoch, tc.epochs)
-        self.autocast, self.scaler = runtime.mixed_precision(tc.amp, device)
+        self.autocast, self.scaler = runtime.mixed_precision(tc.amp, device, runtime.has_conv(self.model))
         self.shuffle = torch.Generator().manual_seed(tc.seed)
         self.checkpoints = resume.Checkpoints(run_dir, self.model, self.optimizer, self.schedule, self.scaler,
                                               self.shuffle, cfg.raw, hook.before_rename)
@@ -157,7 +162,7 @@ class Trainer:
         self.layer_stats = diagnostics.LayerStats(self.model, ACTIVATIONS[cfg.act.name], tc.diagnostics.every,
                                                   run_dir, self.logger)
         self.bar = EpochBar(tc.progress, tc.epochs)
-        self.augment = Augment(cfg.data.augment, self.data.shape, tc.seed) if cfg.data.augment else None
+        self.augment = Augment(cfg.data.augment, tc.seed) if cfg.data.augment else None
         self.probe = self.data.val.x[:512]  # a fixed batch for the activation snapshots
         if start.checkpoint is not None:
             self.state = self.checkpoints.restore(start.checkpoint, start.resume_from)
@@ -168,7 +173,7 @@ class Trainer:
                 self.checkpoints.save_weights(run_dir.pretrained)
             self.snapshots = {"start": diagnostics.snapshot(self.model, self.probe)}  # where supervised training starts
         self.unfreezing = transfer.Unfreezing(cfg.transfer, self.model, self.state, self.schedule)
-        self.forward = self._parallel()
+        self.forward = self._forward()
         self._predicted: list[tuple[torch.Tensor, torch.Tensor]] = []  # this epoch's (predictions, labels)
         # The files that run on from the checkpoint hold exactly its epochs and steps.
         run_dir.rewrite_metrics(self.state.history)
@@ -178,24 +183,28 @@ class Trainer:
     def _initial_state(self, start: Start) -> TrainState:
         """A fresh state, with what transfer.source gives the model (or gave it: a resumed run)."""
         state, cfg = TrainState(), self.cfg
-        if start.source is not None:
+        if start.source is not None and cfg.model.name == "zoo":
+            state.reused, state.reused_layers = zoo.reuse(self.model, start.source, cfg.transfer.layers,
+                                                          cfg.model.arch, cfg.model.weights)
+        elif start.source is not None:
             state.reused_layers = transfer.reused_layers(cfg.transfer, start.source)
-            state.reused = transfer.reuse(self.model, start.source, state.reused_layers, self.data.n_features,
-                                          cfg.transfer.source)
+            state.reused = transfer.reuse(self.model, start.source, state.reused_layers, cfg.transfer.source)
         elif start.checkpoint is not None:
             state.reused_layers = start.checkpoint["trainer"]["reused_layers"]
             state.reused = start.checkpoint["trainer"]["reused"]
         if state.reused:
-            self.summary["transfer"] = transfer.summary(cfg.transfer, state.reused_layers, start.model_cfg.widths)
+            self.summary["transfer"] = transfer.summary(cfg, state.reused_layers, start.model_cfg.widths)
         return state
 
-    def _parallel(self) -> nn.Module:
-        """What the forward pass runs: under torchrun, DistributedDataParallel over the trainable
-        parameters (wrapping also broadcasts rank 0's weights); else the model itself."""
-        if self.world == 1:
-            return self.model
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+    def _forward(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """What the training forward pass runs: under torchrun, DistributedDataParallel over the
+        trainable parameters (wrapping also broadcasts rank 0's weights), else the model itself;
+        through torch.compile with trainer.compile=true."""
+        module = self.model
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            module = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        return runtime.Compiled(module) if self.cfg.trainer.compile else module
 
     def _record_start(self) -> None:
         data = self.data
@@ -229,7 +238,7 @@ class Trainer:
                 if self.early_stopping.reason(state) or self.stop.signum:
                     break
                 if self.unfreezing.start_epoch(epoch, state) and self.world > 1:
-                    self.forward = self._parallel()  # DDP must now also average the unfrozen parameters' gradients
+                    self.forward = self._forward()  # DDP must now also average the unfrozen parameters' gradients
                 began = time.perf_counter()
                 progress = self._start_epoch(epoch)
                 for xb, yb in self.data.train.batches(tc.batch_size, self.shuffle, start=progress.batches):
@@ -269,6 +278,8 @@ class Trainer:
             xb = self.augment(xb, step)
         if self.world > 1:
             xb, yb = xb[self.rank :: self.world], yb[self.rank :: self.world]
+        if self.channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
         with self.autocast():
             logits = self.forward(xb)
             if self.world == 1:

@@ -25,7 +25,7 @@ from dnnrun.norms import is_batch_norm
 from dnnrun.state import TrainState
 
 if TYPE_CHECKING:
-    from dnnrun.config import TransferConfig
+    from dnnrun.config import RunConfig, TransferConfig
     from dnnrun.schedules import Schedule
 
 log = logging.getLogger("dnnrun")
@@ -54,23 +54,31 @@ def reused_layers(cfg: TransferConfig, state: dict[str, torch.Tensor]) -> list[i
 
 
 def model_config(model, cfg: TransferConfig, state: dict[str, torch.Tensor]):
-    """The source's first k widths (the replaced layer keeps its width), then the added layers."""
+    """An MLP: the source's first k widths (the replaced layer keeps its width), then the added
+    layers. A conv net's blocks are this run's config (check_fits says where they differ)."""
     if not hasattr(model, "hidden"):
-        raise UserError(f"transfer.source: transfer learning stacks hidden layers; model={model.name} has none")
+        if cfg.add:
+            raise UserError(f"transfer.add stacks dense layers on a reused MLP; for model={model.name} give the new "
+                            "layers in the model's own config (model.head for model=cnn)")
+        return model
     widths = hidden_widths(state)
     k = len(widths) if cfg.layers is None else cfg.layers
     return dataclasses.replace(model, hidden=widths[:k] + list(cfg.add), depth=None, width=None)
 
 
-def check_fits(state: dict[str, torch.Tensor], layers: list[int], in_features: int,
-               shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+def check_fits(state: dict[str, torch.Tensor], layers: list[int], shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
     """The source tensors to copy into a model whose state has these shapes; a source that does
     not fit is refused with every difference (run before the run writes anything)."""
-    source_in = affine_weight(state, "hidden1").shape[1]
-    if source_in != in_features:
+    source_in, this_in = affine_weight(state, "hidden1"), affine_weight(shapes, "hidden1")
+    if this_in is not None and source_in.dim() != len(this_in):
+        raise UserError(f"transfer.source's hidden1 is {'a conv' if source_in.dim() == 4 else 'a dense'} layer, "
+                        f"this model's {'a conv' if len(this_in) == 4 else 'a dense'} one: reuse a source of the same "
+                        "model (model=mlp from an MLP, model=cnn from a CNN)")
+    if this_in is not None and source_in.shape[1] != this_in[1]:
+        what = "channels" if source_in.dim() == 4 else "features"
         raise UserError(
-            f"transfer.source was trained on inputs of {source_in} features; this run's data has "
-            f"{in_features}. Transfer needs the same inputs (same dataset family and image size)."
+            f"transfer.source was trained on inputs of {source_in.shape[1]} {what}; this run's data has "
+            f"{this_in[1]}. Transfer needs the same inputs (same dataset family and image size)."
         )
     prefixes = [f"hidden{i}." for i in layers] + ["input_norm."]
     copied, problems = {}, []
@@ -93,9 +101,9 @@ def check_fits(state: dict[str, torch.Tensor], layers: list[int], in_features: i
     return copied
 
 
-def reuse(model: nn.Module, state: dict[str, torch.Tensor], layers: list[int], in_features: int, source: str) -> list[str]:
+def reuse(model: nn.Module, state: dict[str, torch.Tensor], layers: list[int], source: str) -> list[str]:
     """Copy the source's weights for the reused layers into `model`; returns the parameter names copied."""
-    copied = check_fits(state, layers, in_features, {n: t.shape for n, t in model.state_dict().items()})
+    copied = check_fits(state, layers, {n: t.shape for n, t in model.state_dict().items()})
     model.load_state_dict(copied, strict=False)
     params = {n for n, _ in model.named_parameters()}
     log.info("transfer: reused hidden layers %s from %s", ", ".join(map(str, layers)) or "none", source)
@@ -103,9 +111,10 @@ def reuse(model: nn.Module, state: dict[str, torch.Tensor], layers: list[int], i
 
 
 def frozen_norms(model: Network, layers: list[int], reused: list[str]) -> list[nn.Module]:
-    """Batch-norm layers of the reused blocks (and the input norm, if it was reused): kept in
+    """Batch-norm layers of the reused blocks or stages (and the input norm, if it was reused): kept in
     evaluation mode while frozen, so their running statistics stay the source's."""
-    blocks = [model.get_submodule(f"hidden{i}") for i in layers]
+    stages = model.stages()
+    blocks = [stages[i - 1][1] for i in layers]
     if any(name.startswith("input_norm.") for name in reused):
         blocks.append(model.input_norm)
     return [m for b in blocks for m in b.modules() if is_batch_norm(m)]
@@ -153,6 +162,8 @@ class Unfreezing:
             module.eval()
 
 
-def summary(cfg: TransferConfig, layers: list[int], widths: list[int]) -> dict[str, Any]:
-    return {"source": cfg.source, "reused_layers": layers, "replaced": cfg.replace, "widths": widths,
+def summary(run: RunConfig, layers: list[int], widths: list[int]) -> dict[str, Any]:
+    cfg = run.transfer
+    source = run.model.weights if run.model.name == "zoo" else cfg.source
+    return {"source": source, "reused_layers": layers, "replaced": cfg.replace, "widths": widths,
             "freeze": cfg.freeze, "unfreeze_after": cfg.unfreeze_after, "unfreeze_lr_factor": cfg.unfreeze_lr_factor}

@@ -36,6 +36,8 @@ COMPANIONS = {
     "pretrain=rbm": ["act=sigmoid"],  # RBMs are made of sigmoid units
     "pretrain=rotation": ["data=digits"],  # needs square images
     "model=cnn": ["data=digits", "model.channels=[4,8]"],  # images
+    "model=resnet": ["data=digits", "model.depth=8", "model.width=4"],  # images; one block per stage
+    "model=zoo": ["data=digits", "model.arch=mobilenet_v3_small", "data.resize=32"],  # a small torchvision net
 }
 
 
@@ -140,6 +142,33 @@ def write_mnist_like(raw: Path, n_train: int = 40, n_test: int = 12) -> dict[str
     for name, array in arrays.items():
         write_idx(raw / name, array)
     return arrays
+
+
+def write_cifar_like(root: Path, per_batch: int = 6, n_test: int = 6) -> dict[str, np.ndarray]:
+    """Tiny CIFAR-10 batch files (random pixels) under root/cifar-10-batches-py, as torchvision reads
+    them: per image the 1024 red values row by row, then green, then blue. torchvision checks each
+    file's MD5 against the real set's; `cifar_files_accepted` lets these through."""
+    import pickle
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    written = {}
+    for i, name in enumerate(["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]):
+        n = n_test if name == "test_batch" else per_batch
+        written[name] = rng.integers(0, 256, (n, 3072)).astype(np.uint8)
+        (folder / name).write_bytes(pickle.dumps({"data": written[name], "labels": [(i + j) % 10 for j in range(n)]}))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
+    return written
+
+
+@pytest.fixture
+def cifar_files_accepted(monkeypatch):
+    """torchvision's MD5 check of CIFAR-10's files passes for any file that exists (tiny test files
+    cannot have the real set's MD5s)."""
+    import torchvision.datasets.cifar
+
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda path, md5=None: Path(path).is_file())
 
 
 @pytest.fixture

@@ -47,12 +47,11 @@ def test_cutout_zeroes_one_square_of_half_the_height_clipped_at_the_borders():
         assert hole.sum() == (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)  # a rectangle, clipped square
 
 
-def test_the_same_seed_and_step_draw_the_same_and_images_keep_their_layout():
-    augment = Augment(["crop", "flip", "cutout"], (8, 8, 3), seed=5)
-    flat = IMAGES.permute(0, 2, 3, 1).reshape(2, -1)  # (H, W, C) order, as torchvision's CIFAR-10
-    assert torch.equal(augment(flat, 7), augment(flat, 7))
-    assert not torch.equal(augment(flat, 7), augment(flat, 8))
-    only_flip = Augment(["flip"], (8, 8, 3), seed=5)(flat.repeat(8, 1), 3).reshape(16, 8, 8, 3).permute(0, 3, 1, 2)
+def test_the_same_seed_and_step_draw_the_same():
+    augment = Augment(["crop", "flip", "cutout"], seed=5)
+    assert torch.equal(augment(IMAGES, 7), augment(IMAGES, 7))
+    assert not torch.equal(augment(IMAGES, 7), augment(IMAGES, 8))
+    only_flip = Augment(["flip"], seed=5)(IMAGES.repeat(8, 1, 1, 1), 3)
     assert all(torch.equal(o, x) or torch.equal(o, x.flip(-1)) for o, x in zip(only_flip, IMAGES.repeat(8, 1, 1, 1)))
 
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import COMPANIONS, compose_raw, make_config, write_mnist_like
+from conftest import COMPANIONS, compose_raw, make_config, write_cifar_like, write_mnist_like
 from dnnrun import (activations, advice, data, init, loggers, model, norms, optim, pretrain, regularizers, schedules,
                     train)
 from dnnrun.cli import CONFIG_DIR
-from dnnrun.errors import UserError
+from dnnrun.errors import ConfigError
 from dnnrun.regularizers import combine
 
 REGISTRIES = {
@@ -53,7 +53,7 @@ def test_every_registry_entry_has_a_yaml_and_every_yaml_a_registry_entry(group):
 def test_every_option_trains_a_few_steps_with_a_finite_loss(group, option, tmp_path):
     value = f"[{option}]" if group == "regularizer" else option
     overrides = [f"{group}={value}", "trainer.epochs=2", "trainer.limit_batches=4"]
-    overrides += ["model.hidden=[32,16]"] if (group, option) != ("model", "cnn") else []
+    overrides += ["model.hidden=[32,16]"] if group != "model" else []
     if group == "pretrain" and option != "none":
         overrides.append("pretrain.epochs=1")
     companions = COMPANIONS.get(f"{group}={option}", [])
@@ -80,9 +80,27 @@ def test_every_option_trains_a_conv_net_too(group, option, tmp_path):
     if group == "pretrain" and option != "none":
         overrides.append("pretrain.epochs=1")
     if f"{group}={option}" in DENSE_ONLY:
-        with pytest.raises(UserError, match=f"pretrain={option} pretrains dense layers; hidden1 is a Conv2d"):
-            train.run(make_config(*overrides, data="digits"), tmp_path)
+        with pytest.raises(ConfigError, match=f"pretrain={option} pretrains dense layers one by one: model=mlp only; "
+                                              "for model=cnn use pretrain=rotation or pretrain=corrupted"):
+            make_config(*overrides, data="digits")
         return
+    summary = train.run(make_config(*overrides, data="digits"), tmp_path)
+    assert summary["status"] == "completed" and summary["steps"] == 8
+    assert all(math.isfinite(summary["final"][name]) for name in ("train/loss", "val/loss"))
+
+
+RESNET_CASES = [*[f"norm={o}" for o in norms.NORMS], "norm=batchnorm norm.placement=after",
+                "norm=layernorm norm.on_inputs=true", "act=prelu", "act=selu regularizer=[alpha_dropout]",
+                *[f"regularizer=[{o}]" for o in regularizers.REGULARIZERS if o != "alpha_dropout"],
+                "regularizer=[dropout] regularizer.dropout.spatial=true", "pretrain=rotation", "pretrain=corrupted"]
+
+
+@pytest.mark.parametrize("case", RESNET_CASES)
+def test_the_groups_that_build_layers_build_a_resnet(case, tmp_path):
+    """The residual blocks apply the norm (either placement, the shortcut's too), the activation
+    (PReLU per channel), dropout and the constraints as the CNN's blocks do."""
+    overrides = [*case.split(), *COMPANIONS["model=resnet"][1:], "model=resnet", "trainer.epochs=2",
+                 "trainer.limit_batches=4", "pretrain.epochs=1" if "pretrain" in case else "trainer.seed=0"]
     summary = train.run(make_config(*overrides, data="digits"), tmp_path)
     assert summary["status"] == "completed" and summary["steps"] == 8
     assert all(math.isfinite(summary["final"][name]) for name in ("train/loss", "val/loss"))
@@ -95,8 +113,8 @@ def test_spatial_dropout_and_the_conv_norms_are_the_channelwise_kinds():
 
     def kinds(*overrides):
         cfg = make_config("model=cnn", "model.channels=[4]", *overrides, data="digits")
-        split = data.Split(torch.zeros(2, 64), torch.zeros(2, dtype=torch.int64))
-        net, _ = build_model(cfg, data.Data(split, split, split, 64, 10, (8, 8), split.x))
+        split = data.Split(torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.int64))
+        net, _ = build_model(cfg, data.Data(split, split, split, 64, 10, (1, 8, 8), split.x))
         return [type(m) for m in net.hidden1]
 
     assert kinds("norm=batchnorm", "regularizer=[dropout]", "regularizer.dropout.spatial=true") == \
@@ -110,18 +128,22 @@ TORCHVISION_FOLDERS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
 
 
 def _preset_config(experiment: str, tmp_path, *overrides: str):
-    """A preset on small data: synthetic, or tiny IDX files for presets that pick an MNIST-like set."""
+    """A preset on small data: synthetic, or tiny files for presets that pick an MNIST-like set or
+    CIFAR-10 (its MD5 check passed by the cifar_files_accepted fixture)."""
     data_name = compose_raw(f"experiment={experiment}")["data"]["name"]
-    if data_name not in TORCHVISION_FOLDERS:  # the preset leaves the data alone
+    if data_name == "cifar10":
+        write_cifar_like(tmp_path / "data", per_batch=40, n_test=40)
+    elif data_name not in TORCHVISION_FOLDERS:  # the preset leaves the data alone
         return make_config(f"experiment={experiment}", "data=synthetic", *overrides)
-    write_mnist_like(tmp_path / "data" / TORCHVISION_FOLDERS[data_name] / "raw", n_train=400, n_test=100)
+    else:
+        write_mnist_like(tmp_path / "data" / TORCHVISION_FOLDERS[data_name] / "raw", n_train=400, n_test=100)
     return make_config(f"experiment={experiment}", f"data.root={tmp_path / 'data'}", "data.download=false",
                        "data.val_size=0.1", *overrides, data=None)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_preset_trains(experiment, tmp_path):
+def test_every_experiment_preset_trains(experiment, tmp_path, cifar_files_accepted):
     overrides = ["trainer.epochs=4"]
     if make_config(f"experiment={experiment}", data=None).transfer.source:  # needs its source run first
         train.run(_preset_config("transfer_task_a", tmp_path, "trainer.epochs=2"), tmp_path / "source")
@@ -139,11 +161,16 @@ def test_presets_set_what_they_promise():
     cnn = make_config("experiment=fashion_cnn", data=None)
     assert (cnn.data.name, cnn.model.name, cnn.norm.name, cnn.optimizer.name) == ("fashion_mnist", "cnn", "batchnorm",
                                                                                    "adam")
-    assert combine(cnn.regularizer).spatial and combine(cnn.regularizer).dropout == 0.25
+    assert combine(cnn.regularizer).spatial and combine(cnn.regularizer).dropout == 0.1 and cnn.schedule.name == "cosine"
     dnn = make_config("experiment=default_dnn")
     assert (dnn.act.name, dnn.norm.name, dnn.schedule.name, dnn.optimizer.params["momentum"]) == ("elu", "batchnorm", "onecycle", 0.9)
     assert dnn.init.params == {"scale": 2.0, "mode": "fan_in", "distribution": "truncated_normal"}
     assert [c.name for c in dnn.regularizer] == ["l2"] and dnn.trainer.early_stopping.patience == 10
+    resnet = make_config("experiment=cifar10_resnet", data=None)
+    assert (resnet.data.name, resnet.data.augment, resnet.model.name, resnet.model.depth, resnet.norm.name) == \
+        ("cifar10", ["crop", "flip"], "resnet", 20, "batchnorm")
+    assert (resnet.optimizer.params["nesterov"], resnet.schedule.name, resnet.schedule.params["max_lr"]) == \
+        (True, "onecycle", 0.1)
     snn = make_config("experiment=self_normalizing")
     assert (snn.act.name, snn.norm.name, snn.data.scaling) == ("selu", "none", "standardize") and init.is_lecun(snn.init)
     fast = make_config("experiment=fast_default")

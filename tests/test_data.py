@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import pickle
 import re
 import shutil
 from pathlib import Path
@@ -16,7 +15,7 @@ import pytest
 import torch
 import torchvision.datasets
 
-from conftest import compose_raw, run_cli, write_idx, write_mnist_like
+from conftest import compose_raw, run_cli, write_cifar_like, write_idx, write_mnist_like
 from dnnrun import data
 from dnnrun.config import parse_run_config
 from dnnrun.data import Arrays, DataConfig, load
@@ -95,7 +94,8 @@ def test_scaling():
     cfg = DataConfig(name="digits")
     standard = load(cfg, CPU)
     varying = standard.train.x.std(0) > 0
-    assert torch.allclose(standard.train.x.mean(0), torch.zeros(64), atol=1e-5)
+    assert standard.shape == (1, 8, 8) and standard.train.x.shape[1:] == (1, 8, 8)  # images stay images
+    assert torch.allclose(standard.train.x.mean(0), torch.zeros(1, 8, 8), atol=1e-5)  # per pixel
     assert torch.allclose(standard.train.x.std(0)[varying], torch.ones(int(varying.sum())), atol=1e-4)
     unit = load(DataConfig(name="digits", scaling="unit"), CPU)
     assert unit.train.x.min() == 0 and unit.train.x.max() == 1  # digits' pixels run 0..16
@@ -208,24 +208,17 @@ def test_idx_files_load_through_torchvision(tmp_path: Path, name, folder):
     arrays = write_mnist_like(tmp_path / folder / "raw")
     d = load(DataConfig(name=name, root=str(tmp_path), download=False, val_size=10, scaling="none"), CPU)
     assert (len(d.train), len(d.val), len(d.test), d.n_features, d.n_classes) == (30, 10, 12, 784, 10)
-    expected = torch.from_numpy(arrays["t10k-images-idx3-ubyte"].reshape(12, -1)).float()
+    expected = torch.from_numpy(arrays["t10k-images-idx3-ubyte"].reshape(12, 1, 28, 28)).float()
     assert torch.equal(d.test.x, expected)  # the test split keeps its order and raw pixel values
     assert torch.equal(d.test.y, torch.arange(12) % 10)
 
 
-def test_cifar10_batches_load_through_torchvision(tmp_path: Path, monkeypatch):
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i, name in enumerate(["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]):
-        batch = {"data": rng.integers(0, 256, (6, 3072)).astype(np.uint8), "labels": [(i + j) % 10 for j in range(6)]}
-        (folder / name).write_bytes(pickle.dumps(batch))
-    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
-    # torchvision checks each file's MD5 against the real CIFAR-10; these tiny files cannot match.
-    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda path, md5=None: Path(path).is_file())
-    d = load(DataConfig(name="cifar10", root=str(tmp_path), download=False, val_size=5, scaling="unit"), CPU)
+def test_cifar10_batches_load_through_torchvision(tmp_path: Path, cifar_files_accepted):
+    written = write_cifar_like(tmp_path)
+    d = load(DataConfig(name="cifar10", root=str(tmp_path), download=False, val_size=5, scaling="none"), CPU)
     assert (len(d.train), len(d.val), len(d.test), d.n_features, d.n_classes) == (25, 5, 6, 3072, 10)
-    assert 0 <= d.train.x.min() and d.train.x.max() <= 1
+    assert d.shape == (3, 32, 32)  # each channel's plane where the file has it
+    assert torch.equal(d.test.x, torch.from_numpy(written["test_batch"].reshape(6, 3, 32, 32)).float())
 
 
 def _missing(name: str, root: Path, download: bool) -> str:
@@ -267,7 +260,7 @@ def test_the_advice_for_download_false_loads(tmp_path: Path, offline):
         shutil.copy(tmp_path / "made" / name, where)
     assert sorted(names.split(", ")) == sorted(made)
     d = load(DataConfig(name="fashion_mnist", root=str(tmp_path), download=False, val_size=10, scaling="none"), CPU)
-    assert torch.equal(d.test.x, torch.from_numpy(made["t10k-images-idx3-ubyte"].reshape(12, -1)).float())
+    assert torch.equal(d.test.x, torch.from_numpy(made["t10k-images-idx3-ubyte"].reshape(12, 1, 28, 28)).float())
 
 
 def test_the_advice_for_download_true_loads_offline(tmp_path: Path, offline, monkeypatch):
@@ -283,7 +276,7 @@ def test_the_advice_for_download_true_loads_offline(tmp_path: Path, offline, mon
     resources = [(name, md5[name]) for name, _ in torchvision.datasets.FashionMNIST.resources]
     monkeypatch.setattr(torchvision.datasets.FashionMNIST, "resources", resources)
     d = load(DataConfig(name="fashion_mnist", root=str(tmp_path), download=True, val_size=10, scaling="none"), CPU)
-    assert torch.equal(d.test.x, torch.from_numpy(made["t10k-images-idx3-ubyte"].reshape(12, -1)).float())
+    assert torch.equal(d.test.x, torch.from_numpy(made["t10k-images-idx3-ubyte"].reshape(12, 1, 28, 28)).float())
 
 
 def test_a_failed_download_names_the_reason(tmp_path: Path, monkeypatch):
@@ -324,7 +317,7 @@ INCONSISTENT = {
                                 "the test split has 12 images but 50 labels"),
     "test images of another size": (
         lambda raw: write_idx(raw / "t10k-images-idx3-ubyte", np.zeros((12, 20, 20), dtype=np.uint8)),
-        "the test images have 400 values each, the training images 784; expected one size for every split"),
+        "the test examples have shape (1, 20, 20), the training examples (1, 28, 28); expected one shape for every split"),
     "a bad header": (_bad_header, "(AssertionError: a file does not have the format torchvision reads (a bad header?))"),
 }
 

@@ -66,3 +66,23 @@ def test_the_state_an_optimizer_declares_covers_what_it_keeps(name, most):
     opt.step()
     assert sum(1 for v in opt.state[w].values() if torch.is_tensor(v) and v.shape == w.shape) \
         == optim.OPTIMIZERS[name].state
+
+
+def test_a_conv_nets_activations_are_measured_at_the_size_of_its_maps(monkeypatch):
+    """Each conv layer's outputs are channels x H x W per example: a pass on the meta device counts them."""
+    cfg = make_config("model=cnn", "model.channels=[4]", "model.head=[]", "model.pool=none", "trainer.batch_size=10",
+                      "trainer.eval_batch_size=10", data="digits")
+    split = Split(torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.int64))
+    with torch.device("meta"):
+        net = runtime.build_model(cfg, Data(split, split, split, 64, 10, (1, 8, 8), split.x))[0]
+    params = 4 * 9 + 4 + 4 * 64 * 10 + 10
+    values = 4 * 64 + 4 * 64 + 4 * 64 + 10  # conv, relu, flatten outputs, then the output layer's
+    needed = 4 * (params * (2 + 1) + 10 * values)  # SGD keeps a momentum buffer
+    monkeypatch.setattr(runtime, "free_memory", lambda device: needed)
+    assert runtime.memory_problem(net, cfg, CPU, (1, 8, 8)) is None
+    monkeypatch.setattr(runtime, "free_memory", lambda device: needed - 1)
+    assert runtime.memory_problem(net, cfg, CPU, (1, 8, 8)) is not None
+    bn = make_config("model=cnn", "norm=batchnorm", data="digits")  # batch norm cannot train on one example
+    with torch.device("meta"):
+        net = runtime.build_model(bn, Data(split, split, split, 64, 10, (1, 8, 8), split.x))[0]
+    assert runtime._output_values(net, (1, 8, 8)) > 0 and net.training

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from conftest import make_config
+from dnnrun import model
+from dnnrun.errors import ConfigError
 from dnnrun.model import Inputs, Layers, MLPConfig, fitting_config, mlp
 from dnnrun.network import count_parameters
 from dnnrun.norms import NormConfig
@@ -83,7 +85,7 @@ def test_a_state_dict_gives_back_the_config_whose_shapes_fit_it():
     rebuilt.load_state_dict(state)  # every key and shape fits
 
 
-def test_the_cnn_has_named_conv_blocks_pools_and_a_head_and_reads_images_in_their_layout():
+def test_the_cnn_has_named_conv_blocks_pools_and_a_head():
     from torch import nn
 
     from dnnrun.model import CNNConfig, cnn
@@ -91,15 +93,52 @@ def test_the_cnn_has_named_conv_blocks_pools_and_a_head_and_reads_images_in_thei
     cfg = make_config("model=cnn", "model.channels=[4,8]", "model.blocks=2", "model.head=[16]", "norm=batchnorm",
                       data="digits")
     layers = Layers(cfg.act, cfg.norm, cfg.init, combine(cfg.regularizer))
-    net = cnn(cfg.model, Inputs(features=3 * 8 * 8, classes=10, shape=(8, 8, 3)), layers)
-    assert list(net._modules) == ["images", "hidden1", "hidden2", "pool1", "hidden3", "hidden4", "pool2", "flatten",
+    net = cnn(cfg.model, Inputs(features=3 * 8 * 8, classes=10, shape=(3, 8, 8)), layers)
+    assert list(net._modules) == ["hidden1", "hidden2", "pool1", "hidden3", "hidden4", "pool2", "flatten",
                                   "hidden5", "output"]
     assert net.hidden5.linear.in_features == 8 * 2 * 2  # 8x8 maps pooled twice
     assert [type(b.affine) for _, b in net.hidden()] == [nn.Conv2d] * 4 + [nn.Linear]
     assert net.hidden1.conv.bias is None and isinstance(net.hidden1.norm, nn.BatchNorm2d)  # the norm's shift instead
     assert isinstance(cfg.model, CNNConfig) and cfg.model.widths == [4, 4, 8, 8, 16]
-    x = torch.arange(2 * 8 * 8 * 3, dtype=torch.float32).reshape(2, 8, 8, 3)  # (H, W, C), as CIFAR-10's files
+    assert net(torch.randn(2, 3, 8, 8)).shape == (2, 10)
+
+
+def test_the_resnet_is_the_cifar_family_with_named_residual_blocks():
+    from dnnrun.network import Residual
+
+    cfg = make_config("model=resnet", "norm=batchnorm", data="digits")  # ResNet-20: 3 stages of 3 blocks
+    layers = Layers(cfg.act, cfg.norm, cfg.init, combine(cfg.regularizer))
+    net = model.build(cfg.model, Inputs(features=3 * 32 * 32, classes=10, shape=(3, 32, 32)), layers)
+    assert list(net._modules) == ["hidden1", *[f"hidden{i}" for i in range(2, 11)], "pool", "output"]
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert len(convs) + 1 == 20  # the depth counts the 3x3 convs and the output layer
+    assert all(isinstance(b, Residual) for _, b in net.hidden()[1:]) and cfg.model.widths == [16] + [16] * 3 + [32] * 3 + [64] * 3
+    # the first block of stages 2 and 3 halves the maps and projects the shortcut with a 1x1 conv
+    assert net.hidden5.affine.stride == (2, 2) and isinstance(net.hidden5.shortcut.conv, nn.Conv2d)
+    assert isinstance(net.hidden3.shortcut, nn.Identity)
+    assert net.hidden2.inner.conv1.bias is None and isinstance(net.hidden2.inner.norm, nn.BatchNorm2d)
     seen = {}
-    net.hidden1.conv.register_forward_hook(lambda m, i, o: seen.__setitem__("in", i[0]))
-    assert net(x.reshape(2, -1)).shape == (2, 10)
-    assert torch.equal(seen["in"], x.permute(0, 3, 1, 2))  # channels first, each pixel where it was
+    net.hidden10.register_forward_hook(lambda m, i, o: seen.__setitem__("maps", o.shape))
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10) and seen["maps"] == (2, 64, 8, 8)
+    small = model.build(cfg.model, Inputs(features=28 * 28, classes=10, shape=(1, 28, 28)), layers)
+    assert small(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_a_residual_block_adds_its_input_to_what_its_convs_make():
+    from dnnrun.network import Residual
+
+    cfg = make_config("model=resnet", "model.depth=8", "model.width=4", data="digits")
+    layers = Layers(cfg.act, cfg.norm, cfg.init, combine(cfg.regularizer))
+    net = model.build(cfg.model, Inputs(features=64, classes=10, shape=(1, 8, 8)), layers)
+    block = net.hidden2
+    assert isinstance(block, Residual) and list(block._modules) == ["inner", "shortcut", "act"]
+    x = torch.randn(3, 4, 8, 8)
+    assert torch.equal(block(x), torch.relu(block.inner(x) + x))
+
+
+def test_resnet_depth_must_fit_its_stages():
+    with pytest.raises(ConfigError) as info:
+        make_config("model=resnet", "model.depth=21", data="digits")
+    assert info.value.problems == ["model.depth: must be 6n + 2 with n >= 1 for 3 stages (e.g. 8, 14, 20, 32), got 21"]
+    with pytest.raises(ConfigError, match="model=resnet needs images; data=synthetic's examples are vectors"):
+        make_config("model=resnet")

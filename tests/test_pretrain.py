@@ -73,11 +73,11 @@ def test_corrupted_examples_really_differ_and_the_rest_are_untouched():
 
 def test_rotation_labels_name_the_quarter_turns():
     g = torch.Generator().manual_seed(0)
-    images = torch.arange(200 * 9, dtype=torch.float32).reshape(200, 9)
-    rotated, labels = pretrain.rotate(images, (3, 3), g)
+    images = torch.arange(200 * 2 * 9, dtype=torch.float32).reshape(200, 2, 3, 3)
+    rotated, labels = pretrain.rotate(images, g)
     assert set(labels.tolist()) == {0, 1, 2, 3}
-    for x, r, k in zip(images, rotated, labels):
-        assert torch.equal(torch.rot90(r.reshape(3, 3), -int(k), dims=(0, 1)).reshape(9), x)
+    for x, r, k in zip(images, rotated, labels):  # each channel turned alike
+        assert torch.equal(torch.rot90(r, -int(k), dims=(1, 2)), x)
 
 
 @pytest.mark.parametrize("method", ["corrupted", "rotation"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 from pathlib import Path
@@ -202,6 +204,53 @@ def test_limit_batches_and_amp_on_cpu(run_dir: Path, caplog):
         summary = train.run(make_config("trainer.epochs=2", "trainer.limit_batches=5", "trainer.amp=true"), run_dir)
     assert summary["steps"] == 10
     assert "amp=true works on CUDA only" in caplog.text
+
+
+def test_amp_and_channels_last_by_default_only_where_they_pay(caplog):
+    from dnnrun import runtime
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    with caplog.at_level(logging.WARNING, logger="dnnrun"):
+        assert runtime.mixed_precision("auto", cpu, conv=True)[1] is None  # float32, silently
+        assert runtime.mixed_precision("auto", cuda, conv=False) == (contextlib.nullcontext, None)  # an MLP on CUDA
+        conv_net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3))
+        assert not runtime.channels_last("auto", cpu, conv_net) and runtime.channels_last("auto", cuda, conv_net)
+        assert runtime.channels_last(True, cpu, conv_net) and not runtime.channels_last(False, cuda, conv_net)
+    assert caplog.text == ""
+    with caplog.at_level(logging.WARNING, logger="dnnrun"):
+        assert not runtime.channels_last(True, cpu, torch.nn.Linear(2, 2))
+    assert "channels_last=true applies to conv layers; this model has none" in caplog.text
+
+
+def test_channels_last_trains_the_same_conv_net(tmp_path: Path):
+    """NHWC changes how the convolutions lay out memory, not what they compute."""
+    runs = [train.run(make_config("model=cnn", "model.channels=[4,8]", "trainer.epochs=1", "trainer.limit_batches=6",
+                                  f"trainer.channels_last={on}", data="digits"), tmp_path / str(on))
+            for on in (False, True)]
+    assert runs[0]["final"]["train/loss"] == pytest.approx(runs[1]["final"]["train/loss"], rel=1e-4)
+    weights = torch.load(tmp_path / "True" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert weights["hidden2.conv.weight"].shape == (8, 4, 3, 3)  # saved as any checkpoint: loads anywhere
+
+
+def test_compile_trains_through_torch_compile_or_falls_back_with_a_warning(tmp_path: Path, monkeypatch, caplog):
+    calls = []
+    eager_compile = functools.partial(torch.compile, backend="eager")  # traced by dynamo, no C++ compiler needed
+    monkeypatch.setattr(torch, "compile", lambda module: calls.append(module) or eager_compile(module))
+    summary = train.run(make_config("trainer.epochs=1", "trainer.limit_batches=3", "trainer.compile=true"),
+                        tmp_path / "compiled")
+    assert summary["status"] == "completed" and len(calls) == 1
+
+    def broken(module):
+        def fails(x):
+            raise RuntimeError("Compiler: cc not found")
+        return fails
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with caplog.at_level(logging.WARNING, logger="dnnrun"):
+        summary = train.run(make_config("trainer.epochs=1", "trainer.limit_batches=3", "trainer.compile=true"),
+                            tmp_path / "fallback")
+    assert summary["status"] == "completed" and summary["steps"] == 3
+    assert "torch.compile failed here (Compiler: cc not found); training without it" in caplog.text
 
 
 def test_clipping_by_value_and_by_norm():

@@ -36,7 +36,7 @@ def _target_model(source: Path, *overrides: str):
     state, _ = transfer.load_source(cfg.transfer)
     model, _ = runtime.build_model(cfg, data, transfer.model_config(cfg.model, cfg.transfer, state))
     layers = transfer.reused_layers(cfg.transfer, state)
-    return model, transfer.reuse(model, state, layers, data.n_features, str(source)), layers
+    return model, transfer.reuse(model, state, layers, str(source)), layers
 
 
 def test_reused_tensors_equal_the_sources_and_the_rest_is_new(source: Path):
@@ -145,3 +145,32 @@ def test_settings_without_a_source_warn(tmp_path: Path):
 def test_a_missing_source_file_is_a_user_error(tmp_path: Path):
     with pytest.raises(UserError, match="transfer.source: no checkpoint file at /no/such.pt"):
         train.run(make_config("transfer.source=/no/such.pt"), tmp_path)
+
+
+@pytest.mark.parametrize("model", ["cnn", "resnet"])
+def test_a_conv_nets_lower_blocks_are_reused_and_frozen_as_named_blocks(model: str, tmp_path: Path):
+    """transfer.layers counts a conv net's named blocks (conv blocks, residual blocks): a source on
+    digits 0..4, a target on 5..9 keeps its first two blocks, frozen, batch-norm statistics too."""
+    shape = ["model.channels=[4,8]"] if model == "cnn" else ["model.depth=8", "model.width=4"]
+    common = [f"model={model}", *shape, "norm=batchnorm", "trainer.epochs=1", "trainer.limit_batches=4"]
+    train.run(make_config(*common, "data.classes=[0,1,2,3,4]", data="digits"), tmp_path / "source")
+    src = _model(tmp_path / "source" / "checkpoints" / "best.pt")
+    source = tmp_path / "source" / "checkpoints" / "best.pt"
+    summary = train.run(make_config(*common, "data.classes=[5,6,7,8,9]", f"transfer.source={source}", "transfer.layers=2",
+                                    "transfer.freeze=true", "trainer.restore_best=false", data="digits"),
+                        tmp_path / "target")
+    assert summary["transfer"]["reused_layers"] == [1, 2]
+    trained = _model(tmp_path / "target" / "checkpoints" / "last.pt")
+    reused = [n for n in src if n.startswith(("hidden1.", "hidden2."))]
+    assert any(".norm" in n and "running_mean" in n for n in reused) and any("conv" in n for n in reused)
+    assert all(torch.equal(trained[n], src[n]) for n in reused)
+    above = next(n for n in src if n.startswith("hidden3.") and n.endswith("weight"))  # trained, not frozen
+    assert not torch.equal(trained[above], src[above])
+
+
+def test_a_conv_source_for_a_dense_model_is_refused_with_what_differs(tmp_path: Path):
+    train.run(make_config("model=cnn", "model.channels=[4]", "trainer.epochs=1", "trainer.limit_batches=2",
+                          data="digits"), tmp_path / "source")
+    with pytest.raises(UserError, match="transfer.source's hidden1 is a conv layer, this model's a dense one"):
+        train.run(make_config(f"transfer.source={tmp_path / 'source' / 'checkpoints' / 'best.pt'}", data="digits"),
+                  tmp_path / "target")
