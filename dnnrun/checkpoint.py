@@ -23,6 +23,7 @@ from dnnrun.state import TrainState
 FORMAT = "dnnrun-checkpoint"
 VERSION = 1
 WEIGHTS_FORMAT = "dnnrun-weights"  # safetensors files written by dnnrun-export
+INPUTS_PREFIX = "__inputs__."  # an export's preprocessing tensors (no module of a model is named so)
 
 
 def serialize(state: dict[str, Any]) -> bytes:
@@ -97,7 +98,11 @@ class OptionalEntry:
 # What readers take from a checkpoint: a key's type, or a dict of the keys it must hold in turn.
 # resume.Checkpoints writes and reads them ("scaler" is optional and read with .get). A tuple
 # lists the types allowed. The trainer's entry is TrainState's, derived from its fields.
-WEIGHTS: dict[str, Any] = {"model": dict, "config": dict}  # model: parameter name -> tensor, checked apart
+# inputs: data.Preprocess.to_dict(), what applying the model to new inputs needs (checkpoints before it lack it)
+INPUTS = {"scaling": str, "max_value": (int, float), "mean": (torch.Tensor, type(None)),
+          "std": (torch.Tensor, type(None)), "shape": list, "class_names": list}
+WEIGHTS: dict[str, Any] = {"model": dict, "config": dict,  # model: parameter name -> tensor, checked apart
+                           "inputs": OptionalEntry(INPUTS)}
 TRAINING: dict[str, Any] = {
     "optimizer": {"state": dict, "param_groups": list},  # torch.optim.Optimizer.state_dict()
     "schedule": {"t": int, "base_lrs": list, "total": int},  # schedules.Schedule.state_dict()
@@ -193,6 +198,12 @@ def export_safetensors(checkpoint_path: Path, out: Path) -> Path:
     state = load(checkpoint_path)
     tensors = {name: t.contiguous() for name, t in state["model"].items()}
     metadata = {"format": WEIGHTS_FORMAT, "config": json.dumps(state["config"])}
+    if state.get("inputs") is not None:  # the preprocessing: its tensors beside the weights, the rest as JSON
+        inputs = dict(state["inputs"])
+        for key in ("mean", "std"):
+            if (t := inputs.pop(key)) is not None:
+                tensors[f"{INPUTS_PREFIX}{key}"] = t.contiguous()
+        metadata["inputs"] = json.dumps(inputs)
     atomic_write(Path(out), lambda f: f.write(save(tensors, metadata)))
     return Path(out)
 
@@ -221,7 +232,12 @@ def _load_safetensors(path: Path, map_location) -> dict[str, Any]:
     except ValueError as exc:
         raise UserError(f"{path} is not a usable dnnrun checkpoint: its metadata 'config' is not valid JSON "
                         f"({_first_line(exc)})") from None
-    return {"format": FORMAT, "model": tensors, "config": config}
+    inputs = None
+    if "inputs" in metadata:
+        inputs = {**json.loads(metadata["inputs"]), "mean": None, "std": None}
+        for key in ("mean", "std"):
+            inputs[key] = tensors.pop(f"{INPUTS_PREFIX}{key}", None)
+    return {"format": FORMAT, "model": tensors, "config": config, "inputs": inputs}
 
 
 def rng_state(shuffle: torch.Generator) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from dnnrun.early_stopping import EarlyStoppingConfig
 from dnnrun.norms import NormConfig, parse_norm
 from dnnrun.schema import Choice, Problems, check_value, did_you_mean, parse
 
-Mode = Literal["train", "lr_find", "evaluate"]
+Mode = Literal["train", "lr_find", "evaluate", "predict"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +134,17 @@ class EvaluateConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PredictConfig:
+    checkpoint: str | None = None  # a run directory, a checkpoint or an export (mode=predict)
+    input: str | None = None  # a .npy, .npz or .csv file of raw examples, or a folder of image files
+    mc_samples: int = 0  # > 0: MC dropout, the mean of this many passes with dropout on
+
+    def check(self, problems: Problems, key: str) -> None:
+        if self.mc_samples < 0:
+            problems.add(f"{key}.mc_samples", f"must be >= 0, got {self.mc_samples}")
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     data: DataConfig
     model: Any  # the chosen architecture's config (model.MODELS)
@@ -147,10 +158,11 @@ class RunConfig:
     logger: Choice
     pretrain: Choice
     transfer: TransferConfig
-    mode: Mode  # train | lr_find (the learning-rate range test) | evaluate (a checkpoint, MC dropout)
+    mode: Mode  # train | lr_find (the learning-rate range test) | evaluate (a checkpoint, MC dropout) | predict
     outputs: str  # the root that run and sweep directories must stay under
     lr_find: LRFindConfig
     evaluate: EvaluateConfig
+    predict: PredictConfig
     raw: dict[str, Any]  # the plain config as composed, stored in checkpoints and summaries
 
     def choices(self) -> dict[str, str]:
@@ -187,6 +199,7 @@ GROUPS = {
     "outputs": lambda raw, key, problems: raw if check_value(raw, str, key, problems) else None,
     "lr_find": lambda raw, key, problems: parse(LRFindConfig, raw, key, problems),
     "evaluate": lambda raw, key, problems: parse(EvaluateConfig, raw, key, problems),
+    "predict": lambda raw, key, problems: parse(PredictConfig, raw, key, problems),
 }
 
 
@@ -232,3 +245,8 @@ def _check_across_groups(cfg: dict[str, Any], problems: Problems) -> None:
                                             "to reuse (model.weights=PATH)")
     if cfg["mode"] == "evaluate" and cfg["evaluate"].checkpoint is None:
         problems.add("evaluate.checkpoint", "mode=evaluate needs the checkpoint to evaluate: evaluate.checkpoint=PATH")
+    if cfg["mode"] == "predict":
+        for name, what in (("checkpoint", "the model: a run directory or a checkpoint"),
+                           ("input", "the examples: a .npy, .npz or .csv file, or a folder of images")):
+            if getattr(cfg["predict"], name) is None:
+                problems.add(f"predict.{name}", f"mode=predict needs {what}: predict.{name}=PATH")

@@ -47,6 +47,7 @@ class Arrays:
     y_test: torch.Tensor | None
     max_value: float  # the raw value that scaling=unit maps to 1.0
     n_classes: int
+    class_names: list[str] | None = None  # None: the labels' numbers
 
     @property
     def shape(self) -> tuple[int, ...] | None:
@@ -159,6 +160,7 @@ class TorchvisionSet:
             y_test=torch.as_tensor(test.targets, dtype=torch.int64),
             max_value=255.0,
             n_classes=len(train.classes),
+            class_names=[str(c) for c in train.classes],
         )
 
 
@@ -295,6 +297,7 @@ class Data:
     n_classes: int
     shape: tuple[int, ...] | None  # one image's (C, H, W); None when the examples are vectors
     unlabeled: torch.Tensor  # every training input, also those that max_train leaves without their label
+    preprocess: Preprocess | None = None  # raw examples to the model's inputs, and the classes' names
 
 
 def _count(size: float | int, n: int) -> int:
@@ -352,7 +355,9 @@ def load(cfg: DataConfig, device: torch.device) -> Data:
         name: (x.to(device).float(), y.to(device))
         for name, x, y in (("train", x_train, y_train), ("val", x_val, y_val), ("test", x_test, y_test))
     }
-    scale = _scaler(cfg.scaling, splits["train"][0], arrays.max_value)
+    names = arrays.class_names or [str(c) for c in range(arrays.n_classes)]
+    names = [names[c] for c in cfg.classes] if cfg.classes is not None else names
+    scale = Preprocess.fit(cfg.scaling, splits["train"][0], arrays.max_value, names)
     train = Split(scale(splits["train"][0]), splits["train"][1])
     return Data(
         train=train,
@@ -363,22 +368,53 @@ def load(cfg: DataConfig, device: torch.device) -> Data:
         shape=arrays.shape,
         # the same tensor as train.x unless max_train dropped some labels
         unlabeled=train.x if cfg.max_train is None else scale(x_unlabeled.to(device).float()),
+        preprocess=scale,
     )
 
 
-def _scaler(scaling: str, x_train: torch.Tensor, max_value: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    import torch
+@dataclasses.dataclass
+class Preprocess:
+    """What turns raw examples, as a loader reads them (uint8 pixels, raw features), into what the
+    model takes, and what its outputs mean: fitted on the training split, then stored in every
+    checkpoint and export (`to_dict`) so that a trained model applies to new inputs without its
+    data set (mode=predict, dnnrun.load)."""
 
-    if scaling == "none":
-        return lambda x: x
-    if scaling == "unit":
-        return lambda x: x / max_value
-    # As scikit-learn's StandardScaler: a feature whose variance is within rounding error of 0 (its
-    # _is_constant_feature bound) gets scale 1, so it is only centred. The statistics are taken of the
-    # data minus its first row, where a constant feature is exactly 0 whatever its value (no cancellation).
-    n, eps, shift = len(x_train), torch.finfo(x_train.dtype).eps, x_train[:1]
-    var, mean = torch.var_mean(x_train - shift, 0, correction=int(n > 1))  # a single example: variance 0
-    constant = var <= n * eps * var + (n * eps * mean) ** 2
-    std = torch.where(constant, torch.ones_like(var), var.sqrt())
-    mean = mean + shift[0]
-    return lambda x: (x - mean) / std
+    scaling: str  # none | unit | standardize
+    max_value: float  # unit: the raw value that becomes 1.0
+    mean: torch.Tensor | None  # standardize: per feature (per pixel, for images), of one example's shape
+    std: torch.Tensor | None
+    shape: tuple[int, ...]  # one example: (C, H, W) for images, (features,) for vectors
+    class_names: list[str]  # the model's outputs, in order
+
+    @classmethod
+    def fit(cls, scaling: str, x_train: torch.Tensor, max_value: float, class_names: list[str]) -> Preprocess:
+        import torch
+
+        shape = tuple(x_train.shape[1:])
+        if scaling != "standardize":
+            return cls(scaling, max_value, None, None, shape, class_names)
+        # As scikit-learn's StandardScaler: a feature whose variance is within rounding error of 0 (its
+        # _is_constant_feature bound) gets scale 1, so it is only centred. The statistics are taken of the
+        # data minus its first row, where a constant feature is exactly 0 whatever its value (no cancellation).
+        n, eps, shift = len(x_train), torch.finfo(x_train.dtype).eps, x_train[:1]
+        var, mean = torch.var_mean(x_train - shift, 0, correction=int(n > 1))  # a single example: variance 0
+        constant = var <= n * eps * var + (n * eps * mean) ** 2
+        std = torch.where(constant, torch.ones_like(var), var.sqrt())
+        return cls(scaling, max_value, mean + shift[0], std, shape, class_names)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw examples (float) as the model takes them."""
+        if self.scaling == "unit":
+            return x / self.max_value
+        if self.scaling == "standardize":
+            return (x - self.mean.to(x.device)) / self.std.to(x.device)
+        return x
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data and tensors: what torch.load(weights_only=True) reads back."""
+        return {"scaling": self.scaling, "max_value": float(self.max_value), "mean": self.mean, "std": self.std,
+                "shape": list(self.shape), "class_names": list(self.class_names)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocess:
+        return cls(d["scaling"], d["max_value"], d.get("mean"), d.get("std"), tuple(d["shape"]), list(d["class_names"]))

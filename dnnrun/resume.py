@@ -87,9 +87,10 @@ class Checkpoints:
 
     def __init__(self, run_dir: RunDir, model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule: Schedule,
                  scaler: torch.amp.GradScaler | None, shuffle: torch.Generator, config: dict[str, Any],
-                 before_rename=None):
+                 before_rename=None, inputs: dict[str, Any] | None = None):
         self.run_dir, self.model, self.optimizer, self.schedule = run_dir, model, optimizer, schedule
         self.scaler, self.shuffle, self.config, self.before_rename = scaler, shuffle, config, before_rename
+        self.inputs = inputs  # data.Preprocess.to_dict(): what applying the model to new inputs needs
 
     def _contents(self, state: TrainState) -> dict[str, Any]:
         return {
@@ -100,6 +101,7 @@ class Checkpoints:
             "trainer": state.to_dict(),
             "rng": checkpoint.rng_state(self.shuffle),
             "config": self.config,
+            "inputs": self.inputs,
         }
 
     def save(self, state: TrainState, improved: bool) -> None:
@@ -112,7 +114,7 @@ class Checkpoints:
 
     def save_weights(self, path: Path) -> None:
         """The model and the config alone (what evaluate and transfer read), e.g. pretrained.pt."""
-        checkpoint.save(path, {"model": self.model.state_dict(), "config": self.config})
+        checkpoint.save(path, {"model": self.model.state_dict(), "config": self.config, "inputs": self.inputs})
 
     def restore(self, ckpt: dict[str, Any], path: Path) -> TrainState:
         """Load a checkpoint into the model, optimizer, schedule, scaler and RNGs; its TrainState.

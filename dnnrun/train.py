@@ -156,7 +156,8 @@ class Trainer:
         self.autocast, self.scaler = runtime.mixed_precision(tc.amp, device, runtime.has_conv(self.model))
         self.shuffle = torch.Generator().manual_seed(tc.seed)
         self.checkpoints = resume.Checkpoints(run_dir, self.model, self.optimizer, self.schedule, self.scaler,
-                                              self.shuffle, cfg.raw, hook.before_rename)
+                                              self.shuffle, cfg.raw, hook.before_rename,
+                                              self.data.preprocess.to_dict() if self.data.preprocess else None)
         self.early_stopping = EarlyStopping(tc.early_stopping, tc.monitor)
         self.logger = loggers.build(cfg.logger, run_dir)
         self.layer_stats = diagnostics.LayerStats(self.model, ACTIVATIONS[cfg.act.name], tc.diagnostics.every,

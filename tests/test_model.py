@@ -142,3 +142,14 @@ def test_resnet_depth_must_fit_its_stages():
     assert info.value.problems == ["model.depth: must be 6n + 2 with n >= 1 for 3 stages (e.g. 8, 14, 20, 32), got 21"]
     with pytest.raises(ConfigError, match="model=resnet needs images; data=synthetic's examples are vectors"):
         make_config("model=resnet")
+
+
+def test_prelu_in_a_conv_block_has_one_slope_per_channel():
+    cfg = make_config("model=cnn", "model.channels=[4]", "act=prelu", "act.per_unit=true", data="digits")
+    layers = Layers(cfg.act, cfg.norm, cfg.init, combine(cfg.regularizer))
+    act = model.build(cfg.model, Inputs(features=64, classes=10, shape=(1, 8, 8)), layers).hidden1.act
+    assert act.weight.shape == (4,)
+    with torch.no_grad():
+        act.weight.copy_(torch.tensor([0.0, 0.1, 0.2, 0.3]))
+    out = act(-torch.ones(2, 4, 3, 3))
+    assert all(torch.equal(out[:, c], torch.full((2, 3, 3), -0.1 * c)) for c in range(4))

@@ -25,7 +25,7 @@ CONFIG_DIR = _config_dir()
 CONFIG_NAME = "config"  # the primary config: config.yaml
 
 # Paths make unreadable directory names, and a job's directory is found again by its name.
-PATH_KEYS = ("transfer.source", "evaluate.checkpoint")
+PATH_KEYS = ("transfer.source", "evaluate.checkpoint", "predict.checkpoint", "predict.input")
 DIRNAME_EXCLUDED = "dnnrun.dirname_excluded"  # conf/config.yaml: hydra.job.config.override_dirname.exclude_keys
 DIGEST = "dnnrun.digest"  # conf/config.yaml: hydra.sweep.subdir, a job's directory: its number and this
 
