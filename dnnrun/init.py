@@ -6,10 +6,11 @@ conf/init/ set its scale, mode and distribution. Fans follow PyTorch's (out, in,
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import TYPE_CHECKING, Literal
 
-from dnnrun.schema import POSITIVE, Choice, Problems, check_rules, parse_choice
+from dnnrun.schema import POSITIVE, Choice, Problems, check_rules, parse as parse_schema, unknown
 
 if TYPE_CHECKING:
     import torch
@@ -83,6 +84,29 @@ INITIALIZERS = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class InitConfig(Choice):
+    """The init group: the hidden layers' initializer (a registry entry and its settings) and the
+    output layer's (`output`)."""
+
+    # the output layer's: glorot_uniform (the seeds' table: Glorot for a softmax or linear output
+    # layer, whatever the hidden layers use), glorot_normal, or same (as the hidden layers)
+    output: str = "glorot_uniform"
+
+
+# init.output's choices: conf/init's options of the same names (tests/test_init.py holds them equal)
+OUTPUT = {
+    "glorot_uniform": Choice("variance_scaling", {"scale": 1.0, "mode": "fan_avg", "distribution": "uniform"}),
+    "glorot_normal": Choice("variance_scaling", {"scale": 1.0, "mode": "fan_avg", "distribution": "truncated_normal"}),
+    "same": None,
+}
+
+
+def output_choice(choice: Choice) -> Choice:
+    """The initializer of the output layer under this init config."""
+    return OUTPUT.get(getattr(choice, "output", "same")) or choice
+
+
 def is_lecun(choice: Choice) -> bool:
     """Variance 1 / fan_in: what SELU's self-normalization assumes."""
     p = choice.params
@@ -92,8 +116,10 @@ def is_lecun(choice: Choice) -> bool:
 RULES = {"scale": POSITIVE, "std": POSITIVE, "gain": POSITIVE}
 
 
-def parse(raw, key: str, problems: Problems) -> Choice | None:
-    choice = parse_choice(raw, INITIALIZERS, key, "initializer", problems)
+def parse(raw, key: str, problems: Problems) -> InitConfig | None:
+    choice = parse_schema(InitConfig, raw, key, problems, registry=INITIALIZERS, kind="initializer")
+    if choice is not None and choice.output not in OUTPUT:
+        problems.add(f"{key}.output", unknown("output-layer initializer", choice.output, OUTPUT))
     if choice is not None:
         check_rules(choice.params, RULES, key, problems)
         if choice.params.get("low", -1.0) >= choice.params.get("high", 1.0):
@@ -109,13 +135,15 @@ def affine_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
 
 
-def initialize(model: nn.Module, choice: Choice) -> None:
-    """Apply the chosen initializer to every affine layer's weight and zero its bias."""
+def initialize(model: nn.Module, choice: Choice, output: nn.Module | None = None) -> None:
+    """Apply the chosen initializer to every affine layer's weight and zero its bias; the output
+    layer (`output`, else the model's `output` module) gets init.output's (output_choice)."""
     import torch
 
-    init_ = INITIALIZERS[choice.name]
+    output = output if output is not None else getattr(model, "output", None)
     with torch.no_grad():
         for layer in affine_layers(model):
-            init_(layer.weight, **choice.params)
+            use = output_choice(choice) if layer is output else choice
+            INITIALIZERS[use.name](layer.weight, **use.params)
             if layer.bias is not None:
                 layer.bias.zero_()

@@ -10,7 +10,9 @@ from torch import nn
 
 from conftest import make_config
 from dnnrun.cli import CONFIG_DIR
+from dnnrun import init
 from dnnrun.init import initialize, variance_scaling_
+from dnnrun.schema import Choice
 
 FAN_IN, FAN_OUT = 500, 1000  # nn.Linear(500, 1000): weight (1000, 500); distinct fans tell the modes apart
 FAN_AVG = (FAN_IN + FAN_OUT) / 2
@@ -84,3 +86,32 @@ def test_fans_follow_pytorchs_layout_for_conv_kernels():
     w = torch.empty(64, 32, 3, 3)  # (out, in, kh, kw): fan_in = 32 * 9
     variance_scaling_(w, scale=2.0, mode="fan_in", distribution="normal")
     assert w.var().item() == pytest.approx(2 / (32 * 9), rel=0.05)
+
+
+@pytest.mark.parametrize("name", [n for n in init.OUTPUT if n != "same"])
+def test_the_output_layers_choices_are_the_init_options_of_their_names(name):
+    option = make_config(f"init={name}").init
+    assert init.OUTPUT[name] == Choice(option.name, option.params)
+
+
+def test_the_output_layer_is_glorot_whatever_the_hidden_layers_use_unless_same():
+    """The seeds' table: Glorot for a softmax (or linear) output layer."""
+    from dnnrun import runtime
+    from dnnrun.data import Data, Split
+
+    split = Split(torch.zeros(2, 400), torch.zeros(2, dtype=torch.int64))
+    data = Data(split, split, split, 400, 300, None, split.x)
+
+    def weights(*overrides):
+        torch.manual_seed(0)
+        net = runtime.build_model(make_config("model.hidden=[500]", *overrides), data)[0]
+        return net.hidden1.linear.weight, net.output.weight
+
+    hidden, output = weights("init=he_normal")
+    assert hidden.var().item() == pytest.approx(2 / 400, rel=0.05)
+    limit = math.sqrt(6 / (500 + 300))  # Glorot uniform: U(-limit, limit), variance 2 / (fan_in + fan_out)
+    assert output.abs().max().item() <= limit and output.var().item() == pytest.approx(2 / 800, rel=0.05)
+    _, same = weights("init=he_normal", "init.output=same")
+    assert same.var().item() == pytest.approx(2 / 500, rel=0.05)
+    _, normal = weights("init=lecun_normal", "init.output=glorot_normal")
+    assert normal.var().item() == pytest.approx(2 / 800, rel=0.05) and normal.abs().max().item() > limit
