@@ -70,7 +70,7 @@ def load_resumable(path: Path, cfg: RunConfig, device: torch.device) -> dict[str
     return ckpt
 
 
-def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+def config_changes(saved: dict[str, Any], now: dict[str, Any], where: str = "the checkpoint") -> list[str]:
     """'key: X in the checkpoint, Y now' for each setting that differs and alters the result."""
     old, new = flatten(saved), flatten(now)
     changes = []
@@ -78,7 +78,7 @@ def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
         if key.endswith(".option"):
             continue  # the name of an option's YAML: a label; the settings it holds are compared
         if old.get(key) != new.get(key) and not any(key == k or key.startswith(k + ".") for k in MAY_CHANGE_ON_RESUME):
-            changes.append(f"{key}: {old.get(key, '(unset)')!r} in the checkpoint, {new.get(key, '(unset)')!r} now")
+            changes.append(f"{key}: {old.get(key, '(unset)')!r} in {where}, {new.get(key, '(unset)')!r} now")
     return changes
 
 

@@ -151,3 +151,27 @@ def test_mode_predict_needs_its_checkpoint_and_input_and_old_checkpoints_are_ref
         dnnrun.load(tmp_path / "old.pt")
     with pytest.raises(DataError):
         dnnrun.load(trained).predict(np.zeros((2, 3)))
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_the_onnx_export_computes_what_pytorch_does_from_raw_inputs(model: str, tmp_path: Path):
+    import json
+
+    import onnx
+    import onnxruntime
+
+    from dnnrun.export import main as export
+
+    run = tmp_path / "run"
+    shape = ["model=cnn", "model.channels=[4]", "norm=batchnorm"] if model == "cnn" else ["regularizer=[dropout]"]
+    train.run(make_config(*shape, "trainer.epochs=1", data="digits"), run)
+    assert export([str(run), "--format", "onnx"]) == 0
+    path = run / "checkpoints" / "best.onnx"
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randint(0, 17, (7, 1, 8, 8)).float().numpy()  # raw pixel values, any batch size
+    (probs,) = session.run(["probabilities"], {"inputs": x})
+    expected = dnnrun.load(run).predict(x)
+    assert probs.shape == (7, 10) and np.abs(probs - expected).max() < 1e-5
+    metadata = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert json.loads(metadata["class_names"]) == [str(c) for c in range(10)]
+    assert json.loads(metadata["dnnrun_config"])["model"]["name"] == model

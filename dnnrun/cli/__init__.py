@@ -77,8 +77,14 @@ def _main(argv: list[str]) -> None:
         return
     from dnnrun.cli.checks import check_torch, preflight
     from dnnrun.cli.messages import error
-    from dnnrun.errors import ConfigError
+    from dnnrun.cli.rerun import expand
+    from dnnrun.errors import ConfigError, UserError
 
+    try:
+        argv = expand(argv)  # rerun=RUN: that run's overrides
+    except UserError as exc:
+        error(str(exc))
+        sys.exit(EXIT_BAD_INPUT)
     checked = preflight(argv)  # the same on every rank under torchrun: before its scratch dir
     if checked.problems:
         error(checked.problems[0] if len(checked.problems) == 1 else str(ConfigError(checked.problems)))

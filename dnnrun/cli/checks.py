@@ -31,7 +31,7 @@ from dnnrun.schema import did_you_mean, unknown
 
 CHOICES = (ValueType.ELEMENT, ValueType.SIMPLE_CHOICE_SWEEP, ValueType.CHOICE_SWEEP)  # what the check expands
 RERUN_REFUSED = ("--experimental-rerun is not supported: it unpickles a file (which can run code) and skips "
-                 "dnnrun's checks; run again with the overrides in RUN_DIR/.hydra/overrides.yaml")
+                 "dnnrun's checks; run a finished run again with dnnrun rerun=RUN_DIR")
 
 
 @dataclasses.dataclass(frozen=True)

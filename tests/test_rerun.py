@@ -1,0 +1,45 @@
+"""dnnrun rerun=RUN_DIR: a finished run again from its saved overrides, read as YAML, into a new
+directory; on the CPU its metrics equal the first run's, times aside."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from conftest import run_cli
+from dnnrun.rundir import read_jsonl
+
+TIMES = ("time/epoch_s",)
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMES} for r in read_jsonl(run / "metrics.jsonl")]
+
+
+def test_a_rerun_repeats_the_run_exactly_in_a_new_directory(tmp_path: Path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    result = run_cli("act=elu", "regularizer=[dropout]", "trainer.epochs=3", f"hydra.run.dir={first}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    result = run_cli(f"rerun={first}", f"hydra.run.dir={second}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert _metrics(second) == _metrics(first) and len(_metrics(first)) == 3
+    assert json.loads((second / "summary.json").read_text())["test"] == json.loads((first / "summary.json").read_text())["test"]
+    overrides = yaml.safe_load((second / ".hydra" / "overrides.yaml").read_text())
+    assert "act=elu" in overrides and "regularizer=[dropout]" in overrides  # the first run's, recorded again
+    result = run_cli(f"rerun={first}", "trainer.epochs=4", f"hydra.run.dir={tmp_path / 'longer'}", cwd=tmp_path)
+    assert result.returncode == 0 and _metrics(tmp_path / "longer")[:3] == _metrics(first)  # a given override wins
+
+
+def test_a_run_whose_config_no_longer_composes_the_same_is_refused_with_the_differences(tmp_path: Path):
+    run = tmp_path / "run"
+    assert run_cli("trainer.epochs=1", f"hydra.run.dir={run}", cwd=tmp_path).returncode == 0
+    saved = run / ".hydra" / "config.yaml"
+    saved.write_text(saved.read_text().replace("lr: 0.01", "lr: 0.05"))  # as if the default had been 0.05 then
+    result = run_cli(f"rerun={run}", f"hydra.run.dir={tmp_path / 'again'}", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "  - optimizer.lr: 0.05 in the run, 0.01 now\n" in result.stderr
+    assert "cannot run again exactly" in result.stderr and not (tmp_path / "again").exists()
+    result = run_cli(f"rerun={tmp_path / 'nowhere'}", cwd=tmp_path)
+    assert result.returncode == 2 and f"rerun={tmp_path / 'nowhere'}: no such directory" in result.stderr
