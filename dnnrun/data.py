@@ -214,6 +214,8 @@ class DataConfig:
     classes: list[int] | None = None  # keep only these labels, relabelled 0..k-1 in this order
     max_train: int | None = None  # keep at most this many training examples (after the validation split)
     split_seed: int = 0  # fixes which examples go to validation (and test), whatever the training seed
+    folds: int | None = None  # k-fold cross-validation: the training set in this many stratified folds ...
+    fold: int | None = None  # ... and this one (0-based) validates, in place of val_size
     augment: list[str] = dataclasses.field(default_factory=list)  # training batches only: augment.AUGMENTATIONS
     resize: int | None = None  # images resized to resize x resize on the device; null: as they are (model=zoo: its size)
     params: dict[str, Any] = dataclasses.field(default_factory=dict)  # the loader's own options
@@ -232,6 +234,13 @@ class DataConfig:
         if self.classes is not None and (len(self.classes) < 2 or len(set(self.classes)) != len(self.classes)):
             problems.add(f"{key}.classes", f"must list at least two distinct labels, got {self.classes}")
         check_rules({"split_seed": self.split_seed}, {"split_seed": SEED}, key, problems)
+        if self.folds is not None and self.folds < 2:
+            problems.add(f"{key}.folds", f"must be >= 2 (or null: no cross-validation), got {self.folds}")
+        elif self.folds is not None and (self.fold is None or not 0 <= self.fold < self.folds):
+            problems.add(f"{key}.fold", f"must be one of 0..{self.folds - 1} with {key}.folds={self.folds} "
+                                        f"(sweep them: -m {key}.fold='range({self.folds})'), got {self.fold}")
+        elif self.folds is None and self.fold is not None:
+            problems.add(f"{key}.fold", f"needs {key}.folds (how many folds), e.g. {key}.folds=5")
         check_rules(self.params, RULES, key, problems)
         for name in self.augment:
             if name not in AUGMENTATIONS:
@@ -317,6 +326,30 @@ def _split_off(x: torch.Tensor, y: torch.Tensor, size: float, seed: int, what: s
     return x[rest], y[rest], x[held], y[held]
 
 
+def fold_of(y: torch.Tensor, folds: int, seed: int) -> torch.Tensor:
+    """Each example's fold, stratified as scikit-learn's StratifiedKFold(shuffle=True): each
+    class's examples, in an order drawn from `seed`, dealt to the folds in turn, so that every fold
+    has each class's share (within one example)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    fold = torch.empty(len(y), dtype=torch.int64)
+    dealt = 0  # where the next class starts dealing: the folds' sizes stay within one of each other
+    for c in torch.unique(y).tolist():
+        members = (y == c).nonzero().squeeze(1)
+        members = members[torch.randperm(len(members), generator=g)]
+        fold[members] = (torch.arange(len(members)) + dealt) % folds
+        dealt += len(members)
+    return fold
+
+
+def _fold(x: torch.Tensor, y: torch.Tensor, folds: int, fold: int, seed: int):
+    which = fold_of(y, folds, seed)
+    if int((which != fold).sum()) == 0 or int((which == fold).sum()) == 0:
+        raise DataError(f"data.folds={folds}: {len(y)} training examples are too few for {folds} folds; lower it")
+    return x[which != fold], y[which != fold], x[which == fold], y[which == fold]
+
+
 def _keep_classes(x: torch.Tensor, y: torch.Tensor, classes: list[int], n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     import torch
 
@@ -345,7 +378,10 @@ def load(cfg: DataConfig, device: torch.device) -> Data:
     if x_test is None:
         x_train, y_train, x_test, y_test = _split_off(x_train, y_train, cfg.test_size, cfg.split_seed, "data.test_size")
     # A different seed stream from the test split's, so the two carve-outs are independent.
-    x_train, y_train, x_val, y_val = _split_off(x_train, y_train, cfg.val_size, cfg.split_seed + 1, "data.val_size")
+    if cfg.folds is not None:
+        x_train, y_train, x_val, y_val = _fold(x_train, y_train, cfg.folds, cfg.fold, cfg.split_seed + 1)
+    else:
+        x_train, y_train, x_val, y_val = _split_off(x_train, y_train, cfg.val_size, cfg.split_seed + 1, "data.val_size")
     x_unlabeled = x_train
     if cfg.max_train is not None:
         x_train, y_train = x_train[: cfg.max_train], y_train[: cfg.max_train]

@@ -5,7 +5,7 @@
     dnnrun-report ... --out DIR             where report.md, report.csv and the figures go
 
 The swept values (the overrides that differ between runs) become columns; runs that differ only by
-trainer.seed are grouped into mean +- std; groups are ranked by their best validation metric. Tables
+trainer.seed or data.fold (k-fold cross-validation) are grouped into mean +- std; groups are ranked by their best validation metric. Tables
 show numbers to 3 significant digits (report.csv keeps them exact); param_NAME.png puts a numeric
 parameter on a numeric axis (logarithmic over two decades or more), a named one in categories.
 """
@@ -29,7 +29,7 @@ from dnnrun.metrics import maximized
 from dnnrun.rundir import RunDir, SweepDir
 
 METRICS = ("val/loss", "val/acc", "test/loss", "test/acc", "epochs", "time_s")
-SEED = "trainer.seed"
+REPEATS = ("trainer.seed", "data.fold")  # runs that differ only in these repeat one setting: grouped
 
 
 def collect(paths: list[Path]) -> list[dict[str, Any]]:
@@ -54,8 +54,9 @@ def swept_keys(runs: list[dict[str, Any]]) -> list[str]:
 
 
 def group(runs: list[dict[str, Any]], keys: list[str]) -> list[dict[str, Any]]:
-    """Runs with the same swept values except the seed form one group: metrics as mean and std."""
-    settings = [k for k in keys if k != SEED]
+    """Runs with the same swept values except the seed and the fold form one group: metrics as
+    mean and std."""
+    settings = [k for k in keys if k not in REPEATS]
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for run in runs:
         groups.setdefault(tuple(run["overrides"].get(k, "-") for k in settings), []).append(run)
@@ -170,7 +171,7 @@ def _min_width(columns: list[tuple[str, ...]], names: dict[str, str]) -> int:
 def write_markdown(groups: list[dict[str, Any]], settings: list[str], monitor: str, path: Path, figures: list[Path]) -> None:
     header = _columns(settings)
     labels = _labels(groups, settings)
-    lines = ["# dnnrun report", "", f"Ranked by the best {monitor} of each run (mean ± std over seeds).", "",
+    lines = ["# dnnrun report", "", f"Ranked by the best {monitor} of each run (mean ± std over seeds and folds).", "",
              "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for i, row in enumerate(groups, start=1):
         lines.append("| " + " | ".join(_cells(i, row, settings, labels)) + " |")
@@ -278,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     monitors = {run["monitor"] for run in runs}
     monitor = monitors.pop() if len(monitors) == 1 else "val/acc"
     keys = swept_keys(runs)
-    settings = [k for k in keys if k != SEED]
+    settings = [k for k in keys if k not in REPEATS]
     groups = rank(group(runs, keys), monitor)
     drawn = figures(runs, settings, monitor, out)
     write_markdown(groups, settings, monitor, out / "report.md", drawn)

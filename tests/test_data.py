@@ -342,3 +342,30 @@ def test_inconsistent_files_stop_dnnrun_with_exit_2_and_no_run_directory(tmp_pat
                      f"hydra.run.dir={tmp_path / 'runs' / 'one'}", f"outputs={tmp_path / 'runs'}", cwd=tmp_path)
     assert result.returncode == 2 and "expected classes 0..9" in result.stderr, result.stderr
     assert not (tmp_path / "runs" / "one").exists()
+
+
+def test_k_folds_are_stratified_disjoint_cover_the_training_set_and_leave_the_test_split_alone():
+    from dnnrun.data import fold_of
+
+    base = load(DataConfig(name="digits", scaling="none"), CPU)
+    splits = [load(DataConfig(name="digits", scaling="none", folds=5, fold=i), CPU) for i in range(5)]
+    assert all(torch.equal(s.test.x, base.test.x) for s in splits)  # the test split is untouched
+    val = torch.cat([s.val.x for s in splits]).reshape(-1, 64)
+    everything = torch.cat([splits[0].train.x, splits[0].val.x]).reshape(-1, 64)
+    assert len(val) == len(everything) == len(base.train) + len(base.val)
+    assert sorted(map(tuple, val.tolist())) == sorted(map(tuple, everything.tolist()))  # each example validates once
+    y = torch.arange(103) % 3  # classes of 35, 34, 34 examples
+    which = fold_of(y, 4, seed=7)
+    for c in range(3):
+        counts = torch.bincount(which[y == c], minlength=4)
+        assert counts.max() - counts.min() <= 1  # each class spread evenly over the folds
+    assert torch.bincount(which).tolist() in ([26, 26, 26, 25], [26, 26, 25, 26], [26, 25, 26, 26], [25, 26, 26, 26])
+    assert torch.equal(which, fold_of(y, 4, seed=7)) and not torch.equal(which, fold_of(y, 4, seed=8))
+
+
+def test_fold_settings_are_checked():
+    assert _config_problems("data.folds=1", "data.fold=0") == ["data.folds: must be >= 2 (or null: no "
+                                                              "cross-validation), got 1"]
+    assert _config_problems("data.folds=5", "data.fold=5") == ["data.fold: must be one of 0..4 with data.folds=5 "
+                                                              "(sweep them: -m data.fold='range(5)'), got 5"]
+    assert _config_problems("data.fold=2") == ["data.fold: needs data.folds (how many folds), e.g. data.folds=5"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import csv
 from pathlib import Path
 
 import pytest
@@ -40,7 +41,7 @@ def lr_sweep(tmp_path: Path) -> Path:
 
 def _ranked(paths: list[Path]):
     runs = report.collect(paths)
-    settings = [k for k in report.swept_keys(runs) if k != report.SEED]
+    settings = [k for k in report.swept_keys(runs) if k not in report.REPEATS]
     return runs, settings, report.rank(report.group(runs, settings), "val/loss")
 
 
@@ -126,3 +127,16 @@ def test_report_md_shows_compact_values_and_report_csv_the_exact_ones(lr_sweep: 
     assert "0.00039810717055349735" in (lr_sweep / "report.csv").read_text()
     for name in ("learning_curves.png", "param_optimizer.lr.png", "param_act.png"):
         assert (lr_sweep / name).stat().st_size > 0, name
+
+
+def test_a_k_fold_sweep_is_reported_as_mean_and_std_over_the_folds(tmp_path: Path):
+    from conftest import run_cli
+
+    sweep = tmp_path / "sweep"
+    result = run_cli("-m", "data.folds=3", "data.fold=range(3)", "act=relu,elu", "trainer.epochs=1",
+                     f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert report.main([str(sweep), "--out", str(tmp_path / "report")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "report" / "report.csv")))
+    assert sorted(r["act"] for r in rows) == ["elu", "relu"] and all(r["runs"] == "3" for r in rows)
+    assert all(float(r["val/acc std"]) >= 0 for r in rows) and "data.fold" not in rows[0]

@@ -29,7 +29,8 @@ from dnnrun.cli.rules import code_problems, logging_file_problems, outside_outpu
 from dnnrun.errors import EXIT_BAD_INPUT, ConfigError
 from dnnrun.schema import did_you_mean, unknown
 
-CHOICES = (ValueType.ELEMENT, ValueType.SIMPLE_CHOICE_SWEEP, ValueType.CHOICE_SWEEP)  # what the check expands
+# what the check expands: values, choices and ranges (finite: data.fold='range(5)'); glob and interval sweeps are Hydra's
+CHOICES = (ValueType.ELEMENT, ValueType.SIMPLE_CHOICE_SWEEP, ValueType.CHOICE_SWEEP, ValueType.RANGE_SWEEP)
 RERUN_REFUSED = ("--experimental-rerun is not supported: it unpickles a file (which can run code) and skips "
                  "dnnrun's checks; run a finished run again with dnnrun rerun=RUN_DIR")
 
@@ -216,7 +217,7 @@ def _group_choices(composer: Composer, parsed: list, problems: list[str]) -> tup
         if o.is_delete():
             fixed.append(o)
         if o.is_delete() or o.value_type not in CHOICES:
-            continue  # glob and range sweeps: Hydra expands and checks them
+            continue  # glob sweeps: Hydra expands and checks them
         pairs = zip(o.sweep_iterator(), o.sweep_string_iterator()) if o.is_sweep_override() \
             else [(o.value(), None)]
         valid = []
@@ -247,8 +248,8 @@ def _sweep_without_multirun(master: DictConfig, parsed: list) -> list[str]:
 
 
 def _value_overrides(values: list, master: DictConfig, problems: list[str]) -> tuple[list, list[list]]:
-    """(the value overrides every job gets, each swept key's values as overrides). Range, interval
-    and glob sweeps are left to Hydra and its sweepers: only their key is checked."""
+    """(the value overrides every job gets, each swept key's values as overrides). Interval and
+    glob sweeps are left to Hydra and its sweepers: only their key is checked."""
     applied, value_sweeps = [], []
     for o in values:
         if o.value_type not in CHOICES:
