@@ -66,6 +66,10 @@ class TrainerConfig:
     amp: bool | Literal["auto"] = "auto"
     channels_last: bool | Literal["auto"] = "auto"  # conv nets in the NHWC memory format; auto: on CUDA
     compile: bool = False  # the training forward pass through torch.compile (falls back with a warning)
+    # after each epoch, the loss and accuracy of a fixed subset of the training set in evaluation mode
+    # (train_eval/loss, train_eval/acc), comparable with validation's; auto: when the model has dropout or batch norm
+    eval_train: bool | Literal["auto"] = "auto"
+    eval_train_size: int = 5000  # examples in that subset (all, for a smaller training set)
     clip_value: float | None = None  # clip each gradient element to [-v, v]
     clip_norm: float | None = None  # rescale the gradients when their global L2 norm exceeds this
     monitor: Literal["val/loss", "val/acc"] = "val/loss"  # picks best.pt and drives early stopping
@@ -81,7 +85,7 @@ class TrainerConfig:
     option: str | None = None  # the YAML it came from (conf/trainer/OPTION.yaml)
 
     def check(self, problems: Problems, key: str) -> None:
-        for name in ("epochs", "batch_size", "eval_batch_size", "limit_batches", "threads"):
+        for name in ("epochs", "batch_size", "eval_batch_size", "limit_batches", "threads", "eval_train_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 problems.add(f"{key}.{name}", f"must be >= 1, got {value}")

@@ -140,8 +140,9 @@ def results_table(summary: dict) -> Table:
     table.add_column("final", justify="right")
     table.add_column(f"best (epoch {summary['best'].get('epoch', '-')})", justify="right")
     final, best = summary["final"], summary["best"]
-    for name in ("train/loss", "train/acc", "val/loss", "val/acc"):
-        table.add_row(name, _fmt(final.get(name)), _fmt(best.get(name)))
+    for name in ("train/loss", "train/acc", "train_eval/loss", "train_eval/acc", "val/loss", "val/acc"):
+        if name in final or name in best:  # train_eval: with trainer.eval_train
+            table.add_row(name, _fmt(final.get(name)), _fmt(best.get(name)))
     tested_best = summary["test"]["weights"] == "best"  # the column of the weights that were tested
     for name, value in summary["test"].items():
         if name.startswith("test/"):

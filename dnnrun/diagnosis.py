@@ -193,14 +193,20 @@ def _activation_drift(records: list[dict[str, Any]]) -> list[Finding]:
     return []
 
 
+def _train_loss(record: dict[str, Any]) -> float:
+    """The training loss comparable with the validation loss: in evaluation mode (trainer.eval_train)
+    where the run measured it, else the running loss over the epoch's batches."""
+    return record.get("train_eval/loss", record["train/loss"])
+
+
 def _not_learning(history: list[dict[str, Any]], n_classes: int) -> list[Finding]:
     if len(history) < 2:
         return []
     first, last = history[0], history[-1]
     chance = 1 / n_classes
-    if last["val/acc"] is not None and last["val/acc"] < 1.5 * chance and last["train/loss"] > 0.9 * first["train/loss"]:
+    if last["val/acc"] is not None and last["val/acc"] < 1.5 * chance and _train_loss(last) > 0.9 * _train_loss(first):
         return [Finding("not_learning", f"the network is not learning: training loss went from "
-                        f"{first['train/loss']:.3f} to {last['train/loss']:.3f} and validation accuracy is "
+                        f"{_train_loss(first):.3f} to {_train_loss(last):.3f} and validation accuracy is "
                         f"{last['val/acc']:.1%} (chance: {chance:.1%})")]
     return []
 
@@ -212,8 +218,8 @@ def _overfitting(history: list[dict[str, Any]]) -> list[Finding]:
     rising = len(history) - 1 - best
     b, last = history[best], history[-1]
     rose = last["val/loss"] > (1 + OVERFIT_RISE) * b["val/loss"]
-    if rising >= OVERFIT_EPOCHS and rose and last["train/loss"] < b["train/loss"]:
+    if rising >= OVERFIT_EPOCHS and rose and _train_loss(last) < _train_loss(b):
         return [Finding("overfitting", f"validation loss rose for the last {rising} epochs ({b['val/loss']:.3f} at "
                         f"epoch {b['epoch']} -> {last['val/loss']:.3f}) while training loss fell "
-                        f"({b['train/loss']:.3f} -> {last['train/loss']:.3f}): overfitting")]
+                        f"({_train_loss(b):.3f} -> {_train_loss(last):.3f}): overfitting")]
     return []

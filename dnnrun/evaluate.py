@@ -26,10 +26,10 @@ from dnnrun.data import DEFAULT_ROOT
 from dnnrun.errors import ConfigError, UserError
 from dnnrun.metrics import scores
 from dnnrun.model import fitting_config
+from dnnrun.network import DROPOUTS
 from dnnrun.rundir import RunDir
 
 log = logging.getLogger("dnnrun")
-DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
 def dropout_on(model: nn.Module) -> int:

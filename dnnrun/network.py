@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 OUTPUT = "output"  # the name of every network's last layer
+DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
 class Block(nn.Sequential):

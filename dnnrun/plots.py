@@ -74,9 +74,14 @@ def learning_curves(history: list[dict], path: Path, best: tuple[int, str] | Non
     best = (epoch, monitor) marks that epoch on both."""
     fig, (loss_ax, acc_ax) = _pyplot().subplots(1, 2)
     epochs = [r["epoch"] for r in history]
-    for split, style in (("train", "-"), ("val", "--")):
-        loss_ax.plot(epochs, [r[f"{split}/loss"] for r in history], style, label=f"{split} loss")
-        acc_ax.plot(epochs, [r[f"{split}/acc"] for r in history], style, label=f"{split} accuracy")
+    # train_eval (trainer.eval_train): the training subset in evaluation mode, comparable with val; the
+    # running training figures (dropout on, the weights moving during the epoch) drawn faintly beside it
+    measured = all("train_eval/loss" in r for r in history) and bool(history)
+    curves = [("train_eval", "-", "train (eval mode)", 1.0), ("train", "-", "train (running, dropout on)", 0.35)] \
+        if measured else [("train", "-", "train", 1.0)]
+    for split, style, name, alpha in [*curves, ("val", "--", "val", 1.0)]:
+        loss_ax.plot(epochs, [r[f"{split}/loss"] for r in history], style, label=f"{name} loss", alpha=alpha)
+        acc_ax.plot(epochs, [r[f"{split}/acc"] for r in history], style, label=f"{name} accuracy", alpha=alpha)
     if best is not None:
         epoch, monitor = best
         for ax in (loss_ax, acc_ax):

@@ -34,12 +34,13 @@ from dnnrun import (advice, checkpoint, diagnosis, diagnostics, distributed, log
 from dnnrun.activations import ACTIVATIONS
 from dnnrun.augment import Augment
 from dnnrun.console import EpochBar, console, print_diagnosis, results_table
-from dnnrun.data import Data
+from dnnrun.data import Data, Split
 from dnnrun.early_stopping import EarlyStopping
 from dnnrun.errors import Diverged, Interrupted, RunError, UserError
 from dnnrun.faults import Hook
 from dnnrun.model import fitting_config
-from dnnrun.network import count_parameters
+from dnnrun.network import DROPOUTS, count_parameters
+from dnnrun.norms import is_batch_norm
 from dnnrun.rundir import RunDir, now
 from dnnrun.schedules import Schedule
 from dnnrun.signals import StopFlag
@@ -165,6 +166,7 @@ class Trainer:
         self.bar = EpochBar(tc.progress, tc.epochs)
         self.augment = Augment(cfg.data.augment, tc.seed) if cfg.data.augment else None
         self.probe = self.data.val.x[:512]  # a fixed batch for the activation snapshots
+        self.train_eval = self._train_eval_subset()
         if start.checkpoint is not None:
             self.state = self.checkpoints.restore(start.checkpoint, start.resume_from)
             self.snapshots = run_dir.read_activations()
@@ -206,6 +208,20 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             module = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         return runtime.Compiled(module) if self.cfg.trainer.compile else module
+
+    def _train_eval_subset(self) -> Split | None:
+        """trainer.eval_train: a fixed random subset of the training set (the same every epoch and
+        after a resume), evaluated like the validation split; None when off. auto: when dropout or
+        batch norm make the running training figures incomparable with validation's."""
+        tc, train = self.cfg.trainer, self.data.train
+        on = tc.eval_train
+        if on == "auto":
+            on = any(isinstance(m, DROPOUTS) or is_batch_norm(m) for m in self.model.modules())
+        if not on:
+            return None
+        pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.cfg.data.split_seed + 2))
+        idx = pick[: tc.eval_train_size].to(train.x.device)
+        return Split(train.x[idx], train.y[idx])
 
     def _record_start(self) -> None:
         data = self.data
@@ -263,8 +279,10 @@ class Trainer:
                 self.logger.epoch(record)
                 self.checkpoints.save(state, improved)
                 self.hook.end_epoch(epoch)
-                log.info("epoch %d/%d  train/loss %.4f  train/acc %.4f  val/loss %.4f  val/acc %.4f  lr %.3g%s",
-                         epoch, tc.epochs, record["train/loss"], record["train/acc"], record["val/loss"],
+                evaluated = (f"  train_eval/loss {record['train_eval/loss']:.4f}" if "train_eval/loss" in record
+                             else "")
+                log.info("epoch %d/%d  train/loss %.4f  train/acc %.4f%s  val/loss %.4f  val/acc %.4f  lr %.3g%s",
+                         epoch, tc.epochs, record["train/loss"], record["train/acc"], evaluated, record["val/loss"],
                          record["val/acc"], record["lr"], "  *" if improved else "")
         if self.stop.signum:
             raise Interrupted(self.stop.signum)
@@ -355,10 +373,16 @@ class Trainer:
         if not math.isfinite(val_loss):
             step = self.state.step
             raise divergence(self.model, step, f"the validation loss is {val_loss}", last_update=step)
-        return {"epoch": epoch, "step": self.state.step, "train/loss": loss_sum / seen, "train/acc": correct / seen,
-                "val/loss": val_loss, "val/acc": val_acc,
-                "lr": progress.lr,  # the rate of this epoch's last step
-                "time/epoch_s": time.perf_counter() - began}
+        record = {"epoch": epoch, "step": self.state.step, "train/loss": loss_sum / seen, "train/acc": correct / seen,
+                  "val/loss": val_loss, "val/acc": val_acc,
+                  "lr": progress.lr,  # the rate of this epoch's last step
+                  "time/epoch_s": time.perf_counter() - began}
+        if self.train_eval is not None:  # after the epoch's clock: its cost is its own figure
+            started = time.perf_counter()
+            record["train_eval/loss"], record["train_eval/acc"] = metrics.loss_and_accuracy(
+                self.model, self.train_eval, self.cfg.trainer.eval_batch_size, self.autocast)
+            record["time/eval_train_s"] = time.perf_counter() - started
+        return record
 
     def _stop_mid_epoch(self, epoch: int, progress: EpochProgress) -> NoReturn:
         """A signal during an epoch: its step is done; last.pt records where the epoch is, so that

@@ -279,3 +279,46 @@ def test_the_results_table_puts_the_test_figures_under_the_weights_tested(weight
     cells = [list(c.cells) for c in table.columns]
     row = cells[0].index("test/acc")
     assert cells[column][row] == "0.8750" and cells[3 - column][row] == ""
+
+
+def test_eval_train_measures_training_examples_as_validation_is_measured(tmp_path: Path):
+    """With dropout on, the running training figures are not comparable with validation's; a fixed
+    training subset in evaluation mode is (trainer.eval_train, on by default with dropout or BN)."""
+    from dnnrun import metrics as metrics_mod
+    from dnnrun.data import Split
+
+    summary = train.run(make_config("regularizer=[dropout]", "trainer.epochs=2", "trainer.eval_train_size=300",
+                                    data="digits"), tmp_path / "dropout")
+    records = read_jsonl(tmp_path / "dropout" / "metrics.jsonl")
+    assert all({"train_eval/loss", "train_eval/acc", "time/eval_train_s"} <= set(r) for r in records)
+    assert summary["final"]["train_eval/loss"] == records[-1]["train_eval/loss"]
+    # the subset is fixed: the last epoch's weights give the recorded figure again on the same 300 examples
+    trainer_model = torch.load(tmp_path / "dropout" / "checkpoints" / "last.pt", weights_only=True)
+    from dnnrun import runtime
+
+    cfg = make_config("regularizer=[dropout]", data="digits")
+    data = runtime.load_data(cfg.data, cfg.model, torch.device("cpu"))
+    model = runtime.build_model(cfg, data)[0]
+    model.load_state_dict(trainer_model["model"])
+    pick = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.data.split_seed + 2))[:300]
+    loss, acc = metrics_mod.loss_and_accuracy(model, Split(data.train.x[pick], data.train.y[pick]), 1024,
+                                              contextlib.nullcontext)
+    assert loss == pytest.approx(records[-1]["train_eval/loss"], rel=1e-5) and acc == records[-1]["train_eval/acc"]
+    plain = train.run(make_config("trainer.epochs=1", data="digits"), tmp_path / "plain")  # no dropout, no BN: off
+    assert "train_eval/loss" not in plain["final"]
+    forced = train.run(make_config("trainer.epochs=1", "trainer.eval_train=true", data="digits"), tmp_path / "on")
+    assert "train_eval/loss" in forced["final"]
+
+
+def test_the_overfitting_diagnosis_compares_the_training_loss_measured_as_validations():
+    from dnnrun import diagnosis
+
+    def record(epoch, val, running, evaluated):
+        return {"epoch": epoch, "val/loss": val, "val/acc": 0.9, "train/loss": running, "train_eval/loss": evaluated}
+
+    # validation rises while the running loss falls, but measured in eval mode training got worse too
+    history = [record(1, 0.30, 0.50, 0.30), record(2, 0.25, 0.45, 0.26), *[record(e, 0.25 + 0.03 * e, 0.40, 0.28 + 0.03 * e)
+                                                                          for e in range(3, 9)]]
+    assert diagnosis._overfitting(history) == []
+    falling = [{**r, "train_eval/loss": 0.3 - 0.02 * r["epoch"]} for r in history]
+    assert diagnosis._overfitting(falling)[0].endswith("(0.260 -> 0.140): overfitting")
