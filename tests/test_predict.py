@@ -175,3 +175,10 @@ def test_the_onnx_export_computes_what_pytorch_does_from_raw_inputs(model: str, 
     metadata = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
     assert json.loads(metadata["class_names"]) == [str(c) for c in range(10)]
     assert json.loads(metadata["dnnrun_config"])["model"]["name"] == model
+
+
+def test_train_and_load_in_a_notebook(tmp_path: Path):
+    summary = dnnrun.fit(["act=elu", "trainer.epochs=1", "trainer.progress=false", "trainer.diagnostics.plots=false"],
+                           run_dir=tmp_path / "run")
+    assert summary["status"] == "completed" and (tmp_path / "run" / "checkpoints" / "best.pt").is_file()
+    assert dnnrun.load(tmp_path / "run").config.act.name == "elu"
