@@ -61,6 +61,7 @@ class TrainerConfig:
     eval_batch_size: int = 1024  # evaluation only: larger is faster and changes nothing
     device: str = "auto"  # auto (CUDA if present, else CPU) | cpu | cuda | cuda:N | mps
     seed: int = 0  # one seed for initialization, shuffling and dropout
+    seeds: list[int] | None = None  # train one member per seed together (members.py), in place of seed
     deterministic: bool = False  # deterministic kernels only (slower on GPU)
     # mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling); auto: for conv nets
     amp: bool | Literal["auto"] = "auto"
@@ -95,6 +96,10 @@ class TrainerConfig:
                 problems.add(f"{key}.{name}", f"must be > 0 or null, got {value}")
         if not 0 <= self.seed < 2**32:  # what numpy's generator takes
             problems.add(f"{key}.seed", f"must be in [0, 2**32), got {self.seed}")
+        if self.seeds is not None and (len(self.seeds) < 2 or len(set(self.seeds)) != len(self.seeds)
+                                       or not all(0 <= s < 2**32 for s in self.seeds)):
+            problems.add(f"{key}.seeds", f"must list two or more distinct seeds in [0, 2**32) (or null: one run "
+                                         f"with trainer.seed), got {self.seeds}")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             problems.add(f"{key}.device", f"expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         patience = self.early_stopping.patience
@@ -247,6 +252,8 @@ def _check_across_groups(cfg: dict[str, Any], problems: Problems) -> None:
         if transfer.freeze and cfg["model"].weights is None:
             problems.add("transfer.freeze", "keeps reused weights fixed, but model.weights is null: give the weights "
                                             "to reuse (model.weights=PATH)")
+    if cfg["trainer"].seeds is not None:
+        _check_members(cfg, problems)
     if cfg["mode"] == "evaluate" and cfg["evaluate"].checkpoint is None:
         problems.add("evaluate.checkpoint", "mode=evaluate needs the checkpoint to evaluate: evaluate.checkpoint=PATH")
     if cfg["mode"] == "predict":
@@ -254,3 +261,25 @@ def _check_across_groups(cfg: dict[str, Any], problems: Problems) -> None:
                            ("input", "the examples: a .npy, .npz or .csv file, or a folder of images")):
             if getattr(cfg["predict"], name) is None:
                 problems.add(f"predict.{name}", f"mode=predict needs {what}: predict.{name}=PATH")
+
+
+def _check_members(cfg: dict[str, Any], problems: Problems) -> None:
+    """What trainer.seeds (members.py) does not support yet, each with its reason."""
+    tc = cfg["trainer"]
+    unsupported = {
+        "norm": (cfg["norm"].name == "batchnorm", "batch norm (batch statistics per member) yet: use norm=layernorm "
+                                                  "or norm=none"),
+        "schedule": (cfg["schedule"].name == "performance", "schedule=performance (a rate per member) yet: use a "
+                                                            "schedule that follows the step or epoch count"),
+        "pretrain": (cfg["pretrain"].name != "none", "pretraining yet"),
+        "transfer.source": (cfg["transfer"].source is not None, "transfer yet"),
+        "model": (cfg["model"].name == "zoo", "model=zoo yet"),
+        "trainer.resume": (tc.resume is not None, "resuming yet"),
+        "trainer.amp": (tc.amp is True, "mixed precision yet"),
+        "trainer.compile": (tc.compile, "torch.compile yet"),
+        "mode": (cfg["mode"] != "train", f"mode={cfg['mode']}"),
+    }
+    for key, (refused, what) in unsupported.items():
+        if refused:
+            problems.add(key, f"trainer.seeds (members trained together) does not support {what}; or train the "
+                              f"seeds as separate runs: -m trainer.seed={','.join(map(str, tc.seeds))}")

@@ -37,12 +37,28 @@ def collect(paths: list[Path]) -> list[dict[str, Any]]:
     for path in paths:
         jobs, run = SweepDir(path).jobs(), RunDir(path)
         if jobs and not run.metrics.exists():
-            runs += [job.read() for job in jobs]
+            runs += [r for job in jobs for r in _with_members(job)]
         elif run.is_run():
-            runs.append(run.read())
+            runs += _with_members(run)
         else:
             raise SystemExit(f"error: {path} is neither a run directory nor a sweep directory")
     return runs
+
+
+def _with_members(run: RunDir) -> list[dict[str, Any]]:
+    """A run, or for trainer.seeds its members, each as the run with its trainer.seed (so that they
+    group into mean and std over the seeds)."""
+    read = run.read()
+    seeds = (run.read_summary() or {}).get("seeds")
+    if not seeds:
+        return [read]
+    overrides = {k: v for k, v in read["overrides"].items() if k != "trainer.seeds"}
+    found = []
+    for seed in seeds:
+        member = RunDir(run.path / "members" / f"seed_{seed}")
+        if member.is_run():
+            found.append({**member.read(), "overrides": {**overrides, "trainer.seed": str(seed)}})
+    return found or [read]
 
 
 def swept_keys(runs: list[dict[str, Any]]) -> list[str]:

@@ -11,6 +11,7 @@ import yaml
 from conftest import run_cli
 from dnnrun.rundir import read_jsonl
 
+
 def _metrics(run: Path) -> list[dict]:
     """metrics.jsonl, the times (time/epoch_s, time/eval_train_s) aside."""
     return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in read_jsonl(run / "metrics.jsonl")]

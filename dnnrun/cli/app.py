@@ -126,7 +126,7 @@ def _run(cfg: DictConfig, run: RunDir, hc: DictConfig, sweeping: bool, rank: int
     """(exit code, the value for a sweeper, what went wrong, whether the run began) of one run;
     prints what went wrong. A run begins once it owns its directory: then Hydra's config snapshot
     is written into it."""
-    from dnnrun import evaluate, faults, lr_find, predict, train
+    from dnnrun import evaluate, faults, lr_find, members, predict, train
     from dnnrun.config import parse_run_config
 
     started = []
@@ -148,6 +148,8 @@ def _run(cfg: DictConfig, run: RunDir, hc: DictConfig, sweeping: bool, rank: int
             return EXIT_OK, evaluate.run(run_cfg, run.path, on_start=start)["deterministic"]["accuracy"], None, True
         if run_cfg.mode == "predict":
             return EXIT_OK, predict.run(run_cfg, run.path, on_start=start)["examples"], None, True
+        if run_cfg.trainer.seeds is not None:
+            return EXIT_OK, members.run(run_cfg, run.path, on_start=start)["best"]["value"], None, True
         summary = train.run(run_cfg, run.path if rank == 0 else Path(hc.runtime.output_dir), on_start=start,
                             hook=faults.from_env())
         return EXIT_OK, summary["best"]["value"], None, True

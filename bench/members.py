@@ -1,0 +1,90 @@
+"""Many seeds at once (trainer.seeds, dnnrun/members.py) against the same seeds trained one after
+another, in one process, alternating, best of `--repeats`.
+
+For K = 1, 4, 16: K members in one run, against K single runs (train.run with trainer.seed=0..K-1),
+both whole runs as `dnnrun` makes them (data, models, every epoch, validation, checkpoints, test,
+summaries; no plots, no per-layer diagnostics), for two models: the digits default (64-300-100-10)
+and the Fashion-MNIST-shaped 784-300-100-10 MLP on synthetic data of that shape, at batch 32 and 256.
+Prints seconds and the speed-up (sequential / members). Targets on 2 CPU cores: 16 members of the
+digits default >= 4x, the 784-300-100 MLP at batch 32 >= 2x.
+
+    python bench/members.py [--repeats 2] [--epochs 3] [--members 1 4 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import tempfile
+import time
+
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from dnnrun import members, runtime, train
+from dnnrun.cli import CONFIG_DIR
+from dnnrun.config import parse_run_config
+
+SETUPS = {  # name: overrides
+    "digits 64-300-100-10, batch 32": ["data=digits", "trainer.batch_size=32"],
+    "784-300-100-10, batch 32": ["data=synthetic", "data.n_samples=12000", "data.n_features=784", "data.n_classes=10",
+                                 "trainer.batch_size=32"],
+    "784-300-100-10, batch 256": ["data=synthetic", "data.n_samples=12000", "data.n_features=784",
+                                  "data.n_classes=10", "trainer.batch_size=256"],
+}
+
+
+def config(overrides: list[str]):
+    common = ["trainer.progress=false", "trainer.diagnostics.every=0", "trainer.diagnostics.plots=false",
+              "trainer.device=cpu"]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return parse_run_config(OmegaConf.to_container(compose("config", overrides=[*overrides, *common]),
+                                                       resolve=True))
+
+
+def sequential(overrides: list[str], k: int) -> float:
+    start = time.perf_counter()
+    for seed in range(k):
+        with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):  # the results tables
+            train.run(config([*overrides, f"trainer.seed={seed}"]), tmp)
+    return time.perf_counter() - start
+
+
+def together(overrides: list[str], k: int) -> float:
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+        if k == 1:
+            train.run(config(overrides), tmp)
+        else:
+            members.run(config([*overrides, f"trainer.seeds=[{','.join(map(str, range(k)))}]"]), tmp)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--members", type=int, nargs="+", default=[1, 4, 16])
+    args = parser.parse_args()
+    import logging
+
+    logging.getLogger("dnnrun").setLevel(logging.WARNING)
+    runtime.warm_up()
+    import torch
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.epochs} epochs a run, "
+          f"best of {args.repeats}")
+    print(f"{'setup':<32} {'K':>3} {'sequential s':>13} {'members s':>10} {'speed-up':>9}")
+    for name, overrides in SETUPS.items():
+        overrides = [*overrides, f"trainer.epochs={args.epochs}"]
+        for k in args.members:
+            seq, tog = [], []
+            for _ in range(args.repeats):  # alternating: noise hits both alike
+                seq.append(sequential(overrides, k))
+                tog.append(together(overrides, k))
+            print(f"{name:<32} {k:>3} {min(seq):>13.2f} {min(tog):>10.2f} {min(seq) / min(tog):>9.2f}")
+
+
+if __name__ == "__main__":
+    main()

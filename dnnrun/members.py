@@ -1,0 +1,320 @@
+"""Many seeds at once: `trainer.seeds=[0,1,2,3]` trains one member per seed, as one batched
+computation, and leaves each member's run directory beside the aggregate.
+
+Member k is what a run with trainer.seed=seeds[k] would be: its own initialization (the model
+built after seeding with its seed, as a single run builds it), shuffle order, dropout masks and
+augmentation draws; every other setting is shared. The members' weights are stacked along a new
+first axis (torch.func.stack_module_state) and one forward pass over all of them is vmapped
+(torch.func.functional_call), each member on its own batch. The optimizers dnnrun offers are
+elementwise, so one optimizer over the stacked weights updates every member as its own would;
+what is not elementwise is done per member: clipping by norm (each member's own global norm),
+max-norm, early stopping (a stopped member keeps its weights), divergence (a member whose loss is
+not finite is recorded as diverged and stops; the others go on).
+
+    members/seed_N/   metrics.jsonl, summary.json (with its diagnosis), checkpoints/best.pt and
+                      last.pt (weights, config with trainer.seed=N, preprocessing): what
+                      dnnrun-report, mode=evaluate, mode=predict, transfer and dnnrun-export read
+    summary.json      the members' metrics as mean and std, and the deep ensemble's test accuracy
+                      and NLL (the members' probabilities averaged)
+
+Not supported with trainer.seeds (refused with the reason, config.py): batch norm (per-member
+batch statistics under vmap), schedule=performance (a rate per member), pretraining, transfer and
+model=zoo, resuming, torchrun.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from rich.table import Table
+
+from dnnrun import checkpoint, diagnosis, optim, runtime
+from dnnrun.augment import Augment
+from dnnrun.console import console
+from dnnrun.early_stopping import EarlyStopping
+from dnnrun.errors import UserError
+from dnnrun.init import affine_layers
+from dnnrun.regularizers import is_weight_matrix
+from dnnrun.rundir import RunDir, atomic_write, now
+from dnnrun.schedules import Schedule
+from dnnrun.state import TrainState
+
+if TYPE_CHECKING:
+    from dnnrun.config import RunConfig
+
+log = logging.getLogger("dnnrun")
+
+
+@dataclasses.dataclass
+class Member:
+    seed: int
+    run: RunDir
+    state: TrainState
+    shuffle: torch.Generator
+    augment: Augment | None
+    stopped: str | None = None  # why it stopped updating (early stopping, divergence)
+    diverged_at: int | None = None
+    best_weights: dict[str, torch.Tensor] | None = None
+
+
+def run(cfg: RunConfig, run_dir: str | Path, on_start: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Train the members of trainer.seeds; write their run directories and the aggregate. What can
+    refuse the run (the device, the data) is checked before `on_start` and any write."""
+    tc, parent = cfg.trainer, RunDir(run_dir)
+    device = runtime.resolve_device(tc.device)
+    if tc.threads is not None:
+        torch.set_num_threads(tc.threads)
+    data = runtime.load_data(cfg.data, cfg.model, device)
+    models = []
+    for seed in tc.seeds:  # each initialized as a single run with that seed initializes its model
+        runtime.seed_everything(seed, tc.deterministic)
+        models.append(runtime.build_model(cfg, data)[0].to(device))
+    template, reg = runtime.build_model(cfg, data)
+    template = template.to("meta")  # the architecture that functional_call runs with each member's weights
+    params, buffers = torch.func.stack_module_state(models)
+    decay = {n for n, p in models[0].named_parameters() if is_weight_matrix(p)}  # as a single run decides
+    constrained = [f"{name}.weight" for name, m in models[0].named_modules() if m in affine_layers(models[0])]
+    opt_cls = getattr(torch.optim, optim.OPTIMIZERS[cfg.optimizer.name].cls)
+    groups = [{"params": [p for n, p in params.items() if n in decay], "reused": False},
+              {"params": [p for n, p in params.items() if n not in decay], "reused": False, "weight_decay": 0.0}]
+    optimizer = opt_cls([g for g in groups if g["params"]], **cfg.optimizer.params)
+    steps_per_epoch = min(math.ceil(len(data.train) / tc.batch_size), tc.limit_batches or math.inf)
+    schedule = Schedule(cfg.schedule, optimizer, steps_per_epoch, tc.epochs)
+
+    def forward(p, b, x):
+        return torch.func.functional_call(template, (p, b), (x,))
+
+    train_forward = torch.func.vmap(forward, randomness="different")  # own dropout masks per member
+    eval_forward = torch.func.vmap(forward, in_dims=(0, 0, None))
+
+    members = [Member(seed, RunDir(parent.path / "members" / f"seed_{seed}"), TrainState(),
+                      torch.Generator().manual_seed(seed),
+                      Augment(cfg.data.augment, seed) if cfg.data.augment else None) for seed in tc.seeds]
+    early = EarlyStopping(tc.early_stopping, tc.monitor)
+    parent.path.mkdir(parents=True, exist_ok=True)
+    if on_start is not None:
+        on_start()
+    for m in members:
+        m.run.path.mkdir(parents=True, exist_ok=True)
+    log.info("run directory: %s (%d members: trainer.seed=%s, on %s)", parent, len(members),
+             ",".join(map(str, tc.seeds)), runtime.device_name(device))
+    log.info("%s", cfg.options())
+    started, step = time.perf_counter(), 0
+    for epoch in range(1, tc.epochs + 1):
+        active = [k for k, m in enumerate(members) if m.stopped is None]
+        if not active:
+            break
+        began = time.perf_counter()
+        template.train()
+        orders = torch.stack([torch.randperm(len(data.train), generator=m.shuffle) for m in members]).to(device)
+        sums = torch.zeros(len(members), device=device)
+        correct = torch.zeros(len(members), device=device)
+        seen = 0
+        for b in range(steps_per_epoch):
+            step += 1
+            idx = orders[:, b * tc.batch_size:(b + 1) * tc.batch_size]  # (K, B): each member's own batch
+            xb, yb = data.train.x[idx], data.train.y[idx]
+            if members[0].augment is not None:
+                xb = torch.stack([m.augment(x, step) for m, x in zip(members, xb)])
+            logits = train_forward(params, buffers, xb)  # (K, B, classes)
+            losses = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none").view(len(members), -1).mean(1)
+            finite = torch.isfinite(losses)
+            if not bool(finite[active].all()):  # one device sync a step, as a single run's loss.item()
+                for k in active:
+                    if not bool(finite[k]):
+                        _diverge(members[k], step, f"the training loss is {losses[k].item()}")
+                active = [k for k in active if members[k].stopped is None]
+            objective = torch.where(finite, losses, torch.zeros_like(losses)).sum()  # each member's loss
+            if reg.l1 or reg.l2:  # each member's penalty on its own weights: the sum keeps them apart
+                weights = [params[n] for n in decay]
+                objective = objective + reg.l1 * sum(w.abs().sum() for w in weights) \
+                    + reg.l2 * sum(w.pow(2).sum() for w in weights)
+            optimizer.zero_grad(set_to_none=True)
+            objective.backward()
+            _clip(params, tc.clip_value, tc.clip_norm, len(members))
+            frozen = [k for k in range(len(members)) if k not in active]
+            kept = {n: p.detach()[frozen].clone() for n, p in params.items()} if frozen else {}
+            optimizer.step()
+            with torch.no_grad():
+                if reg.max_norm is not None:
+                    for name in constrained:
+                        w = params[name]  # (K, out, in, ...): each unit's (filter's) incoming weights
+                        norms = w.flatten(2).norm(dim=2).reshape(*w.shape[:2], *[1] * (w.ndim - 2))
+                        w.mul_((reg.max_norm / norms.clamp_min(1e-12)).clamp(max=1.0))
+                for n, old in kept.items():  # stopped members keep their weights
+                    params[n][frozen] = old
+            schedule.after_step()
+            sums += torch.where(finite, losses.detach(), torch.zeros_like(losses)) * len(yb[0])
+            correct += (logits.detach().argmax(2) == yb).sum(1)
+            seen += len(yb[0])
+        template.eval()
+        val_loss, val_acc = _evaluate(eval_forward, params, buffers, data.val, tc.eval_batch_size)
+        lr = optimizer.param_groups[0]["lr"]
+        for k in active:
+            m = members[k]
+            record = {"epoch": epoch, "step": step, "train/loss": (sums[k] / seen).item(),
+                      "train/acc": (correct[k] / seen).item(), "val/loss": val_loss[k], "val/acc": val_acc[k],
+                      "lr": lr, "time/epoch_s": time.perf_counter() - began}
+            if not math.isfinite(val_loss[k]):
+                _diverge(m, step, f"the validation loss is {val_loss[k]}")
+                continue
+            improved = early.end_epoch(m.state, record)
+            m.state.epoch, m.state.step = epoch, step
+            m.state.history.append(record)
+            m.run.append_metrics(record)
+            weights = {n: p[k].detach().clone() for n, p in params.items()}
+            if improved:
+                m.best_weights = weights
+            _save((m.run.best, m.run.last) if improved else (m.run.last,), weights, buffers, k, cfg, m.seed, data)
+            if (reason := early.reason(m.state)) is not None:
+                m.stopped = reason
+        schedule.end_epoch({})
+        accs = [members[k].state.history[-1]["val/acc"] for k in active if members[k].state.history]
+        log.info("epoch %d/%d  %d members training  val/acc %s", epoch, tc.epochs, len(active),
+                 " ".join(f"{a:.4f}" for a in accs))
+    return _finish(cfg, parent, members, params, buffers, eval_forward, data, time.perf_counter() - started)
+
+
+def _diverge(member: Member, step: int, what: str) -> None:
+    member.stopped, member.diverged_at = f"diverged at step {step}: {what}", step
+    log.warning("member seed=%d diverged at step %d (%s); the others go on", member.seed, step, what)
+
+
+def _clip(params: dict[str, torch.Tensor], clip_value: float | None, clip_norm: float | None, k: int) -> None:
+    """train.clip_gradients for each member on its own: by value, then by its own global norm."""
+    grads = [p.grad for p in params.values() if p.grad is not None]
+    if clip_value is not None:
+        for g in grads:
+            g.clamp_(-clip_value, clip_value)
+    if clip_norm is not None:
+        norms = torch.stack([g.reshape(k, -1).pow(2).sum(1) for g in grads]).sum(0).sqrt()  # (K,)
+        factor = (clip_norm / (norms + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(factor.reshape(k, *[1] * (g.ndim - 1)))
+
+
+@torch.no_grad()
+def _evaluate(forward, params, buffers, split, batch_size: int) -> tuple[list[float], list[float]]:
+    """Every member's (mean cross-entropy, accuracy) over a split, in evaluation mode."""
+    logits = _logits(forward, params, buffers, split.x, batch_size)
+    k, n = logits.shape[:2]
+    loss = F.cross_entropy(logits.flatten(0, 1), split.y.repeat(k), reduction="none").view(k, n).mean(1)
+    acc = (logits.argmax(2) == split.y).float().mean(1)
+    return loss.tolist(), acc.tolist()
+
+
+@torch.no_grad()
+def _logits(forward, params, buffers, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """(K, N, classes): each member's outputs."""
+    return torch.cat([forward(params, buffers, x[i:i + batch_size]).float() for i in range(0, len(x), batch_size)],
+                     dim=1)
+
+
+def _save(paths: tuple[Path, ...], weights: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], k: int,
+          cfg: RunConfig, seed: int, data) -> None:
+    """A member's weights as a single run's checkpoint holds them (weights only: what evaluate,
+    predict, transfer and export read), serialized once for best.pt and last.pt."""
+    state = {**weights, **{n: b[k] for n, b in buffers.items()}}
+    blob = checkpoint.serialize({"model": state, "config": member_config(cfg.raw, seed),
+                                 "inputs": data.preprocess.to_dict() if data.preprocess else None})
+    for path in paths:
+        atomic_write(path, lambda f: f.write(blob))
+
+
+def member_config(raw: dict[str, Any], seed: int) -> dict[str, Any]:
+    """The config of the single run a member stands for."""
+    trainer = {**raw["trainer"], "seed": seed, "seeds": None}
+    return {**raw, "trainer": trainer}
+
+
+def _finish(cfg: RunConfig, parent: RunDir, members: list[Member], params, buffers, forward, data,
+            wall: float) -> dict[str, Any]:
+    """Each member tested with its best weights (trainer.restore_best) and summarized; the
+    aggregate and the ensemble in the parent's summary."""
+    tc = cfg.trainer
+    with torch.no_grad():
+        for k, m in enumerate(members):
+            if tc.restore_best and m.best_weights is not None:
+                for n, p in params.items():
+                    p[k] = m.best_weights[n]
+    logits = _logits(forward, params, buffers, data.test.x, tc.eval_batch_size)  # (K, N, classes)
+    probs, y = logits.softmax(2), data.test.y
+    summaries = []
+    for k, m in enumerate(members):
+        nll = F.cross_entropy(logits[k], y).item()
+        acc = (probs[k].argmax(1) == y).float().mean().item()
+        best = next((r for r in m.state.history if r["epoch"] == m.state.best_epoch), {})
+        found = diagnosis.diagnose(m.state.history, [], data.n_classes)
+        if m.diverged_at is not None:
+            found.insert(0, f"training {m.stopped}")
+        summary = {"status": "diverged" if m.diverged_at is not None else "completed", "finished": now(),
+                   "seed": m.seed, "epochs_run": m.state.epoch, "steps": m.state.step,
+                   "stop_reason": m.stopped if m.diverged_at is None else None,
+                   "final": m.state.history[-1] if m.state.history else {},
+                   "best": {"monitor": tc.monitor, "value": m.state.best, **best},
+                   "test": None if m.diverged_at is not None else {"test/loss": nll, "test/acc": acc,
+                                                                    "weights": "best" if tc.restore_best else "last"},
+                   "diagnosis": found, "run_dir": str(m.run)}
+        if m.diverged_at is not None:
+            summary["diverged_at_step"] = m.diverged_at
+        m.run.write_summary(summary)
+        summaries.append(summary)
+    healthy = [k for k, s in enumerate(summaries) if s["test"] is not None]
+    mean = probs[healthy].mean(0) if healthy else probs.mean(0)
+    ensemble = {"members": len(healthy), "test/acc": (mean.argmax(1) == y).float().mean().item(),
+                "test/loss": -mean.clamp_min(1e-45).log().gather(1, y[:, None]).mean().item()}
+    aggregate = {}
+    for name in ("test/acc", "test/loss"):
+        values = [s["test"][name] for s in summaries if s["test"] is not None]
+        aggregate[name] = _mean_std(values)
+    for name in ("val/loss", "val/acc", "train/loss", "train/acc"):
+        aggregate[f"best {name}"] = _mean_std([s["best"][name] for s in summaries if name in s["best"]])
+    best_values = [s["best"]["value"] for s in summaries if s["best"]["value"] is not None]
+    summary = {"status": "completed" if healthy else "diverged", "finished": now(), "run_dir": str(parent),
+               "seeds": list(tc.seeds), "members": [s["run_dir"] for s in summaries],
+               "diverged": [s["seed"] for s in summaries if s["status"] == "diverged"],
+               "aggregate": aggregate, "ensemble": ensemble,
+               "best": {"monitor": tc.monitor, "value": statistics.fmean(best_values) if best_values else None},
+               "test": {"test/acc": aggregate["test/acc"]["mean"], "test/loss": aggregate["test/loss"]["mean"]},
+               "wall_time_s": wall, "versions": runtime.versions()}
+    parent.write_summary(summary)
+    console.print(_table(summaries, ensemble))
+    log.info("run directory: %s (members under members/)", parent)
+    if not healthy:
+        raise UserError(f"every member diverged: {', '.join(s['diagnosis'][0] for s in summaries)}")
+    return summary
+
+
+def _mean_std(values: list[float]) -> dict[str, float | None]:
+    return {"mean": statistics.fmean(values) if values else None,
+            "std": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)}
+
+
+def _table(summaries: list[dict[str, Any]], ensemble: dict[str, Any]) -> Table:
+    table = Table(title=f"dnnrun: {len(summaries)} members", title_justify="left")
+    for column in ("seed", "status", "best epoch", "val/loss", "test/acc", "test/loss"):
+        table.add_column(column, justify="right")
+    for s in summaries:
+        test = s["test"] or {}
+        table.add_row(str(s["seed"]), s["status"], str(s["best"].get("epoch", "-")),
+                      _fmt(s["best"].get("val/loss")), _fmt(test.get("test/acc")), _fmt(test.get("test/loss")))
+    accs = [s["test"]["test/acc"] for s in summaries if s["test"]]
+    losses = [s["test"]["test/loss"] for s in summaries if s["test"]]
+    if len(accs) > 1:
+        table.add_row("mean ± std", "", "", "", f"{statistics.fmean(accs):.4f} ± {statistics.stdev(accs):.4f}",
+                      f"{statistics.fmean(losses):.4f} ± {statistics.stdev(losses):.4f}")
+    table.add_row("ensemble", "", "", "", _fmt(ensemble["test/acc"]), _fmt(ensemble["test/loss"]))
+    return table
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}"

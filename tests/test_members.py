@@ -1,0 +1,119 @@
+"""trainer.seeds: members trained together, each what a separate run with its seed would be."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import dnnrun
+from conftest import make_config, run_cli
+from dnnrun import members, report, train
+from dnnrun.errors import ConfigError
+from dnnrun.rundir import read_jsonl
+
+
+def test_each_member_follows_the_separate_run_of_its_seed(tmp_path: Path):
+    """Without dropout the arithmetic is a single run's: same initialization, shuffle order and
+    updates, so each member's epochs match its separate run's (to rounding: batched matmuls)."""
+    overrides = ["optimizer=adam", "trainer.epochs=3", "trainer.clip_norm=1.0", "regularizer=[l2,max_norm]"]
+    summary = members.run(make_config(*overrides, "trainer.seeds=[3,5]", data="digits"), tmp_path / "together")
+    for seed in (3, 5):
+        single = train.run(make_config(*overrides, f"trainer.seed={seed}", data="digits"), tmp_path / f"seed{seed}")
+        mine = read_jsonl(tmp_path / "together" / "members" / f"seed_{seed}" / "metrics.jsonl")
+        theirs = read_jsonl(tmp_path / f"seed{seed}" / "metrics.jsonl")
+        for a, b in zip(mine, theirs, strict=True):
+            for key in ("train/loss", "val/loss", "val/acc"):
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (seed, a["epoch"], key)
+        member = json.loads((tmp_path / "together" / "members" / f"seed_{seed}" / "summary.json").read_text())
+        assert member["test"]["test/acc"] == pytest.approx(single["test"]["test/acc"], abs=1e-9)
+    assert summary["aggregate"]["test/acc"]["n"] == 2 and summary["ensemble"]["members"] == 2
+
+
+def test_with_dropout_members_differ_and_agree_with_separate_runs_within_noise(tmp_path: Path):
+    overrides = ["regularizer=[dropout]", "trainer.epochs=4"]
+    summary = members.run(make_config(*overrides, "trainer.seeds=[0,1,2]", data="digits"), tmp_path / "together")
+    member = tmp_path / "together" / "members"
+    accs = [json.loads((member / f"seed_{s}" / "summary.json").read_text())["test"]["test/acc"] for s in (0, 1, 2)]
+    singles = [train.run(make_config(*overrides, f"trainer.seed={s}", data="digits"), tmp_path / str(s))
+               ["test"]["test/acc"] for s in (0, 1, 2)]
+    assert len(set(accs)) > 1  # their own dropout masks (and initializations)
+    assert abs(sum(accs) / 3 - sum(singles) / 3) < 0.05  # the same training, other masks: within noise
+    ensemble = summary["ensemble"]["test/acc"]
+    assert ensemble >= min(accs) - 0.02 and math.isfinite(summary["ensemble"]["test/loss"])
+
+
+def test_members_leave_run_directories_the_other_commands_read(tmp_path: Path):
+    run = tmp_path / "run"
+    result = run_cli("trainer.seeds=[0,1]", "trainer.epochs=2", "model=cnn", "model.channels=[4]", "data=digits",
+                     "regularizer=[dropout]", "regularizer.dropout.spatial=true", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    parent = json.loads((run / "summary.json").read_text())
+    assert parent["seeds"] == [0, 1] and set(parent["ensemble"]) == {"members", "test/acc", "test/loss"}
+    assert parent["aggregate"]["test/acc"]["std"] is not None
+    member = run / "members" / "seed_1"
+    model = dnnrun.load(member)  # mode=predict, evaluate, transfer and export read it as a single run's
+    assert model.config.trainer.seed == 1 and model.config.trainer.seeds is None
+    result = run_cli("mode=evaluate", f"evaluate.checkpoint={member / 'checkpoints' / 'best.pt'}",
+                     f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    accuracy = json.loads((tmp_path / "eval" / "evaluation.json").read_text())["deterministic"]["accuracy"]
+    assert accuracy == pytest.approx(json.loads((member / "summary.json").read_text())["test"]["test/acc"])
+
+
+def test_a_diverging_member_stops_and_the_others_go_on(tmp_path: Path, monkeypatch):
+    """Seed 1's output layer starts infinite: its first loss is NaN. It is recorded as diverged and
+    stops; seed 0 trains on exactly as its separate run (nothing of the NaN reaches it)."""
+    from dnnrun import runtime
+
+    built = []
+    original = runtime.build_model
+
+    def poisoned(cfg, data, model_cfg=None):
+        model, reg = original(cfg, data, model_cfg)
+        built.append(model)
+        if len(built) == 2:  # the second member's model
+            with torch.no_grad():
+                model.output.weight.fill_(float("inf"))
+        return model, reg
+
+    monkeypatch.setattr(runtime, "build_model", poisoned)
+    summary = members.run(make_config("trainer.seeds=[0,1]", "trainer.epochs=2", data="digits"), tmp_path / "run")
+    monkeypatch.setattr(runtime, "build_model", original)
+    sick = json.loads((tmp_path / "run" / "members" / "seed_1" / "summary.json").read_text())
+    assert sick["status"] == "diverged" and sick["diverged_at_step"] == 1 and sick["test"] is None
+    assert sick["diagnosis"][0].startswith("training diverged at step 1: the training loss is nan")
+    assert summary["diverged"] == [1] and summary["ensemble"]["members"] == 1
+    single = train.run(make_config("trainer.seed=0", "trainer.epochs=2", data="digits"), tmp_path / "single")
+    healthy = read_jsonl(tmp_path / "run" / "members" / "seed_0" / "metrics.jsonl")
+    alone = read_jsonl(tmp_path / "single" / "metrics.jsonl")
+    assert single["status"] == "completed" and [r["val/loss"] for r in healthy] == pytest.approx(
+        [r["val/loss"] for r in alone], rel=1e-4)
+
+
+def test_a_members_sweep_is_reported_as_mean_and_std_over_the_members(tmp_path: Path):
+    sweep = tmp_path / "sweep"
+    result = run_cli("-m", "act=relu,elu", "trainer.seeds=[0,1,2]", "trainer.epochs=2", f"hydra.sweep.dir={sweep}",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert report.main([str(sweep), "--out", str(tmp_path / "report")]) == 0
+    with open(tmp_path / "report" / "report.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["act"] for r in rows) == ["elu", "relu"] and all(r["runs"] == "3" for r in rows)
+
+
+def test_what_members_do_not_support_is_refused_with_the_reason():
+    with pytest.raises(ConfigError) as info:
+        make_config("trainer.seeds=[0,1]", "norm=batchnorm", "schedule=performance")
+    assert info.value.problems == [
+        "norm: trainer.seeds (members trained together) does not support batch norm (batch statistics per member) "
+        "yet: use norm=layernorm or norm=none; or train the seeds as separate runs: -m trainer.seed=0,1",
+        "schedule: trainer.seeds (members trained together) does not support schedule=performance (a rate per "
+        "member) yet: use a schedule that follows the step or epoch count; or train the seeds as separate runs: "
+        "-m trainer.seed=0,1"]
+    with pytest.raises(ConfigError, match="trainer.seeds: must list two or more distinct seeds"):
+        make_config("trainer.seeds=[1,1]")
