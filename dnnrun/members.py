@@ -163,7 +163,7 @@ def run(cfg: RunConfig, run_dir: str | Path, on_start: Callable[[], None] | None
             m = members[k]
             record = {"epoch": epoch, "step": step, "train/loss": (sums[k] / seen).item(),
                       "train/acc": (correct[k] / seen).item(), "val/loss": val_loss[k], "val/acc": val_acc[k],
-                      "lr": lr, "time/epoch_s": time.perf_counter() - began}
+                      "lr": lr, "time/epoch_s": (time.perf_counter() - began) / len(active)}  # its share
             if not math.isfinite(val_loss[k]):
                 _diverge(m, step, f"the validation loss is {val_loss[k]}")
                 continue

@@ -45,7 +45,8 @@ def weights(tmp_path_factory) -> Path:
 
 def _zoo(weights: Path, *overrides: str):
     return make_config("model=zoo", "model.arch=resnet18", f"model.weights={weights}", "data.resize=32",
-                       "trainer.epochs=2", "trainer.limit_batches=3", *overrides, data="digits")
+                       "data.val_size=32", "data.test_size=64", "trainer.epochs=2", "trainer.limit_batches=3",
+                       *overrides, data="digits")
 
 
 def test_frozen_reused_stages_keep_the_files_weights_and_statistics_while_the_new_head_learns(weights, tmp_path):
