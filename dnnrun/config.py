@@ -274,7 +274,6 @@ def _check_members(cfg: dict[str, Any], problems: Problems) -> None:
         "pretrain": (cfg["pretrain"].name != "none", "pretraining yet"),
         "transfer.source": (cfg["transfer"].source is not None, "transfer yet"),
         "model": (cfg["model"].name == "zoo", "model=zoo yet"),
-        "trainer.resume": (tc.resume is not None, "resuming yet"),
         "trainer.amp": (tc.amp is True, "mixed precision yet"),
         "trainer.compile": (tc.compile, "torch.compile yet"),
         "mode": (cfg["mode"] != "train", f"mode={cfg['mode']}"),

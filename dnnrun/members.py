@@ -16,10 +16,13 @@ not finite is recorded as diverged and stops; the others go on).
                       dnnrun-report, mode=evaluate, mode=predict, transfer and dnnrun-export read
     summary.json      the members' metrics as mean and std, and the deep ensemble's test accuracy
                       and NLL (the members' probabilities averaged)
+    checkpoints/last.pt  after each epoch: everything the members' training goes on from
+                      (trainer.resume=auto), written atomically. SIGINT/SIGTERM stop after the step
+                      under way; a resume redoes that epoch from its start, exactly.
 
 Not supported with trainer.seeds (refused with the reason, config.py): batch norm (per-member
 batch statistics under vmap), schedule=performance (a rate per member), pretraining, transfer and
-model=zoo, resuming, torchrun.
+model=zoo, torchrun.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import signal
 import statistics
 import time
 from collections.abc import Callable
@@ -41,11 +45,12 @@ from dnnrun import checkpoint, diagnosis, optim, runtime
 from dnnrun.augment import Augment
 from dnnrun.console import console
 from dnnrun.early_stopping import EarlyStopping
-from dnnrun.errors import UserError
+from dnnrun.errors import Interrupted, UserError
 from dnnrun.init import affine_layers
 from dnnrun.regularizers import is_weight_matrix
 from dnnrun.rundir import RunDir, atomic_write, now
 from dnnrun.schedules import Schedule
+from dnnrun.signals import StopFlag
 from dnnrun.state import TrainState
 
 if TYPE_CHECKING:
@@ -64,6 +69,28 @@ class Member:
     stopped: str | None = None  # why it stopped updating (early stopping, divergence)
     diverged_at: int | None = None
     best_weights: dict[str, torch.Tensor] | None = None
+
+
+@dataclasses.dataclass
+class Stack:
+    """The members as one computation: the architecture (on the meta device), their stacked weights
+    and buffers, one optimizer and schedule over them, and the batched forward passes."""
+
+    template: torch.nn.Module
+    params: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    reg: Any  # regularizers.Regularization
+    decay: set[str]  # the weight matrices: weight decay and penalties
+    constrained: list[str]  # the affine layers' weights: max-norm
+    train_forward: Callable
+    eval_forward: Callable
+
+
+def steps_per_epoch(cfg: RunConfig, n: int) -> int:
+    batches = math.ceil(n / cfg.trainer.batch_size)
+    return min(batches, cfg.trainer.limit_batches or batches)
 
 
 def run(cfg: RunConfig, run_dir: str | Path, on_start: Callable[[], None] | None = None) -> dict[str, Any]:
@@ -87,8 +114,7 @@ def run(cfg: RunConfig, run_dir: str | Path, on_start: Callable[[], None] | None
     groups = [{"params": [p for n, p in params.items() if n in decay], "reused": False},
               {"params": [p for n, p in params.items() if n not in decay], "reused": False, "weight_decay": 0.0}]
     optimizer = opt_cls([g for g in groups if g["params"]], **cfg.optimizer.params)
-    steps_per_epoch = min(math.ceil(len(data.train) / tc.batch_size), tc.limit_batches or math.inf)
-    schedule = Schedule(cfg.schedule, optimizer, steps_per_epoch, tc.epochs)
+    schedule = Schedule(cfg.schedule, optimizer, steps_per_epoch(cfg, len(data.train)), tc.epochs)
 
     def forward(p, b, x):
         return torch.func.functional_call(template, (p, b), (x,))
@@ -100,16 +126,37 @@ def run(cfg: RunConfig, run_dir: str | Path, on_start: Callable[[], None] | None
                       torch.Generator().manual_seed(seed),
                       Augment(cfg.data.augment, seed) if cfg.data.augment else None) for seed in tc.seeds]
     early = EarlyStopping(tc.early_stopping, tc.monitor)
+    resumed = _resumable(cfg, parent, device)
     parent.path.mkdir(parents=True, exist_ok=True)
     if on_start is not None:
         on_start()
+    for stale in parent.remove_stale_temporaries():
+        log.warning("removed %s, left by a process that stopped while writing it", stale)
+    first, step = 1, 0
+    if resumed is not None:
+        first, step = _restore(resumed, params, buffers, optimizer, schedule, members) + 1, resumed["step"]
     for m in members:
         m.run.path.mkdir(parents=True, exist_ok=True)
+        m.run.rewrite_metrics(m.state.history)  # exactly the epochs of the checkpoint it goes on from
     log.info("run directory: %s (%d members: trainer.seed=%s, on %s)", parent, len(members),
              ",".join(map(str, tc.seeds)), runtime.device_name(device))
     log.info("%s", cfg.options())
-    started, step = time.perf_counter(), 0
-    for epoch in range(1, tc.epochs + 1):
+    stack = Stack(template, params, buffers, optimizer, schedule, reg, decay, constrained, train_forward, eval_forward)
+    started, stop = time.perf_counter(), StopFlag(deferring=True)
+    with stop.installed():
+        _epochs(cfg, data, members, stack, early, parent, range(first, tc.epochs + 1), step, stop)
+    return _finish(cfg, parent, members, params, buffers, eval_forward, data, time.perf_counter() - started)
+
+
+def _epochs(cfg: RunConfig, data, members: list[Member], stack: Stack, early: EarlyStopping, parent: RunDir,
+            epochs: range, step: int, stop: StopFlag) -> None:
+    """The members' training loop; after each epoch the members' files and the parent's checkpoint."""
+    tc, device = cfg.trainer, data.train.x.device
+    template, params, buffers, optimizer, schedule = (stack.template, stack.params, stack.buffers, stack.optimizer,
+                                                      stack.schedule)
+    reg, decay, constrained = stack.reg, stack.decay, stack.constrained
+    train_forward, eval_forward = stack.train_forward, stack.eval_forward
+    for epoch in epochs:
         active = [k for k, m in enumerate(members) if m.stopped is None]
         if not active:
             break
@@ -119,7 +166,7 @@ def run(cfg: RunConfig, run_dir: str | Path, on_start: Callable[[], None] | None
         sums = torch.zeros(len(members), device=device)
         correct = torch.zeros(len(members), device=device)
         seen = 0
-        for b in range(steps_per_epoch):
+        for b in range(steps_per_epoch(cfg, len(data.train))):
             step += 1
             idx = orders[:, b * tc.batch_size:(b + 1) * tc.batch_size]  # (K, B): each member's own batch
             xb, yb = data.train.x[idx], data.train.y[idx]
@@ -156,6 +203,10 @@ def run(cfg: RunConfig, run_dir: str | Path, on_start: Callable[[], None] | None
             sums += torch.where(finite, losses.detach(), torch.zeros_like(losses)) * len(yb[0])
             correct += (logits.detach().argmax(2) == yb).sum(1)
             seen += len(yb[0])
+            if stop.signum:  # the last epoch's checkpoint is where a resume goes on from
+                log.warning("stopped by %s during epoch %d: checkpoints/last.pt goes on from the start of this "
+                            "epoch (trainer.resume=auto)", signal.Signals(stop.signum).name, epoch)
+                raise Interrupted(stop.signum)
         template.eval()
         val_loss, val_acc = _evaluate(eval_forward, params, buffers, data.val, tc.eval_batch_size)
         lr = optimizer.param_groups[0]["lr"]
@@ -178,10 +229,68 @@ def run(cfg: RunConfig, run_dir: str | Path, on_start: Callable[[], None] | None
             if (reason := early.reason(m.state)) is not None:
                 m.stopped = reason
         schedule.end_epoch({})
+        _checkpoint(parent, cfg, epoch, step, params, buffers, optimizer, schedule, members)
         accs = [members[k].state.history[-1]["val/acc"] for k in active if members[k].state.history]
         log.info("epoch %d/%d  %d members training  val/acc %s", epoch, tc.epochs, len(active),
                  " ".join(f"{a:.4f}" for a in accs))
-    return _finish(cfg, parent, members, params, buffers, eval_forward, data, time.perf_counter() - started)
+        if stop.signum:
+            raise Interrupted(stop.signum)
+
+
+def _checkpoint(parent: RunDir, cfg: RunConfig, epoch: int, step: int, params, buffers, optimizer, schedule,
+                members: list[Member]) -> None:
+    """Everything the members' training goes on from, as plain data (read with weights_only=True)."""
+    state = {"model": {n: p.detach() for n, p in params.items()}, "config": cfg.raw, "buffers": dict(buffers),
+             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "epoch": epoch, "step": step,
+             "rng": {"torch": torch.get_rng_state(),
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+             "members": [{"seed": m.seed, "trainer": m.state.to_dict(), "shuffle": m.shuffle.get_state(),
+                          "stopped": m.stopped, "diverged_at": m.diverged_at, "best": m.best_weights}
+                         for m in members]}
+    checkpoint.save(parent.last, state)
+
+
+def _resumable(cfg: RunConfig, parent: RunDir, device: torch.device) -> dict[str, Any] | None:
+    """The members' checkpoint that trainer.resume names, checked to be one and to fit this config
+    (before anything is written); None for a fresh start."""
+    from dnnrun import resume
+
+    path = resume.checkpoint_to_resume(cfg.trainer.resume, parent)
+    if path is None:
+        return None
+    ckpt = checkpoint.load(path, map_location=device)
+    if not isinstance(ckpt.get("members"), list):
+        raise UserError(f"trainer.resume: {path} is a single run's checkpoint, not one of trainer.seeds' members")
+    changes = resume.config_changes(ckpt["config"], cfg.raw)
+    if changes and not cfg.trainer.force_resume:
+        raise UserError(f"trainer.resume: {path} was trained with another config, and these changes alter the "
+                        "result:\n  - " + "\n  - ".join(changes) + "\nResume with the checkpoint's settings, or set "
+                        "trainer.force_resume=true to go on anyway.")
+    if [m["seed"] for m in ckpt["members"]] != list(cfg.trainer.seeds):
+        raise UserError(f"trainer.resume: {path} holds the members of seeds {[m['seed'] for m in ckpt['members']]}, "
+                        f"not {list(cfg.trainer.seeds)}")
+    return ckpt
+
+
+def _restore(ckpt: dict[str, Any], params, buffers, optimizer, schedule, members: list[Member]) -> int:
+    """Put the checkpoint back: weights, optimizer, schedule, each member's counters, history,
+    shuffle and best weights, the random streams. Returns the epoch it ended."""
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(ckpt["model"][n])
+        for n, b in buffers.items():
+            b.copy_(ckpt["buffers"][n])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    schedule.load_state_dict(ckpt["schedule"])
+    for m, saved in zip(members, ckpt["members"]):
+        m.state = TrainState.from_dict(saved["trainer"])
+        m.shuffle.set_state(saved["shuffle"].cpu())
+        m.stopped, m.diverged_at, m.best_weights = saved["stopped"], saved["diverged_at"], saved["best"]
+    torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+    if ckpt["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng"]["cuda"]])
+    log.info("resumed the members after epoch %d (step %d)", ckpt["epoch"], ckpt["step"])
+    return ckpt["epoch"]
 
 
 def _diverge(member: Member, step: int, what: str) -> None:

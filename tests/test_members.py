@@ -13,7 +13,7 @@ import torch
 import dnnrun
 from conftest import make_config, run_cli
 from dnnrun import members, report, train
-from dnnrun.errors import ConfigError
+from dnnrun.errors import ConfigError, UserError
 from dnnrun.rundir import read_jsonl
 
 
@@ -117,3 +117,51 @@ def test_what_members_do_not_support_is_refused_with_the_reason():
         "-m trainer.seed=0,1"]
     with pytest.raises(ConfigError, match="trainer.seeds: must list two or more distinct seeds"):
         make_config("trainer.seeds=[1,1]")
+
+
+def _members_state(run: Path, seeds=(0, 1)) -> tuple[list, list]:
+    weights = [torch.load(run / "members" / f"seed_{s}" / "checkpoints" / "last.pt", weights_only=True)["model"]
+               for s in seeds]
+    metrics = [[{k: v for k, v in r.items() if not k.startswith("time/")}
+                for r in read_jsonl(run / "members" / f"seed_{s}" / "metrics.jsonl")] for s in seeds]
+    return weights, metrics
+
+
+def _same(a: Path, b: Path) -> bool:
+    (wa, ma), (wb, mb) = _members_state(a), _members_state(b)
+    return ma == mb and all(torch.equal(x[n], y[n]) for x, y in zip(wa, wb) for n in x)
+
+
+def test_members_stopped_mid_epoch_resume_to_the_same_members(tmp_path: Path, monkeypatch):
+    """A crash in the second epoch (as kill -9 leaves the files: the first epoch's checkpoint, the
+    second half done), then trainer.resume=auto: bit-identical members, dropout masks and shuffles
+    included (the random streams are in the checkpoint)."""
+    args = ["trainer.seeds=[0,1]", "trainer.epochs=3", "trainer.batch_size=16", "regularizer=[dropout]"]
+    members.run(make_config(*args, data="digits"), tmp_path / "straight")
+    vmap, made = torch.func.vmap, []
+
+    def crashing_vmap(function, *a, **kw):
+        batched = vmap(function, *a, **kw)
+        made.append(batched)
+        if len(made) > 1:  # the evaluation pass
+            return batched
+        calls = []
+
+        def train_forward(*inputs):
+            calls.append(1)
+            if len(calls) == crash_at:
+                raise RuntimeError("killed")
+            return batched(*inputs)
+
+        return train_forward
+
+    crash_at = members.steps_per_epoch(make_config(*args, data="digits"), 1294) + 20  # in the second epoch
+    monkeypatch.setattr(torch.func, "vmap", crashing_vmap)
+    with pytest.raises(RuntimeError, match="killed"):
+        members.run(make_config(*args, data="digits"), tmp_path / "killed")
+    monkeypatch.setattr(torch.func, "vmap", vmap)
+    assert len(read_jsonl(tmp_path / "killed" / "members" / "seed_0" / "metrics.jsonl")) == 1
+    members.run(make_config(*args, "trainer.resume=auto", data="digits"), tmp_path / "killed")
+    assert _same(tmp_path / "killed", tmp_path / "straight")
+    with pytest.raises(UserError, match="already holds a checkpoint"):  # without trainer.resume: never overwritten
+        members.run(make_config(*args, data="digits"), tmp_path / "killed")
