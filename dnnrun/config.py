@@ -267,10 +267,6 @@ def _check_members(cfg: dict[str, Any], problems: Problems) -> None:
     """What trainer.seeds (members.py) does not support yet, each with its reason."""
     tc = cfg["trainer"]
     unsupported = {
-        "norm": (cfg["norm"].name == "batchnorm", "batch norm (batch statistics per member) yet: use norm=layernorm "
-                                                  "or norm=none"),
-        "schedule": (cfg["schedule"].name == "performance", "schedule=performance (a rate per member) yet: use a "
-                                                            "schedule that follows the step or epoch count"),
         "pretrain": (cfg["pretrain"].name != "none", "pretraining yet"),
         "transfer.source": (cfg["transfer"].source is not None, "transfer yet"),
         "model": (cfg["model"].name == "zoo", "model=zoo yet"),

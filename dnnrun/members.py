@@ -20,9 +20,11 @@ not finite is recorded as diverged and stops; the others go on).
                       (trainer.resume=auto), written atomically. SIGINT/SIGTERM stop after the step
                       under way; a resume redoes that epoch from its start, exactly.
 
-Not supported with trainer.seeds (refused with the reason, config.py): batch norm (per-member
-batch statistics under vmap), schedule=performance (a rate per member), pretraining, transfer and
-model=zoo, torchrun.
+Batch norm keeps each member's running statistics in its slice of the stacked buffers.
+schedule=performance reduces each member's rate on its own plateaus: the shared optimizer steps at
+the base rate and each member's update is scaled by its rate over it (the update of every
+optimizer dnnrun offers is proportional to its rate). Not supported with trainer.seeds (refused
+with the reason, config.py): pretraining, transfer and model=zoo, torchrun.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ from dnnrun.errors import Interrupted, UserError
 from dnnrun.init import affine_layers
 from dnnrun.regularizers import is_weight_matrix
 from dnnrun.rundir import RunDir, atomic_write, now
-from dnnrun.schedules import Schedule
+from dnnrun.schedules import SCHEDULES, Schedule
+from dnnrun.schema import Choice
 from dnnrun.signals import StopFlag
 from dnnrun.state import TrainState
 
@@ -81,6 +84,7 @@ class Stack:
     buffers: dict[str, torch.Tensor]
     optimizer: torch.optim.Optimizer
     schedule: Schedule
+    rates: list | None  # schedule=performance: each member's (schedules.Performance); else None
     reg: Any  # regularizers.Regularization
     decay: set[str]  # the weight matrices: weight decay and penalties
     constrained: list[str]  # the affine layers' weights: max-norm
@@ -114,7 +118,14 @@ def run(cfg: RunConfig, run_dir: str | Path, on_start: Callable[[], None] | None
     groups = [{"params": [p for n, p in params.items() if n in decay], "reused": False},
               {"params": [p for n, p in params.items() if n not in decay], "reused": False, "weight_decay": 0.0}]
     optimizer = opt_cls([g for g in groups if g["params"]], **cfg.optimizer.params)
-    schedule = Schedule(cfg.schedule, optimizer, steps_per_epoch(cfg, len(data.train)), tc.epochs)
+    steps = steps_per_epoch(cfg, len(data.train))
+    rates = None
+    if cfg.schedule.name == "performance":  # the optimizer at the base rate, each member's update scaled
+        rates = [SCHEDULES["performance"].build(optimizer.param_groups[0]["lr"], tc.epochs, **cfg.schedule.params)
+                 for _ in tc.seeds]
+        schedule = Schedule(Choice("constant"), optimizer, steps, tc.epochs)
+    else:
+        schedule = Schedule(cfg.schedule, optimizer, steps, tc.epochs)
 
     def forward(p, b, x):
         return torch.func.functional_call(template, (p, b), (x,))
@@ -134,14 +145,15 @@ def run(cfg: RunConfig, run_dir: str | Path, on_start: Callable[[], None] | None
         log.warning("removed %s, left by a process that stopped while writing it", stale)
     first, step = 1, 0
     if resumed is not None:
-        first, step = _restore(resumed, params, buffers, optimizer, schedule, members) + 1, resumed["step"]
+        first, step = _restore(resumed, params, buffers, optimizer, schedule, rates, members) + 1, resumed["step"]
     for m in members:
         m.run.path.mkdir(parents=True, exist_ok=True)
         m.run.rewrite_metrics(m.state.history)  # exactly the epochs of the checkpoint it goes on from
     log.info("run directory: %s (%d members: trainer.seed=%s, on %s)", parent, len(members),
              ",".join(map(str, tc.seeds)), runtime.device_name(device))
     log.info("%s", cfg.options())
-    stack = Stack(template, params, buffers, optimizer, schedule, reg, decay, constrained, train_forward, eval_forward)
+    stack = Stack(template, params, buffers, optimizer, schedule, rates, reg, decay, constrained, train_forward,
+                  eval_forward)
     started, stop = time.perf_counter(), StopFlag(deferring=True)
     with stop.installed():
         _epochs(cfg, data, members, stack, early, parent, range(first, tc.epochs + 1), step, stop)
@@ -172,7 +184,9 @@ def _epochs(cfg: RunConfig, data, members: list[Member], stack: Stack, early: Ea
             xb, yb = data.train.x[idx], data.train.y[idx]
             if members[0].augment is not None:
                 xb = torch.stack([m.augment(x, step) for m, x in zip(members, xb)])
-            logits = train_forward(params, buffers, xb)  # (K, B, classes)
+            stopped = [k for k in range(len(members)) if k not in active]
+            kept_buffers = {n: b[stopped].clone() for n, b in buffers.items()} if stopped else {}  # batch norm's
+            logits = train_forward(params, buffers, xb)  # (K, B, classes); each member's batch-norm statistics
             losses = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none").view(len(members), -1).mean(1)
             finite = torch.isfinite(losses)
             if not bool(finite[active].all()):  # one device sync a step, as a single run's loss.item()
@@ -190,15 +204,21 @@ def _epochs(cfg: RunConfig, data, members: list[Member], stack: Stack, early: Ea
             _clip(params, tc.clip_value, tc.clip_norm, len(members))
             frozen = [k for k in range(len(members)) if k not in active]
             kept = {n: p.detach()[frozen].clone() for n, p in params.items()} if frozen else {}
+            scale = _rate_scales(stack, device)
+            before = {n: p.detach().clone() for n, p in params.items()} if scale is not None else {}
             optimizer.step()
             with torch.no_grad():
+                for n, old in before.items():  # each member's update at its own rate
+                    params[n].copy_(old + scale.reshape(-1, *[1] * (old.ndim - 1)) * (params[n] - old))
                 if reg.max_norm is not None:
                     for name in constrained:
                         w = params[name]  # (K, out, in, ...): each unit's (filter's) incoming weights
                         norms = w.flatten(2).norm(dim=2).reshape(*w.shape[:2], *[1] * (w.ndim - 2))
                         w.mul_((reg.max_norm / norms.clamp_min(1e-12)).clamp(max=1.0))
-                for n, old in kept.items():  # stopped members keep their weights
+                for n, old in kept.items():  # stopped members keep their weights ...
                     params[n][frozen] = old
+                for n, old in kept_buffers.items():  # ... and their running statistics
+                    buffers[n][stopped] = old
             schedule.after_step()
             sums += torch.where(finite, losses.detach(), torch.zeros_like(losses)) * len(yb[0])
             correct += (logits.detach().argmax(2) == yb).sum(1)
@@ -214,7 +234,8 @@ def _epochs(cfg: RunConfig, data, members: list[Member], stack: Stack, early: Ea
             m = members[k]
             record = {"epoch": epoch, "step": step, "train/loss": (sums[k] / seen).item(),
                       "train/acc": (correct[k] / seen).item(), "val/loss": val_loss[k], "val/acc": val_acc[k],
-                      "lr": lr, "time/epoch_s": (time.perf_counter() - began) / len(active)}  # its share
+                      "lr": stack.rates[k].lr if stack.rates else lr,
+                      "time/epoch_s": (time.perf_counter() - began) / len(active)}  # its share
             if not math.isfinite(val_loss[k]):
                 _diverge(m, step, f"the validation loss is {val_loss[k]}")
                 continue
@@ -228,8 +249,10 @@ def _epochs(cfg: RunConfig, data, members: list[Member], stack: Stack, early: Ea
             _save((m.run.best, m.run.last) if improved else (m.run.last,), weights, buffers, k, cfg, m.seed, data)
             if (reason := early.reason(m.state)) is not None:
                 m.stopped = reason
+            if stack.rates:
+                stack.rates[k].observe(record)
         schedule.end_epoch({})
-        _checkpoint(parent, cfg, epoch, step, params, buffers, optimizer, schedule, members)
+        _checkpoint(parent, cfg, epoch, step, params, buffers, optimizer, schedule, stack.rates, members)
         accs = [members[k].state.history[-1]["val/acc"] for k in active if members[k].state.history]
         log.info("epoch %d/%d  %d members training  val/acc %s", epoch, tc.epochs, len(active),
                  " ".join(f"{a:.4f}" for a in accs))
@@ -237,7 +260,16 @@ def _epochs(cfg: RunConfig, data, members: list[Member], stack: Stack, early: Ea
             raise Interrupted(stop.signum)
 
 
-def _checkpoint(parent: RunDir, cfg: RunConfig, epoch: int, step: int, params, buffers, optimizer, schedule,
+def _rate_scales(stack: Stack, device: torch.device) -> torch.Tensor | None:
+    """schedule=performance: each member's rate over the optimizer's (None while every member has it)."""
+    if not stack.rates:
+        return None
+    base = stack.optimizer.param_groups[0]["lr"]
+    scales = [rate.lr / base for rate in stack.rates]
+    return None if all(s == 1.0 for s in scales) else torch.tensor(scales, device=device)
+
+
+def _checkpoint(parent: RunDir, cfg: RunConfig, epoch: int, step: int, params, buffers, optimizer, schedule, rates,
                 members: list[Member]) -> None:
     """Everything the members' training goes on from, as plain data (read with weights_only=True)."""
     state = {"model": {n: p.detach() for n, p in params.items()}, "config": cfg.raw, "buffers": dict(buffers),
@@ -245,8 +277,9 @@ def _checkpoint(parent: RunDir, cfg: RunConfig, epoch: int, step: int, params, b
              "rng": {"torch": torch.get_rng_state(),
                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
              "members": [{"seed": m.seed, "trainer": m.state.to_dict(), "shuffle": m.shuffle.get_state(),
-                          "stopped": m.stopped, "diverged_at": m.diverged_at, "best": m.best_weights}
-                         for m in members]}
+                          "stopped": m.stopped, "diverged_at": m.diverged_at, "best": m.best_weights,
+                          "rate": rates[k].state_dict() if rates else None}
+                         for k, m in enumerate(members)]}
     checkpoint.save(parent.last, state)
 
 
@@ -272,7 +305,7 @@ def _resumable(cfg: RunConfig, parent: RunDir, device: torch.device) -> dict[str
     return ckpt
 
 
-def _restore(ckpt: dict[str, Any], params, buffers, optimizer, schedule, members: list[Member]) -> int:
+def _restore(ckpt: dict[str, Any], params, buffers, optimizer, schedule, rates, members: list[Member]) -> int:
     """Put the checkpoint back: weights, optimizer, schedule, each member's counters, history,
     shuffle and best weights, the random streams. Returns the epoch it ended."""
     with torch.no_grad():
@@ -282,7 +315,9 @@ def _restore(ckpt: dict[str, Any], params, buffers, optimizer, schedule, members
             b.copy_(ckpt["buffers"][n])
     optimizer.load_state_dict(ckpt["optimizer"])
     schedule.load_state_dict(ckpt["schedule"])
-    for m, saved in zip(members, ckpt["members"]):
+    for k, (m, saved) in enumerate(zip(members, ckpt["members"])):
+        if rates:
+            rates[k].load_state_dict(saved["rate"])
         m.state = TrainState.from_dict(saved["trainer"])
         m.shuffle.set_state(saved["shuffle"].cpu())
         m.stopped, m.diverged_at, m.best_weights = saved["stopped"], saved["diverged_at"], saved["best"]

@@ -20,7 +20,8 @@ from dnnrun.rundir import read_jsonl
 def test_each_member_follows_the_separate_run_of_its_seed(tmp_path: Path):
     """Without dropout the arithmetic is a single run's: same initialization, shuffle order and
     updates, so each member's epochs match its separate run's (to rounding: batched matmuls)."""
-    overrides = ["optimizer=adam", "trainer.epochs=3", "trainer.clip_norm=1.0", "regularizer=[l2,max_norm]"]
+    overrides = ["optimizer=adam", "trainer.epochs=3", "trainer.clip_norm=1.0", "regularizer=[l2,max_norm]",
+                 "norm=batchnorm"]  # each member's running statistics too
     summary = members.run(make_config(*overrides, "trainer.seeds=[3,5]", data="digits"), tmp_path / "together")
     for seed in (3, 5):
         single = train.run(make_config(*overrides, f"trainer.seed={seed}", data="digits"), tmp_path / f"seed{seed}")
@@ -108,13 +109,12 @@ def test_a_members_sweep_is_reported_as_mean_and_std_over_the_members(tmp_path: 
 
 def test_what_members_do_not_support_is_refused_with_the_reason():
     with pytest.raises(ConfigError) as info:
-        make_config("trainer.seeds=[0,1]", "norm=batchnorm", "schedule=performance")
+        make_config("trainer.seeds=[0,1]", "pretrain=rotation", "trainer.compile=true", data="digits")
     assert info.value.problems == [
-        "norm: trainer.seeds (members trained together) does not support batch norm (batch statistics per member) "
-        "yet: use norm=layernorm or norm=none; or train the seeds as separate runs: -m trainer.seed=0,1",
-        "schedule: trainer.seeds (members trained together) does not support schedule=performance (a rate per "
-        "member) yet: use a schedule that follows the step or epoch count; or train the seeds as separate runs: "
-        "-m trainer.seed=0,1"]
+        "pretrain: trainer.seeds (members trained together) does not support pretraining yet; or train the seeds as "
+        "separate runs: -m trainer.seed=0,1",
+        "trainer.compile: trainer.seeds (members trained together) does not support torch.compile yet; or train the "
+        "seeds as separate runs: -m trainer.seed=0,1"]
     with pytest.raises(ConfigError, match="trainer.seeds: must list two or more distinct seeds"):
         make_config("trainer.seeds=[1,1]")
 
@@ -165,3 +165,19 @@ def test_members_stopped_mid_epoch_resume_to_the_same_members(tmp_path: Path, mo
     assert _same(tmp_path / "killed", tmp_path / "straight")
     with pytest.raises(UserError, match="already holds a checkpoint"):  # without trainer.resume: never overwritten
         members.run(make_config(*args, data="digits"), tmp_path / "killed")
+
+
+def test_performance_scheduling_cuts_each_members_rate_on_its_own_plateaus(tmp_path: Path):
+    overrides = ["optimizer=momentum", "optimizer.lr=0.05", "schedule=performance", "schedule.patience=1",
+                 "schedule.factor=0.3", "schedule.min_delta=0.1", "trainer.epochs=5"]  # gains under 0.1: plateaus
+    members.run(make_config(*overrides, "trainer.seeds=[0,1]", data="digits"), tmp_path / "together")
+    rates = set()
+    for seed in (0, 1):
+        train.run(make_config(*overrides, f"trainer.seed={seed}", data="digits"), tmp_path / str(seed))
+        mine = read_jsonl(tmp_path / "together" / "members" / f"seed_{seed}" / "metrics.jsonl")
+        theirs = read_jsonl(tmp_path / str(seed) / "metrics.jsonl")
+        assert [r["lr"] for r in mine] == pytest.approx([r["lr"] for r in theirs])
+        # each update scaled, not computed at the rate: equal to rounding
+        assert [r["val/loss"] for r in mine] == pytest.approx([r["val/loss"] for r in theirs], rel=1e-4)
+        rates.add(tuple(r["lr"] for r in mine))
+    assert any(len(set(r)) > 1 for r in rates)  # the rate was cut

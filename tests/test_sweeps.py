@@ -159,22 +159,23 @@ def _close(a: Path, b: Path) -> bool:
 
 
 # With pretraining (every rank must start from the same pretrained weights) and 833 training
-# examples (the last global batch of 1 leaves rank 1 nothing); with frozen and then unfrozen
-# transferred layers (DDP must learn that their gradients exist again).
+# examples (the last global batch of 1 leaves rank 1 nothing); a conv net with max-norm filters and
+# frozen and then unfrozen transferred conv blocks (DDP must learn that their gradients exist
+# again). No batch norm: on the CPU each rank normalizes its half batch (SyncBatchNorm is for CUDA).
+CONV = ["data=digits", "model=cnn", "model.channels=[4,8]", "regularizer=[max_norm]", "data.max_train=600"]
 TORCHRUN_CASES = {
     "pretraining and a ragged last batch": ["trainer.epochs=2", "pretrain=autoencoder", "pretrain.epochs=1",
                                             "data.max_train=833"],
-    "frozen then unfrozen transfer": ["trainer.epochs=2", "transfer.freeze=true", "transfer.unfreeze_after=1"],
-    # (batch norm on the CPU normalizes each rank's half batch: SyncBatchNorm is for CUDA)
-    "a conv net with max-norm filters": ["data=digits", "model=cnn", "model.channels=[4,8]", "regularizer=[max_norm]",
-                                         "trainer.epochs=1", "data.max_train=600"],
+    "a conv net's frozen then unfrozen transferred blocks": [*CONV, "trainer.epochs=2", "transfer.freeze=true",
+                                                             "transfer.unfreeze_after=1", "transfer.layers=1"],
 }
 
 
 @pytest.mark.parametrize("overrides", TORCHRUN_CASES.values(), ids=TORCHRUN_CASES.keys())
 def test_torchrun_with_two_processes_matches_one_process_with_the_same_global_batch(overrides, tmp_path: Path):
     if any(o.startswith("transfer.") for o in overrides):
-        train.run(make_config("trainer.epochs=1"), tmp_path / "source")
+        source = [o for o in overrides if not o.startswith(("transfer.", "trainer.epochs="))]
+        train.run(make_config(*source, "trainer.epochs=1", data=None), tmp_path / "source")
         overrides = [*overrides, f"transfer.source={tmp_path / 'source' / 'checkpoints' / 'last.pt'}"]
     summary = _torchrun(tmp_path, "ddp", *overrides)
     assert summary["processes"] == 2
