@@ -31,7 +31,7 @@ log = logging.getLogger("dnnrun")
 # What a resume may change besides the result-neutral settings: how long the run goes on, when it
 # stops and what it does at its end, and the settings of the other modes.
 MAY_CHANGE_ON_RESUME = (*RESULT_NEUTRAL, "trainer.epochs", "trainer.early_stopping", "trainer.restore_best", "mode",
-                        "lr_find", "evaluate")
+                        "lr_find", "evaluate", "predict")
 
 
 def checkpoint_to_resume(resume: str | None, run: RunDir) -> Path | None:
