@@ -37,7 +37,7 @@ COMPANIONS = {
     "pretrain=rotation": ["data=digits"],  # needs square images
     "model=cnn": ["data=digits", "model.channels=[4,8]"],  # images
     "model=resnet": ["data=digits", "model.depth=8", "model.width=4"],  # images; one block per stage
-    "model=zoo": ["data=digits", "model.arch=mobilenet_v3_small", "data.resize=32"],  # a small torchvision net
+    "model=zoo": ["data=digits", "model.arch=shufflenet_v2_x0_5", "data.resize=32"],  # a small torchvision net
 }
 
 

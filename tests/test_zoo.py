@@ -52,7 +52,7 @@ def _zoo(weights: Path, *overrides: str):
 def test_frozen_reused_stages_keep_the_files_weights_and_statistics_while_the_new_head_learns(weights, tmp_path):
     from safetensors.torch import load_file
 
-    summary = train.run(_zoo(weights, "transfer.freeze=true"), tmp_path)
+    summary = train.run(_zoo(weights, "transfer.freeze=true", "trainer.epochs=1"), tmp_path)
     assert summary["status"] == "completed" and math.isfinite(summary["test"]["test/loss"])
     assert summary["transfer"]["reused_layers"] == [1, 2, 3, 4, 5, 6]
     assert summary["transfer"]["source"] == str(weights)
