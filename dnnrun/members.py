@@ -49,7 +49,7 @@ from dnnrun.console import console
 from dnnrun.early_stopping import EarlyStopping
 from dnnrun.errors import Interrupted, UserError
 from dnnrun.init import affine_layers
-from dnnrun.regularizers import is_weight_matrix
+from dnnrun.regularizers import cap_norms_, is_weight_matrix
 from dnnrun.rundir import RunDir, atomic_write, now
 from dnnrun.schedules import SCHEDULES, Schedule
 from dnnrun.schema import Choice
@@ -113,11 +113,9 @@ def run(cfg: RunConfig, run_dir: str | Path, on_start: Callable[[], None] | None
     template = template.to("meta")  # the architecture that functional_call runs with each member's weights
     params, buffers = torch.func.stack_module_state(models)
     decay = {n for n, p in models[0].named_parameters() if is_weight_matrix(p)}  # as a single run decides
-    constrained = [f"{name}.weight" for name, m in models[0].named_modules() if m in affine_layers(models[0])]
-    opt_cls = getattr(torch.optim, optim.OPTIMIZERS[cfg.optimizer.name].cls)
-    groups = [{"params": [p for n, p in params.items() if n in decay], "reused": False},
-              {"params": [p for n, p in params.items() if n not in decay], "reused": False, "weight_decay": 0.0}]
-    optimizer = opt_cls([g for g in groups if g["params"]], **cfg.optimizer.params)
+    affine = {id(m) for m in affine_layers(models[0])}
+    constrained = [f"{name}.weight" for name, m in models[0].named_modules() if id(m) in affine]
+    optimizer = optim.build(cfg.optimizer, models[0], tensors=params)  # grouped as a single run's
     steps = steps_per_epoch(cfg, len(data.train))
     rates = None
     if cfg.schedule.name == "performance":  # the optimizer at the base rate, each member's update scaled
@@ -164,16 +162,12 @@ def _epochs(cfg: RunConfig, data, members: list[Member], stack: Stack, early: Ea
             epochs: range, step: int, stop: StopFlag) -> None:
     """The members' training loop; after each epoch the members' files and the parent's checkpoint."""
     tc, device = cfg.trainer, data.train.x.device
-    template, params, buffers, optimizer, schedule = (stack.template, stack.params, stack.buffers, stack.optimizer,
-                                                      stack.schedule)
-    reg, decay, constrained = stack.reg, stack.decay, stack.constrained
-    train_forward, eval_forward = stack.train_forward, stack.eval_forward
     for epoch in epochs:
         active = [k for k, m in enumerate(members) if m.stopped is None]
         if not active:
             break
         began = time.perf_counter()
-        template.train()
+        stack.template.train()
         orders = torch.stack([torch.randperm(len(data.train), generator=m.shuffle) for m in members]).to(device)
         sums = torch.zeros(len(members), device=device)
         correct = torch.zeros(len(members), device=device)
@@ -184,80 +178,92 @@ def _epochs(cfg: RunConfig, data, members: list[Member], stack: Stack, early: Ea
             xb, yb = data.train.x[idx], data.train.y[idx]
             if members[0].augment is not None:
                 xb = torch.stack([m.augment(x, step) for m, x in zip(members, xb)])
-            stopped = [k for k in range(len(members)) if k not in active]
-            kept_buffers = {n: b[stopped].clone() for n, b in buffers.items()} if stopped else {}  # batch norm's
-            logits = train_forward(params, buffers, xb)  # (K, B, classes); each member's batch-norm statistics
-            losses = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none").view(len(members), -1).mean(1)
-            finite = torch.isfinite(losses)
-            if not bool(finite[active].all()):  # one device sync a step, as a single run's loss.item()
-                for k in active:
-                    if not bool(finite[k]):
-                        _diverge(members[k], step, f"the training loss is {losses[k].item()}")
-                active = [k for k in active if members[k].stopped is None]
-            objective = torch.where(finite, losses, torch.zeros_like(losses)).sum()  # each member's loss
-            if reg.l1 or reg.l2:  # each member's penalty on its own weights: the sum keeps them apart
-                weights = [params[n] for n in decay]
-                objective = objective + reg.l1 * sum(w.abs().sum() for w in weights) \
-                    + reg.l2 * sum(w.pow(2).sum() for w in weights)
-            optimizer.zero_grad(set_to_none=True)
-            objective.backward()
-            _clip(params, tc.clip_value, tc.clip_norm, len(members))
-            frozen = [k for k in range(len(members)) if k not in active]
-            kept = {n: p.detach()[frozen].clone() for n, p in params.items()} if frozen else {}
-            scale = _rate_scales(stack, device)
-            before = {n: p.detach().clone() for n, p in params.items()} if scale is not None else {}
-            optimizer.step()
-            with torch.no_grad():
-                for n, old in before.items():  # each member's update at its own rate
-                    params[n].copy_(old + scale.reshape(-1, *[1] * (old.ndim - 1)) * (params[n] - old))
-                if reg.max_norm is not None:
-                    for name in constrained:
-                        w = params[name]  # (K, out, in, ...): each unit's (filter's) incoming weights
-                        norms = w.flatten(2).norm(dim=2).reshape(*w.shape[:2], *[1] * (w.ndim - 2))
-                        w.mul_((reg.max_norm / norms.clamp_min(1e-12)).clamp(max=1.0))
-                for n, old in kept.items():  # stopped members keep their weights ...
-                    params[n][frozen] = old
-                for n, old in kept_buffers.items():  # ... and their running statistics
-                    buffers[n][stopped] = old
-            schedule.after_step()
-            sums += torch.where(finite, losses.detach(), torch.zeros_like(losses)) * len(yb[0])
-            correct += (logits.detach().argmax(2) == yb).sum(1)
+            logits, losses, active = _step(cfg, members, stack, active, xb, yb, step)
+            sums += losses * len(yb[0])
+            correct += (logits.argmax(2) == yb).sum(1)
             seen += len(yb[0])
             if stop.signum:  # the last epoch's checkpoint is where a resume goes on from
                 log.warning("stopped by %s during epoch %d: checkpoints/last.pt goes on from the start of this "
                             "epoch (trainer.resume=auto)", signal.Signals(stop.signum).name, epoch)
                 raise Interrupted(stop.signum)
-        template.eval()
-        val_loss, val_acc = _evaluate(eval_forward, params, buffers, data.val, tc.eval_batch_size)
-        lr = optimizer.param_groups[0]["lr"]
+        stack.template.eval()
+        val_loss, val_acc = _evaluate(stack.eval_forward, stack.params, stack.buffers, data.val, tc.eval_batch_size)
+        lr = stack.optimizer.param_groups[0]["lr"]
         for k in active:
-            m = members[k]
             record = {"epoch": epoch, "step": step, "train/loss": (sums[k] / seen).item(),
                       "train/acc": (correct[k] / seen).item(), "val/loss": val_loss[k], "val/acc": val_acc[k],
                       "lr": stack.rates[k].lr if stack.rates else lr,
                       "time/epoch_s": (time.perf_counter() - began) / len(active)}  # its share
-            if not math.isfinite(val_loss[k]):
-                _diverge(m, step, f"the validation loss is {val_loss[k]}")
-                continue
-            improved = early.end_epoch(m.state, record)
-            m.state.epoch, m.state.step = epoch, step
-            m.state.history.append(record)
-            m.run.append_metrics(record)
-            weights = {n: p[k].detach().clone() for n, p in params.items()}
-            if improved:
-                m.best_weights = weights
-            _save((m.run.best, m.run.last) if improved else (m.run.last,), weights, buffers, k, cfg, m.seed, data)
-            if (reason := early.reason(m.state)) is not None:
-                m.stopped = reason
-            if stack.rates:
-                stack.rates[k].observe(record)
-        schedule.end_epoch({})
-        _checkpoint(parent, cfg, epoch, step, params, buffers, optimizer, schedule, stack.rates, members)
+            _end_epoch(cfg, data, members[k], k, stack, early, record)
+        stack.schedule.end_epoch({})
+        _checkpoint(parent, cfg, epoch, step, stack, members)
         accs = [members[k].state.history[-1]["val/acc"] for k in active if members[k].state.history]
         log.info("epoch %d/%d  %d members training  val/acc %s", epoch, tc.epochs, len(active),
                  " ".join(f"{a:.4f}" for a in accs))
         if stop.signum:
             raise Interrupted(stop.signum)
+
+
+def _step(cfg: RunConfig, members: list[Member], stack: Stack, active: list[int], xb: torch.Tensor, yb: torch.Tensor,
+          step: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """One update of every member on its own batch (K, B, ...): forward, each member's loss and
+    penalty, backward, clipping, the optimizer step at each member's rate, max-norm. Stopped members
+    keep their weights and batch-norm statistics. Returns (logits, each member's loss with 0 for a
+    non-finite one, the members still training)."""
+    params, buffers, reg, k = stack.params, stack.buffers, stack.reg, len(members)
+    stopped = [i for i in range(k) if i not in active]
+    kept_buffers = {n: b[stopped].clone() for n, b in buffers.items()} if stopped else {}  # batch norm's
+    logits = stack.train_forward(params, buffers, xb)  # (K, B, classes); each member's batch-norm statistics
+    losses = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none").view(k, -1).mean(1)
+    finite = torch.isfinite(losses)
+    if not bool(finite[active].all()):  # one device sync a step, as a single run's loss.item()
+        for i in active:
+            if not bool(finite[i]):
+                _diverge(members[i], step, f"the training loss is {losses[i].item()}")
+        active = [i for i in active if members[i].stopped is None]
+    losses = torch.where(finite, losses, torch.zeros_like(losses))
+    objective = losses.sum()  # each member's loss: the sum keeps their gradients apart
+    penalty = reg.penalty_on([params[n] for n in stack.decay])
+    stack.optimizer.zero_grad(set_to_none=True)
+    (objective if penalty is None else objective + penalty).backward()
+    _clip(params, cfg.trainer.clip_value, cfg.trainer.clip_norm, k)
+    frozen = [i for i in range(k) if i not in active]
+    kept = {n: p.detach()[frozen].clone() for n, p in params.items()} if frozen else {}
+    scale = _rate_scales(stack, xb.device)
+    before = {n: p.detach().clone() for n, p in params.items()} if scale is not None else {}
+    stack.optimizer.step()
+    with torch.no_grad():
+        for n, old in before.items():  # each member's update at its own rate
+            params[n].copy_(old + scale.reshape(-1, *[1] * (old.ndim - 1)) * (params[n] - old))
+        if reg.max_norm is not None:
+            for name in stack.constrained:
+                cap_norms_(params[name], reg.max_norm, stacked=1)
+        for n, old in kept.items():  # stopped members keep their weights ...
+            params[n][frozen] = old
+        for n, old in kept_buffers.items():  # ... and their running statistics
+            buffers[n][stopped] = old
+    stack.schedule.after_step()
+    return logits.detach(), losses.detach(), active
+
+
+def _end_epoch(cfg: RunConfig, data, m: Member, k: int, stack: Stack, early: EarlyStopping,
+               record: dict[str, Any]) -> None:
+    """Member k's epoch: its record, early stopping, its files and checkpoints, its rate."""
+    if not math.isfinite(record["val/loss"]):
+        _diverge(m, record["step"], f"the validation loss is {record['val/loss']}")
+        return
+    improved = early.end_epoch(m.state, record)
+    m.state.epoch, m.state.step = record["epoch"], record["step"]
+    m.state.history.append(record)
+    m.run.append_metrics(record)
+    weights = {n: p[k].detach().clone() for n, p in stack.params.items()}
+    if improved:
+        m.best_weights = weights
+    _save((m.run.best, m.run.last) if improved else (m.run.last,), weights, stack.buffers, k, cfg, m.seed, data)
+    if (reason := early.reason(m.state)) is not None:
+        m.stopped = reason
+    if stack.rates:
+        stack.rates[k].observe(record)
 
 
 def _rate_scales(stack: Stack, device: torch.device) -> torch.Tensor | None:
@@ -269,11 +275,12 @@ def _rate_scales(stack: Stack, device: torch.device) -> torch.Tensor | None:
     return None if all(s == 1.0 for s in scales) else torch.tensor(scales, device=device)
 
 
-def _checkpoint(parent: RunDir, cfg: RunConfig, epoch: int, step: int, params, buffers, optimizer, schedule, rates,
-                members: list[Member]) -> None:
+def _checkpoint(parent: RunDir, cfg: RunConfig, epoch: int, step: int, stack: Stack, members: list[Member]) -> None:
     """Everything the members' training goes on from, as plain data (read with weights_only=True)."""
-    state = {"model": {n: p.detach() for n, p in params.items()}, "config": cfg.raw, "buffers": dict(buffers),
-             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "epoch": epoch, "step": step,
+    rates = stack.rates
+    state = {"model": {n: p.detach() for n, p in stack.params.items()}, "config": cfg.raw,
+             "buffers": dict(stack.buffers), "optimizer": stack.optimizer.state_dict(),
+             "schedule": stack.schedule.state_dict(), "epoch": epoch, "step": step,
              "rng": {"torch": torch.get_rng_state(),
                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
              "members": [{"seed": m.seed, "trainer": m.state.to_dict(), "shuffle": m.shuffle.get_state(),

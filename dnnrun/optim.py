@@ -61,22 +61,25 @@ def parse(raw, key: str, problems: Problems) -> Choice | None:
     return choice
 
 
-def param_groups(model: nn.Module, reused: Collection[str] = ()) -> list[dict]:
+def param_groups(model: nn.Module, reused: Collection[str] = (), tensors: dict | None = None) -> list[dict]:
     """Weight decay applies to weight matrices only, never to biases or normalization parameters.
     Parameters reused from a transfer source get groups of their own (marked "reused"), so that
     their learning rate can be scaled apart. Frozen parameters stay in: they get no gradient, so
-    the optimizer leaves them alone until they are unfrozen."""
+    the optimizer leaves them alone until they are unfrozen. `tensors` (members.py: the members'
+    stacked weights, by the model's names) are optimized in place of the model's own parameters,
+    grouped as the model's are."""
     groups = []
     for is_reused in (False, True):
         for decay in (True, False):
-            params = [p for n, p in model.named_parameters()
+            params = [tensors[n] if tensors is not None else p for n, p in model.named_parameters()
                       if (n in reused) == is_reused and is_weight_matrix(p) == decay]
             if params:
                 groups.append({"params": params, "reused": is_reused, **({} if decay else {"weight_decay": 0.0})})
     return groups
 
 
-def build(choice: Choice, model: nn.Module, reused: Collection[str] = ()) -> torch.optim.Optimizer:
+def build(choice: Choice, model: nn.Module, reused: Collection[str] = (), tensors: dict | None = None
+          ) -> torch.optim.Optimizer:
     import torch
 
-    return getattr(torch.optim, OPTIMIZERS[choice.name].cls)(param_groups(model, reused), **choice.params)
+    return getattr(torch.optim, OPTIMIZERS[choice.name].cls)(param_groups(model, reused, tensors), **choice.params)

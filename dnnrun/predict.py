@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dnnrun import checkpoint, evaluate, model as model_mod, regularizers, runtime
+from dnnrun import checkpoint, evaluate, model as model_mod, runtime
 from dnnrun.config import RunConfig, parse_run_config
 from dnnrun.data import Preprocess
 from dnnrun.errors import ConfigError, DataError, UserError
@@ -120,8 +120,7 @@ def build(cfg: RunConfig, preprocess: Preprocess, state: dict[str, torch.Tensor]
     shape = preprocess.shape
     inputs = model_mod.Inputs(features=math.prod(shape), classes=len(preprocess.class_names),
                               shape=shape if len(shape) == 3 else None, resize=cfg.data.resize)
-    layers = model_mod.Layers(act=cfg.act, norm=cfg.norm, init=cfg.init, reg=regularizers.combine(cfg.regularizer))
-    return model_mod.build(model_mod.fitting_config(cfg.model, state), inputs, layers)
+    return runtime.build_for(cfg, inputs, model_mod.fitting_config(cfg.model, state))[0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -90,11 +90,15 @@ class Regularization:
 
     def penalty(self, model: nn.Module) -> torch.Tensor | None:
         """The loss term added in training: l1 * sum |w| + l2 * sum w^2 over the weight matrices."""
+        return self.penalty_on(weight_matrices(model)) if self.l1 or self.l2 else None
+
+    def penalty_on(self, weights: list[torch.Tensor]) -> torch.Tensor | None:
+        """penalty() of these weight matrices (members.py: each stacked over the members, whose
+        penalties the sum keeps apart)."""
         if not (self.l1 or self.l2):
             return None
         import torch
 
-        weights = weight_matrices(model)
         total = torch.zeros((), device=weights[0].device)
         if self.l1:
             total = total + self.l1 * sum(w.abs().sum() for w in weights)
@@ -110,10 +114,16 @@ class Regularization:
 
         with torch.no_grad():
             for layer in affine_layers(model):
-                w = layer.weight  # (out, in, *kernel): w[i] is unit or filter i's incoming weights
-                if w.requires_grad:  # frozen layers stay as they are
-                    norms = w.reshape(len(w), -1).norm(dim=1).reshape(-1, *[1] * (w.ndim - 1))
-                    w.mul_((self.max_norm / norms.clamp_min(1e-12)).clamp(max=1.0))
+                if layer.weight.requires_grad:  # frozen layers stay as they are
+                    cap_norms_(layer.weight, self.max_norm)
+
+
+def cap_norms_(w: torch.Tensor, max_value: float, stacked: int = 0) -> None:
+    """Rescale each unit's (conv filter's) incoming weights to norm <= max_value, in place. `w` is
+    (out, in, *kernel), after `stacked` leading axes of copies (members.py: one, the members)."""
+    units = stacked + 1
+    norms = w.flatten(units).norm(dim=units).reshape(*w.shape[:units], *[1] * (w.ndim - units))
+    w.mul_((max_value / norms.clamp_min(1e-12)).clamp(max=1.0))
 
 
 def parse(raw: Any, key: str, problems: Problems) -> list[Choice] | None:

@@ -149,9 +149,15 @@ def inputs_of(data: Data, resize: int | None = None) -> model_mod.Inputs:
 def build_model(cfg: RunConfig, data: Data, model_cfg=None) -> tuple[model_mod.Network, regularizers.Regularization]:
     """The model the config describes, for this data (`model_cfg` replaces cfg.model: the widths of
     a checkpoint or a transfer source), and the regularization its training step applies."""
+    return build_for(cfg, inputs_of(data, cfg.data.resize), model_cfg)
+
+
+def build_for(cfg: RunConfig, inputs: model_mod.Inputs, model_cfg=None) -> tuple[model_mod.Network,
+                                                                                   regularizers.Regularization]:
+    """build_model for inputs described without their data (predict.py: from a checkpoint)."""
     reg = regularizers.combine(cfg.regularizer)
     layers = model_mod.Layers(act=cfg.act, norm=cfg.norm, init=cfg.init, reg=reg)
-    return model_mod.build(model_cfg or cfg.model, inputs_of(data, cfg.data.resize), layers), reg
+    return model_mod.build(model_cfg or cfg.model, inputs, layers), reg
 
 
 SLOW_LAYERS = 1000  # layers beyond which a step runs so many kernels one after another that a warning is due
