@@ -30,6 +30,7 @@ with the reason, config.py): pretraining, transfer and model=zoo, torchrun.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import signal
@@ -50,7 +51,7 @@ from dnnrun.early_stopping import EarlyStopping
 from dnnrun.errors import Interrupted, UserError
 from dnnrun.init import affine_layers
 from dnnrun.regularizers import cap_norms_, is_weight_matrix
-from dnnrun.rundir import RunDir, atomic_write, now
+from dnnrun.rundir import RunDir, now
 from dnnrun.schedules import SCHEDULES, Schedule
 from dnnrun.schema import Choice
 from dnnrun.signals import StopFlag
@@ -71,7 +72,7 @@ class Member:
     augment: Augment | None
     stopped: str | None = None  # why it stopped updating (early stopping, divergence)
     diverged_at: int | None = None
-    best_weights: dict[str, torch.Tensor] | None = None
+    best_weights: dict[str, torch.Tensor] | None = None  # its weights and buffers at its best epoch
 
 
 @dataclasses.dataclass
@@ -105,13 +106,16 @@ def run(cfg: RunConfig, run_dir: str | Path, on_start: Callable[[], None] | None
     if tc.threads is not None:
         torch.set_num_threads(tc.threads)
     data = runtime.load_data(cfg.data, cfg.model, device)
+    with torch.device("meta"):  # the architecture that functional_call runs with each member's weights
+        template, reg = runtime.build_model(cfg, data)
+    if (too_big := runtime.memory_problem(template, cfg, device, data.shape, len(tc.seeds))) is not None:
+        raise UserError(too_big)
     models = []
     for seed in tc.seeds:  # each initialized as a single run with that seed initializes its model
         runtime.seed_everything(seed, tc.deterministic)
         models.append(runtime.build_model(cfg, data)[0].to(device))
-    template, reg = runtime.build_model(cfg, data)
-    template = template.to("meta")  # the architecture that functional_call runs with each member's weights
     params, buffers = torch.func.stack_module_state(models)
+    params = {n: _grad_layout(p) for n, p in params.items()}
     decay = {n for n, p in models[0].named_parameters() if is_weight_matrix(p)}  # as a single run decides
     affine = {id(m) for m in affine_layers(models[0])}
     constrained = [f"{name}.weight" for name, m in models[0].named_modules() if id(m) in affine]
@@ -194,7 +198,7 @@ def _epochs(cfg: RunConfig, data, members: list[Member], stack: Stack, early: Ea
                       "train/acc": (correct[k] / seen).item(), "val/loss": val_loss[k], "val/acc": val_acc[k],
                       "lr": stack.rates[k].lr if stack.rates else lr,
                       "time/epoch_s": (time.perf_counter() - began) / len(active)}  # its share
-            _end_epoch(cfg, data, members[k], k, stack, early, record)
+            _end_epoch(members[k], k, stack, early, record)
         stack.schedule.end_epoch({})
         _checkpoint(parent, cfg, epoch, step, stack, members)
         accs = [members[k].state.history[-1]["val/acc"] for k in active if members[k].state.history]
@@ -246,24 +250,30 @@ def _step(cfg: RunConfig, members: list[Member], stack: Stack, active: list[int]
     return logits.detach(), losses.detach(), active
 
 
-def _end_epoch(cfg: RunConfig, data, m: Member, k: int, stack: Stack, early: EarlyStopping,
-               record: dict[str, Any]) -> None:
-    """Member k's epoch: its record, early stopping, its files and checkpoints, its rate."""
+def _end_epoch(m: Member, k: int, stack: Stack, early: EarlyStopping, record: dict[str, Any]) -> None:
+    """Member k's epoch: its record, early stopping, its best weights (its checkpoints are written
+    when the run ends; the parent's checkpoint holds them meanwhile), its rate."""
     if not math.isfinite(record["val/loss"]):
         _diverge(m, record["step"], f"the validation loss is {record['val/loss']}")
         return
     improved = early.end_epoch(m.state, record)
     m.state.epoch, m.state.step = record["epoch"], record["step"]
     m.state.history.append(record)
-    m.run.append_metrics(record)
-    weights = {n: p[k].detach().clone() for n, p in stack.params.items()}
+    m.run.append_metrics(record, durable=False)  # the parent's checkpoint is the durable record
     if improved:
-        m.best_weights = weights
-    _save((m.run.best, m.run.last) if improved else (m.run.last,), weights, stack.buffers, k, cfg, m.seed, data)
+        m.best_weights = _weights(stack.params, stack.buffers, k)
     if (reason := early.reason(m.state)) is not None:
         m.stopped = reason
     if stack.rates:
         stack.rates[k].observe(record)
+
+
+def _grad_layout(p: torch.Tensor) -> torch.Tensor:
+    """A stacked weight matrix (K, out, in) laid out as the gradient vmap's batched matmul gives it
+    (each member's matrix column-major), so that backward neither copies nor transposes it."""
+    if p.ndim != 3:
+        return p
+    return p.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(p.requires_grad)
 
 
 def _rate_scales(stack: Stack, device: torch.device) -> torch.Tensor | None:
@@ -283,11 +293,17 @@ def _checkpoint(parent: RunDir, cfg: RunConfig, epoch: int, step: int, stack: St
              "schedule": stack.schedule.state_dict(), "epoch": epoch, "step": step,
              "rng": {"torch": torch.get_rng_state(),
                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-             "members": [{"seed": m.seed, "trainer": m.state.to_dict(), "shuffle": m.shuffle.get_state(),
+             "members": [{"seed": m.seed, "trainer": _trainer_entry(m.state), "shuffle": m.shuffle.get_state(),
                           "stopped": m.stopped, "diverged_at": m.diverged_at, "best": m.best_weights,
                           "rate": rates[k].state_dict() if rates else None}
                          for k, m in enumerate(members)]}
     checkpoint.save(parent.last, state)
+
+
+def _trainer_entry(state: TrainState) -> dict[str, Any]:
+    """A member's counters, its history as one JSON text: the history of 16 members is thousands
+    of numbers, each pickled on its own otherwise (the bulk of the checkpoint's time)."""
+    return {**state.to_dict(), "history": json.dumps(state.history)}
 
 
 def _resumable(cfg: RunConfig, parent: RunDir, device: torch.device) -> dict[str, Any] | None:
@@ -325,7 +341,7 @@ def _restore(ckpt: dict[str, Any], params, buffers, optimizer, schedule, rates, 
     for k, (m, saved) in enumerate(zip(members, ckpt["members"])):
         if rates:
             rates[k].load_state_dict(saved["rate"])
-        m.state = TrainState.from_dict(saved["trainer"])
+        m.state = TrainState.from_dict({**saved["trainer"], "history": json.loads(saved["trainer"]["history"])})
         m.shuffle.set_state(saved["shuffle"].cpu())
         m.stopped, m.diverged_at, m.best_weights = saved["stopped"], saved["diverged_at"], saved["best"]
     torch.set_rng_state(ckpt["rng"]["torch"].cpu())
@@ -370,15 +386,16 @@ def _logits(forward, params, buffers, x: torch.Tensor, batch_size: int) -> torch
                      dim=1)
 
 
-def _save(paths: tuple[Path, ...], weights: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], k: int,
-          cfg: RunConfig, seed: int, data) -> None:
-    """A member's weights as a single run's checkpoint holds them (weights only: what evaluate,
-    predict, transfer and export read), serialized once for best.pt and last.pt."""
-    state = {**weights, **{n: b[k] for n, b in buffers.items()}}
-    blob = checkpoint.serialize({"model": state, "config": member_config(cfg.raw, seed),
-                                 "inputs": data.preprocess.to_dict() if data.preprocess else None})
-    for path in paths:
-        atomic_write(path, lambda f: f.write(blob))
+def _weights(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """Member k's weights and buffers as a single run's state_dict holds them (contiguous copies)."""
+    return {n: t[k].detach().contiguous() for n, t in {**params, **buffers}.items()}
+
+
+def _save(path: Path, state: dict[str, torch.Tensor], cfg: RunConfig, seed: int, data) -> None:
+    """A member's checkpoint as a single run's holds its weights (weights only: what evaluate,
+    predict, transfer and export read)."""
+    checkpoint.save(path, {"model": state, "config": member_config(cfg.raw, seed),
+                           "inputs": data.preprocess.to_dict() if data.preprocess else None})
 
 
 def member_config(raw: dict[str, Any], seed: int) -> dict[str, Any]:
@@ -394,9 +411,13 @@ def _finish(cfg: RunConfig, parent: RunDir, members: list[Member], params, buffe
     tc = cfg.trainer
     with torch.no_grad():
         for k, m in enumerate(members):
-            if tc.restore_best and m.best_weights is not None:
-                for n, p in params.items():
-                    p[k] = m.best_weights[n]
+            _save(m.run.last, _weights(params, buffers, k), cfg, m.seed, data)
+            if m.best_weights is not None:
+                _save(m.run.best, m.best_weights, cfg, m.seed, data)
+                if tc.restore_best:
+                    for n, t in {**params, **buffers}.items():
+                        if n in m.best_weights:
+                            t[k] = m.best_weights[n]
     logits = _logits(forward, params, buffers, data.test.x, tc.eval_batch_size)  # (K, N, classes)
     probs, y = logits.softmax(2), data.test.y
     summaries = []

@@ -330,8 +330,8 @@ class RunDir:
     def read_metrics(self) -> list[dict]:
         return read_jsonl(self.metrics)
 
-    def append_metrics(self, record: dict) -> None:
-        append_jsonl(self.metrics, record)
+    def append_metrics(self, record: dict, durable: bool = True) -> None:
+        append_jsonl(self.metrics, record, durable)
 
     def rewrite_metrics(self, records: list[dict]) -> None:
         """On resume: exactly the epochs of the checkpoint the run continues from."""

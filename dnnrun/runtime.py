@@ -32,6 +32,28 @@ def warm_up() -> None:
     1-3 s on 2 cores). Done once per process before a run's clock starts, so that the first job of
     a sweep is timed like the others."""
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    keep_freed_memory()
+
+
+# glibc's mallopt parameters (malloc.h): M_TRIM_THRESHOLD, M_MMAP_THRESHOLD
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory() -> None:
+    """Tensors of up to 32 MB that a training step frees and allocates again (a stack of members'
+    gradients: 15 MB each) reuse the process's memory instead of fresh pages from the kernel,
+    whose first touch costs as much as the matmul that fills them (2 ms for 15 MB on 2 cores).
+    glibc returns such blocks to the kernel by default; this raises its thresholds, as
+    torch.backends.xeon.run_cpu does by preloading another allocator. Linux with glibc only."""
+    import ctypes
+    import ctypes.util
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # glibc's largest
+        libc.mallopt(_M_TRIM_THRESHOLD, 512 << 20)  # freed memory kept for reuse, up to this much at the top
 
 
 def resolve_device(name: str) -> torch.device:
@@ -164,13 +186,13 @@ SLOW_LAYERS = 1000  # layers beyond which a step runs so many kernels one after 
 
 
 def memory_problem(model: torch.nn.Module, cfg: RunConfig, device: torch.device,
-                   example: tuple[int, ...] | None = None) -> str | None:
+                   example: tuple[int, ...] | None = None, members: int = 1) -> str | None:
     """Whether the model, built on the meta device (no memory), can train on `device`: its
     weights, gradients and optimizer state (optim.OPTIMIZERS' `state`) and the activations of a
     batch, in float32, against the memory free there. None when it fits or the free memory is
     unknown (MPS); a warning is logged when its depth makes every step very slow. A conv net's
     activations (their size depends on the maps') are measured by a pass of one `example`
-    shape (C, H, W) on the meta device."""
+    shape (C, H, W) on the meta device. With `members` (trainer.seeds), that many models train at once."""
     from dnnrun import optim
 
     params = sum(p.numel() for p in model.parameters())
@@ -179,17 +201,19 @@ def memory_problem(model: torch.nn.Module, cfg: RunConfig, device: torch.device,
     values = _output_values(model, example) if example is not None and has_conv(model) else None  # one example's
     if values is None:  # linear, norm, activation and dropout outputs kept for the backward pass
         values = 4 * sum(m.weight.shape[0] for m in affine)
-    needed = 4 * (params * (2 + optim.OPTIMIZERS[cfg.optimizer.name].state) + batch * values)
+    needed = 4 * members * (params * (2 + optim.OPTIMIZERS[cfg.optimizer.name].state) + batch * values)
     if len(affine) > SLOW_LAYERS:
         log.warning("the model has %s layers: every step runs them one after another (forward and backward), "
                     "which takes long whatever their width", f"{len(affine):,}")
     free = free_memory(device)
     if free is None or needed <= free:
         return None
-    return (f"the model needs about {needed / 2**30:,.1f} GiB to train ({params:,} parameters: weights, gradients "
+    which = f"{members} members of the model need" if members > 1 else "the model needs"
+    fewer = " or list fewer trainer.seeds" if members > 1 else ""
+    return (f"{which} about {needed / 2**30:,.1f} GiB to train ({params:,} parameters: weights, gradients "
             f"and {cfg.optimizer.name}'s state, plus a batch's activations, in float32) and {device_name(device)} "
-            f"has {free / 2**30:,.1f} GiB free; make it smaller ({_SIZES.get(cfg.model.name, 'model.*')}) or lower "
-            f"trainer.batch_size and trainer.eval_batch_size")
+            f"has {free / 2**30:,.1f} GiB free; make it smaller ({_SIZES.get(cfg.model.name, 'model.*')}), lower "
+            f"trainer.batch_size and trainer.eval_batch_size{fewer}")
 
 
 _SIZES = {"mlp": "model.hidden, model.depth, model.width", "cnn": "model.channels, model.head, data.resize",

@@ -37,9 +37,11 @@ class TrainState:
     def to_dict(self) -> dict[str, Any]:
         """A checkpoint's `trainer` entry: plain data and tensors (weights_only-safe); `progress`
         only in a checkpoint written in the middle of an epoch."""
-        entry = dataclasses.asdict(self)
-        if entry["progress"] is None:
+        entry = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # shallow: saved at once
+        if self.progress is None:
             del entry["progress"]
+        else:
+            entry["progress"] = dataclasses.asdict(self.progress)
         return entry
 
     @classmethod

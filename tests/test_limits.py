@@ -36,6 +36,28 @@ def test_the_estimate_counts_weights_gradients_optimizer_state_and_a_batch(monke
     assert runtime.memory_problem(_meta_model(cfg), cfg, CPU) is None
 
 
+def test_members_need_that_many_models_memory_and_are_refused_before_any_write(monkeypatch, tmp_path: Path):
+    from dnnrun import members
+    from dnnrun.errors import UserError
+
+    cfg = make_config("trainer.seeds=[0,1,2,3]", data="digits")
+    single = make_config(data="digits")
+    data = runtime.load_data(cfg.data, cfg.model, CPU)
+    with torch.device("meta"):
+        model = runtime.build_model(cfg, data)[0]
+    low, needed = 0, 2**40  # halved down to the least memory one model fits in
+    while low < needed:
+        mid = (low + needed) // 2
+        monkeypatch.setattr(runtime, "free_memory", lambda device, m=mid: m)
+        low, needed = (low, mid) if runtime.memory_problem(model, single, CPU, data.shape) is None else (mid + 1, needed)
+    monkeypatch.setattr(runtime, "free_memory", lambda device: 4 * needed)
+    assert runtime.memory_problem(model, cfg, CPU, data.shape, members=4) is None
+    monkeypatch.setattr(runtime, "free_memory", lambda device: 4 * needed - 1)
+    with pytest.raises(UserError, match=r"4 members of the model need about .* or list fewer trainer.seeds"):
+        members.run(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_very_deep_model_gets_a_warning_with_its_depth(monkeypatch, caplog):
     monkeypatch.setattr(runtime, "SLOW_LAYERS", 5)
     cfg = make_config("model.depth=6", "model.width=4")

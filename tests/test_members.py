@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ import torch
 import dnnrun
 from conftest import make_config, run_cli
 from dnnrun import members, report, train
-from dnnrun.errors import ConfigError, UserError
+from dnnrun.errors import ConfigError, Interrupted, UserError
 from dnnrun.rundir import read_jsonl
 
 
@@ -77,7 +79,7 @@ def test_a_diverging_member_stops_and_the_others_go_on(tmp_path: Path, monkeypat
     def poisoned(cfg, data, model_cfg=None):
         model, reg = original(cfg, data, model_cfg)
         built.append(model)
-        if len(built) == 2:  # the second member's model
+        if len(built) == 3:  # the second member's model (the first build is the architecture, on meta)
             with torch.no_grad():
                 model.output.weight.fill_(float("inf"))
         return model, reg
@@ -132,10 +134,11 @@ def _same(a: Path, b: Path) -> bool:
     return ma == mb and all(torch.equal(x[n], y[n]) for x, y in zip(wa, wb) for n in x)
 
 
-def test_members_stopped_mid_epoch_resume_to_the_same_members(tmp_path: Path, monkeypatch):
+def test_members_stopped_mid_epoch_or_by_sigterm_resume_to_the_same_members(tmp_path: Path, monkeypatch):
     """A crash in the second epoch (as kill -9 leaves the files: the first epoch's checkpoint, the
     second half done), then trainer.resume=auto: bit-identical members, dropout masks and shuffles
-    included (the random streams are in the checkpoint)."""
+    included (the random streams are in the checkpoint). The same after SIGTERM in the second
+    epoch: the step under way ends, the process stops with the signal, the resume redoes the epoch."""
     args = ["trainer.seeds=[0,1]", "trainer.epochs=3", "trainer.batch_size=16", "regularizer=[dropout]"]
     members.run(make_config(*args, data="digits"), tmp_path / "straight")
     vmap, made = torch.func.vmap, []
@@ -165,6 +168,26 @@ def test_members_stopped_mid_epoch_resume_to_the_same_members(tmp_path: Path, mo
     assert _same(tmp_path / "killed", tmp_path / "straight")
     with pytest.raises(UserError, match="already holds a checkpoint"):  # without trainer.resume: never overwritten
         members.run(make_config(*args, data="digits"), tmp_path / "killed")
+
+    def terminating_vmap(function, *a, **kw):  # SIGTERM arrives during a step of the second epoch
+        batched = vmap(function, *a, **kw)
+        calls = []
+
+        def forward(*inputs):
+            calls.append(1)
+            if len(calls) == crash_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return batched(*inputs)
+
+        return forward
+
+    monkeypatch.setattr(torch.func, "vmap", terminating_vmap)
+    with pytest.raises(Interrupted) as stopped:
+        members.run(make_config(*args, data="digits"), tmp_path / "stopped")
+    monkeypatch.setattr(torch.func, "vmap", vmap)
+    assert stopped.value.signum == signal.SIGTERM and (tmp_path / "stopped" / "checkpoints" / "last.pt").exists()
+    members.run(make_config(*args, "trainer.resume=auto", data="digits"), tmp_path / "stopped")
+    assert _same(tmp_path / "stopped", tmp_path / "straight")
 
 
 def test_performance_scheduling_cuts_each_members_rate_on_its_own_plateaus(tmp_path: Path):
