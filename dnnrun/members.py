@@ -12,14 +12,17 @@ max-norm, early stopping (a stopped member keeps its weights), divergence (a mem
 not finite is recorded as diverged and stops; the others go on).
 
     members/seed_N/   metrics.jsonl, summary.json (with its diagnosis), checkpoints/best.pt and
-                      last.pt (weights, config with trainer.seed=N, preprocessing): what
-                      dnnrun-report, mode=evaluate, mode=predict, transfer and dnnrun-export read
+                      last.pt (weights, config with trainer.seed=N, preprocessing; written when the
+                      run ends): what dnnrun-report, mode=evaluate, mode=predict, transfer and
+                      dnnrun-export read
     summary.json      the members' metrics as mean and std, and the deep ensemble's test accuracy
                       and NLL (the members' probabilities averaged)
     checkpoints/last.pt  after each epoch: everything the members' training goes on from
                       (trainer.resume=auto), written atomically. SIGINT/SIGTERM stop after the step
                       under way; a resume redoes that epoch from its start, exactly.
 
+The stacked weight matrices are laid out as the batched matmul's gradients come (each member's
+matrix column-major, _grad_layout), so that no step copies and transposes them.
 Batch norm keeps each member's running statistics in its slice of the stacked buffers.
 schedule=performance reduces each member's rate on its own plateaus: the shared optimizer steps at
 the base rate and each member's update is scaled by its rate over it (the update of every
@@ -102,6 +105,7 @@ def run(cfg: RunConfig, run_dir: str | Path, on_start: Callable[[], None] | None
     """Train the members of trainer.seeds; write their run directories and the aggregate. What can
     refuse the run (the device, the data) is checked before `on_start` and any write."""
     tc, parent = cfg.trainer, RunDir(run_dir)
+    runtime.warm_up()
     device = runtime.resolve_device(tc.device)
     if tc.threads is not None:
         torch.set_num_threads(tc.threads)
@@ -130,7 +134,7 @@ def run(cfg: RunConfig, run_dir: str | Path, on_start: Callable[[], None] | None
         schedule = Schedule(cfg.schedule, optimizer, steps, tc.epochs)
 
     def forward(p, b, x):
-        return torch.func.functional_call(template, (p, b), (x,))
+        return torch.func.functional_call(template, (p, b), (x,), tie_weights=False)  # none are tied
 
     train_forward = torch.func.vmap(forward, randomness="different")  # own dropout masks per member
     eval_forward = torch.func.vmap(forward, in_dims=(0, 0, None))
@@ -220,7 +224,7 @@ def _step(cfg: RunConfig, members: list[Member], stack: Stack, active: list[int]
     logits = stack.train_forward(params, buffers, xb)  # (K, B, classes); each member's batch-norm statistics
     losses = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none").view(k, -1).mean(1)
     finite = torch.isfinite(losses)
-    if not bool(finite[active].all()):  # one device sync a step, as a single run's loss.item()
+    if not bool(finite.all()) and not bool(finite[active].all()):  # a device sync a step, as a single run's loss.item()
         for i in active:
             if not bool(finite[i]):
                 _diverge(members[i], step, f"the training loss is {losses[i].item()}")
