@@ -50,6 +50,7 @@ from rich.table import Table
 from dnnrun import checkpoint, diagnosis, optim, runtime
 from dnnrun.augment import Augment
 from dnnrun.console import console
+from dnnrun.data import Split
 from dnnrun.early_stopping import EarlyStopping
 from dnnrun.errors import Interrupted, UserError
 from dnnrun.init import affine_layers
@@ -59,6 +60,7 @@ from dnnrun.schedules import SCHEDULES, Schedule
 from dnnrun.schema import Choice
 from dnnrun.signals import StopFlag
 from dnnrun.state import TrainState
+from dnnrun.train import train_eval_subset
 
 if TYPE_CHECKING:
     from dnnrun.config import RunConfig
@@ -94,6 +96,7 @@ class Stack:
     constrained: list[str]  # the affine layers' weights: max-norm
     train_forward: Callable
     eval_forward: Callable
+    train_eval: Split | None  # trainer.eval_train's subset of the training set (train.train_eval_subset)
 
 
 def steps_per_epoch(cfg: RunConfig, n: int) -> int:
@@ -159,7 +162,7 @@ def run(cfg: RunConfig, run_dir: str | Path, on_start: Callable[[], None] | None
              ",".join(map(str, tc.seeds)), runtime.device_name(device))
     log.info("%s", cfg.options())
     stack = Stack(template, params, buffers, optimizer, schedule, rates, reg, decay, constrained, train_forward,
-                  eval_forward)
+                  eval_forward, train_eval_subset(cfg, data.train, models[0]))
     started, stop = time.perf_counter(), StopFlag(deferring=True)
     with stop.installed():
         _epochs(cfg, data, members, stack, early, parent, range(first, tc.epochs + 1), step, stop)
@@ -194,14 +197,7 @@ def _epochs(cfg: RunConfig, data, members: list[Member], stack: Stack, early: Ea
                 log.warning("stopped by %s during epoch %d: checkpoints/last.pt goes on from the start of this "
                             "epoch (trainer.resume=auto)", signal.Signals(stop.signum).name, epoch)
                 raise Interrupted(stop.signum)
-        stack.template.eval()
-        val_loss, val_acc = _evaluate(stack.eval_forward, stack.params, stack.buffers, data.val, tc.eval_batch_size)
-        lr = stack.optimizer.param_groups[0]["lr"]
-        for k in active:
-            record = {"epoch": epoch, "step": step, "train/loss": (sums[k] / seen).item(),
-                      "train/acc": (correct[k] / seen).item(), "val/loss": val_loss[k], "val/acc": val_acc[k],
-                      "lr": stack.rates[k].lr if stack.rates else lr,
-                      "time/epoch_s": (time.perf_counter() - began) / len(active)}  # its share
+        for k, record in _records(cfg, data, stack, active, epoch, step, sums / seen, correct / seen, began).items():
             _end_epoch(members[k], k, stack, early, record)
         stack.schedule.end_epoch({})
         _checkpoint(parent, cfg, epoch, step, stack, members)
@@ -210,6 +206,26 @@ def _epochs(cfg: RunConfig, data, members: list[Member], stack: Stack, early: Ea
                  " ".join(f"{a:.4f}" for a in accs))
         if stop.signum:
             raise Interrupted(stop.signum)
+
+
+def _records(cfg: RunConfig, data, stack: Stack, active: list[int], epoch: int, step: int, losses: torch.Tensor,
+             accs: torch.Tensor, began: float) -> dict[int, dict[str, Any]]:
+    """The training members' metrics.jsonl records of an epoch, as a single run's: validation, and
+    with trainer.eval_train the training subset, in evaluation mode (times: each member's share)."""
+    tc = cfg.trainer
+    stack.template.eval()
+    val_loss, val_acc = _evaluate(stack.eval_forward, stack.params, stack.buffers, data.val, tc.eval_batch_size)
+    epoch_s = (time.perf_counter() - began) / len(active)
+    extra: list[dict[str, float]] = [{} for _ in range(len(losses))]
+    if stack.train_eval is not None:  # after the epoch's clock, as a single run's
+        started = time.perf_counter()
+        loss, acc = _evaluate(stack.eval_forward, stack.params, stack.buffers, stack.train_eval, tc.eval_batch_size)
+        share = (time.perf_counter() - started) / len(active)
+        extra = [{"train_eval/loss": a, "train_eval/acc": b, "time/eval_train_s": share} for a, b in zip(loss, acc)]
+    lr = stack.optimizer.param_groups[0]["lr"]
+    return {k: {"epoch": epoch, "step": step, "train/loss": losses[k].item(), "train/acc": accs[k].item(),
+                "val/loss": val_loss[k], "val/acc": val_acc[k], "lr": stack.rates[k].lr if stack.rates else lr,
+                "time/epoch_s": epoch_s, **extra[k]} for k in active}
 
 
 def _step(cfg: RunConfig, members: list[Member], stack: Stack, active: list[int], xb: torch.Tensor, yb: torch.Tensor,

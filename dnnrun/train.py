@@ -166,7 +166,7 @@ class Trainer:
         self.bar = EpochBar(tc.progress, tc.epochs)
         self.augment = Augment(cfg.data.augment, tc.seed) if cfg.data.augment else None
         self.probe = self.data.val.x[:512]  # a fixed batch for the activation snapshots
-        self.train_eval = self._train_eval_subset()
+        self.train_eval = train_eval_subset(cfg, self.data.train, self.model)
         if start.checkpoint is not None:
             self.state = self.checkpoints.restore(start.checkpoint, start.resume_from)
             self.snapshots = run_dir.read_activations()
@@ -208,20 +208,6 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             module = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         return runtime.Compiled(module) if self.cfg.trainer.compile else module
-
-    def _train_eval_subset(self) -> Split | None:
-        """trainer.eval_train: a fixed random subset of the training set (the same every epoch and
-        after a resume), evaluated like the validation split; None when off. auto: when dropout or
-        batch norm make the running training figures incomparable with validation's."""
-        tc, train = self.cfg.trainer, self.data.train
-        on = tc.eval_train
-        if on == "auto":
-            on = any(isinstance(m, DROPOUTS) or is_batch_norm(m) for m in self.model.modules())
-        if not on:
-            return None
-        pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.cfg.data.split_seed + 2))
-        idx = pick[: tc.eval_train_size].to(train.x.device)
-        return Split(train.x[idx], train.y[idx])
 
     def _record_start(self) -> None:
         data = self.data
@@ -455,6 +441,20 @@ class Trainer:
         print_diagnosis(found)
         log.info("run directory: %s", self.run_dir)
         return summary
+
+
+def train_eval_subset(cfg: RunConfig, train: Split, model: nn.Module) -> Split | None:
+    """trainer.eval_train: a fixed random subset of the training set (the same every epoch, after a
+    resume and for every seed), evaluated like the validation split; None when off. auto: when
+    dropout or batch norm make the running training figures incomparable with validation's."""
+    on = cfg.trainer.eval_train
+    if on == "auto":
+        on = any(isinstance(m, DROPOUTS) or is_batch_norm(m) for m in model.modules())
+    if not on:
+        return None
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.data.split_seed + 2))
+    idx = pick[: cfg.trainer.eval_train_size].to(train.x.device)
+    return Split(train.x[idx], train.y[idx])
 
 
 def clip_gradients(params, clip_value: float | None, clip_norm: float | None) -> torch.Tensor | None:

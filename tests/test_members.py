@@ -30,7 +30,8 @@ def test_each_member_follows_the_separate_run_of_its_seed(tmp_path: Path):
         mine = read_jsonl(tmp_path / "together" / "members" / f"seed_{seed}" / "metrics.jsonl")
         theirs = read_jsonl(tmp_path / f"seed{seed}" / "metrics.jsonl")
         for a, b in zip(mine, theirs, strict=True):
-            for key in ("train/loss", "val/loss", "val/acc"):
+            assert a.keys() == b.keys()  # batch norm: train_eval/* too (trainer.eval_train=auto)
+            for key in ("train/loss", "val/loss", "val/acc", "train_eval/loss", "train_eval/acc"):
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (seed, a["epoch"], key)
         member = json.loads((tmp_path / "together" / "members" / f"seed_{seed}" / "summary.json").read_text())
         assert member["test"]["test/acc"] == pytest.approx(single["test"]["test/acc"], abs=1e-9)
