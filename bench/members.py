@@ -6,9 +6,11 @@ both whole runs as `dnnrun` makes them (data, models, every epoch, validation, c
 summaries; no plots, no per-layer diagnostics), for two models: the digits default (64-300-100-10)
 and the Fashion-MNIST-shaped 784-300-100-10 MLP on synthetic data of that shape, at batch 32 and 256.
 Prints seconds and the speed-up (sequential / members). Targets on 2 CPU cores: 16 members of the
-digits default >= 4x, the 784-300-100 MLP at batch 32 >= 2x.
+digits default >= 4x, the 784-300-100 MLP at batch 32 >= 2x. Then the ceiling of any batched
+implementation, measured alike: the same members' training steps alone, in a hand-written batched
+loop (plain_batched), and sequential / that.
 
-    python bench/members.py [--repeats 2] [--epochs 3] [--members 1 4 16]
+    python bench/members.py [--repeats 2] [--epochs 3] [--members 1 4 16] [--setups digits b32 b256]
 """
 
 from __future__ import annotations
