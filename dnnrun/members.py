@@ -408,7 +408,7 @@ def _logits(forward, params, buffers, x: torch.Tensor, batch_size: int) -> torch
 
 def _weights(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
     """Member k's weights and buffers as a single run's state_dict holds them (contiguous copies)."""
-    return {n: t[k].detach().contiguous() for n, t in {**params, **buffers}.items()}
+    return {n: t[k].detach().clone(memory_format=torch.contiguous_format) for n, t in {**params, **buffers}.items()}
 
 
 def _save(path: Path, state: dict[str, torch.Tensor], cfg: RunConfig, seed: int, data) -> None:

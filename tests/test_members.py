@@ -21,9 +21,10 @@ from dnnrun.rundir import read_jsonl
 
 def test_each_member_follows_the_separate_run_of_its_seed(tmp_path: Path):
     """Without dropout the arithmetic is a single run's: same initialization, shuffle order and
-    updates, so each member's epochs match its separate run's (to rounding: batched matmuls)."""
-    overrides = ["optimizer=adam", "trainer.epochs=3", "trainer.clip_norm=1.0", "regularizer=[l2,max_norm]",
-                 "norm=batchnorm"]  # each member's running statistics too
+    updates, so each member's epochs match its separate run's (to rounding: batched matmuls), and
+    so do its checkpoints (seed 3's best epoch is its second of three)."""
+    overrides = ["optimizer=adam", "optimizer.lr=0.003", "trainer.epochs=3", "trainer.clip_norm=1.0",
+                 "regularizer=[l2,max_norm]", "norm=batchnorm"]  # each member's running statistics too
     summary = members.run(make_config(*overrides, "trainer.seeds=[3,5]", data="digits"), tmp_path / "together")
     for seed in (3, 5):
         single = train.run(make_config(*overrides, f"trainer.seed={seed}", data="digits"), tmp_path / f"seed{seed}")
@@ -35,6 +36,13 @@ def test_each_member_follows_the_separate_run_of_its_seed(tmp_path: Path):
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (seed, a["epoch"], key)
         member = json.loads((tmp_path / "together" / "members" / f"seed_{seed}" / "summary.json").read_text())
         assert member["test"]["test/acc"] == pytest.approx(single["test"]["test/acc"], abs=1e-9)
+        for name in ("best.pt", "last.pt"):  # the best epoch's weights and batch-norm statistics, and the last's
+            mine = torch.load(tmp_path / "together" / "members" / f"seed_{seed}" / "checkpoints" / name,
+                              weights_only=True)["model"]
+            theirs = torch.load(tmp_path / f"seed{seed}" / "checkpoints" / name, weights_only=True)["model"]
+            assert mine.keys() == theirs.keys()
+            for key in mine:
+                assert torch.allclose(mine[key].float(), theirs[key].float(), rtol=1e-3, atol=1e-5), (seed, name, key)
     assert summary["aggregate"]["test/acc"]["n"] == 2 and summary["ensemble"]["members"] == 2
 
 
