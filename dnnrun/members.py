@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import logging.handlers
 import math
 import signal
 import statistics
@@ -47,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from rich.table import Table
 
-from dnnrun import checkpoint, diagnosis, optim, runtime
+from dnnrun import checkpoint, diagnosis, optim, runtime, train
 from dnnrun.augment import Augment
 from dnnrun.console import console
 from dnnrun.data import Split
@@ -60,7 +61,6 @@ from dnnrun.schedules import SCHEDULES, Schedule
 from dnnrun.schema import Choice
 from dnnrun.signals import StopFlag
 from dnnrun.state import TrainState
-from dnnrun.train import train_eval_subset
 
 if TYPE_CHECKING:
     from dnnrun.config import RunConfig
@@ -105,20 +105,54 @@ def steps_per_epoch(cfg: RunConfig, n: int) -> int:
 
 
 def run(cfg: RunConfig, run_dir: str | Path, on_start: Callable[[], None] | None = None) -> dict[str, Any]:
-    """Train the members of trainer.seeds; write their run directories and the aggregate. What can
-    refuse the run (the device, the data) is checked before `on_start` and any write."""
+    """Train the members of trainer.seeds; write their run directories, the aggregate and run.log.
+    What can refuse the run (the device, the data, the memory, the checkpoint to resume) is checked
+    before `on_start` and any write."""
     tc, parent = cfg.trainer, RunDir(run_dir)
     runtime.warm_up()
-    device = runtime.resolve_device(tc.device)
-    if tc.threads is not None:
-        torch.set_num_threads(tc.threads)
-    data = runtime.load_data(cfg.data, cfg.model, device)
+    early_log = logging.handlers.MemoryHandler(capacity=10_000, flushLevel=logging.CRITICAL + 1)  # until run.log
+    with train.logging_to(early_log):
+        device = runtime.resolve_device(tc.device)
+        if tc.threads is not None:
+            torch.set_num_threads(tc.threads)
+        data = runtime.load_data(cfg.data, cfg.model, device)
+        stack = _stack(cfg, data, device)
+        members = [Member(seed, RunDir(parent.path / "members" / f"seed_{seed}"), TrainState(),
+                          torch.Generator().manual_seed(seed),
+                          Augment(cfg.data.augment, seed) if cfg.data.augment else None) for seed in tc.seeds]
+        resumed = _resumable(cfg, parent, device)
+    parent.path.mkdir(parents=True, exist_ok=True)
+    if on_start is not None:
+        on_start()
+    with train.run_log(parent, early_log):
+        for stale in parent.remove_stale_temporaries():
+            log.warning("removed %s, left by a process that stopped while writing it", stale)
+        first, step = 1, 0
+        if resumed is not None:
+            first, step = _restore(resumed, stack, members) + 1, resumed["step"]
+        for m in members:
+            m.run.path.mkdir(parents=True, exist_ok=True)
+            m.run.rewrite_metrics(m.state.history)  # exactly the epochs of the checkpoint it goes on from
+        log.info("run directory: %s (%d members: trainer.seed=%s, on %s)", parent, len(members),
+                 ",".join(map(str, tc.seeds)), runtime.device_name(device))
+        log.info("%s", cfg.options())
+        started, stop = time.perf_counter(), StopFlag(deferring=True)
+        with stop.installed():
+            _epochs(cfg, data, members, stack, EarlyStopping(tc.early_stopping, tc.monitor), parent,
+                    range(first, tc.epochs + 1), step, stop)
+        return _finish(cfg, parent, members, stack, data, time.perf_counter() - started)
+
+
+def _stack(cfg: RunConfig, data, device: torch.device) -> Stack:
+    """The members' models, each initialized as a single run with its seed initializes it, stacked;
+    one optimizer and schedule over them. Refused (UserError) when they do not fit the device."""
+    tc = cfg.trainer
     with torch.device("meta"):  # the architecture that functional_call runs with each member's weights
         template, reg = runtime.build_model(cfg, data)
     if (too_big := runtime.memory_problem(template, cfg, device, data.shape, len(tc.seeds))) is not None:
         raise UserError(too_big)
     models = []
-    for seed in tc.seeds:  # each initialized as a single run with that seed initializes its model
+    for seed in tc.seeds:
         runtime.seed_everything(seed, tc.deterministic)
         models.append(runtime.build_model(cfg, data)[0].to(device))
     params, buffers = torch.func.stack_module_state(models)
@@ -139,34 +173,10 @@ def run(cfg: RunConfig, run_dir: str | Path, on_start: Callable[[], None] | None
     def forward(p, b, x):
         return torch.func.functional_call(template, (p, b), (x,), tie_weights=False)  # none are tied
 
-    train_forward = torch.func.vmap(forward, randomness="different")  # own dropout masks per member
-    eval_forward = torch.func.vmap(forward, in_dims=(0, 0, None))
-
-    members = [Member(seed, RunDir(parent.path / "members" / f"seed_{seed}"), TrainState(),
-                      torch.Generator().manual_seed(seed),
-                      Augment(cfg.data.augment, seed) if cfg.data.augment else None) for seed in tc.seeds]
-    early = EarlyStopping(tc.early_stopping, tc.monitor)
-    resumed = _resumable(cfg, parent, device)
-    parent.path.mkdir(parents=True, exist_ok=True)
-    if on_start is not None:
-        on_start()
-    for stale in parent.remove_stale_temporaries():
-        log.warning("removed %s, left by a process that stopped while writing it", stale)
-    first, step = 1, 0
-    if resumed is not None:
-        first, step = _restore(resumed, params, buffers, optimizer, schedule, rates, members) + 1, resumed["step"]
-    for m in members:
-        m.run.path.mkdir(parents=True, exist_ok=True)
-        m.run.rewrite_metrics(m.state.history)  # exactly the epochs of the checkpoint it goes on from
-    log.info("run directory: %s (%d members: trainer.seed=%s, on %s)", parent, len(members),
-             ",".join(map(str, tc.seeds)), runtime.device_name(device))
-    log.info("%s", cfg.options())
-    stack = Stack(template, params, buffers, optimizer, schedule, rates, reg, decay, constrained, train_forward,
-                  eval_forward, train_eval_subset(cfg, data.train, models[0]))
-    started, stop = time.perf_counter(), StopFlag(deferring=True)
-    with stop.installed():
-        _epochs(cfg, data, members, stack, early, parent, range(first, tc.epochs + 1), step, stop)
-    return _finish(cfg, parent, members, params, buffers, eval_forward, data, time.perf_counter() - started)
+    return Stack(template, params, buffers, optimizer, schedule, rates, reg, decay, constrained,
+                 train_forward=torch.func.vmap(forward, randomness="different"),  # own dropout masks per member
+                 eval_forward=torch.func.vmap(forward, in_dims=(0, 0, None)),
+                 train_eval=train.train_eval_subset(cfg, data.train, models[0]))
 
 
 def _epochs(cfg: RunConfig, data, members: list[Member], stack: Stack, early: EarlyStopping, parent: RunDir,
@@ -348,19 +358,19 @@ def _resumable(cfg: RunConfig, parent: RunDir, device: torch.device) -> dict[str
     return ckpt
 
 
-def _restore(ckpt: dict[str, Any], params, buffers, optimizer, schedule, rates, members: list[Member]) -> int:
+def _restore(ckpt: dict[str, Any], stack: Stack, members: list[Member]) -> int:
     """Put the checkpoint back: weights, optimizer, schedule, each member's counters, history,
     shuffle and best weights, the random streams. Returns the epoch it ended."""
     with torch.no_grad():
-        for n, p in params.items():
+        for n, p in stack.params.items():
             p.copy_(ckpt["model"][n])
-        for n, b in buffers.items():
+        for n, b in stack.buffers.items():
             b.copy_(ckpt["buffers"][n])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    schedule.load_state_dict(ckpt["schedule"])
+    stack.optimizer.load_state_dict(ckpt["optimizer"])
+    stack.schedule.load_state_dict(ckpt["schedule"])
     for k, (m, saved) in enumerate(zip(members, ckpt["members"])):
-        if rates:
-            rates[k].load_state_dict(saved["rate"])
+        if stack.rates:
+            stack.rates[k].load_state_dict(saved["rate"])
         m.state = TrainState.from_dict({**saved["trainer"], "history": json.loads(saved["trainer"]["history"])})
         m.shuffle.set_state(saved["shuffle"].cpu())
         m.stopped, m.diverged_at, m.best_weights = saved["stopped"], saved["diverged_at"], saved["best"]
@@ -424,11 +434,10 @@ def member_config(raw: dict[str, Any], seed: int) -> dict[str, Any]:
     return {**raw, "trainer": trainer}
 
 
-def _finish(cfg: RunConfig, parent: RunDir, members: list[Member], params, buffers, forward, data,
-            wall: float) -> dict[str, Any]:
-    """Each member tested with its best weights (trainer.restore_best) and summarized; the
-    aggregate and the ensemble in the parent's summary."""
-    tc = cfg.trainer
+def _finish(cfg: RunConfig, parent: RunDir, members: list[Member], stack: Stack, data, wall: float) -> dict[str, Any]:
+    """Each member's checkpoints; each tested with its best weights (trainer.restore_best) and
+    summarized; the aggregate and the ensemble in the parent's summary."""
+    tc, params, buffers = cfg.trainer, stack.params, stack.buffers
     with torch.no_grad():
         for k, m in enumerate(members):
             _save(m.run.last, _weights(params, buffers, k), cfg, m.seed, data)
@@ -438,7 +447,7 @@ def _finish(cfg: RunConfig, parent: RunDir, members: list[Member], params, buffe
                     for n, t in {**params, **buffers}.items():
                         if n in m.best_weights:
                             t[k] = m.best_weights[n]
-    logits = _logits(forward, params, buffers, data.test.x, tc.eval_batch_size)  # (K, N, classes)
+    logits = _logits(stack.eval_forward, params, buffers, data.test.x, tc.eval_batch_size)  # (K, N, classes)
     probs, y = logits.softmax(2), data.test.y
     summaries = []
     for k, m in enumerate(members):

@@ -209,11 +209,11 @@ def memory_problem(model: torch.nn.Module, cfg: RunConfig, device: torch.device,
     if free is None or needed <= free:
         return None
     which = f"{members} members of the model need" if members > 1 else "the model needs"
-    fewer = " or list fewer trainer.seeds" if members > 1 else ""
+    remedies = [f"make it smaller ({_SIZES.get(cfg.model.name, 'model.*')})",
+                "lower trainer.batch_size and trainer.eval_batch_size", *(["list fewer trainer.seeds"] * (members > 1))]
     return (f"{which} about {needed / 2**30:,.1f} GiB to train ({params:,} parameters: weights, gradients "
             f"and {cfg.optimizer.name}'s state, plus a batch's activations, in float32) and {device_name(device)} "
-            f"has {free / 2**30:,.1f} GiB free; make it smaller ({_SIZES.get(cfg.model.name, 'model.*')}), lower "
-            f"trainer.batch_size and trainer.eval_batch_size{fewer}")
+            f"has {free / 2**30:,.1f} GiB free; {', '.join(remedies[:-1])} or {remedies[-1]}")
 
 
 _SIZES = {"mlp": "model.hidden, model.depth, model.width", "cnn": "model.channels, model.head, data.resize",

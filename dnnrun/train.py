@@ -65,14 +65,14 @@ def run(cfg: RunConfig, run_dir: str | os.PathLike, on_start: Callable[[], None]
     device = runtime.resolve_device(cfg.trainer.device)
     # What the checks log before run.log exists is kept for it, and dropped if they refuse the run.
     early = logging.handlers.MemoryHandler(capacity=10_000, flushLevel=logging.CRITICAL + 1)
-    with _logging_to(early):
+    with logging_to(early):
         start = prepare(cfg, run_dir, device)
     run_dir.path.mkdir(parents=True, exist_ok=True)
     if on_start is not None:
         on_start()
     summary: dict[str, Any] = {"status": "running", "started": now(), "run_dir": str(run_dir)}
     stop = StopFlag()
-    with _recording(run_dir, summary), _run_log(run_dir, early), stop.installed():
+    with _recording(run_dir, summary), run_log(run_dir, early), stop.installed():
         trainer = Trainer(cfg, run_dir, device, start, summary, stop, hook or Hook())
         ending = None
         try:
@@ -514,7 +514,7 @@ def _recording(run_dir: RunDir, summary: dict[str, Any]):
 
 
 @contextlib.contextmanager
-def _logging_to(handler: logging.Handler):
+def logging_to(handler: logging.Handler):
     log.addHandler(handler)
     try:
         yield
@@ -523,7 +523,7 @@ def _logging_to(handler: logging.Handler):
 
 
 @contextlib.contextmanager
-def _run_log(run_dir: RunDir, early: logging.handlers.MemoryHandler):
+def run_log(run_dir: RunDir, early: logging.handlers.MemoryHandler):
     """run.log, starting with what was logged before it existed."""
     handler = logging.FileHandler(run_dir.log)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))

@@ -67,7 +67,9 @@ def test_members_leave_run_directories_the_other_commands_read(tmp_path: Path):
     parent = json.loads((run / "summary.json").read_text())
     assert parent["seeds"] == [0, 1] and set(parent["ensemble"]) == {"members", "test/acc", "test/loss"}
     assert parent["aggregate"]["test/acc"]["std"] is not None
+    assert "2 members: trainer.seed=0,1" in (run / "run.log").read_text()
     member = run / "members" / "seed_1"
+    assert "train_eval/loss" in read_jsonl(member / "metrics.jsonl")[-1]  # dropout: trainer.eval_train=auto
     model = dnnrun.load(member)  # mode=predict, evaluate, transfer and export read it as a single run's
     assert model.config.trainer.seed == 1 and model.config.trainer.seeds is None
     result = run_cli("mode=evaluate", f"evaluate.checkpoint={member / 'checkpoints' / 'best.pt'}",
