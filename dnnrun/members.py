@@ -222,6 +222,8 @@ def _records(cfg: RunConfig, data, stack: Stack, active: list[int], epoch: int, 
              accs: torch.Tensor, began: float) -> dict[int, dict[str, Any]]:
     """The training members' metrics.jsonl records of an epoch, as a single run's: validation, and
     with trainer.eval_train the training subset, in evaluation mode (times: each member's share)."""
+    if not active:  # every member diverged during this epoch
+        return {}
     tc = cfg.trainer
     stack.template.eval()
     val_loss, val_acc = _evaluate(stack.eval_forward, stack.params, stack.buffers, data.val, tc.eval_batch_size)
@@ -371,7 +373,9 @@ def _restore(ckpt: dict[str, Any], stack: Stack, members: list[Member]) -> int:
     for k, (m, saved) in enumerate(zip(members, ckpt["members"])):
         if stack.rates:
             stack.rates[k].load_state_dict(saved["rate"])
-        m.state = TrainState.from_dict({**saved["trainer"], "history": json.loads(saved["trainer"]["history"])})
+        history = saved["trainer"]["history"]  # JSON text (a list in checkpoints before it)
+        m.state = TrainState.from_dict({**saved["trainer"], "history": json.loads(history) if isinstance(history, str)
+                                        else history})
         m.shuffle.set_state(saved["shuffle"].cpu())
         m.stopped, m.diverged_at, m.best_weights = saved["stopped"], saved["diverged_at"], saved["best"]
     torch.set_rng_state(ckpt["rng"]["torch"].cpu())

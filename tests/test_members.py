@@ -109,6 +109,13 @@ def test_a_diverging_member_stops_and_the_others_go_on(tmp_path: Path, monkeypat
         [r["val/loss"] for r in alone], rel=1e-4)
 
 
+def test_when_every_member_diverges_the_run_says_so(tmp_path: Path):
+    with pytest.raises(UserError, match="every member diverged: training diverged at step"):
+        members.run(make_config("trainer.seeds=[0,1]", "trainer.epochs=2", "optimizer.lr=1e6", data="digits"),
+                    tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "diverged"
+
+
 def test_a_members_sweep_is_reported_as_mean_and_std_over_the_members(tmp_path: Path):
     sweep = tmp_path / "sweep"
     result = run_cli("-m", "act=relu,elu", "trainer.seeds=[0,1,2]", "trainer.epochs=2", f"hydra.sweep.dir={sweep}",
