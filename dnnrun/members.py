@@ -393,9 +393,8 @@ def _diverge(member: Member, step: int, what: str) -> None:
 def _clip(params: dict[str, torch.Tensor], clip_value: float | None, clip_norm: float | None, k: int) -> None:
     """train.clip_gradients for each member on its own: by value, then by its own global norm."""
     grads = [p.grad for p in params.values() if p.grad is not None]
-    if clip_value is not None:
-        for g in grads:
-            g.clamp_(-clip_value, clip_value)
+    if clip_value is not None:  # elementwise: the same for stacked members
+        torch.nn.utils.clip_grad_value_(params.values(), clip_value)
     if clip_norm is not None:
         norms = torch.stack([g.reshape(k, -1).pow(2).sum(1) for g in grads]).sum(0).sqrt()  # (K,)
         factor = (clip_norm / (norms + 1e-6)).clamp(max=1.0)
@@ -492,7 +491,7 @@ def _finish(cfg: RunConfig, parent: RunDir, members: list[Member], stack: Stack,
                "test": {"test/acc": aggregate["test/acc"]["mean"], "test/loss": aggregate["test/loss"]["mean"]},
                "wall_time_s": wall, "versions": runtime.versions()}
     parent.write_summary(summary)
-    console.print(_table(summaries, ensemble))
+    console.print(_table(summaries, aggregate, ensemble))
     log.info("run directory: %s (members under members/)", parent)
     if not healthy:
         raise UserError(f"every member diverged: {', '.join(s['diagnosis'][0] for s in summaries)}")
@@ -504,7 +503,7 @@ def _mean_std(values: list[float]) -> dict[str, float | None]:
             "std": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)}
 
 
-def _table(summaries: list[dict[str, Any]], ensemble: dict[str, Any]) -> Table:
+def _table(summaries: list[dict[str, Any]], aggregate: dict[str, Any], ensemble: dict[str, Any]) -> Table:
     table = Table(title=f"dnnrun: {len(summaries)} members", title_justify="left")
     for column in ("seed", "status", "best epoch", "val/loss", "test/acc", "test/loss"):
         table.add_column(column, justify="right")
@@ -512,11 +511,10 @@ def _table(summaries: list[dict[str, Any]], ensemble: dict[str, Any]) -> Table:
         test = s["test"] or {}
         table.add_row(str(s["seed"]), s["status"], str(s["best"].get("epoch", "-")),
                       _fmt(s["best"].get("val/loss")), _fmt(test.get("test/acc")), _fmt(test.get("test/loss")))
-    accs = [s["test"]["test/acc"] for s in summaries if s["test"]]
-    losses = [s["test"]["test/loss"] for s in summaries if s["test"]]
-    if len(accs) > 1:
-        table.add_row("mean ± std", "", "", "", f"{statistics.fmean(accs):.4f} ± {statistics.stdev(accs):.4f}",
-                      f"{statistics.fmean(losses):.4f} ± {statistics.stdev(losses):.4f}")
+    acc, loss = aggregate["test/acc"], aggregate["test/loss"]
+    if acc["n"] > 1:
+        table.add_row("mean ± std", "", "", "", f"{acc['mean']:.4f} ± {acc['std']:.4f}",
+                      f"{loss['mean']:.4f} ± {loss['std']:.4f}")
     table.add_row("ensemble", "", "", "", _fmt(ensemble["test/acc"]), _fmt(ensemble["test/loss"]))
     return table
 

@@ -37,8 +37,8 @@ def test_each_member_follows_the_separate_run_of_its_seed(tmp_path: Path):
         member = json.loads((tmp_path / "together" / "members" / f"seed_{seed}" / "summary.json").read_text())
         assert member["test"]["test/acc"] == pytest.approx(single["test"]["test/acc"], abs=1e-9)
         for name in ("best.pt", "last.pt"):  # the best epoch's weights and batch-norm statistics, and the last's
-            mine = torch.load(tmp_path / "together" / "members" / f"seed_{seed}" / "checkpoints" / name,
-                              weights_only=True)["model"]
+            own = tmp_path / "together" / "members" / f"seed_{seed}" / "checkpoints" / name
+            mine = torch.load(own, weights_only=True)["model"]
             theirs = torch.load(tmp_path / f"seed{seed}" / "checkpoints" / name, weights_only=True)["model"]
             assert mine.keys() == theirs.keys()
             for key in mine:
