@@ -25,13 +25,13 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from throughput import timed
 
-from dnnrun import runtime, train
 from dnnrun.cli import CONFIG_DIR
-from dnnrun.config import parse_run_config
-from dnnrun.data import Data, Split
-from dnnrun.faults import Hook
-from dnnrun.rundir import RunDir
-from dnnrun.signals import StopFlag
+from dnnrun.config.run_config import parse_run_config
+from dnnrun.data.datasets import Data, Split
+from dnnrun.store.rundir import RunDir
+from dnnrun.training import loop as train, runtime
+from dnnrun.training.faults import Hook
+from dnnrun.training.signals import StopFlag
 
 MODELS = {  # name: (preset, one image's shape)
     "cnn": ("fashion_cnn", (1, 28, 28)),
@@ -40,8 +40,15 @@ MODELS = {  # name: (preset, one image's shape)
 
 
 def config(model: str, device: torch.device):
-    overrides = [f"experiment={MODELS[model][0]}", "data.augment=[]", "trainer.epochs=1", "trainer.progress=false",
-                 "trainer.diagnostics.every=0", "trainer.diagnostics.plots=false", f"trainer.device={device}"]
+    overrides = [
+        f"experiment={MODELS[model][0]}",
+        "data.augment=[]",
+        "trainer.epochs=1",
+        "trainer.progress=false",
+        "trainer.diagnostics.every=0",
+        "trainer.diagnostics.plots=false",
+        f"trainer.device={device}",
+    ]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return parse_run_config(OmegaConf.to_container(compose("config", overrides=overrides), resolve=True))
 
@@ -53,9 +60,13 @@ def prepared(cfg, data: Data, device: torch.device):
     last = runtime.channels_last(cfg.trainer.channels_last, device, net)
     net.to(device, memory_format=torch.channels_last if last else torch.preserve_format).train()
     p = cfg.optimizer.params
-    opt = torch.optim.SGD(net.parameters(), lr=p.get("lr", 0.01), momentum=p.get("momentum", 0.0),
-                          nesterov=p.get("nesterov", False)) if cfg.optimizer.name == "sgd" else \
-        torch.optim.Adam(net.parameters(), lr=p.get("lr", 1e-3))
+    opt = (
+        torch.optim.SGD(
+            net.parameters(), lr=p.get("lr", 0.01), momentum=p.get("momentum", 0.0), nesterov=p.get("nesterov", False)
+        )
+        if cfg.optimizer.name == "sgd"
+        else torch.optim.Adam(net.parameters(), lr=p.get("lr", 1e-3))
+    )
     autocast, _ = runtime.mixed_precision(cfg.trainer.amp, device, conv=True)
     return net, opt, autocast, last
 
@@ -70,7 +81,9 @@ def step(net, opt, autocast, last: bool, xb: torch.Tensor, yb: torch.Tensor) -> 
     opt.step()
 
 
-def one_epoch(kind: str, model: str, data: Data, host: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> float:
+def one_epoch(
+    kind: str, model: str, data: Data, host: tuple[torch.Tensor, torch.Tensor], device: torch.device
+) -> float:
     cfg = config(model, device)
     batch = cfg.trainer.batch_size
     if kind == "dnnrun":
@@ -79,18 +92,22 @@ def one_epoch(kind: str, model: str, data: Data, host: tuple[torch.Tensor, torch
             return timed(trainer.fit)
     net, opt, autocast, last = prepared(cfg, data, device)
     if kind == "plain":  # index slices of the device tensors, as dnnrun takes them
+
         def epoch():
             order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(1)).to(device)
             for i in range(0, len(order), batch):
                 idx = order[i : i + batch]
                 step(net, opt, autocast, last, data.train.x[idx], data.train.y[idx])
+
         return timed(epoch)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*host), batch_size=batch, shuffle=True,
-                                         pin_memory=device.type == "cuda")
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(*host), batch_size=batch, shuffle=True, pin_memory=device.type == "cuda"
+    )
 
     def epoch():
         for xb, yb in loader:
             step(net, opt, autocast, last, xb.to(device, non_blocking=True), yb.to(device, non_blocking=True))
+
     return timed(epoch)
 
 
@@ -103,10 +120,14 @@ def main() -> None:
     args = parser.parse_args()
     device = runtime.resolve_device(args.device)
     runtime.warm_up()
-    print(f"device {runtime.device_name(device)}, {args.samples} examples, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
-    print(f"{'model':>7} {'plain s/epoch':>14} {'DataLoader s':>13} {'dnnrun s/epoch':>15} {'dnnrun/plain':>13} "
-          f"{'dnnrun/DataLoader':>18}")
+    print(
+        f"device {runtime.device_name(device)}, {args.samples} examples, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    print(
+        f"{'model':>7} {'plain s/epoch':>14} {'DataLoader s':>13} {'dnnrun s/epoch':>15} {'dnnrun/plain':>13} "
+        f"{'dnnrun/DataLoader':>18}"
+    )
     kinds = ("plain", "dataloader", "dnnrun")
     for model in args.models:
         shape = MODELS[model][1]

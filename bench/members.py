@@ -25,25 +25,40 @@ import time
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from dnnrun import members, runtime, train
 from dnnrun.cli import CONFIG_DIR
-from dnnrun.config import parse_run_config
+from dnnrun.config.run_config import parse_run_config
+from dnnrun.training import loop as train, members, runtime
 
 SETUPS = {  # name: overrides
     "digits 64-300-100-10, batch 32": ["data=digits", "trainer.batch_size=32"],
-    "784-300-100-10, batch 32": ["data=synthetic", "data.n_samples=12000", "data.n_features=784", "data.n_classes=10",
-                                 "trainer.batch_size=32"],
-    "784-300-100-10, batch 256": ["data=synthetic", "data.n_samples=12000", "data.n_features=784",
-                                  "data.n_classes=10", "trainer.batch_size=256"],
+    "784-300-100-10, batch 32": [
+        "data=synthetic",
+        "data.n_samples=12000",
+        "data.n_features=784",
+        "data.n_classes=10",
+        "trainer.batch_size=32",
+    ],
+    "784-300-100-10, batch 256": [
+        "data=synthetic",
+        "data.n_samples=12000",
+        "data.n_features=784",
+        "data.n_classes=10",
+        "trainer.batch_size=256",
+    ],
 }
 
 
 def config(overrides: list[str]):
-    common = ["trainer.progress=false", "trainer.diagnostics.every=0", "trainer.diagnostics.plots=false",
-              "trainer.device=cpu"]
+    common = [
+        "trainer.progress=false",
+        "trainer.diagnostics.every=0",
+        "trainer.diagnostics.plots=false",
+        "trainer.device=cpu",
+    ]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return parse_run_config(OmegaConf.to_container(compose("config", overrides=[*overrides, *common]),
-                                                       resolve=True))
+        return parse_run_config(
+            OmegaConf.to_container(compose("config", overrides=[*overrides, *common]), resolve=True)
+        )
 
 
 def sequential(overrides: list[str], k: int) -> float:
@@ -83,7 +98,7 @@ def plain_batched(overrides: list[str], k: int) -> float:
     for _ in range(cfg.trainer.epochs):
         orders = torch.stack([torch.randperm(len(y)) for _ in range(k)])
         for b in range(members.steps_per_epoch(cfg, len(y))):
-            idx = orders[:, b * batch:(b + 1) * batch]
+            idx = orders[:, b * batch : (b + 1) * batch]
             h = x[idx]
             for i, (w, bias) in enumerate(zip(weights, biases)):
                 h = torch.baddbmm(bias, h, w)
@@ -100,8 +115,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--members", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--setups", nargs="+", choices=["digits", "b32", "b256"], default=["digits", "b32", "b256"],
-                        help="which setups: the digits default, the 784-300-100 MLP at batch 32, at batch 256")
+    parser.add_argument(
+        "--setups",
+        nargs="+",
+        choices=["digits", "b32", "b256"],
+        default=["digits", "b32", "b256"],
+        help="which setups: the digits default, the 784-300-100 MLP at batch 32, at batch 256",
+    )
     args = parser.parse_args()
     import logging
 
@@ -109,10 +129,14 @@ def main() -> None:
     runtime.warm_up()
     import torch
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.epochs} epochs a run, "
-          f"best of {args.repeats}")
-    print(f"{'setup':<32} {'K':>3} {'sequential s':>13} {'members s':>10} {'speed-up':>9} {'plain batched s':>16} "
-          f"{'ceiling':>8}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.epochs} epochs a run, "
+        f"best of {args.repeats}"
+    )
+    print(
+        f"{'setup':<32} {'K':>3} {'sequential s':>13} {'members s':>10} {'speed-up':>9} {'plain batched s':>16} "
+        f"{'ceiling':>8}"
+    )
     for (name, overrides), short in zip(SETUPS.items(), ("digits", "b32", "b256")):
         if short not in args.setups:
             continue
@@ -123,8 +147,10 @@ def main() -> None:
                 seq.append(sequential(overrides, k))
                 tog.append(together(overrides, k))
                 plain.append(plain_batched(overrides, k))
-            print(f"{name:<32} {k:>3} {min(seq):>13.2f} {min(tog):>10.2f} {min(seq) / min(tog):>9.2f} "
-                  f"{min(plain):>16.2f} {min(seq) / min(plain):>8.2f}")
+            print(
+                f"{name:<32} {k:>3} {min(seq):>13.2f} {min(tog):>10.2f} {min(seq) / min(tog):>9.2f} "
+                f"{min(plain):>16.2f} {min(seq) / min(plain):>8.2f}"
+            )
 
 
 if __name__ == "__main__":

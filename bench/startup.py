@@ -64,8 +64,11 @@ def timed(command: list[str], cwd: Path, expect: int = 0) -> float:
 
 def training_time(outputs: Path) -> float:
     """The epochs' own time, summed over every run under `outputs`."""
-    return sum(json.loads(line).get("time/epoch_s", 0.0)
-               for path in outputs.rglob("metrics.jsonl") for line in path.read_text().splitlines())
+    return sum(
+        json.loads(line).get("time/epoch_s", 0.0)
+        for path in outputs.rglob("metrics.jsonl")
+        for line in path.read_text().splitlines()
+    )
 
 
 def fresh(root: Path, name: str) -> Path:
@@ -116,8 +119,9 @@ def main() -> None:
             where = fresh(root, "c")
             ten.append(timed([*DNNRUN, "-m", f"trainer.seed={seeds}"], where) - training_time(where / "outputs"))
             hydra_one.append(timed([sys.executable, str(app), "-m", "trainer.seed=0", no_report], fresh(root, "c")))
-            hydra_ten.append(timed([sys.executable, str(app), "-m", f"trainer.seed={seeds}", no_report],
-                                   fresh(root, "c")))
+            hydra_ten.append(
+                timed([sys.executable, str(app), "-m", f"trainer.seed={seeds}", no_report], fresh(root, "c"))
+            )
         per_job = (best(ten) - best(one)) / (SEEDS - 1)
         hydra_per_job = (best(hydra_ten) - best(hydra_one)) / (SEEDS - 1)
     finally:
@@ -128,20 +132,29 @@ def main() -> None:
     print(f"(a) python -c 'import hydra'          {best(hydra_s):6.3f} s")
     print(f"    Hydra composing dnnrun's config     {best(compose_s):6.3f} s")
     typo, key, hydra = best(typo_s), best(key_s), best(hydra_s)
-    print(f"    dnnrun optimizer=adamm (a typo)     {typo:6.3f} s   {typo / hydra:.2f}x import hydra"
-          f" (target <= 1.5), {typo / best(compose_s):.2f}x Hydra composing")
-    print(f"    dnnrun trainer.epochz=3 (a key)     {key:6.3f} s   {key / hydra:.2f}x import hydra, "
-          f"{key / best(compose_s):.2f}x Hydra composing")
+    print(
+        f"    dnnrun optimizer=adamm (a typo)     {typo:6.3f} s   {typo / hydra:.2f}x import hydra"
+        f" (target <= 1.5), {typo / best(compose_s):.2f}x Hydra composing"
+    )
+    print(
+        f"    dnnrun trainer.epochz=3 (a key)     {key:6.3f} s   {key / hydra:.2f}x import hydra, "
+        f"{key / best(compose_s):.2f}x Hydra composing"
+    )
     print(f"(b) import torch + torch.optim.SGD      {best(floor_s):6.3f} s")
     print(f"    + dnnrun's training (metrics.jsonl) {run_train:6.3f} s   = floor {floor:.3f} s")
-    print(f"    dnnrun (digits, 20 epochs, plots)   {run_wall:6.3f} s   "
-          f"{run_wall / floor:.2f}x the floor (target <= 1.5)")
+    print(
+        f"    dnnrun (digits, 20 epochs, plots)   {run_wall:6.3f} s   {run_wall / floor:.2f}x the floor (target <= 1.5)"
+    )
     print(f"(c) 1-job multirun beyond training      {best(one):6.3f} s")
-    print(f"    {SEEDS}-job multirun beyond training     {best(ten):6.3f} s   "
-          f"{per_job * 1000:.0f} ms a job after the first (target <= 150)")
-    print(f"    Hydra alone, the same sweeps        {best(hydra_one):6.3f} s / {best(hydra_ten):.3f} s   "
-          f"{hydra_per_job * 1000:.0f} ms a job after the first: dnnrun's own share "
-          f"{(per_job - hydra_per_job) * 1000:.0f} ms")
+    print(
+        f"    {SEEDS}-job multirun beyond training     {best(ten):6.3f} s   "
+        f"{per_job * 1000:.0f} ms a job after the first (target <= 150)"
+    )
+    print(
+        f"    Hydra alone, the same sweeps        {best(hydra_one):6.3f} s / {best(hydra_ten):.3f} s   "
+        f"{hydra_per_job * 1000:.0f} ms a job after the first: dnnrun's own share "
+        f"{(per_job - hydra_per_job) * 1000:.0f} ms"
+    )
 
 
 if __name__ == "__main__":

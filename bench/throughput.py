@@ -23,20 +23,27 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from dnnrun import runtime, train
 from dnnrun.cli import CONFIG_DIR
-from dnnrun.config import parse_run_config
-from dnnrun.data import Data, Split
-from dnnrun.faults import Hook
-from dnnrun.rundir import RunDir
-from dnnrun.signals import StopFlag
+from dnnrun.config.run_config import parse_run_config
+from dnnrun.data.datasets import Data, Split
+from dnnrun.store.rundir import RunDir
+from dnnrun.training import loop as train, runtime
+from dnnrun.training.faults import Hook
+from dnnrun.training.signals import StopFlag
 
 MODEL = ["model.hidden=[300,100]", "act=relu", "init=he_normal", "optimizer=sgd", "optimizer.lr=0.01"]
 
 
 def config(batch_size: int, every: int, device: torch.device):
-    overrides = [*MODEL, f"trainer.batch_size={batch_size}", "trainer.epochs=1", "trainer.progress=false",
-                 f"trainer.diagnostics.every={every}", "trainer.diagnostics.plots=false", f"trainer.device={device}"]
+    overrides = [
+        *MODEL,
+        f"trainer.batch_size={batch_size}",
+        "trainer.epochs=1",
+        "trainer.progress=false",
+        f"trainer.diagnostics.every={every}",
+        "trainer.diagnostics.plots=false",
+        f"trainer.device={device}",
+    ]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return parse_run_config(OmegaConf.to_container(compose("config", overrides=overrides), resolve=True))
 
@@ -94,7 +101,10 @@ def main() -> None:
     data = Data(Split(x, y), held, held, n_features=784, n_classes=10, shape=(1, 28, 28), unlabeled=x)
     print(f"device {device}, {args.samples} x 784, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("dnnrun: train.Trainer.fit, one epoch; +diagnostics: with per-layer statistics at the default cadence")
-    print(f"{'batch':>6} {'plain s/epoch':>14} {'dnnrun s/epoch':>15} {'ratio':>7} {'+diagnostics s':>15} {'ratio to dnnrun':>16}")
+    print(
+        f"{'batch':>6} {'plain s/epoch':>14} {'dnnrun s/epoch':>15} {'ratio':>7} "
+        f"{'+diagnostics s':>15} {'ratio to dnnrun':>16}"
+    )
     kinds = ("plain", "dnnrun", "diagnosed")
     for batch_size in args.batch_sizes:
         for kind in kinds:  # one untimed epoch each to warm up allocators and kernels
@@ -104,7 +114,10 @@ def main() -> None:
             for kind in kinds:
                 times[kind].append(one_epoch(kind, data, batch_size, device))
         plain, ours, diagnosed = (min(times[kind]) for kind in kinds)
-        print(f"{batch_size:>6} {plain:>14.3f} {ours:>15.3f} {ours / plain:>7.3f} {diagnosed:>15.3f} {diagnosed / ours:>16.3f}")
+        print(
+            f"{batch_size:>6} {plain:>14.3f} {ours:>15.3f} {ours / plain:>7.3f} "
+            f"{diagnosed:>15.3f} {diagnosed / ours:>16.3f}"
+        )
 
 
 if __name__ == "__main__":

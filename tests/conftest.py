@@ -20,7 +20,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from dnnrun.cli import CONFIG_DIR
-from dnnrun.config import RunConfig, parse_run_config
+from dnnrun.config.run_config import RunConfig, parse_run_config
 
 DNNRUN = Path(sys.executable).parent / "dnnrun"  # the console script of the environment under test
 
@@ -50,7 +50,11 @@ def make_config(*overrides: str, data: str | None = "synthetic") -> RunConfig:
 
 
 def run_cli(
-    *args: str, cwd: Path, env: dict | None = None, root_at_cwd: bool = True, process: bool = False,
+    *args: str,
+    cwd: Path,
+    env: dict | None = None,
+    root_at_cwd: bool = True,
+    process: bool = False,
     module: bool = False,
 ) -> subprocess.CompletedProcess:
     """dnnrun with these arguments in `cwd`, with the outputs root there too (tests write only
@@ -67,8 +71,9 @@ def run_cli(
     if not process:
         return _in_process([str(DNNRUN), *args], cwd, env)
     command = [sys.executable, "-m", "dnnrun"] if module else [str(DNNRUN)]
-    return subprocess.run([*command, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **env})
+    return subprocess.run(
+        [*command, *args], cwd=cwd, capture_output=True, text=True, timeout=300, env={**os.environ, **env}
+    )
 
 
 def _in_process(argv: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -154,7 +159,9 @@ def write_cifar_like(root: Path, per_batch: int = 6, n_test: int = 6) -> dict[st
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     written = {}
-    for i, name in enumerate(["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]):
+    for i, name in enumerate(
+        ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]
+    ):
         n = n_test if name == "test_batch" else per_batch
         written[name] = rng.integers(0, 256, (n, 3072)).astype(np.uint8)
         (folder / name).write_bytes(pickle.dumps({"data": written[name], "labels": [(i + j) % 10 for j in range(n)]}))

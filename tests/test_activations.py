@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import make_config
-from dnnrun import activations
 from dnnrun.cli import CONFIG_DIR
+from dnnrun.techniques import activations
 
 SELU_LAMBDA, SELU_ALPHA = 1.0507009873554805, 1.6732632423543772  # Klambauer et al. 2017
 
@@ -44,12 +44,16 @@ FORMULAS = {
     "rrelu": _leaky((1 / 8 + 1 / 3) / 2),
     "prelu": _leaky(0.25),  # its slope before training
     "elu": (lambda z: z if z > 0 else math.exp(z) - 1, lambda z: 1.0 if z > 0 else math.exp(z)),
-    "selu": (lambda z: SELU_LAMBDA * (z if z > 0 else SELU_ALPHA * (math.exp(z) - 1)),
-             lambda z: SELU_LAMBDA * (1.0 if z > 0 else SELU_ALPHA * math.exp(z))),
+    "selu": (
+        lambda z: SELU_LAMBDA * (z if z > 0 else SELU_ALPHA * (math.exp(z) - 1)),
+        lambda z: SELU_LAMBDA * (1.0 if z > 0 else SELU_ALPHA * math.exp(z)),
+    ),
     "gelu": (lambda z: z * _Phi(z), lambda z: _Phi(z) + z * _phi(z)),
     "silu": (lambda z: z * _sigmoid(z), lambda z: _sigmoid(z) * (1 + z * (1 - _sigmoid(z)))),
-    "mish": (lambda z: z * math.tanh(_softplus(z)),
-             lambda z: math.tanh(_softplus(z)) + z * (1 - math.tanh(_softplus(z)) ** 2) * _sigmoid(z)),
+    "mish": (
+        lambda z: z * math.tanh(_softplus(z)),
+        lambda z: math.tanh(_softplus(z)) + z * (1 - math.tanh(_softplus(z)) ** 2) * _sigmoid(z),
+    ),
 }
 OPTIONS = sorted(p.stem for p in (CONFIG_DIR / "act").glob("*.yaml"))
 POINTS = [-4.0, -1.5, -0.5, -0.1, 0.1, 0.5, 1.5, 4.0]

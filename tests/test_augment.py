@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_config
-from dnnrun import faults, train
-from dnnrun.augment import Augment, crop, cutout, flip
+from dnnrun.data.augment import Augment, crop, cutout, flip
 from dnnrun.errors import ConfigError, Interrupted
+from dnnrun.training import faults, loop as train
 
 IMAGES = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8) + 1  # no zeros of their own
 
@@ -32,8 +32,10 @@ def test_crop_is_a_window_of_the_zero_padded_image():
     out = crop(IMAGES.repeat(8, 1, 1, 1), _g())
     padded = F.pad(IMAGES.repeat(8, 1, 1, 1), (1, 1, 1, 1))  # an eighth of 8 pixels
     windows = [(dy, dx) for dy in range(3) for dx in range(3)]
-    offsets = [next(o for o in windows if torch.equal(out[i], padded[i, :, o[0]:o[0] + 8, o[1]:o[1] + 8]))
-               for i in range(len(out))]
+    offsets = [
+        next(o for o in windows if torch.equal(out[i], padded[i, :, o[0] : o[0] + 8, o[1] : o[1] + 8]))
+        for i in range(len(out))
+    ]
     assert len(set(offsets)) > 1  # drawn per image
 
 
@@ -58,17 +60,19 @@ def test_the_same_seed_and_step_draw_the_same():
 def test_augmentation_needs_images_and_known_names():
     with pytest.raises(ConfigError) as info:
         make_config("data.augment=[flip,flp]")  # the synthetic set: vectors, not images
-    assert info.value.problems == ["data.augment: unknown augmentation 'flp'; valid: crop, cutout, flip "
-                                   "(did you mean 'flip'?)",
-                                   "data.augment: augments images; synthetic's examples are not images"]
+    assert info.value.problems == [
+        "data.augment: unknown augmentation 'flp'; valid: crop, cutout, flip (did you mean 'flip'?)",
+        "data.augment: augments images; synthetic's examples are not images",
+    ]
 
 
 def test_only_training_batches_are_augmented(tmp_path: Path, monkeypatch):
     seen = []
     original = Augment.__call__
     monkeypatch.setattr(Augment, "__call__", lambda self, x, step: seen.append(len(x)) or original(self, x, step))
-    summary = train.run(make_config("data.augment=[crop,flip]", "trainer.epochs=1", "trainer.batch_size=128",
-                                    data="digits"), tmp_path)
+    summary = train.run(
+        make_config("data.augment=[crop,flip]", "trainer.epochs=1", "trainer.batch_size=128", data="digits"), tmp_path
+    )
     n = summary["data"]["train"]
     assert seen == [min(128, n - i) for i in range(0, n, 128)]  # each training batch once, nothing in evaluation
 

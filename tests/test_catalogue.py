@@ -12,11 +12,15 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import COMPANIONS, compose_raw, make_config, write_cifar_like, write_mnist_like
-from dnnrun import (activations, advice, data, init, loggers, model, norms, optim, pretrain, regularizers, schedules,
-                    train)
 from dnnrun.cli import CONFIG_DIR
+from dnnrun.data import datasets as data
 from dnnrun.errors import ConfigError
-from dnnrun.regularizers import combine
+from dnnrun.insight import advice, loggers
+from dnnrun.models import registry as model
+from dnnrun.optim import optimizers as optim, schedules
+from dnnrun.techniques import activations, init, norms, regularizers
+from dnnrun.techniques.regularizers import combine
+from dnnrun.training import loop as train, pretrain
 
 REGISTRIES = {
     "data": data.DATASETS,
@@ -75,13 +79,22 @@ def test_every_option_trains_a_conv_net_too(group, option, tmp_path):
     """The same groups on model=cnn (8x8 digits, two stages): norms per channel, dropout (spatial
     too), init fans over the receptive field, max-norm per filter, pretraining on images."""
     value = f"[{option}]" if group == "regularizer" else option
-    overrides = [f"{group}={value}", "model=cnn", "model.channels=[4,8]", "trainer.epochs=2", "trainer.limit_batches=4",
-                 *[c for c in COMPANIONS.get(f"{group}={option}", []) if not c.startswith("data=")]]
+    overrides = [
+        f"{group}={value}",
+        "model=cnn",
+        "model.channels=[4,8]",
+        "trainer.epochs=2",
+        "trainer.limit_batches=4",
+        *[c for c in COMPANIONS.get(f"{group}={option}", []) if not c.startswith("data=")],
+    ]
     if group == "pretrain" and option != "none":
         overrides.append("pretrain.epochs=1")
     if f"{group}={option}" in DENSE_ONLY:
-        with pytest.raises(ConfigError, match=f"pretrain={option} pretrains dense layers one by one: model=mlp only; "
-                                              "for model=cnn use pretrain=rotation or pretrain=corrupted"):
+        with pytest.raises(
+            ConfigError,
+            match=f"pretrain={option} pretrains dense layers one by one: model=mlp only; "
+            "for model=cnn use pretrain=rotation or pretrain=corrupted",
+        ):
             make_config(*overrides, data="digits")
         return
     summary = train.run(make_config(*overrides, data="digits"), tmp_path)
@@ -91,17 +104,29 @@ def test_every_option_trains_a_conv_net_too(group, option, tmp_path):
 
 # What the residual block builds itself (norms and their placement, the shortcut's norm, activations,
 # dropout after the sum); penalties and max-norm act on every conv alike: the CNN's catalogue covers them.
-RESNET_CASES = [*[f"norm={o}" for o in norms.NORMS], "norm=batchnorm norm.placement=after",
-                "norm=layernorm norm.on_inputs=true", "act=prelu", "act=selu regularizer=[alpha_dropout]",
-                "regularizer=[dropout,max_norm] regularizer.dropout.spatial=true", "pretrain=rotation"]
+RESNET_CASES = [
+    *[f"norm={o}" for o in norms.NORMS],
+    "norm=batchnorm norm.placement=after",
+    "norm=layernorm norm.on_inputs=true",
+    "act=prelu",
+    "act=selu regularizer=[alpha_dropout]",
+    "regularizer=[dropout,max_norm] regularizer.dropout.spatial=true",
+    "pretrain=rotation",
+]
 
 
 @pytest.mark.parametrize("case", RESNET_CASES)
 def test_the_groups_that_build_layers_build_a_resnet(case, tmp_path):
     """The residual blocks apply the norm (either placement, the shortcut's too), the activation
     (PReLU per channel), dropout and the constraints as the CNN's blocks do."""
-    overrides = [*case.split(), *COMPANIONS["model=resnet"][1:], "model=resnet", "trainer.epochs=2",
-                 "trainer.limit_batches=4", "pretrain.epochs=1" if "pretrain" in case else "trainer.seed=0"]
+    overrides = [
+        *case.split(),
+        *COMPANIONS["model=resnet"][1:],
+        "model=resnet",
+        "trainer.epochs=2",
+        "trainer.limit_batches=4",
+        "pretrain.epochs=1" if "pretrain" in case else "trainer.seed=0",
+    ]
     summary = train.run(make_config(*overrides, data="digits"), tmp_path)
     assert summary["status"] == "completed" and summary["steps"] == 8
     assert all(math.isfinite(summary["final"][name]) for name in ("train/loss", "val/loss"))
@@ -110,7 +135,7 @@ def test_the_groups_that_build_layers_build_a_resnet(case, tmp_path):
 def test_spatial_dropout_and_the_conv_norms_are_the_channelwise_kinds():
     from torch import nn
 
-    from dnnrun.runtime import build_model
+    from dnnrun.training.runtime import build_model
 
     def kinds(*overrides):
         cfg = make_config("model=cnn", "model.channels=[4]", *overrides, data="digits")
@@ -118,11 +143,17 @@ def test_spatial_dropout_and_the_conv_norms_are_the_channelwise_kinds():
         net, _ = build_model(cfg, data.Data(split, split, split, 64, 10, (1, 8, 8), split.x))
         return [type(m) for m in net.hidden1]
 
-    assert kinds("norm=batchnorm", "regularizer=[dropout]", "regularizer.dropout.spatial=true") == \
-        [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Dropout2d]
+    assert kinds("norm=batchnorm", "regularizer=[dropout]", "regularizer.dropout.spatial=true") == [
+        nn.Conv2d,
+        nn.BatchNorm2d,
+        nn.ReLU,
+        nn.Dropout2d,
+    ]
     assert kinds("norm=layernorm", "regularizer=[dropout]") == [nn.Conv2d, nn.GroupNorm, nn.ReLU, nn.Dropout]
-    assert kinds("act=selu", "regularizer=[alpha_dropout]", "regularizer.alpha_dropout.spatial=true")[-1] \
+    assert (
+        kinds("act=selu", "regularizer=[alpha_dropout]", "regularizer.alpha_dropout.spatial=true")[-1]
         is nn.FeatureAlphaDropout
+    )
 
 
 TORCHVISION_FOLDERS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
@@ -138,8 +169,14 @@ def _preset_config(experiment: str, tmp_path, *overrides: str):
         return make_config(f"experiment={experiment}", "data=synthetic", *overrides)
     else:
         write_mnist_like(tmp_path / "data" / TORCHVISION_FOLDERS[data_name] / "raw", n_train=400, n_test=100)
-    return make_config(f"experiment={experiment}", f"data.root={tmp_path / 'data'}", "data.download=false",
-                       "data.val_size=0.1", *overrides, data=None)
+    return make_config(
+        f"experiment={experiment}",
+        f"data.root={tmp_path / 'data'}",
+        "data.download=false",
+        "data.val_size=0.1",
+        *overrides,
+        data=None,
+    )
 
 
 @pytest.mark.slow
@@ -160,28 +197,55 @@ def test_every_experiment_preset_trains(experiment, tmp_path, cifar_files_accept
 
 def test_presets_set_what_they_promise():
     cnn = make_config("experiment=fashion_cnn", data=None)
-    assert (cnn.data.name, cnn.model.name, cnn.norm.name, cnn.optimizer.name) == ("fashion_mnist", "cnn", "batchnorm",
-                                                                                   "adam")
-    assert combine(cnn.regularizer).spatial and combine(cnn.regularizer).dropout == 0.1 and cnn.schedule.name == "cosine"
+    assert (cnn.data.name, cnn.model.name, cnn.norm.name, cnn.optimizer.name) == (
+        "fashion_mnist",
+        "cnn",
+        "batchnorm",
+        "adam",
+    )
+    assert (
+        combine(cnn.regularizer).spatial and combine(cnn.regularizer).dropout == 0.1 and cnn.schedule.name == "cosine"
+    )
     dnn = make_config("experiment=default_dnn")
-    assert (dnn.act.name, dnn.norm.name, dnn.schedule.name, dnn.optimizer.params["momentum"]) == ("elu", "batchnorm", "onecycle", 0.9)
+    assert (dnn.act.name, dnn.norm.name, dnn.schedule.name, dnn.optimizer.params["momentum"]) == (
+        "elu",
+        "batchnorm",
+        "onecycle",
+        0.9,
+    )
     assert dnn.init.params == {"scale": 2.0, "mode": "fan_in", "distribution": "truncated_normal"}
     assert [c.name for c in dnn.regularizer] == ["l2"] and dnn.trainer.early_stopping.patience == 10
     resnet = make_config("experiment=cifar10_resnet", data=None)
-    assert (resnet.data.name, resnet.data.augment, resnet.model.name, resnet.model.depth, resnet.norm.name) == \
-        ("cifar10", ["crop", "flip"], "resnet", 20, "batchnorm")
-    assert (resnet.optimizer.params["nesterov"], resnet.schedule.name, resnet.schedule.params["max_lr"]) == \
-        (True, "onecycle", 0.1)
+    assert (resnet.data.name, resnet.data.augment, resnet.model.name, resnet.model.depth, resnet.norm.name) == (
+        "cifar10",
+        ["crop", "flip"],
+        "resnet",
+        20,
+        "batchnorm",
+    )
+    assert (resnet.optimizer.params["nesterov"], resnet.schedule.name, resnet.schedule.params["max_lr"]) == (
+        True,
+        "onecycle",
+        0.1,
+    )
     snn = make_config("experiment=self_normalizing")
-    assert (snn.act.name, snn.norm.name, snn.data.scaling) == ("selu", "none", "standardize") and init.is_lecun(snn.init)
+    assert (snn.act.name, snn.norm.name, snn.data.scaling) == ("selu", "none", "standardize") and init.is_lecun(
+        snn.init
+    )
     fast = make_config("experiment=fast_default")
-    assert (fast.act.name, fast.norm.name, fast.optimizer.name, fast.schedule.name) == ("elu", "batchnorm", "adam", "constant")
+    assert (fast.act.name, fast.norm.name, fast.optimizer.name, fast.schedule.name) == (
+        "elu",
+        "batchnorm",
+        "adam",
+        "constant",
+    )
     assert [c.name for c in fast.regularizer] == ["dropout"]
 
 
 def test_selu_warnings_name_what_defeats_self_normalization():
-    found = advice.warnings(make_config("act=selu", "norm=batchnorm", "init=he_normal", "regularizer=[dropout]",
-                                        "data.scaling=unit"))
+    found = advice.warnings(
+        make_config("act=selu", "norm=batchnorm", "init=he_normal", "regularizer=[dropout]", "data.scaling=unit")
+    )
     assert len(found) == 4
     text = "\n".join(found)
     for hint in ("norm=none", "init=lecun_normal", "regularizer=[alpha_dropout]", "data.scaling=standardize"):

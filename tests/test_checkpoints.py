@@ -16,9 +16,11 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import make_config, run_cli
-from dnnrun import checkpoint, evaluate, train
 from dnnrun.errors import UserError
-from dnnrun.rundir import RunDir, read_jsonl
+from dnnrun.inference import evaluate
+from dnnrun.store import checkpoint
+from dnnrun.store.rundir import RunDir, read_jsonl
+from dnnrun.training import loop as train
 
 SETUP = ("data=synthetic", "model.hidden=[32,16]")  # hidden2.linear.weight is (16, 32)
 
@@ -52,19 +54,30 @@ def _wrong_shape(state):
 
 # name: (how to make the file from a good checkpoint, what stderr must say besides the file's name)
 MALFORMED = {
-    "no trainer entry": (lambda g, d: _changed(g, d / "x.pt", lambda s: s.pop("trainer")),
-                         "is not a usable dnnrun checkpoint: it has no 'trainer' entry"),
-    "wrong shapes": (lambda g, d: _changed(g, d / "x.pt", _wrong_shape),
-                     "does not fit this model: size mismatch for hidden2.linear.weight: checkpoint [16, 20], model [16, 32]"),
-    "config a string": (lambda g, d: _changed(g, d / "x.pt", lambda s: s.update(config="x")),
-                        "is not a usable dnnrun checkpoint: 'config' is a str ('x'), expected dict"),
-    "optimizer of another model": (lambda g, d: _changed(g, d / "x.pt", lambda s: s["optimizer"].update(param_groups=[])),
-                                   "does not fit this optimizer: loaded state dict has a different number of parameter groups"),
-    "safetensors without config": (lambda g, d: _safetensors(g, d / "x.safetensors", {"format": "dnnrun-weights"}),
-                                   "is not a usable dnnrun checkpoint: its metadata has no 'config' entry"),
-    "safetensors with bad JSON": (lambda g, d: _safetensors(g, d / "x.safetensors",
-                                                            {"format": "dnnrun-weights", "config": "{not json"}),
-                                  "is not a usable dnnrun checkpoint: its metadata 'config' is not valid JSON"),
+    "no trainer entry": (
+        lambda g, d: _changed(g, d / "x.pt", lambda s: s.pop("trainer")),
+        "is not a usable dnnrun checkpoint: it has no 'trainer' entry",
+    ),
+    "wrong shapes": (
+        lambda g, d: _changed(g, d / "x.pt", _wrong_shape),
+        "does not fit this model: size mismatch for hidden2.linear.weight: checkpoint [16, 20], model [16, 32]",
+    ),
+    "config a string": (
+        lambda g, d: _changed(g, d / "x.pt", lambda s: s.update(config="x")),
+        "is not a usable dnnrun checkpoint: 'config' is a str ('x'), expected dict",
+    ),
+    "optimizer of another model": (
+        lambda g, d: _changed(g, d / "x.pt", lambda s: s["optimizer"].update(param_groups=[])),
+        "does not fit this optimizer: loaded state dict has a different number of parameter groups",
+    ),
+    "safetensors without config": (
+        lambda g, d: _safetensors(g, d / "x.safetensors", {"format": "dnnrun-weights"}),
+        "is not a usable dnnrun checkpoint: its metadata has no 'config' entry",
+    ),
+    "safetensors with bad JSON": (
+        lambda g, d: _safetensors(g, d / "x.safetensors", {"format": "dnnrun-weights", "config": "{not json"}),
+        "is not a usable dnnrun checkpoint: its metadata 'config' is not valid JSON",
+    ),
 }
 
 
@@ -89,8 +102,9 @@ def test_resuming_from_a_malformed_checkpoint_is_refused_naming_file_and_problem
 @pytest.mark.parametrize("case", ["wrong shapes", "safetensors with bad JSON"])
 def test_the_cli_exits_2_on_a_malformed_checkpoint_without_a_traceback(case, good: Path, tmp_path: Path):
     path = MALFORMED[case][0](good, tmp_path)
-    result = run_cli(*SETUP, "trainer.epochs=2", f"trainer.resume={path}", f"hydra.run.dir={tmp_path / 'run'}",
-                     cwd=tmp_path)
+    result = run_cli(
+        *SETUP, "trainer.epochs=2", f"trainer.resume={path}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path
+    )
     _refused(result, path, MALFORMED[case][1])
 
 
@@ -103,8 +117,10 @@ def test_the_good_checkpoint_resumes(good: Path, tmp_path: Path):
 @pytest.mark.parametrize("case", ["wrong shapes", "no model entry"])
 def test_evaluating_a_malformed_checkpoint_exits_2(case, good: Path, tmp_path: Path):
     if case == "no model entry":
-        path, problem = _changed(good, tmp_path / "x.pt", lambda s: s.pop("model")), \
-            "is not a usable dnnrun checkpoint: it has no 'model' entry"
+        path, problem = (
+            _changed(good, tmp_path / "x.pt", lambda s: s.pop("model")),
+            "is not a usable dnnrun checkpoint: it has no 'model' entry",
+        )
     else:
         path, problem = MALFORMED[case][0](good, tmp_path), MALFORMED[case][1]
     result = run_cli("mode=evaluate", f"evaluate.checkpoint={path}", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
@@ -119,36 +135,50 @@ def test_a_malformed_transfer_source_exits_2(good: Path, tmp_path: Path):
 
 def test_weights_only_readers_accept_a_checkpoint_without_training_state(good: Path, tmp_path: Path):
     """evaluate and transfer need the model and its config only; resuming needs the rest too."""
-    path = _changed(good, tmp_path / "weights.pt",
-                    lambda s: [s.pop(k) for k in ("optimizer", "schedule", "scaler", "trainer", "rng")])
+    path = _changed(
+        good,
+        tmp_path / "weights.pt",
+        lambda s: [s.pop(k) for k in ("optimizer", "schedule", "scaler", "trainer", "rng")],
+    )
     assert checkpoint.load(path)["model"].keys() == checkpoint.load(good)["model"].keys()
     evaluate.run(make_config("mode=evaluate", f"evaluate.checkpoint={path}"), tmp_path / "eval")
     with pytest.raises(UserError, match=re.escape(f"{path} holds weights only")):
         checkpoint.load(path, training=True)
 
 
-REQUIRED = [k for k, v in {**checkpoint.WEIGHTS, **checkpoint.TRAINING}.items()
-            if not isinstance(v, checkpoint.OptionalEntry)]  # inputs: checkpoints before it lack it
+REQUIRED = [
+    k for k, v in {**checkpoint.WEIGHTS, **checkpoint.TRAINING}.items() if not isinstance(v, checkpoint.OptionalEntry)
+]  # inputs: checkpoints before it lack it
 
 
 @pytest.mark.parametrize("key", REQUIRED)
 def test_resuming_needs_every_entry_the_trainer_reads(key, good: Path, tmp_path: Path):
     path = _changed(good, tmp_path / "x.pt", lambda s: s.pop(key))
-    with pytest.raises(UserError, match=re.escape(f"{path} is not a usable dnnrun checkpoint: it has no '{key}' entry")):
+    with pytest.raises(
+        UserError, match=re.escape(f"{path} is not a usable dnnrun checkpoint: it has no '{key}' entry")
+    ):
         checkpoint.load(path, training=True)
 
 
-@pytest.mark.parametrize(("change", "problem"), [
-    (lambda s: s["trainer"].pop("history"), "it has no 'trainer.history' entry"),
-    (lambda s: s["trainer"].update(epoch="1"), "'trainer.epoch' is a str ('1'), expected int"),
-    (lambda s: s["schedule"].update(t=None), "'schedule.t' is a NoneType (None), expected int"),
-    (lambda s: s["rng"]["numpy"].pop("keys"), "it has no 'rng.numpy.keys' entry"),
-    (lambda s: s["rng"].update(torch=torch.zeros(3, dtype=torch.uint8)),
-     "'rng.torch' is a torch.uint8 tensor of 3 elements, expected a CPU generator state"),
-    (lambda s: s["model"].update({"hidden1.linear.weight": [1.0, 2.0]}),
-     "'model' must map parameter names to tensors, but 'hidden1.linear.weight' maps to a list"),
-    (lambda s: s.update(model={}), "'model' holds no tensors"),
-], ids=["no history", "epoch a string", "t None", "no numpy keys", "short generator state", "a list", "empty model"])
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        (lambda s: s["trainer"].pop("history"), "it has no 'trainer.history' entry"),
+        (lambda s: s["trainer"].update(epoch="1"), "'trainer.epoch' is a str ('1'), expected int"),
+        (lambda s: s["schedule"].update(t=None), "'schedule.t' is a NoneType (None), expected int"),
+        (lambda s: s["rng"]["numpy"].pop("keys"), "it has no 'rng.numpy.keys' entry"),
+        (
+            lambda s: s["rng"].update(torch=torch.zeros(3, dtype=torch.uint8)),
+            "'rng.torch' is a torch.uint8 tensor of 3 elements, expected a CPU generator state",
+        ),
+        (
+            lambda s: s["model"].update({"hidden1.linear.weight": [1.0, 2.0]}),
+            "'model' must map parameter names to tensors, but 'hidden1.linear.weight' maps to a list",
+        ),
+        (lambda s: s.update(model={}), "'model' holds no tensors"),
+    ],
+    ids=["no history", "epoch a string", "t None", "no numpy keys", "short generator state", "a list", "empty model"],
+)
 def test_nested_entries_are_checked_too(change, problem, good: Path, tmp_path: Path):
     path = _changed(good, tmp_path / "x.pt", change)
     with pytest.raises(UserError, match=re.escape(f"{path} is not a usable dnnrun checkpoint: ")) as info:
@@ -168,8 +198,9 @@ def test_load_into_names_the_first_mismatch_and_counts_the_rest(good: Path):
     state = {"0.weight": torch.zeros(5, 4), "0.bias": torch.zeros(3), "2.weight": torch.zeros(2, 3)}
     with pytest.raises(UserError) as info:
         checkpoint.load_into(model, state, good)
-    assert str(info.value) == (f"{good} does not fit this model: size mismatch for 0.weight: checkpoint [5, 4], "
-                               f"model [3, 4] (and 3 more)")  # 1.weight and 1.bias missing, 2.weight unexpected
+    assert str(info.value) == (
+        f"{good} does not fit this model: size mismatch for 0.weight: checkpoint [5, 4], model [3, 4] (and 3 more)"
+    )  # 1.weight and 1.bias missing, 2.weight unexpected
     fitting = {k: torch.ones_like(v) for k, v in model.state_dict().items()}
     checkpoint.load_into(model, fitting, good)
     assert all(torch.equal(t, torch.ones_like(t)) for t in model.state_dict().values())
@@ -177,15 +208,19 @@ def test_load_into_names_the_first_mismatch_and_counts_the_rest(good: Path):
 
 def test_an_invalid_config_in_an_evaluated_checkpoint_names_the_file(good: Path, tmp_path: Path):
     path = _changed(good, tmp_path / "x.pt", lambda s: s["config"].update(model="x"))
-    with pytest.raises(UserError, match=re.escape(f"{path} is not a usable dnnrun checkpoint: the config saved in "
-                                                  f"it is invalid")) as info:
+    with pytest.raises(
+        UserError, match=re.escape(f"{path} is not a usable dnnrun checkpoint: the config saved in it is invalid")
+    ) as info:
         evaluate.run(make_config("mode=evaluate", f"evaluate.checkpoint={path}"), tmp_path / "eval")
     assert "model: expected a mapping, got 'x'" in str(info.value)
 
 
 def test_a_transfer_source_without_hidden_layers_is_refused(good: Path, tmp_path: Path):
-    path = _changed(good, tmp_path / "x.pt",
-                    lambda s: s.update(model={k: v for k, v in s["model"].items() if k.startswith("output.")}))
+    path = _changed(
+        good,
+        tmp_path / "x.pt",
+        lambda s: s.update(model={k: v for k, v in s["model"].items() if k.startswith("output.")}),
+    )
     with pytest.raises(UserError, match=re.escape(f"transfer.source: {path} has no hidden layers to reuse")):
         train.run(make_config(f"transfer.source={path}"), tmp_path / "run")
 
@@ -200,8 +235,9 @@ def _lines(records) -> bytes:
     return "".join(json.dumps(r) + "\n" for r in records).encode()
 
 
-@pytest.mark.parametrize("torn", [b'{"epoch": 3, "val/lo', b'{"note": "caf\xc3', b"{"],
-                         ids=["mid-key", "mid-UTF-8 character", "one byte"])
+@pytest.mark.parametrize(
+    "torn", [b'{"epoch": 3, "val/lo', b'{"note": "caf\xc3', b"{"], ids=["mid-key", "mid-UTF-8 character", "one byte"]
+)
 def test_a_torn_last_line_is_left_out(torn: bytes, tmp_path: Path):
     path = tmp_path / "metrics.jsonl"
     path.write_bytes(_lines(RECORDS) + torn)
@@ -214,15 +250,21 @@ def test_a_last_line_without_newline_that_parses_is_kept(tmp_path: Path):
     assert read_jsonl(path) == RECORDS
 
 
-@pytest.mark.parametrize(("content", "line"), [
-    (_lines(RECORDS[:1]) + b'{"epoch": 2, "val/lo\n' + _lines(RECORDS[1:]), 2),  # damage in the middle
-    (_lines(RECORDS) + b'{"epoch": 3, "val/lo\n', 3),  # a whole line (newline written) cannot be torn
-    (b"\n" + _lines(RECORDS) + b"\xc3\x28\n", 4),  # blank lines count; bytes that are not UTF-8
-], ids=["middle", "last with newline", "not UTF-8"])
+@pytest.mark.parametrize(
+    ("content", "line"),
+    [
+        (_lines(RECORDS[:1]) + b'{"epoch": 2, "val/lo\n' + _lines(RECORDS[1:]), 2),  # damage in the middle
+        (_lines(RECORDS) + b'{"epoch": 3, "val/lo\n', 3),  # a whole line (newline written) cannot be torn
+        (b"\n" + _lines(RECORDS) + b"\xc3\x28\n", 4),  # blank lines count; bytes that are not UTF-8
+    ],
+    ids=["middle", "last with newline", "not UTF-8"],
+)
 def test_a_damaged_line_is_an_error_naming_file_and_line(content: bytes, line: int, tmp_path: Path):
     path = tmp_path / "metrics.jsonl"
     path.write_bytes(content)
-    with pytest.raises(UserError, match=re.escape(f"{path}, line {line}: not a JSON record (") + ".*; the file is damaged$"):
+    with pytest.raises(
+        UserError, match=re.escape(f"{path}, line {line}: not a JSON record (") + ".*; the file is damaged$"
+    ):
         read_jsonl(path)
 
 
@@ -235,7 +277,7 @@ def test_a_report_reads_a_run_whose_metrics_are_being_appended(tmp_path: Path):
 
 
 def test_the_report_and_plot_commands_name_a_damaged_metrics_file(tmp_path: Path):
-    from dnnrun import plots, report
+    from dnnrun.insight import plots, report
 
     run = tmp_path / "run"
     train.run(make_config("trainer.epochs=2", "trainer.diagnostics.plots=false"), run)

@@ -12,19 +12,37 @@ import yaml
 
 from conftest import run_cli
 from dnnrun.cli.conf import digest
-from dnnrun.rundir import read_jsonl
+from dnnrun.store.rundir import read_jsonl
 
 EPOCH_KEYS = {"epoch", "step", "train/loss", "train/acc", "val/loss", "val/acc", "lr", "time/epoch_s"}
 
 
 def test_dnnrun_trains_and_leaves_a_complete_run_directory(tmp_path: Path):
     run = tmp_path / "run"
-    result = run_cli("data=synthetic", "trainer.epochs=2", "optimizer=adam", "act=elu", "trainer.diagnostics.plots=true",
-                     f"hydra.run.dir={run}", cwd=tmp_path, process=True)
+    result = run_cli(
+        "data=synthetic",
+        "trainer.epochs=2",
+        "optimizer=adam",
+        "act=elu",
+        "trainer.diagnostics.plots=true",
+        f"hydra.run.dir={run}",
+        cwd=tmp_path,
+        process=True,
+    )
     assert result.returncode == 0, result.stderr
-    for name in (".hydra/config.yaml", ".hydra/overrides.yaml", "metrics.jsonl", "summary.json", "run.log",
-                 "checkpoints/last.pt", "checkpoints/best.pt", "diagnostics.jsonl", "activations.json", "status.json",
-                 "plots/learning_curves.png"):
+    for name in (
+        ".hydra/config.yaml",
+        ".hydra/overrides.yaml",
+        "metrics.jsonl",
+        "summary.json",
+        "run.log",
+        "checkpoints/last.pt",
+        "checkpoints/best.pt",
+        "diagnostics.jsonl",
+        "activations.json",
+        "status.json",
+        "plots/learning_curves.png",
+    ):
         assert (run / name).is_file(), name
     records = read_jsonl(run / "metrics.jsonl")
     assert [r["epoch"] for r in records] == [1, 2]
@@ -40,8 +58,14 @@ def test_dnnrun_trains_and_leaves_a_complete_run_directory(tmp_path: Path):
     said = " ".join(result.stdout.split())
     start = said.index("epoch 1/2")
     assert -1 < said.find(f"run directory: {run} (on cpu)") < start
-    assert -1 < said.find("data=synthetic model=mlp init=he_normal act=elu norm=none optimizer=adam "
-                          "schedule=constant regularizer=[none] trainer=default logger=none pretrain=none") < start
+    assert (
+        -1
+        < said.find(
+            "data=synthetic model=mlp init=he_normal act=elu norm=none optimizer=adam "
+            "schedule=constant regularizer=[none] trainer=default logger=none pretrain=none"
+        )
+        < start
+    )
 
 
 def test_cfg_job_shows_the_chosen_option_of_each_group(tmp_path: Path):
@@ -63,20 +87,30 @@ def test_plain_dnnrun_trains_digits_with_no_network(tmp_path: Path):
 
 
 def test_python_dash_m_dnnrun_works(tmp_path: Path):
-    result = run_cli("data=synthetic", "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
-                     process=True, module=True)
+    result = run_cli(
+        "data=synthetic",
+        "trainer.epochs=1",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+        process=True,
+        module=True,
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "completed"
 
 
 def test_multirun_writes_one_directory_per_job(tmp_path: Path):
     sweep = tmp_path / "sweep"
-    result = run_cli("-m", "act=relu,elu", "data=synthetic", "trainer.epochs=1", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    result = run_cli(
+        "-m", "act=relu,elu", "data=synthetic", "trainer.epochs=1", f"hydra.sweep.dir={sweep}", cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr
     jobs = sorted(p.parent for p in sweep.glob("*/summary.json"))
     # a short name (number and a digest of the overrides); the overrides in the job's own files
-    assert [j.name for j in jobs] == [f"0_{digest('act=relu,data=synthetic,trainer.epochs=1')}",
-                                      f"1_{digest('act=elu,data=synthetic,trainer.epochs=1')}"]
+    assert [j.name for j in jobs] == [
+        f"0_{digest('act=relu,data=synthetic,trainer.epochs=1')}",
+        f"1_{digest('act=elu,data=synthetic,trainer.epochs=1')}",
+    ]
     assert all(len(j.name) == 10 for j in jobs)
     assert [yaml.safe_load((j / ".hydra" / "overrides.yaml").read_text())[0] for j in jobs] == ["act=relu", "act=elu"]
 
@@ -100,15 +134,24 @@ BAD_INPUTS = {
     "nan lr": (["optimizer.lr=nan"], ["optimizer.lr", "finite"]),
     "misspelled key": (["trainer.epochz=3"], ["trainer.epochz", "valid:", "epochs", "did you mean 'epochs'"]),
     "added unknown parameter": (["+optimizer.momentun=0.9"], ["optimizer.momentun", "did you mean 'momentum'"]),
-    "unknown option": (["optimizer=adamm"], ["adamm", "valid: adagrad, adam, adamax, adamw, momentum, nadam, nesterov",
-                                             "did you mean 'adam'"]),
+    "unknown option": (
+        ["optimizer=adamm"],
+        ["adamm", "valid: adagrad, adam, adamax, adamw, momentum, nadam, nesterov", "did you mean 'adam'"],
+    ),
     "unknown option in a sweep": (["-m", "act=relu,elu,eluu"], ["act=eluu", "valid: elu, gelu", "did you mean 'elu'"]),
-    "several at once": (["optimizer.lr=abc", "trainer.epochs=0", "data.val_size=2.5"],
-                        ["3 problems", "optimizer.lr", "trainer.epochs", "data.val_size"]),
+    "several at once": (
+        ["optimizer.lr=abc", "trainer.epochs=0", "data.val_size=2.5"],
+        ["3 problems", "optimizer.lr", "trainer.epochs", "data.val_size"],
+    ),
     "missing resume file": (["trainer.resume=/nonexistent/last.pt"], ["trainer.resume", "/nonexistent/last.pt"]),
-    "missing dataset files": (["data=fashion_mnist", "data.root=ROOT", "data.download=false"],
-                              ["put the unpacked train-images-idx3-ubyte, ", "t10k-labels-idx1-ubyte in ROOT/FashionMNIST/raw.",
-                               "only with data.download=true"]),
+    "missing dataset files": (
+        ["data=fashion_mnist", "data.root=ROOT", "data.download=false"],
+        [
+            "put the unpacked train-images-idx3-ubyte, ",
+            "t10k-labels-idx1-ubyte in ROOT/FashionMNIST/raw.",
+            "only with data.download=true",
+        ],
+    ),
     "override syntax": (["trainer.epochs=["], ["trainer.epochs=["]),
 }
 
@@ -120,8 +163,13 @@ def test_bad_input_exits_2_with_a_message_and_no_traceback(tmp_path: Path, case)
     args = [a.replace("ROOT", str(root)) for a in args]
     expected = [e.replace("ROOT", str(root)) for e in expected]
     run = tmp_path / "run"
-    result = run_cli(*args, f"hydra.run.dir={run}", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path,
-                     process=case == "unknown option")  # a typo, as a user meets it
+    result = run_cli(
+        *args,
+        f"hydra.run.dir={run}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        cwd=tmp_path,
+        process=case == "unknown option",
+    )  # a typo, as a user meets it
     output = result.stdout + result.stderr
     assert result.returncode == 2, output
     assert "Traceback" not in output
@@ -148,13 +196,17 @@ def test_a_torch_older_than_2_10_is_refused(installed, refused, monkeypatch, cap
         with pytest.raises(SystemExit) as stop:
             cli.check_torch()
         assert stop.value.code == 2
-        assert f"needs PyTorch 2.10 or later (its safe checkpoint loader); this is {installed}" in capsys.readouterr().err
+        assert (
+            f"needs PyTorch 2.10 or later (its safe checkpoint loader); this is {installed}" in capsys.readouterr().err
+        )
     else:
         cli.check_torch()
 
 
-@pytest.mark.parametrize("refused", ["trainer.resume=/no/such.pt", "transfer.source=/no/such.pt",
-                                     "data.val_size=100000", "trainer.device=cuda"])
+@pytest.mark.parametrize(
+    "refused",
+    ["trainer.resume=/no/such.pt", "transfer.source=/no/such.pt", "data.val_size=100000", "trainer.device=cuda"],
+)
 def test_a_run_refused_once_it_starts_leaves_no_outputs_root_it_made(tmp_path: Path, refused):
     if refused == "trainer.device=cuda" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -168,7 +220,7 @@ def test_a_run_refused_once_it_starts_leaves_no_outputs_root_it_made(tmp_path: P
 
 
 def test_a_run_directory_that_cannot_take_status_json_ends_with_a_message_not_a_traceback(tmp_path: Path, monkeypatch):
-    from dnnrun.rundir import RunDir
+    from dnnrun.store.rundir import RunDir
 
     def read_only(self, *args, **kwargs):
         raise PermissionError(13, "Permission denied", str(self.status))

@@ -65,48 +65,76 @@ def evil(tmp_path: Path) -> Path:
     victim = tmp_path / "victim.txt"
     victim.write_text(VICTIM)
     conf = tmp_path / "conf"
-    for name, text in {"experiment/evil.yaml": EVIL_CALLBACK, "experiment/mine.yaml": HARMLESS,
-                       "hydra/job_logging/evil.yaml": EVIL_LOGGING, "evilmain.yaml": EVIL_MAIN,
-                       "alone/alone.yaml": ALONE}.items():
+    for name, text in {
+        "experiment/evil.yaml": EVIL_CALLBACK,
+        "experiment/mine.yaml": HARMLESS,
+        "hydra/job_logging/evil.yaml": EVIL_LOGGING,
+        "evilmain.yaml": EVIL_MAIN,
+        "alone/alone.yaml": ALONE,
+    }.items():
         (conf / name).parent.mkdir(parents=True, exist_ok=True)
         (conf / name).write_text(text.replace("VICTIM", str(victim)))
     return tmp_path
 
 
 CODE_IN_CONFIG = {
-    "callback on the command line": (["+hydra.callbacks.evil._target_=builtins.open",
-                                      "+hydra.callbacks.evil._args_=[VICTIM,w]"],
-                                     ["hydra.callbacks.evil._target_: 'builtins.open' " + NOT_ALLOWED]),
-    "launcher": (["-m", "hydra.launcher._target_=builtins.open"],
-                 ["hydra.launcher._target_: 'builtins.open' " + NOT_ALLOWED]),
+    "callback on the command line": (
+        ["+hydra.callbacks.evil._target_=builtins.open", "+hydra.callbacks.evil._args_=[VICTIM,w]"],
+        ["hydra.callbacks.evil._target_: 'builtins.open' " + NOT_ALLOWED],
+    ),
+    "launcher": (
+        ["-m", "hydra.launcher._target_=builtins.open"],
+        ["hydra.launcher._target_: 'builtins.open' " + NOT_ALLOWED],
+    ),
     "sweeper": (["-m", "hydra.sweeper._target_=os.system"], ["hydra.sweeper._target_: 'os.system' " + NOT_ALLOWED]),
-    "optuna's custom search space": (["-m", "experiment=search", "hydra.sweeper.custom_search_space=os.system"],
-                                     ["hydra.sweeper.custom_search_space: 'os.system' names a function"]),
-    "logging class on the command line": (["hydra.hydra_logging.handlers.console.class=os.system"],
-                                          ["hydra.hydra_logging.handlers.console.class: 'os.system' is not a class "
-                                           "of Python's logging; valid: logging.FileHandler"]),
-    "logging stream importing a module": (["hydra.hydra_logging.handlers.console.stream=ext://antigravity"],
-                                          ["'ext://antigravity' would import a module; valid: ext://sys.stdout, "
-                                           "ext://sys.stderr"]),
-    "preset in hydra.searchpath": (["hydra.searchpath=[file://CONF]", "experiment=evil"],
-                                   ["hydra.callbacks.evil._target_: 'builtins.open' " + NOT_ALLOWED]),
-    "logging config in hydra.searchpath": (["hydra.searchpath=[file://CONF]", "hydra/job_logging=evil"],
-                                           ["hydra.job_logging.formatters.f.(): a '()' factory calls any importable "
-                                            "function", "hydra.job_logging.handlers.h.class: 'os.system' is not a "
-                                            "class of Python's logging", "hydra.job_logging.handlers.h.stream: "
-                                            "'ext://antigravity' would import a module"]),
-    "preset in --config-dir": (["--config-dir", "CONF", "experiment=evil"],
-                               ["hydra.callbacks.evil._target_: 'builtins.open' " + NOT_ALLOWED]),
+    "optuna's custom search space": (
+        ["-m", "experiment=search", "hydra.sweeper.custom_search_space=os.system"],
+        ["hydra.sweeper.custom_search_space: 'os.system' names a function"],
+    ),
+    "logging class on the command line": (
+        ["hydra.hydra_logging.handlers.console.class=os.system"],
+        [
+            "hydra.hydra_logging.handlers.console.class: 'os.system' is not a class "
+            "of Python's logging; valid: logging.FileHandler"
+        ],
+    ),
+    "logging stream importing a module": (
+        ["hydra.hydra_logging.handlers.console.stream=ext://antigravity"],
+        ["'ext://antigravity' would import a module; valid: ext://sys.stdout, ext://sys.stderr"],
+    ),
+    "preset in hydra.searchpath": (
+        ["hydra.searchpath=[file://CONF]", "experiment=evil"],
+        ["hydra.callbacks.evil._target_: 'builtins.open' " + NOT_ALLOWED],
+    ),
+    "logging config in hydra.searchpath": (
+        ["hydra.searchpath=[file://CONF]", "hydra/job_logging=evil"],
+        [
+            "hydra.job_logging.formatters.f.(): a '()' factory calls any importable function",
+            "hydra.job_logging.handlers.h.class: 'os.system' is not a class of Python's logging",
+            "hydra.job_logging.handlers.h.stream: 'ext://antigravity' would import a module",
+        ],
+    ),
+    "preset in --config-dir": (
+        ["--config-dir", "CONF", "experiment=evil"],
+        ["hydra.callbacks.evil._target_: 'builtins.open' " + NOT_ALLOWED],
+    ),
     "--config-name": (["-cd", "CONF", "-cn", "evilmain"], ["hydra.launcher._target_: 'builtins.exec' " + NOT_ALLOWED]),
     "--config-path, a plugin's module as a way in": (
         ["-cp", "CONF/alone", "-cn", "alone"],
-        ["hydra.callbacks.x._target_: 'hydra_plugins.hydra_joblib_launcher.joblib_launcher.os.system' " + NOT_ALLOWED]),
-    "one value of a sweep": (["-m", "hydra.searchpath=[file://CONF]", "experiment=mine,evil"],
-                             ["with experiment=evil: hydra.callbacks.evil._target_: 'builtins.open' " + NOT_ALLOWED]),
-    "--hydra-help configures logging too": (["--hydra-help", "hydra.searchpath=[file://CONF]", "hydra/job_logging=evil"],
-                                            ["hydra.job_logging.formatters.f.(): a '()' factory"]),
-    "--experimental-rerun unpickles": (["--experimental-rerun", "VICTIM"],
-                                       ["--experimental-rerun is not supported: it unpickles a file"]),
+        ["hydra.callbacks.x._target_: 'hydra_plugins.hydra_joblib_launcher.joblib_launcher.os.system' " + NOT_ALLOWED],
+    ),
+    "one value of a sweep": (
+        ["-m", "hydra.searchpath=[file://CONF]", "experiment=mine,evil"],
+        ["with experiment=evil: hydra.callbacks.evil._target_: 'builtins.open' " + NOT_ALLOWED],
+    ),
+    "--hydra-help configures logging too": (
+        ["--hydra-help", "hydra.searchpath=[file://CONF]", "hydra/job_logging=evil"],
+        ["hydra.job_logging.formatters.f.(): a '()' factory"],
+    ),
+    "--experimental-rerun unpickles": (
+        ["--experimental-rerun", "VICTIM"],
+        ["--experimental-rerun is not supported: it unpickles a file"],
+    ),
 }
 
 
@@ -148,8 +176,9 @@ def test_what_is_allowed_still_runs(evil: Path):
     for flags in (["--info", "defaults"], ["--cfg", "hydra", "hydra/job_logging=default"], ["--hydra-help"]):
         assert cli.check_command_line(flags) == [], flags
     run = evil / "run"
-    trained = run_cli("data=synthetic", "trainer.epochs=1", "hydra/job_logging=default", f"hydra.run.dir={run}",
-                      cwd=evil)
+    trained = run_cli(
+        "data=synthetic", "trainer.epochs=1", "hydra/job_logging=default", f"hydra.run.dir={run}", cwd=evil
+    )
     assert trained.returncode == 0, trained.stderr
     assert (run / "summary.json").is_file() and (run / "dnnrun.log").is_file()  # Hydra's FileHandler
 
@@ -157,11 +186,14 @@ def test_what_is_allowed_still_runs(evil: Path):
 def test_a_sweep_directory_outside_the_outputs_root_is_refused_before_anything_is_written(tmp_path: Path):
     root, outside = tmp_path / "root", tmp_path / "outside"
     root.mkdir()
-    result = run_cli("-m", "data=synthetic", "trainer.epochs=1", "act=relu,elu", f"hydra.sweep.dir={outside / 'sw'}",
-                     cwd=root)
+    result = run_cli(
+        "-m", "data=synthetic", "trainer.epochs=1", "act=relu,elu", f"hydra.sweep.dir={outside / 'sw'}", cwd=root
+    )
     assert result.returncode == 2, result.stdout + result.stderr
-    assert result.stderr.startswith(f"error: hydra.sweep.dir resolves to {outside / 'sw'}, outside the outputs root "
-                                    f"{root}; choose a directory under it, or set the root: outputs=DIR")
+    assert result.stderr.startswith(
+        f"error: hydra.sweep.dir resolves to {outside / 'sw'}, outside the outputs root "
+        f"{root}; choose a directory under it, or set the root: outputs=DIR"
+    )
     assert "Traceback" not in result.stderr and "jobs completed" not in result.stdout
     assert not outside.exists() and not any(root.iterdir())
 
@@ -186,20 +218,38 @@ def test_a_run_refused_inside_the_root_leaves_no_empty_date_folder(tmp_path: Pat
 
 
 SWEEP_PROBLEMS = {
-    "values of two swept keys": (["-m", "optimizer.lr=0.1,-1", "trainer.epochs=abc,2"],
-                                 ["invalid config (2 problems)", "trainer.epochs: expected an integer, got 'abc'",
-                                  "with optimizer.lr=-1: optimizer.lr: must be > 0, got -1"]),
-    "an option and a key": (["optimizer=adamm", "trainer.epochz=3"],
-                            ["invalid config (2 problems)", "optimizer=adamm: unknown optimizer option 'adamm'",
-                             "trainer.epochz: unknown key 'epochz' in trainer", "did you mean 'epochs'"]),
-    "an option, a key and a value": (["optimizer=adamm", "trainer.epochz=3", "optimizer.lr=-1"],
-                                     ["invalid config (3 problems)", "optimizer=adamm", "trainer.epochz",
-                                      "optimizer.lr: must be > 0, got -1"]),
-    "a key that only one swept option lacks": (["-m", "optimizer=sgd,adam", "optimizer.momentum=0.9"],
-                                               ["with optimizer=adam: optimizer.momentum: unknown key 'momentum' in "
-                                                "optimizer; valid: option, name, lr, betas"]),
-    "appending a key that exists, in a sweep": (["-m", "+trainer.epochs=1,2"],
-                                                ["Could not append to config. An item is already at 'trainer.epochs'"]),
+    "values of two swept keys": (
+        ["-m", "optimizer.lr=0.1,-1", "trainer.epochs=abc,2"],
+        [
+            "invalid config (2 problems)",
+            "trainer.epochs: expected an integer, got 'abc'",
+            "with optimizer.lr=-1: optimizer.lr: must be > 0, got -1",
+        ],
+    ),
+    "an option and a key": (
+        ["optimizer=adamm", "trainer.epochz=3"],
+        [
+            "invalid config (2 problems)",
+            "optimizer=adamm: unknown optimizer option 'adamm'",
+            "trainer.epochz: unknown key 'epochz' in trainer",
+            "did you mean 'epochs'",
+        ],
+    ),
+    "an option, a key and a value": (
+        ["optimizer=adamm", "trainer.epochz=3", "optimizer.lr=-1"],
+        ["invalid config (3 problems)", "optimizer=adamm", "trainer.epochz", "optimizer.lr: must be > 0, got -1"],
+    ),
+    "a key that only one swept option lacks": (
+        ["-m", "optimizer=sgd,adam", "optimizer.momentum=0.9"],
+        [
+            "with optimizer=adam: optimizer.momentum: unknown key 'momentum' in "
+            "optimizer; valid: option, name, lr, betas"
+        ],
+    ),
+    "appending a key that exists, in a sweep": (
+        ["-m", "+trainer.epochs=1,2"],
+        ["Could not append to config. An item is already at 'trainer.epochs'"],
+    ),
 }
 
 
@@ -222,8 +272,6 @@ def test_the_cli_lists_a_sweeps_problems_with_exit_2_and_runs_no_job(tmp_path: P
     for text in expected:
         assert text in result.stderr, (text, output)
     assert list(tmp_path.iterdir()) == []  # no job ran, no directory was made
-
-
 
 
 NO_TORCH = """\
@@ -257,31 +305,54 @@ def test_a_value_that_hydra_cannot_compose_is_a_problem_not_a_traceback():
 
 
 PLUGIN_REFUSALS = {
-    "a setup shell line": (["-m", "hydra/launcher=slurm", "hydra.launcher.setup=[touch,/tmp/x]"],
-                           "hydra.launcher.setup: runs as a shell line or a program"),
-    "srun arguments": (["-m", "hydra/launcher=slurm", "+hydra.launcher.srun_args=['--prolog=/bin/x']"],
-                       "hydra.launcher.srun_args: runs as a shell line or a program"),
-    "an sbatch option that runs a program": (["-m", "hydra/launcher=slurm",
-                                              "+hydra.launcher.additional_parameters.prolog=/bin/x"],
-                                             "additional_parameters.prolog: not an sbatch option dnnrun passes on"),
-    "a second line in an sbatch value": (["-m", "hydra/launcher=slurm", "hydra.launcher.partition='gpu\nrm -rf ~'"],
-                                         "hydra.launcher.partition: must be one line"),
-    "submitit's pickles elsewhere": (["-m", "hydra/launcher=submitit_local",
-                                      "hydra.launcher.submitit_folder=/elsewhere"],
-                                     "hydra.launcher.submitit_folder resolves to /elsewhere, outside the outputs root"),
-    "an Optuna database elsewhere": (["-m", "experiment=search", "hydra.sweeper.storage=sqlite:////elsewhere.db"],
-                                     "hydra.sweeper.storage resolves to /elsewhere.db, outside the outputs root"),
-    "an Optuna database server": (["-m", "experiment=search", "hydra.sweeper.storage=postgresql://host/db"],
-                                  "only a SQLite file under the outputs root"),
-    "an unknown launcher setting": (["-m", "hydra/launcher=joblib", "+hydra.launcher.foo=1"],
-                                    "hydra.launcher.foo: not a setting dnnrun passes to JoblibLauncher"),
-    "a job log file elsewhere": (["+hydra.job_logging.handlers.file.class=logging.FileHandler",
-                                  "+hydra.job_logging.handlers.file.filename=/tmp/any"],
-                                 "hydra.job_logging.handlers.file.filename: '/tmp/any' lies outside the run's"),
-    "a Hydra log file elsewhere": (["-m", "act=relu,elu",
-                                    "+hydra.hydra_logging.handlers.file.class=logging.FileHandler",
-                                    "+hydra.hydra_logging.handlers.file.filename=/tmp/any"],
-                                   "hydra.hydra_logging.handlers.file.filename: '/tmp/any' lies outside"),
+    "a setup shell line": (
+        ["-m", "hydra/launcher=slurm", "hydra.launcher.setup=[touch,/tmp/x]"],
+        "hydra.launcher.setup: runs as a shell line or a program",
+    ),
+    "srun arguments": (
+        ["-m", "hydra/launcher=slurm", "+hydra.launcher.srun_args=['--prolog=/bin/x']"],
+        "hydra.launcher.srun_args: runs as a shell line or a program",
+    ),
+    "an sbatch option that runs a program": (
+        ["-m", "hydra/launcher=slurm", "+hydra.launcher.additional_parameters.prolog=/bin/x"],
+        "additional_parameters.prolog: not an sbatch option dnnrun passes on",
+    ),
+    "a second line in an sbatch value": (
+        ["-m", "hydra/launcher=slurm", "hydra.launcher.partition='gpu\nrm -rf ~'"],
+        "hydra.launcher.partition: must be one line",
+    ),
+    "submitit's pickles elsewhere": (
+        ["-m", "hydra/launcher=submitit_local", "hydra.launcher.submitit_folder=/elsewhere"],
+        "hydra.launcher.submitit_folder resolves to /elsewhere, outside the outputs root",
+    ),
+    "an Optuna database elsewhere": (
+        ["-m", "experiment=search", "hydra.sweeper.storage=sqlite:////elsewhere.db"],
+        "hydra.sweeper.storage resolves to /elsewhere.db, outside the outputs root",
+    ),
+    "an Optuna database server": (
+        ["-m", "experiment=search", "hydra.sweeper.storage=postgresql://host/db"],
+        "only a SQLite file under the outputs root",
+    ),
+    "an unknown launcher setting": (
+        ["-m", "hydra/launcher=joblib", "+hydra.launcher.foo=1"],
+        "hydra.launcher.foo: not a setting dnnrun passes to JoblibLauncher",
+    ),
+    "a job log file elsewhere": (
+        [
+            "+hydra.job_logging.handlers.file.class=logging.FileHandler",
+            "+hydra.job_logging.handlers.file.filename=/tmp/any",
+        ],
+        "hydra.job_logging.handlers.file.filename: '/tmp/any' lies outside the run's",
+    ),
+    "a Hydra log file elsewhere": (
+        [
+            "-m",
+            "act=relu,elu",
+            "+hydra.hydra_logging.handlers.file.class=logging.FileHandler",
+            "+hydra.hydra_logging.handlers.file.filename=/tmp/any",
+        ],
+        "hydra.hydra_logging.handlers.file.filename: '/tmp/any' lies outside",
+    ),
 }
 
 
@@ -292,14 +363,23 @@ def test_plugin_settings_that_run_commands_or_write_elsewhere_are_refused(case, 
     assert any(expected in p for p in problems), problems
 
 
-@pytest.mark.parametrize("argv", [
-    ["-m", "hydra/launcher=slurm", "hydra.launcher.partition=gpu",
-     "+hydra.launcher.additional_parameters.mail_type=ALL"],
-    ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
-    ["-m", "experiment=search", "hydra.sweeper.storage=sqlite:///{root}/study.db", "hydra.sweeper.n_trials=3"],
-    ["+hydra.job_logging.handlers.file.class=logging.FileHandler",
-     "+hydra.job_logging.handlers.file.filename=${{hydra:runtime.output_dir}}/job.log"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [
+            "-m",
+            "hydra/launcher=slurm",
+            "hydra.launcher.partition=gpu",
+            "+hydra.launcher.additional_parameters.mail_type=ALL",
+        ],
+        ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+        ["-m", "experiment=search", "hydra.sweeper.storage=sqlite:///{root}/study.db", "hydra.sweeper.n_trials=3"],
+        [
+            "+hydra.job_logging.handlers.file.class=logging.FileHandler",
+            "+hydra.job_logging.handlers.file.filename=${{hydra:runtime.output_dir}}/job.log",
+        ],
+    ],
+)
 def test_the_allowed_plugin_settings_pass(argv, tmp_path):
     assert cli.check_command_line([*(a.format(root=tmp_path) for a in argv), f"outputs={tmp_path}"]) == []
 

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from conftest import DNNRUN, run_cli
 from dnnrun.cli import CONFIG_DIR
-from dnnrun.schema import did_you_mean
+from dnnrun.config.schema import did_you_mean
 
 
 def test_version_names_dnnrun_torch_and_hydra(tmp_path: Path):
@@ -29,10 +29,12 @@ def test_version_names_dnnrun_torch_and_hydra(tmp_path: Path):
 
 @pytest.mark.parametrize("flag", ["--version", "--help"])
 def test_version_and_help_do_not_import_torch(flag: str):
-    code = ("import sys; sys.argv = ['dnnrun', '" + flag + "']\n"
-            "from dnnrun.cli import main\n"
-            "main()\n"
-            "print('torch imported' if 'torch' in sys.modules else 'no torch')")
+    code = (
+        "import sys; sys.argv = ['dnnrun', '" + flag + "']\n"
+        "from dnnrun.cli import main\n"
+        "main()\n"
+        "print('torch imported' if 'torch' in sys.modules else 'no torch')"
+    )
     result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == "no torch"
@@ -47,10 +49,16 @@ def test_help_lists_mode_and_the_settings_of_each_mode(tmp_path: Path):
     for key in keys:
         assert sum(line.startswith(f"  {key}=") for line in lines) == 1, key
     # each with its default and the comment of its line in config.yaml
-    for text in ("  mode=train ", "train | lr_find (learning-rate range test) | evaluate",
-                 "  transfer.source=null ", "a dnnrun checkpoint, e.g. outputs/task_a/checkpoints/best.pt",
-                 "  lr_find.steps=300", "  evaluate.mc_samples=0 ", "> 0: MC dropout, averaging",
-                 "transfer: start from another run's hidden layers"):
+    for text in (
+        "  mode=train ",
+        "train | lr_find (learning-rate range test) | evaluate",
+        "  transfer.source=null ",
+        "a dnnrun checkpoint, e.g. outputs/task_a/checkpoints/best.pt",
+        "  lr_find.steps=300",
+        "  evaluate.mc_samples=0 ",
+        "> 0: MC dropout, averaging",
+        "transfer: start from another run's hidden layers",
+    ):
         assert text in result.stdout, text
 
 
@@ -60,29 +68,36 @@ def test_output_into_a_closed_pipe_ends_quietly_with_141(flag: str):
     read, write = os.pipe()
     os.close(read)
     try:
-        result = subprocess.run([str(DNNRUN), flag], check=False, stdout=write, stderr=subprocess.PIPE, text=True,
-                                timeout=60)
+        result = subprocess.run(
+            [str(DNNRUN), flag], check=False, stdout=write, stderr=subprocess.PIPE, text=True, timeout=60
+        )
     finally:
         os.close(write)
     assert result.stderr == ""
     assert result.returncode == 141  # 128 + SIGPIPE, as the shell reports git cut short
 
 
-@pytest.mark.parametrize("name, choices, suggested", [
-    ("Relu", ["elu", "relu", "selu"], "relu"),  # difflib alone finds 'elu' closer
-    ("ADAMM", ["adam", "adamax", "adamw"], "adam"),
-    ("val/ACC", ["val/acc", "val/loss"], "val/acc"),
-    ("MOMENTUN", ["momentum", "nesterov"], "momentum"),
-])
+@pytest.mark.parametrize(
+    "name, choices, suggested",
+    [
+        ("Relu", ["elu", "relu", "selu"], "relu"),  # difflib alone finds 'elu' closer
+        ("ADAMM", ["adam", "adamax", "adamw"], "adam"),
+        ("val/ACC", ["val/acc", "val/loss"], "val/acc"),
+        ("MOMENTUN", ["momentum", "nesterov"], "momentum"),
+    ],
+)
 def test_the_suggestion_ignores_case(name, choices, suggested):
     assert did_you_mean(name, choices) == f" (did you mean '{suggested}'?)"
     assert did_you_mean("xyz", choices) == ""
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["act=Relu"], "did you mean 'relu'"),
-    (["trainer.EPOCHS=3"], "did you mean 'epochs'"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["act=Relu"], "did you mean 'relu'"),
+        (["trainer.EPOCHS=3"], "did you mean 'epochs'"),
+    ],
+)
 def test_a_name_in_the_wrong_case_is_refused_with_the_right_one_suggested(tmp_path: Path, args, expected):
     result = run_cli(*args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode == 2, result.stderr
@@ -110,7 +125,7 @@ def test_the_search_preset_with_dash_m_passes_the_check():
 # A Hydra search-path plugin, found on PYTHONPATH, that holds dnnrun at the N-th time a config
 # search path is built (1: dnnrun's own check composing the config; 2: Hydra composing it for the
 # run), after creating the file HOLD_READY: the signal lands there, whatever the machine's speed.
-HOLD = '''
+HOLD = """
 import os
 import time
 
@@ -125,7 +140,7 @@ class HoldStartUp(SearchPathPlugin):
         if HoldStartUp.calls == int(os.environ["HOLD_AT"]):
             open(os.environ["HOLD_READY"], "w").close()
             time.sleep(120)
-'''
+"""
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
@@ -140,9 +155,15 @@ def test_a_signal_during_start_up_exits_with_its_code_and_one_line(tmp_path: Pat
     outputs = tmp_path / "outputs"
     # A shell that starts this test in the background (CI scripts) has SIGINT ignored, which dnnrun
     # keeps ignored, as it should: the process under test gets the default handling back.
-    process = subprocess.Popen([str(DNNRUN), "data=synthetic", "trainer.epochs=1", f"outputs={outputs}"], cwd=tmp_path,
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    process = subprocess.Popen(
+        [str(DNNRUN), "data=synthetic", "trainer.epochs=1", f"outputs={outputs}"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         deadline = time.monotonic() + 120
         while not ready.exists() and process.poll() is None and time.monotonic() < deadline:

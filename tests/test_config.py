@@ -8,21 +8,30 @@ import pytest
 
 from conftest import COMPANIONS, compose_raw
 from dnnrun.cli import CONFIG_DIR, check_overrides
-from dnnrun.config import GROUPS, parse_run_config
+from dnnrun.config.run_config import GROUPS, parse_run_config
 from dnnrun.errors import ConfigError
 
 OPTIONS = sorted(
-    (group.name, path.stem)
-    for group in CONFIG_DIR.iterdir()
-    if group.is_dir()
-    for path in group.glob("*.yaml")
+    (group.name, path.stem) for group in CONFIG_DIR.iterdir() if group.is_dir() for path in group.glob("*.yaml")
 )
 
 
 def test_every_config_group_has_options():
     groups = {g for g, _ in OPTIONS}
-    assert groups == {"data", "model", "init", "act", "norm", "optimizer", "schedule", "regularizer", "trainer",
-                      "logger", "pretrain", "experiment"}
+    assert groups == {
+        "data",
+        "model",
+        "init",
+        "act",
+        "norm",
+        "optimizer",
+        "schedule",
+        "regularizer",
+        "trainer",
+        "logger",
+        "pretrain",
+        "experiment",
+    }
     assert groups - {"experiment"} <= set(GROUPS)  # each is checked
 
 
@@ -60,7 +69,10 @@ def test_every_problem_is_reported_together():
     assert "trainer.batch_size: must be >= 1, got 0" in text
     assert "optimizer.lr: must be a finite number, got nan" in text
     assert "optimizer.momentun: not a parameter of optimizer 'sgd'" in text and "did you mean 'momentum'" in text
-    assert "act.name: unknown activation 'rellu'; valid: elu, gelu, leaky_relu" in text and "(did you mean 'relu'?)" in text
+    assert (
+        "act.name: unknown activation 'rellu'; valid: elu, gelu, leaky_relu" in text
+        and "(did you mean 'relu'?)" in text
+    )
     assert "data.scaling: expected one of 'none', 'unit', 'standardize', got 'minmax'" in text
     assert "trainer.seed: must be in [0, 2**32), got -1" in text
 
@@ -82,23 +94,26 @@ def test_missing_group_and_missing_name_are_reported():
     assert "schedule: missing" in text and "optimizer.name: missing" in text
 
 
-@pytest.mark.parametrize("key, value, message", [
-    (("optimizer", "lr"), 0, "must be > 0"),
-    (("optimizer", "lr"), float("inf"), "finite"),
-    (("optimizer", "momentum"), 1.0, "must be in [0, 1)"),
-    (("optimizer", "weight_decay"), -0.1, "must be >= 0"),
-    (("optimizer", "nesterov"), "yes", "expected true or false"),
-    (("trainer", "clip_norm"), -1.0, "must be > 0 or null"),
-    (("trainer", "device"), "gpu", "expected auto, cpu, cuda, cuda:N or mps"),
-    (("trainer", "monitor"), "val/los", "expected one of 'val/loss', 'val/acc'"),
-    (("trainer", "early_stopping"), {"patience": 0}, "must be >= 1 or null"),
-    (("data", "val_size"), 0, "must be a fraction in (0, 1) or a whole number"),
-    (("data", "classes"), [1, 1], "at least two distinct labels"),
-    (("model", "hidden"), [300, 0], "every width must be >= 1"),
-    (("model", "depth"), 3, "set both depth and width"),
-    (("init", "scale"), -2.0, "must be > 0"),
-    (("init", "mode"), "fan_middle", "expected one of 'fan_in', 'fan_out', 'fan_avg'"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        (("optimizer", "lr"), 0, "must be > 0"),
+        (("optimizer", "lr"), float("inf"), "finite"),
+        (("optimizer", "momentum"), 1.0, "must be in [0, 1)"),
+        (("optimizer", "weight_decay"), -0.1, "must be >= 0"),
+        (("optimizer", "nesterov"), "yes", "expected true or false"),
+        (("trainer", "clip_norm"), -1.0, "must be > 0 or null"),
+        (("trainer", "device"), "gpu", "expected auto, cpu, cuda, cuda:N or mps"),
+        (("trainer", "monitor"), "val/los", "expected one of 'val/loss', 'val/acc'"),
+        (("trainer", "early_stopping"), {"patience": 0}, "must be >= 1 or null"),
+        (("data", "val_size"), 0, "must be a fraction in (0, 1) or a whole number"),
+        (("data", "classes"), [1, 1], "at least two distinct labels"),
+        (("model", "hidden"), [300, 0], "every width must be >= 1"),
+        (("model", "depth"), 3, "set both depth and width"),
+        (("init", "scale"), -2.0, "must be > 0"),
+        (("init", "mode"), "fan_middle", "expected one of 'fan_in', 'fan_out', 'fan_avg'"),
+    ],
+)
 def test_range_and_type_checks(key, value, message):
     raw = _raw()
     raw[key[0]][key[1]] = value

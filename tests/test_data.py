@@ -16,9 +16,9 @@ import torch
 import torchvision.datasets
 
 from conftest import compose_raw, run_cli, write_cifar_like, write_idx, write_mnist_like
-from dnnrun import data
-from dnnrun.config import parse_run_config
-from dnnrun.data import Arrays, DataConfig, load
+from dnnrun.config.run_config import parse_run_config
+from dnnrun.data import datasets as data
+from dnnrun.data.datasets import Arrays, DataConfig, load
 from dnnrun.errors import ConfigError, DataError
 
 CPU = torch.device("cpu")
@@ -114,12 +114,24 @@ def test_a_feature_constant_in_training_is_only_centred(monkeypatch, features):
     rng = torch.Generator().manual_seed(0)
     x = torch.stack([torch.zeros(200), torch.full((200,), 1234.567), torch.rand(200, generator=rng) * 255], dim=1)
     x_test = torch.tensor([[1.0, 1235.567, 100.0], [0.0, 1234.567, 50.0]])
-    monkeypatch.setitem(data.DATASETS, "consts", lambda root, download: Arrays(
-        x[:, features], torch.arange(200) % 2, x_test[:, features], torch.tensor([0, 1]), max_value=255.0, n_classes=2))
+    monkeypatch.setitem(
+        data.DATASETS,
+        "consts",
+        lambda root, download: Arrays(
+            x[:, features],
+            torch.arange(200) % 2,
+            x_test[:, features],
+            torch.tensor([0, 1]),
+            max_value=255.0,
+            n_classes=2,
+        ),
+    )
     d = load(DataConfig(name="consts", val_size=10), CPU)
     constant = [i for i, f in enumerate(features) if f < 2]
     # Taken directly, a lone float32 feature of 1234.567 has a std of ~1e-4 on the CPU: dividing by it gave ~8000.
-    assert torch.equal(d.test.x[:, constant], torch.tensor([[1.0, 1.0], [0.0, 0.0]])[:, [features[i] for i in constant]])
+    assert torch.equal(
+        d.test.x[:, constant], torch.tensor([[1.0, 1.0], [0.0, 0.0]])[:, [features[i] for i in constant]]
+    )
     assert torch.equal(d.train.x[:, constant], torch.zeros(190, len(constant)))
     if 2 in features:  # a varying feature is still scaled to std 1
         assert torch.allclose(d.train.x[:, -1].std(), torch.tensor(1.0), atol=1e-4)
@@ -146,8 +158,9 @@ def _config_problems(*overrides: str) -> list[str]:
     return info.value.problems
 
 
-@pytest.mark.parametrize("override", ["data.split_seed=-1", "data.split_seed=4294967296", "data.seed=-1",
-                                      "data.seed=4294967296"])
+@pytest.mark.parametrize(
+    "override", ["data.split_seed=-1", "data.split_seed=4294967296", "data.seed=-1", "data.seed=4294967296"]
+)
 def test_seeds_outside_0_to_2_to_the_32_are_config_problems(override):
     key = override.split("=")[0]
     assert _config_problems(override) == [f"{key}: must be in [0, 2**32), got {override.split('=')[1]}"]
@@ -159,8 +172,9 @@ def test_the_largest_seeds_are_accepted():
 
 
 def test_the_synthetic_settings_are_range_checked_together():
-    problems = _config_problems("data.n_samples=-5", "data.n_features=0", "data.n_classes=0", "data.noise=-1",
-                                "data.split_seed=-2")
+    problems = _config_problems(
+        "data.n_samples=-5", "data.n_features=0", "data.n_classes=0", "data.noise=-1", "data.split_seed=-2"
+    )
     assert sorted(problems) == [
         "data.n_classes: must be >= 2, got 0",
         "data.n_features: must be > 0, got 0",
@@ -169,22 +183,37 @@ def test_the_synthetic_settings_are_range_checked_together():
         "data.split_seed: must be in [0, 2**32), got -2",
     ]
     assert _config_problems("data.n_samples=3", "data.n_classes=4") == [
-        "data.n_samples: must be >= n_classes (4) so that every class has an example, got 3"]
+        "data.n_samples: must be >= n_classes (4) so that every class has an example, got 3"
+    ]
 
 
 @pytest.mark.parametrize("sizes", [(0.2, 0.1), (3, 2), (0.5, 0.5)])
 def test_too_few_synthetic_examples_are_a_config_problem_exactly_when_load_could_not_split_them(sizes):
     test_size, val_size = sizes
     for n in range(2, 9):
-        overrides = [f"data.n_samples={n}", "data.n_classes=2", f"data.test_size={test_size}", f"data.val_size={val_size}"]
+        overrides = [
+            f"data.n_samples={n}",
+            "data.n_classes=2",
+            f"data.test_size={test_size}",
+            f"data.val_size={val_size}",
+        ]
         try:
             cfg = parse_run_config(compose_raw("data=synthetic", *overrides)).data
         except ConfigError as exc:
-            assert exc.problems == [f"data.n_samples: {n} examples leave none for training after data.test_size "
-                                    f"({test_size:g}) and data.val_size ({val_size:g}); raise it"]
+            assert exc.problems == [
+                f"data.n_samples: {n} examples leave none for training after data.test_size "
+                f"({test_size:g}) and data.val_size ({val_size:g}); raise it"
+            ]
             with pytest.raises(DataError):
-                load(DataConfig(name="synthetic", test_size=test_size, val_size=val_size,
-                                params={"n_samples": n, "n_classes": 2}), CPU)
+                load(
+                    DataConfig(
+                        name="synthetic",
+                        test_size=test_size,
+                        val_size=val_size,
+                        params={"n_samples": n, "n_classes": 2},
+                    ),
+                    CPU,
+                )
         else:
             assert len(load(cfg, CPU).train) >= 1
 
@@ -240,13 +269,17 @@ def offline(monkeypatch):
 
 def test_missing_files_name_the_folder_and_the_files(tmp_path: Path, offline):
     message = _missing("fashion_mnist", tmp_path, download=False)
-    assert f"put the unpacked train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, " \
-           f"t10k-labels-idx1-ubyte in {tmp_path}/FashionMNIST/raw." in message
+    assert (
+        f"put the unpacked train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+        f"t10k-labels-idx1-ubyte in {tmp_path}/FashionMNIST/raw." in message
+    )
     assert "only with data.download=true" in message and "DNNRUN_DATA" in message
     message = _missing("fashion_mnist", tmp_path, download=True)
-    assert f"put the official train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, " \
-           f"t10k-labels-idx1-ubyte.gz (from http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/) in " \
-           f"{tmp_path}/FashionMNIST/raw: data.download=true then" in message
+    assert (
+        f"put the official train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
+        f"t10k-labels-idx1-ubyte.gz (from http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/) in "
+        f"{tmp_path}/FashionMNIST/raw: data.download=true then" in message
+    )
     message = _missing("cifar10", tmp_path, download=False)
     assert f"put the unpacked cifar-10-batches-py/ in {tmp_path}." in message and "cifar-10-python.tar.gz" in message
 
@@ -265,7 +298,9 @@ def test_the_advice_for_download_false_loads(tmp_path: Path, offline):
 
 def test_the_advice_for_download_true_loads_offline(tmp_path: Path, offline, monkeypatch):
     """Archives placed under the names the message gives are checked and unpacked without the network."""
-    names, where = re.search(r"put the official (.+) \(from \S+\) in (\S+): ", _missing("fashion_mnist", tmp_path, True)).groups()
+    names, where = re.search(
+        r"put the official (.+) \(from \S+\) in (\S+): ", _missing("fashion_mnist", tmp_path, True)
+    ).groups()
     made = write_mnist_like(tmp_path / "made")
     md5 = {}
     for name in names.split(", "):
@@ -288,8 +323,19 @@ def test_a_failed_download_names_the_reason(tmp_path: Path, monkeypatch):
         load(DataConfig(name="mnist", root=str(tmp_path), download=True), CPU)
 
 
-@pytest.mark.parametrize("given, problem", [("1.0", True), ("2.0", True), ("0.0", True), ("-3", True), ("0", True),
-                                            ("1", False), ("100", False), ("0.25", False)])
+@pytest.mark.parametrize(
+    "given, problem",
+    [
+        ("1.0", True),
+        ("2.0", True),
+        ("0.0", True),
+        ("-3", True),
+        ("0", True),
+        ("1", False),
+        ("100", False),
+        ("0.25", False),
+    ],
+)
 def test_a_size_is_a_fraction_as_a_float_and_a_count_as_an_integer(given, problem):
     """No guessing: 1.0 and 2.0 are refused, not read as one or two examples."""
     if problem:
@@ -309,16 +355,27 @@ def _bad_header(raw: Path) -> None:
 
 
 INCONSISTENT = {
-    "labels outside the classes": (lambda raw: write_idx(raw / "train-labels-idx1-ubyte", np.arange(40) % 10 + 5),
-                                   "the training labels run from 5 to 14; expected classes 0..9"),
-    "fewer labels than images": (lambda raw: write_idx(raw / "train-labels-idx1-ubyte", np.arange(30) % 10),
-                                 "the training split has 40 images but 30 labels; expected one label per image"),
-    "more labels than images": (lambda raw: write_idx(raw / "t10k-labels-idx1-ubyte", np.arange(50) % 10),
-                                "the test split has 12 images but 50 labels"),
+    "labels outside the classes": (
+        lambda raw: write_idx(raw / "train-labels-idx1-ubyte", np.arange(40) % 10 + 5),
+        "the training labels run from 5 to 14; expected classes 0..9",
+    ),
+    "fewer labels than images": (
+        lambda raw: write_idx(raw / "train-labels-idx1-ubyte", np.arange(30) % 10),
+        "the training split has 40 images but 30 labels; expected one label per image",
+    ),
+    "more labels than images": (
+        lambda raw: write_idx(raw / "t10k-labels-idx1-ubyte", np.arange(50) % 10),
+        "the test split has 12 images but 50 labels",
+    ),
     "test images of another size": (
         lambda raw: write_idx(raw / "t10k-images-idx3-ubyte", np.zeros((12, 20, 20), dtype=np.uint8)),
-        "the test examples have shape (1, 20, 20), the training examples (1, 28, 28); expected one shape for every split"),
-    "a bad header": (_bad_header, "(AssertionError: a file does not have the format torchvision reads (a bad header?))"),
+        "the test examples have shape (1, 20, 20), the training examples (1, 28, 28); "
+        "expected one shape for every split",
+    ),
+    "a bad header": (
+        _bad_header,
+        "(AssertionError: a file does not have the format torchvision reads (a bad header?))",
+    ),
 }
 
 
@@ -338,14 +395,20 @@ def test_inconsistent_files_stop_dnnrun_with_exit_2_and_no_run_directory(tmp_pat
     raw = tmp_path / "data" / "FashionMNIST" / "raw"
     write_mnist_like(raw)
     INCONSISTENT["labels outside the classes"][0](raw)
-    result = run_cli("data=fashion_mnist", f"data.root={tmp_path / 'data'}", "data.download=false",
-                     f"hydra.run.dir={tmp_path / 'runs' / 'one'}", f"outputs={tmp_path / 'runs'}", cwd=tmp_path)
+    result = run_cli(
+        "data=fashion_mnist",
+        f"data.root={tmp_path / 'data'}",
+        "data.download=false",
+        f"hydra.run.dir={tmp_path / 'runs' / 'one'}",
+        f"outputs={tmp_path / 'runs'}",
+        cwd=tmp_path,
+    )
     assert result.returncode == 2 and "expected classes 0..9" in result.stderr, result.stderr
     assert not (tmp_path / "runs" / "one").exists()
 
 
 def test_k_folds_are_stratified_disjoint_cover_the_training_set_and_leave_the_test_split_alone():
-    from dnnrun.data import fold_of
+    from dnnrun.data.datasets import fold_of
 
     base = load(DataConfig(name="digits", scaling="none"), CPU)
     splits = [load(DataConfig(name="digits", scaling="none", folds=5, fold=i), CPU) for i in range(5)]
@@ -364,8 +427,10 @@ def test_k_folds_are_stratified_disjoint_cover_the_training_set_and_leave_the_te
 
 
 def test_fold_settings_are_checked():
-    assert _config_problems("data.folds=1", "data.fold=0") == ["data.folds: must be >= 2 (or null: no "
-                                                              "cross-validation), got 1"]
-    assert _config_problems("data.folds=5", "data.fold=5") == ["data.fold: must be one of 0..4 with data.folds=5 "
-                                                              "(sweep them: -m data.fold='range(5)'), got 5"]
+    assert _config_problems("data.folds=1", "data.fold=0") == [
+        "data.folds: must be >= 2 (or null: no cross-validation), got 1"
+    ]
+    assert _config_problems("data.folds=5", "data.fold=5") == [
+        "data.fold: must be one of 0..4 with data.folds=5 (sweep them: -m data.fold='range(5)'), got 5"
+    ]
     assert _config_problems("data.fold=2") == ["data.fold: needs data.folds (how many folds), e.g. data.folds=5"]

@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from conftest import make_config, run_cli
-from dnnrun import diagnosis, diagnostics, faults, plots, train
-from dnnrun.console import console
 from dnnrun.errors import Diverged, Interrupted
-from dnnrun.rundir import read_jsonl
+from dnnrun.insight import diagnosis, diagnostics, plots
+from dnnrun.insight.console import console
+from dnnrun.store.rundir import read_jsonl
+from dnnrun.training import faults, loop as train
 
 DEEP = ("model.depth=20", "model.width=16", "trainer.epochs=2", "trainer.diagnostics.every=10")
 
@@ -35,8 +36,11 @@ def test_a_deep_sigmoid_net_with_standard_normal_weights_has_vanishing_gradients
 def test_an_interrupted_run_is_diagnosed_and_plotted_too(tmp_path: Path):
     sigint = faults.parse("int@epoch=1")  # SIGINT after the first epoch's checkpoint
     with pytest.raises(Interrupted):
-        train.run(make_config(*DEEP, "act=sigmoid", "init=random_normal", "trainer.diagnostics.plots=true"), tmp_path,
-                  hook=sigint)
+        train.run(
+            make_config(*DEEP, "act=sigmoid", "init=random_normal", "trainer.diagnostics.plots=true"),
+            tmp_path,
+            hook=sigint,
+        )
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["test"] is None  # not tested: it did not finish
     assert any(s.startswith("gradients vanish") for s in summary["diagnosis"]), summary["diagnosis"]
@@ -71,7 +75,16 @@ def test_diagnostics_jsonl_holds_every_layer_every_n_steps(tmp_path: Path):
     # 27 steps per epoch: every 10th, and each epoch's first and last
     assert [r["step"] for r in records] == [1, 10, 20, 27, 28, 30, 40, 50, 54]
     assert [r["epoch"] for r in records] == [1, 1, 1, 1, 2, 2, 2, 2, 2]
-    hidden = {"grad_norm", "weight_norm", "update_ratio", "act_mean", "act_std", "dead", "bn_running_mean", "bn_running_var"}
+    hidden = {
+        "grad_norm",
+        "weight_norm",
+        "update_ratio",
+        "act_mean",
+        "act_std",
+        "dead",
+        "bn_running_mean",
+        "bn_running_var",
+    }
     for r in records:
         assert list(r["layers"]) == ["hidden1", "hidden2", "output"]
         assert set(r["layers"]["hidden1"]) == hidden
@@ -84,8 +97,10 @@ def test_diagnostics_jsonl_holds_every_layer_every_n_steps(tmp_path: Path):
 
 def test_a_run_shorter_than_the_cadence_still_has_statistics_to_diagnose(tmp_path: Path):
     """At the default cadence (every 100 steps) a 2-epoch run of 27 steps an epoch had none."""
-    train.run(make_config("trainer.epochs=2", "act=sigmoid", "init=random_normal", "model.depth=8",
-                          "model.width=16"), tmp_path)
+    train.run(
+        make_config("trainer.epochs=2", "act=sigmoid", "init=random_normal", "model.depth=8", "model.width=16"),
+        tmp_path,
+    )
     assert [r["step"] for r in read_jsonl(tmp_path / "diagnostics.jsonl")] == [1, 27, 28, 54]
     assert any("saturated" in finding for finding in json.loads((tmp_path / "summary.json").read_text())["diagnosis"])
 
@@ -96,7 +111,7 @@ def test_diagnostics_off(tmp_path: Path):
 
 
 def test_unit_statistics_follow_their_definitions():
-    from dnnrun.activations import ACTIVATIONS
+    from dnnrun.techniques.activations import ACTIVATIONS
 
     out = torch.tensor([[0.0, 1.0, 0.0], [0.0, 2.0, 3.0]])  # unit 0 is zero for every example
     stats = diagnostics.activation_stats(out, ACTIVATIONS["relu"])
@@ -109,7 +124,10 @@ def test_unit_statistics_follow_their_definitions():
 
 
 def _history(val: list[float], train_loss: list[float], acc: float = 0.9) -> list[dict]:
-    return [{"epoch": i + 1, "val/loss": v, "train/loss": t, "val/acc": acc} for i, (v, t) in enumerate(zip(val, train_loss))]
+    return [
+        {"epoch": i + 1, "val/loss": v, "train/loss": t, "val/acc": acc}
+        for i, (v, t) in enumerate(zip(val, train_loss))
+    ]
 
 
 def test_overfitting_and_not_learning_are_diagnosed_from_the_history():
@@ -122,15 +140,19 @@ def test_overfitting_and_not_learning_are_diagnosed_from_the_history():
     assert diagnosis.diagnose(noise, [], 10) == []
     stuck = _history([2.30, 2.30, 2.30], [2.31, 2.30, 2.30], acc=0.1)
     (sentence,) = diagnosis.diagnose(stuck, [], n_classes=10)
-    assert sentence == ("the network is not learning: training loss went from 2.310 to 2.300 and validation "
-                        "accuracy is 10.0% (chance: 10.0%)")
+    assert sentence == (
+        "the network is not learning: training loss went from 2.310 to 2.300 and validation "
+        "accuracy is 10.0% (chance: 10.0%)"
+    )
 
 
 def test_exploding_gradients_are_diagnosed():
     records = [{"step": s, "layers": {"hidden1": {"grad_norm": 5e3}, "output": {"grad_norm": 1.0}}} for s in (1, 2, 3)]
     (sentence,) = diagnosis.diagnose([], records, n_classes=10)
-    assert sentence == ("gradients explode: the first hidden layer's gradient norm is 5.0e+03 times the output "
-                        "layer's (median over 3 monitored steps)")
+    assert sentence == (
+        "gradients explode: the first hidden layer's gradient norm is 5.0e+03 times the output "
+        "layer's (median over 3 monitored steps)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,8 +163,9 @@ def test_a_nan_loss_stops_the_run_with_exit_3_and_keeps_the_last_good_checkpoint
     clean = tmp_path / "clean"
     train.run(make_config("trainer.epochs=2"), clean)  # the same run, stopped by its budget after epoch 2
     run = tmp_path / "nan"
-    result = run_cli("data=synthetic", "trainer.epochs=4", f"hydra.run.dir={run}", cwd=tmp_path,
-                     env={"DNNRUN_FAULT": "nan@step=60"})  # 27 steps per epoch: step 60 is in epoch 3
+    result = run_cli(
+        "data=synthetic", "trainer.epochs=4", f"hydra.run.dir={run}", cwd=tmp_path, env={"DNNRUN_FAULT": "nan@step=60"}
+    )  # 27 steps per epoch: step 60 is in epoch 3
     assert result.returncode == 3, result.stdout + result.stderr
     assert "training diverged at step 60: the training loss is nan" in result.stderr
     assert "Traceback" not in result.stdout + result.stderr
@@ -249,8 +272,19 @@ def test_tensorboard_event_files_hold_the_metrics_and_histograms(tmp_path: Path)
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0, "histograms": 0})
     events.Reload()
     tags = events.Tags()
-    for tag in ("train/loss", "train/acc", "val/loss", "val/acc", "lr", "time/epoch_s", "test/loss", "test/acc",
-                "diagnostics/hidden1/grad_norm", "diagnostics/hidden2/dead", "diagnostics/output/update_ratio"):
+    for tag in (
+        "train/loss",
+        "train/acc",
+        "val/loss",
+        "val/acc",
+        "lr",
+        "time/epoch_s",
+        "test/loss",
+        "test/acc",
+        "diagnostics/hidden1/grad_norm",
+        "diagnostics/hidden2/dead",
+        "diagnostics/output/update_ratio",
+    ):
         assert tag in tags["scalars"], tag
     assert "weights/hidden1.linear.weight" in tags["histograms"]
     assert "gradients/output.weight" in tags["histograms"]
@@ -274,9 +308,14 @@ def _records(ratios: list[float], saturated: list[float], steps: int = 5) -> lis
 FADING = [1e-5, 1e-5, 1e-5, 1e-4, 0.5, 0.5]  # lost between layers 5 and 4
 
 
-@pytest.mark.parametrize("saturated, cause", [([0.9, 0.9, 0.9, 0.9, 0.0, 0.0], True),  # saturation up to layer 4
-                                              ([0.0] * 6, False),  # no saturation: vanishing, no cause named
-                                              ([0.0, 0.0, 0.0, 0.0, 0.0, 0.9], False)])  # saturated, but above
+@pytest.mark.parametrize(
+    "saturated, cause",
+    [
+        ([0.9, 0.9, 0.9, 0.9, 0.0, 0.0], True),  # saturation up to layer 4
+        ([0.0] * 6, False),  # no saturation: vanishing, no cause named
+        ([0.0, 0.0, 0.0, 0.0, 0.0, 0.9], False),
+    ],
+)  # saturated, but above
 def test_per_layer_gradients_say_where_they_vanish_and_saturation_there_is_named_as_the_cause(saturated, cause):
     (finding, *rest) = diagnosis.diagnose([], _records(FADING, saturated), n_classes=10)
     assert finding.rule == "vanishing_gradients"
@@ -297,7 +336,7 @@ def test_saturation_that_leaves_the_gradients_flowing_is_not_called_vanishing():
 
 
 def test_a_conv_blocks_unit_is_a_channel_dead_when_zero_everywhere():
-    from dnnrun.activations import ACTIVATIONS
+    from dnnrun.techniques.activations import ACTIVATIONS
 
     out = torch.ones(2, 3, 2, 2)
     out[:, 0] = 0  # channel 0: zero for every example at every position

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from conftest import make_config, run_cli, write_mnist_like
-from dnnrun import evaluate, metrics, runtime, train
-from dnnrun.data import load
+from dnnrun.data.datasets import load
+from dnnrun.inference import evaluate
+from dnnrun.training import loop as train, metrics, runtime
 
 
 def _model(*overrides: str):
@@ -62,8 +63,9 @@ def test_dnnrun_mode_evaluate_reports_deterministic_and_mc_dropout_figures(tmp_p
     summary = train.run(make_config("regularizer=[dropout]", "trainer.epochs=3"), tmp_path / "trained")
     best = tmp_path / "trained" / "checkpoints" / "best.pt"
     run = tmp_path / "eval"
-    result = run_cli("mode=evaluate", f"evaluate.checkpoint={best}", "evaluate.mc_samples=10",
-                     f"hydra.run.dir={run}", cwd=tmp_path)
+    result = run_cli(
+        "mode=evaluate", f"evaluate.checkpoint={best}", "evaluate.mc_samples=10", f"hydra.run.dir={run}", cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr
     assert "MC dropout (10 passes)" in result.stdout
     said = " ".join(result.stdout.split())  # the console may wrap lines
@@ -88,10 +90,11 @@ def test_evaluate_without_a_checkpoint_exits_2(tmp_path: Path):
 def test_a_refused_evaluate_or_lr_find_leaves_no_directory(tmp_path: Path, mode):
     """They used to write .hydra/ and status.json before their checks."""
     (tmp_path / "bad.pt").write_text("not a checkpoint")
-    refused = {"evaluate": ["mode=evaluate", f"evaluate.checkpoint={tmp_path / 'bad.pt'}"],
-               "lr_find": ["mode=lr_find", "data=synthetic", "data.val_size=100000"]}[mode]
-    result = run_cli(*refused, f"hydra.run.dir={tmp_path / 'out' / 'run'}", f"outputs={tmp_path / 'out'}",
-                     cwd=tmp_path)
+    refused = {
+        "evaluate": ["mode=evaluate", f"evaluate.checkpoint={tmp_path / 'bad.pt'}"],
+        "lr_find": ["mode=lr_find", "data=synthetic", "data.val_size=100000"],
+    }[mode]
+    result = run_cli(*refused, f"hydra.run.dir={tmp_path / 'out' / 'run'}", f"outputs={tmp_path / 'out'}", cwd=tmp_path)
     assert result.returncode == 2, result.stdout + result.stderr
     assert not (tmp_path / "out").exists()
 
@@ -126,14 +129,24 @@ def test_evaluate_finds_the_data_through_dnnrun_data_as_training_did(tmp_path: P
     write_mnist_like(tmp_path / "data" / "FashionMNIST" / "raw")
     monkeypatch.setenv("DNNRUN_DATA", str(tmp_path / "data"))
     best = _train_on_fashion_mnist_files(tmp_path)  # data.root from DNNRUN_DATA, download=true
-    result = run_cli("mode=evaluate", f"evaluate.checkpoint={best}", f"hydra.run.dir={tmp_path / 'eval'}",
-                     cwd=tmp_path, env={"DNNRUN_DATA": str(tmp_path / "data")})
+    result = run_cli(
+        "mode=evaluate",
+        f"evaluate.checkpoint={best}",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+        cwd=tmp_path,
+        env={"DNNRUN_DATA": str(tmp_path / "data")},
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert json.loads((tmp_path / "eval" / "evaluation.json").read_text())["examples"] == 12
     # on another machine (or after a move) DNNRUN_DATA wins over the root saved in the checkpoint
     (tmp_path / "data").rename(tmp_path / "moved")
-    result = run_cli("mode=evaluate", f"evaluate.checkpoint={best}", f"hydra.run.dir={tmp_path / 'eval2'}",
-                     cwd=tmp_path, env={"DNNRUN_DATA": str(tmp_path / "moved")})
+    result = run_cli(
+        "mode=evaluate",
+        f"evaluate.checkpoint={best}",
+        f"hydra.run.dir={tmp_path / 'eval2'}",
+        cwd=tmp_path,
+        env={"DNNRUN_DATA": str(tmp_path / "moved")},
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert offline == []  # no download tried
 
@@ -141,12 +154,16 @@ def test_evaluate_finds_the_data_through_dnnrun_data_as_training_did(tmp_path: P
 def test_evaluate_without_dnnrun_data_reads_the_checkpoints_root_and_download_setting(tmp_path: Path, offline):
     write_mnist_like(tmp_path / "data" / "FashionMNIST" / "raw")
     best = _train_on_fashion_mnist_files(tmp_path, f"data.root={tmp_path / 'data'}", "data.download=false")
-    result = run_cli("mode=evaluate", f"evaluate.checkpoint={best}", f"hydra.run.dir={tmp_path / 'eval'}",
-                     cwd=tmp_path)
+    result = run_cli("mode=evaluate", f"evaluate.checkpoint={best}", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert offline == []
     # the command line's data.root wins; download=false came from the checkpoint: no download tried
-    result = run_cli("mode=evaluate", f"evaluate.checkpoint={best}", f"data.root={tmp_path / 'elsewhere'}",
-                     f"hydra.run.dir={tmp_path / 'eval2'}", cwd=tmp_path)
+    result = run_cli(
+        "mode=evaluate",
+        f"evaluate.checkpoint={best}",
+        f"data.root={tmp_path / 'elsewhere'}",
+        f"hydra.run.dir={tmp_path / 'eval2'}",
+        cwd=tmp_path,
+    )
     assert result.returncode == 2 and f"{tmp_path / 'elsewhere' / 'FashionMNIST'}" in result.stderr
     assert "and data.download=false" in result.stderr and offline == []

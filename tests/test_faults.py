@@ -19,14 +19,24 @@ import pytest
 import torch
 
 from conftest import make_config, run_cli
-from dnnrun import checkpoint, faults, train
 from dnnrun.errors import ConfigError, Interrupted, UserError
-from dnnrun.rundir import RunDir, SweepDir, read_jsonl
+from dnnrun.inference import evaluate
+from dnnrun.store import checkpoint
+from dnnrun.store.rundir import RunDir, SweepDir, read_jsonl
+from dnnrun.training import faults, loop as train
 
 # Batch norm, dropout, momentum with 1cycle and per-step diagnostics: every kind of state a resume
 # must restore. 864 training examples / 32 = 27 steps per epoch.
-SETUP = ("data=synthetic", "trainer.epochs=3", "norm=batchnorm", "regularizer=[dropout]", "optimizer=momentum",
-         "schedule=onecycle", "model.hidden=[64,32]", "trainer.diagnostics.every=10")
+SETUP = (
+    "data=synthetic",
+    "trainer.epochs=3",
+    "norm=batchnorm",
+    "regularizer=[dropout]",
+    "optimizer=momentum",
+    "schedule=onecycle",
+    "model.hidden=[64,32]",
+    "trainer.diagnostics.every=10",
+)
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +58,9 @@ def _same_weights(a: Path, b: Path) -> bool:
 
 def _faulty_run(tmp_path: Path, fault: str, *extra: str, process: bool = True) -> subprocess.CompletedProcess:
     """dnnrun with a fault injected; in a process of its own, which the fault may kill or signal."""
-    return run_cli(*SETUP, *extra, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, env={"DNNRUN_FAULT": fault},
-                   process=process)
+    return run_cli(
+        *SETUP, *extra, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, env={"DNNRUN_FAULT": fault}, process=process
+    )
 
 
 def _resume(tmp_path: Path):
@@ -84,7 +95,8 @@ def test_a_run_killed_anywhere_resumes_to_the_same_weights(fault, tmp_path: Path
     _metrics_intact(run, 3)
     assert read_jsonl(run / "metrics.jsonl") == [  # the times aside
         {**r, **{k: v for k, v in a.items() if k.startswith("time/")}}
-        for r, a in zip(read_jsonl(straight / "metrics.jsonl"), read_jsonl(run / "metrics.jsonl"))]
+        for r, a in zip(read_jsonl(straight / "metrics.jsonl"), read_jsonl(run / "metrics.jsonl"))
+    ]
     assert not list(run.rglob(".*.tmp-*"))  # stale temporary files were cleaned up
 
 
@@ -145,8 +157,11 @@ def test_a_corrupted_last_checkpoint_is_reported_and_never_replaced_by_a_fresh_s
 # Signals
 
 
-@pytest.mark.parametrize("fault, code", [("term@step=40", 143), ("int@step=40,int@save=3,int@status=1", 130)],
-                         ids=["SIGTERM", "SIGINT, and more during the save and the status record"])
+@pytest.mark.parametrize(
+    "fault, code",
+    [("term@step=40", 143), ("int@step=40,int@save=3,int@status=1", 130)],
+    ids=["SIGTERM", "SIGINT, and more during the save and the status record"],
+)
 def test_a_signal_finishes_the_step_saves_and_exits_with_its_code(fault, code, tmp_path: Path, straight: Path):
     result = _faulty_run(tmp_path, fault)
     assert result.returncode == code, result.stdout + result.stderr
@@ -172,9 +187,20 @@ def test_sigterm_between_epochs_stops_at_the_epoch_boundary(tmp_path: Path):
 
 def test_sigterm_before_training_exits_143_at_once(tmp_path: Path):
     # A long pretraining phase comes before the first training step: the signal lands in it.
-    process = subprocess.Popen([str(Path(sys.executable).parent / "dnnrun"), *SETUP, "pretrain=autoencoder",
-                                "pretrain.epochs=10000", f"outputs={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"],
-                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "dnnrun"),
+            *SETUP,
+            "pretrain=autoencoder",
+            "pretrain.epochs=10000",
+            f"outputs={tmp_path}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 60
     while not (tmp_path / "run" / "run.log").exists() and time.time() < deadline:  # the run has begun
         time.sleep(0.05)
@@ -223,12 +249,12 @@ def test_every_checkpoint_reader_refuses_a_payload(tmp_path: Path):
     for overrides in ([f"transfer.source={evil}"], ["mode=evaluate", f"evaluate.checkpoint={evil}"]):
         cfg = make_config(*overrides)
         with pytest.raises(UserError, match="refused to load"):
-            (train.run if cfg.mode == "train" else __import__("dnnrun.evaluate").evaluate.run)(cfg, tmp_path / "out")
+            (train.run if cfg.mode == "train" else evaluate.run)(cfg, tmp_path / "out")
     assert not marker.exists()
 
 
 def test_weights_export_to_safetensors_and_load_back(tmp_path: Path, straight: Path):
-    from dnnrun.export import main as export
+    from dnnrun.inference.export import main as export
 
     out = tmp_path / "weights.safetensors"
     assert export([str(straight / "checkpoints" / "best.pt"), "--out", str(out)]) == 0
@@ -236,7 +262,7 @@ def test_weights_export_to_safetensors_and_load_back(tmp_path: Path, straight: P
     original = checkpoint.load(straight / "checkpoints" / "best.pt")
     assert all(torch.equal(loaded["model"][k], original["model"][k]) for k in original["model"])
     assert loaded["config"] == original["config"]
-    from dnnrun import evaluate
+    from dnnrun.inference import evaluate
 
     report = evaluate.run(make_config("mode=evaluate", f"evaluate.checkpoint={out}"), tmp_path / "eval")
     summary = json.loads((straight / "summary.json").read_text())
@@ -248,7 +274,7 @@ def test_weights_export_to_safetensors_and_load_back(tmp_path: Path, straight: P
 def test_export_takes_a_run_directory_for_its_best_checkpoint(tmp_path: Path, straight: Path):
     import shutil
 
-    from dnnrun.export import main as export
+    from dnnrun.inference.export import main as export
 
     run = shutil.copytree(straight, tmp_path / "run")
     assert export([str(run)]) == 0
@@ -279,22 +305,42 @@ def test_run_directories_stay_under_the_outputs_root(where, tmp_path: Path):
 
 
 def test_setting_the_outputs_root_allows_another_place(tmp_path: Path):
-    allowed = run_cli("data=synthetic", "trainer.epochs=1", f"outputs={tmp_path / 'elsewhere'}",
-                      f"hydra.run.dir={tmp_path / 'elsewhere' / 'run'}", cwd=tmp_path, root_at_cwd=False)
+    allowed = run_cli(
+        "data=synthetic",
+        "trainer.epochs=1",
+        f"outputs={tmp_path / 'elsewhere'}",
+        f"hydra.run.dir={tmp_path / 'elsewhere' / 'run'}",
+        cwd=tmp_path,
+        root_at_cwd=False,
+    )
     assert allowed.returncode == 0, allowed.stderr
 
 
 def test_a_sweep_job_cannot_escape_the_outputs_root(tmp_path: Path):
-    result = run_cli("-m", "data=synthetic", "trainer.epochs=1", "hydra.sweep.subdir=../../../escaped",
-                     f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
-    assert result.returncode == 2 and "hydra.sweep.subdir: '../../../escaped' leads out" in result.stderr  # the pre-check
+    result = run_cli(
+        "-m",
+        "data=synthetic",
+        "trainer.epochs=1",
+        "hydra.sweep.subdir=../../../escaped",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        cwd=tmp_path,
+    )
+    assert (
+        result.returncode == 2 and "hydra.sweep.subdir: '../../../escaped' leads out" in result.stderr
+    )  # the pre-check
     assert not (tmp_path.parent / "escaped").exists() and not (tmp_path / "sweep").exists()
 
 
 def test_resuming_with_a_config_that_changes_the_result_lists_the_changes(tmp_path: Path):
     _stopped_after_epoch(tmp_path, 1)
-    changed = run_cli(*SETUP, "trainer.resume=auto", "optimizer.lr=0.1", "trainer.seed=7",
-                      f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    changed = run_cli(
+        *SETUP,
+        "trainer.resume=auto",
+        "optimizer.lr=0.1",
+        "trainer.seed=7",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
     assert changed.returncode == 2 and "Traceback" not in changed.stderr
     assert "optimizer.lr: 0.01 in the checkpoint, 0.1 now" in changed.stderr
     assert "trainer.seed: 0 in the checkpoint, 7 now" in changed.stderr
@@ -304,8 +350,12 @@ def test_resuming_with_a_config_that_changes_the_result_lists_the_changes(tmp_pa
     # ... and the 1cycle schedule keeps the length it started with: annihilated at the end of epoch 3,
     # it stays at lr0 / final_div in epoch 4 instead of jumping to the curve of a 4-epoch run
     assert read_jsonl(run / "metrics.jsonl")[3]["lr"] == pytest.approx(0.01 / 1000)
-    train.run(make_config(*SETUP[1:], "trainer.resume=auto", "trainer.epochs=5", "optimizer.lr=0.02",
-                          "trainer.force_resume=true"), run)
+    train.run(
+        make_config(
+            *SETUP[1:], "trainer.resume=auto", "trainer.epochs=5", "optimizer.lr=0.02", "trainer.force_resume=true"
+        ),
+        run,
+    )
     assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2, 3, 4, 5]
     assert "resuming despite a changed setting (trainer.force_resume): optimizer.lr" in (run / "run.log").read_text()
 
@@ -317,12 +367,22 @@ def test_resuming_with_a_config_that_changes_the_result_lists_the_changes(tmp_pa
 @pytest.mark.slow
 def test_a_job_killed_under_joblib_loses_no_finished_job_and_a_rerun_finishes(tmp_path: Path):
     sweep = tmp_path / "sweep"
-    args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "data=synthetic", "trainer.epochs=1,2,3",
-            f"hydra.sweep.dir={sweep}"]
+    args = [
+        "-m",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "data=synthetic",
+        "trainer.epochs=1,2,3",
+        f"hydra.sweep.dir={sweep}",
+    ]
     # Only the 3-epoch job gets to step 60; it dies there once the other two jobs have finished (a
     # barrier: which job is faster does not matter), so that no running job is taken down with it.
-    first = run_cli(*args, cwd=tmp_path, env={"DNNRUN_FAULT": "wait@step=60,kill@step=60",
-                                              "DNNRUN_FAULT_WAIT": f"{sweep}/*/status.json:2"}, process=True)
+    first = run_cli(
+        *args,
+        cwd=tmp_path,
+        env={"DNNRUN_FAULT": "wait@step=60,kill@step=60", "DNNRUN_FAULT_WAIT": f"{sweep}/*/status.json:2"},
+        process=True,
+    )
     assert first.returncode == 1, first.stdout + first.stderr  # Hydra prints joblib's error first: accepted
     # The dead job is recorded and listed as failed, next to the finished ones.
     jobs = [j.path for j in SweepDir(sweep).jobs()]
@@ -330,13 +390,19 @@ def test_a_job_killed_under_joblib_loses_no_finished_job_and_a_rerun_finishes(tm
     assert (killed["status"], killed["exit_code"]) == ("failed", 1)
     assert killed["error"] == "its process died before it finished (killed?)" and killed["job"]["num"] == 2
     with open(sweep / "sweep.csv") as f:
-        assert [(r["job"], r["status"]) for r in csv.DictReader(f)] == [("0", "completed"), ("1", "completed"),
-                                                                        ("2", "failed")]
+        assert [(r["job"], r["status"]) for r in csv.DictReader(f)] == [
+            ("0", "completed"),
+            ("1", "completed"),
+            ("2", "failed"),
+        ]
     assert "sweep: 2 of 3 jobs completed" in first.stdout
     (line,) = [line for line in first.stderr.splitlines() if line.startswith("error: job 2 (")]
     assert "trainer.epochs=3" in line and line.endswith("failed: its process died before it finished (killed?)")
-    done = {job.name: (job / "checkpoints" / "last.pt").stat().st_mtime_ns
-            for job in jobs if RunDir(job).read_status()["status"] == "completed"}
+    done = {
+        job.name: (job / "checkpoints" / "last.pt").stat().st_mtime_ns
+        for job in jobs
+        if RunDir(job).read_status()["status"] == "completed"
+    }
     assert len(done) == 2 and not any(name.startswith("2_") for name in done)
     second = run_cli(*args, cwd=tmp_path, process=True)
     assert second.returncode == 0, second.stderr
@@ -353,11 +419,25 @@ def test_a_job_that_a_dying_joblib_worker_takes_down_is_resumed_not_restarted_by
     there; job 1 (batch 256, 4 steps an epoch, never at step 40) dies after its third epoch once
     job 0 is held. The re-run continues job 0 from its first epoch's checkpoint."""
     sweep, held = tmp_path / "sweep", tmp_path / "held"
-    args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "data=synthetic", "trainer.epochs=3",
-            "trainer.batch_size=32,256", f"hydra.sweep.dir={sweep}"]
-    first = run_cli(*args, cwd=tmp_path, process=True,
-                    env={"DNNRUN_FAULT": "arrive@step=40,hold@step=40,wait@epoch=3,kill@epoch=3",
-                         "DNNRUN_FAULT_ARRIVE": str(held), "DNNRUN_FAULT_WAIT": f"{held}/*:1"})
+    args = [
+        "-m",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "data=synthetic",
+        "trainer.epochs=3",
+        "trainer.batch_size=32,256",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    first = run_cli(
+        *args,
+        cwd=tmp_path,
+        process=True,
+        env={
+            "DNNRUN_FAULT": "arrive@step=40,hold@step=40,wait@epoch=3,kill@epoch=3",
+            "DNNRUN_FAULT_ARRIVE": str(held),
+            "DNNRUN_FAULT_WAIT": f"{held}/*:1",
+        },
+    )
     assert first.returncode == 1, first.stdout + first.stderr
     taken_down, killed = (RunDir(j.path) for j in SweepDir(sweep).jobs())
     for job in (taken_down, killed):

@@ -10,9 +10,9 @@ from torch import nn
 
 from conftest import make_config
 from dnnrun.cli import CONFIG_DIR
-from dnnrun import init
-from dnnrun.init import initialize, variance_scaling_
-from dnnrun.schema import Choice
+from dnnrun.config.schema import Choice
+from dnnrun.techniques import init
+from dnnrun.techniques.init import initialize, variance_scaling_
 
 FAN_IN, FAN_OUT = 500, 1000  # nn.Linear(500, 1000): weight (1000, 500); distinct fans tell the modes apart
 FAN_AVG = (FAN_IN + FAN_OUT) / 2
@@ -96,8 +96,8 @@ def test_the_output_layers_choices_are_the_init_options_of_their_names(name):
 
 def test_the_output_layer_is_glorot_whatever_the_hidden_layers_use_unless_same():
     """The seeds' table: Glorot for a softmax (or linear) output layer."""
-    from dnnrun import runtime
-    from dnnrun.data import Data, Split
+    from dnnrun.data.datasets import Data, Split
+    from dnnrun.training import runtime
 
     split = Split(torch.zeros(2, 400), torch.zeros(2, dtype=torch.int64))
     data = Data(split, split, split, 400, 300, None, split.x)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import make_config, run_cli
-from dnnrun import runtime
-from dnnrun.data import Data, Split
+from dnnrun.data.datasets import Data, Split
+from dnnrun.training import runtime
 
 CPU = torch.device("cpu")
 
@@ -37,8 +37,8 @@ def test_the_estimate_counts_weights_gradients_optimizer_state_and_a_batch(monke
 
 
 def test_members_need_that_many_models_memory_and_are_refused_before_any_write(monkeypatch, tmp_path: Path):
-    from dnnrun import members
     from dnnrun.errors import UserError
+    from dnnrun.training import members
 
     cfg = make_config("trainer.seeds=[0,1,2,3]", data="digits")
     single = make_config(data="digits")
@@ -49,11 +49,17 @@ def test_members_need_that_many_models_memory_and_are_refused_before_any_write(m
     while low < needed:
         mid = (low + needed) // 2
         monkeypatch.setattr(runtime, "free_memory", lambda device, m=mid: m)
-        low, needed = (low, mid) if runtime.memory_problem(model, single, CPU, data.shape) is None else (mid + 1, needed)
+        low, needed = (
+            (low, mid) if runtime.memory_problem(model, single, CPU, data.shape) is None else (mid + 1, needed)
+        )
     monkeypatch.setattr(runtime, "free_memory", lambda device: 4 * needed)
     assert runtime.memory_problem(model, cfg, CPU, data.shape, members=4) is None
     monkeypatch.setattr(runtime, "free_memory", lambda device: 4 * needed - 1)
-    with pytest.raises(UserError, match=r"4 members of the model need about .*, lower trainer.batch_size and trainer.eval_batch_size or list fewer trainer.seeds$"):
+    with pytest.raises(
+        UserError,
+        match=r"4 members of the model need about .*, lower trainer.batch_size and trainer.eval_batch_size "
+        r"or list fewer trainer.seeds$",
+    ):
         members.run(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
@@ -75,25 +81,44 @@ def test_a_model_too_big_for_memory_exits_2_with_the_estimate_and_leaves_nothing
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("name, most", [("sgd", {"momentum": 0.9}), ("adagrad", {}),
-                                        ("rmsprop", {"momentum": 0.9, "centered": True}), ("adam", {"amsgrad": True}),
-                                        ("adamax", {}), ("nadam", {}), ("adamw", {"amsgrad": True}), ("radam", {})])
+@pytest.mark.parametrize(
+    "name, most",
+    [
+        ("sgd", {"momentum": 0.9}),
+        ("adagrad", {}),
+        ("rmsprop", {"momentum": 0.9, "centered": True}),
+        ("adam", {"amsgrad": True}),
+        ("adamax", {}),
+        ("nadam", {}),
+        ("adamw", {"amsgrad": True}),
+        ("radam", {}),
+    ],
+)
 def test_the_state_an_optimizer_declares_covers_what_it_keeps(name, most):
     """optim.OPTIMIZERS' `state` (tensors of a parameter's size) is what torch keeps at the most."""
-    from dnnrun import optim
+    from dnnrun.optim import optimizers as optim
 
     w = torch.nn.Parameter(torch.ones(5, 5))
     opt = getattr(torch.optim, optim.OPTIMIZERS[name].cls)([w], lr=0.1, **most)
     w.grad = torch.ones_like(w)
     opt.step()
-    assert sum(1 for v in opt.state[w].values() if torch.is_tensor(v) and v.shape == w.shape) \
+    assert (
+        sum(1 for v in opt.state[w].values() if torch.is_tensor(v) and v.shape == w.shape)
         == optim.OPTIMIZERS[name].state
+    )
 
 
 def test_a_conv_nets_activations_are_measured_at_the_size_of_its_maps(monkeypatch):
     """Each conv layer's outputs are channels x H x W per example: a pass on the meta device counts them."""
-    cfg = make_config("model=cnn", "model.channels=[4]", "model.head=[]", "model.pool=none", "trainer.batch_size=10",
-                      "trainer.eval_batch_size=10", data="digits")
+    cfg = make_config(
+        "model=cnn",
+        "model.channels=[4]",
+        "model.head=[]",
+        "model.pool=none",
+        "trainer.batch_size=10",
+        "trainer.eval_batch_size=10",
+        data="digits",
+    )
     split = Split(torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.int64))
     with torch.device("meta"):
         net = runtime.build_model(cfg, Data(split, split, split, 64, 10, (1, 8, 8), split.x))[0]

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from conftest import make_config, run_cli
-from dnnrun import lr_find, optim, runtime
-from dnnrun.data import load
+from dnnrun.data.datasets import load
+from dnnrun.optim import optimizers as optim
+from dnnrun.training import lr_find, runtime
 
 
 def test_the_curve_falls_then_explodes_and_the_suggestion_lies_where_it_falls():
@@ -18,8 +19,9 @@ def test_the_curve_falls_then_explodes_and_the_suggestion_lies_where_it_falls():
     data = load(cfg.data, torch.device("cpu"))
     torch.manual_seed(0)
     model, _ = runtime.build_model(cfg, data)
-    result = lr_find.find(model, optim.build(cfg.optimizer, model), data.train, 32, cfg.lr_find,
-                          torch.Generator().manual_seed(0))
+    result = lr_find.find(
+        model, optim.build(cfg.optimizer, model), data.train, 32, cfg.lr_find, torch.Generator().manual_seed(0)
+    )
     lrs, smoothed = result["lrs"], result["smoothed"]
     low = smoothed.index(min(smoothed))
     assert 10 < low < len(lrs) - 1

@@ -14,17 +14,24 @@ import torch
 
 import dnnrun
 from conftest import make_config, run_cli
-from dnnrun import members, report, train
 from dnnrun.errors import ConfigError, Interrupted, UserError
-from dnnrun.rundir import read_jsonl
+from dnnrun.insight import report
+from dnnrun.store.rundir import read_jsonl
+from dnnrun.training import loop as train, members
 
 
 def test_each_member_follows_the_separate_run_of_its_seed(tmp_path: Path):
     """Without dropout the arithmetic is a single run's: same initialization, shuffle order and
     updates, so each member's epochs match its separate run's (to rounding: batched matmuls), and
     so do its checkpoints (seed 3's best epoch is its second of three)."""
-    overrides = ["optimizer=adam", "optimizer.lr=0.003", "trainer.epochs=3", "trainer.clip_norm=1.0",
-                 "regularizer=[l2,max_norm]", "norm=batchnorm"]  # each member's running statistics too
+    overrides = [
+        "optimizer=adam",
+        "optimizer.lr=0.003",
+        "trainer.epochs=3",
+        "trainer.clip_norm=1.0",
+        "regularizer=[l2,max_norm]",
+        "norm=batchnorm",
+    ]  # each member's running statistics too
     summary = members.run(make_config(*overrides, "trainer.seeds=[3,5]", data="digits"), tmp_path / "together")
     for seed in (3, 5):
         single = train.run(make_config(*overrides, f"trainer.seed={seed}", data="digits"), tmp_path / f"seed{seed}")
@@ -51,8 +58,10 @@ def test_with_dropout_members_differ_and_agree_with_separate_runs_within_noise(t
     summary = members.run(make_config(*overrides, "trainer.seeds=[0,1,2]", data="digits"), tmp_path / "together")
     member = tmp_path / "together" / "members"
     accs = [json.loads((member / f"seed_{s}" / "summary.json").read_text())["test"]["test/acc"] for s in (0, 1, 2)]
-    singles = [train.run(make_config(*overrides, f"trainer.seed={s}", data="digits"), tmp_path / str(s))
-               ["test"]["test/acc"] for s in (0, 1, 2)]
+    singles = [
+        train.run(make_config(*overrides, f"trainer.seed={s}", data="digits"), tmp_path / str(s))["test"]["test/acc"]
+        for s in (0, 1, 2)
+    ]
     assert len(set(accs)) > 1  # their own dropout masks (and initializations)
     assert abs(sum(accs) / 3 - sum(singles) / 3) < 0.05  # the same training, other masks: within noise
     ensemble = summary["ensemble"]["test/acc"]
@@ -61,8 +70,17 @@ def test_with_dropout_members_differ_and_agree_with_separate_runs_within_noise(t
 
 def test_members_leave_run_directories_the_other_commands_read(tmp_path: Path):
     run = tmp_path / "run"
-    result = run_cli("trainer.seeds=[0,1]", "trainer.epochs=2", "model=cnn", "model.channels=[4]", "data=digits",
-                     "regularizer=[dropout]", "regularizer.dropout.spatial=true", f"hydra.run.dir={run}", cwd=tmp_path)
+    result = run_cli(
+        "trainer.seeds=[0,1]",
+        "trainer.epochs=2",
+        "model=cnn",
+        "model.channels=[4]",
+        "data=digits",
+        "regularizer=[dropout]",
+        "regularizer.dropout.spatial=true",
+        f"hydra.run.dir={run}",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     parent = json.loads((run / "summary.json").read_text())
     assert parent["seeds"] == [0, 1] and set(parent["ensemble"]) == {"members", "test/acc", "test/loss"}
@@ -72,8 +90,12 @@ def test_members_leave_run_directories_the_other_commands_read(tmp_path: Path):
     assert "train_eval/loss" in read_jsonl(member / "metrics.jsonl")[-1]  # dropout: trainer.eval_train=auto
     model = dnnrun.load(member)  # mode=predict, evaluate, transfer and export read it as a single run's
     assert model.config.trainer.seed == 1 and model.config.trainer.seeds is None
-    result = run_cli("mode=evaluate", f"evaluate.checkpoint={member / 'checkpoints' / 'best.pt'}",
-                     f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
+    result = run_cli(
+        "mode=evaluate",
+        f"evaluate.checkpoint={member / 'checkpoints' / 'best.pt'}",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     accuracy = json.loads((tmp_path / "eval" / "evaluation.json").read_text())["deterministic"]["accuracy"]
     assert accuracy == pytest.approx(json.loads((member / "summary.json").read_text())["test"]["test/acc"])
@@ -82,7 +104,7 @@ def test_members_leave_run_directories_the_other_commands_read(tmp_path: Path):
 def test_a_diverging_member_stops_and_the_others_go_on(tmp_path: Path, monkeypatch):
     """Seed 1's output layer starts infinite: its first loss is NaN. It is recorded as diverged and
     stops; seed 0 trains on exactly as its separate run (nothing of the NaN reaches it)."""
-    from dnnrun import runtime
+    from dnnrun.training import runtime
 
     built = []
     original = runtime.build_model
@@ -106,20 +128,23 @@ def test_a_diverging_member_stops_and_the_others_go_on(tmp_path: Path, monkeypat
     healthy = read_jsonl(tmp_path / "run" / "members" / "seed_0" / "metrics.jsonl")
     alone = read_jsonl(tmp_path / "single" / "metrics.jsonl")
     assert single["status"] == "completed" and [r["val/loss"] for r in healthy] == pytest.approx(
-        [r["val/loss"] for r in alone], rel=1e-4)
+        [r["val/loss"] for r in alone], rel=1e-4
+    )
 
 
 def test_when_every_member_diverges_the_run_says_so(tmp_path: Path):
     with pytest.raises(UserError, match="every member diverged: training diverged at step"):
-        members.run(make_config("trainer.seeds=[0,1]", "trainer.epochs=2", "optimizer.lr=1e6", data="digits"),
-                    tmp_path / "run")
+        members.run(
+            make_config("trainer.seeds=[0,1]", "trainer.epochs=2", "optimizer.lr=1e6", data="digits"), tmp_path / "run"
+        )
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "diverged"
 
 
 def test_a_members_sweep_is_reported_as_mean_and_std_over_the_members(tmp_path: Path):
     sweep = tmp_path / "sweep"
-    result = run_cli("-m", "act=relu,elu", "trainer.seeds=[0,1,2]", "trainer.epochs=2", f"hydra.sweep.dir={sweep}",
-                     cwd=tmp_path)
+    result = run_cli(
+        "-m", "act=relu,elu", "trainer.seeds=[0,1,2]", "trainer.epochs=2", f"hydra.sweep.dir={sweep}", cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr
     assert report.main([str(sweep), "--out", str(tmp_path / "report")]) == 0
     with open(tmp_path / "report" / "report.csv") as f:
@@ -134,16 +159,23 @@ def test_what_members_do_not_support_is_refused_with_the_reason():
         "pretrain: trainer.seeds (members trained together) does not support pretraining yet; or train the seeds as "
         "separate runs: -m trainer.seed=0,1",
         "trainer.compile: trainer.seeds (members trained together) does not support torch.compile yet; or train the "
-        "seeds as separate runs: -m trainer.seed=0,1"]
+        "seeds as separate runs: -m trainer.seed=0,1",
+    ]
     with pytest.raises(ConfigError, match="trainer.seeds: must list two or more distinct seeds"):
         make_config("trainer.seeds=[1,1]")
 
 
 def _members_state(run: Path, seeds=(0, 1)) -> tuple[list, list]:
-    weights = [torch.load(run / "members" / f"seed_{s}" / "checkpoints" / "last.pt", weights_only=True)["model"]
-               for s in seeds]
-    metrics = [[{k: v for k, v in r.items() if not k.startswith("time/")}
-                for r in read_jsonl(run / "members" / f"seed_{s}" / "metrics.jsonl")] for s in seeds]
+    weights = [
+        torch.load(run / "members" / f"seed_{s}" / "checkpoints" / "last.pt", weights_only=True)["model"] for s in seeds
+    ]
+    metrics = [
+        [
+            {k: v for k, v in r.items() if not k.startswith("time/")}
+            for r in read_jsonl(run / "members" / f"seed_{s}" / "metrics.jsonl")
+        ]
+        for s in seeds
+    ]
     return weights, metrics
 
 
@@ -209,8 +241,15 @@ def test_members_stopped_mid_epoch_or_by_sigterm_resume_to_the_same_members(tmp_
 
 
 def test_performance_scheduling_cuts_each_members_rate_on_its_own_plateaus(tmp_path: Path):
-    overrides = ["optimizer=momentum", "optimizer.lr=0.05", "schedule=performance", "schedule.patience=1",
-                 "schedule.factor=0.3", "schedule.min_delta=0.1", "trainer.epochs=5"]  # gains under 0.1: plateaus
+    overrides = [
+        "optimizer=momentum",
+        "optimizer.lr=0.05",
+        "schedule=performance",
+        "schedule.patience=1",
+        "schedule.factor=0.3",
+        "schedule.min_delta=0.1",
+        "trainer.epochs=5",
+    ]  # gains under 0.1: plateaus
     members.run(make_config(*overrides, "trainer.seeds=[0,1]", data="digits"), tmp_path / "together")
     rates = set()
     for seed in (0, 1):

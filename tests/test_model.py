@@ -9,21 +9,26 @@ import torch
 from torch import nn
 
 from conftest import make_config
-from dnnrun import model
+from dnnrun.config.schema import Choice
 from dnnrun.errors import ConfigError
-from dnnrun.model import Inputs, Layers, MLPConfig, fitting_config, mlp
-from dnnrun.network import count_parameters
-from dnnrun.norms import NormConfig
-from dnnrun.regularizers import Regularization, combine
-from dnnrun.schema import Choice
+from dnnrun.models import registry as model
+from dnnrun.models.network import count_parameters
+from dnnrun.models.registry import Inputs, Layers, MLPConfig, fitting_config, mlp
+from dnnrun.techniques.norms import NormConfig
+from dnnrun.techniques.regularizers import Regularization, combine
 
 HE = Choice("variance_scaling", {"scale": 2.0, "mode": "fan_in", "distribution": "truncated_normal"})
 GLOROT_UNIFORM = Choice("variance_scaling", {"scale": 1.0, "mode": "fan_avg", "distribution": "uniform"})
 BN = NormConfig("batchnorm", "before", params={"momentum": 0.2, "eps": 1e-3})
 
 
-def build(hidden=(30, 20), norm=NormConfig("none"), init=HE, act=Choice("relu"), **kw):
-    return mlp(MLPConfig("mlp", list(hidden), **kw), Inputs(features=16, classes=5), Layers(act, norm, init, Regularization()))
+NO_NORM, RELU = NormConfig("none"), Choice("relu")
+
+
+def build(hidden=(30, 20), norm=NO_NORM, init=HE, act=RELU, **kw):
+    return mlp(
+        MLPConfig("mlp", list(hidden), **kw), Inputs(features=16, classes=5), Layers(act, norm, init, Regularization())
+    )
 
 
 def test_blocks_are_named_and_ordered():
@@ -81,21 +86,33 @@ def test_a_state_dict_gives_back_the_config_whose_shapes_fit_it():
     state = build(hidden=(30, 20, 10)).state_dict()
     fitted = fitting_config(MLPConfig("mlp", [300, 100], depth=4, width=8), state)
     assert fitted.widths == [30, 20, 10]
-    rebuilt = mlp(fitted, Inputs(features=16, classes=5), Layers(Choice("relu"), NormConfig("none"), HE, Regularization()))
+    rebuilt = mlp(
+        fitted, Inputs(features=16, classes=5), Layers(Choice("relu"), NormConfig("none"), HE, Regularization())
+    )
     rebuilt.load_state_dict(state)  # every key and shape fits
 
 
 def test_the_cnn_has_named_conv_blocks_pools_and_a_head():
     from torch import nn
 
-    from dnnrun.model import CNNConfig, cnn
+    from dnnrun.models.registry import CNNConfig, cnn
 
-    cfg = make_config("model=cnn", "model.channels=[4,8]", "model.blocks=2", "model.head=[16]", "norm=batchnorm",
-                      data="digits")
+    cfg = make_config(
+        "model=cnn", "model.channels=[4,8]", "model.blocks=2", "model.head=[16]", "norm=batchnorm", data="digits"
+    )
     layers = Layers(cfg.act, cfg.norm, cfg.init, combine(cfg.regularizer))
     net = cnn(cfg.model, Inputs(features=3 * 8 * 8, classes=10, shape=(3, 8, 8)), layers)
-    assert list(net._modules) == ["hidden1", "hidden2", "pool1", "hidden3", "hidden4", "pool2", "flatten",
-                                  "hidden5", "output"]
+    assert list(net._modules) == [
+        "hidden1",
+        "hidden2",
+        "pool1",
+        "hidden3",
+        "hidden4",
+        "pool2",
+        "flatten",
+        "hidden5",
+        "output",
+    ]
     assert net.hidden5.linear.in_features == 8 * 2 * 2  # 8x8 maps pooled twice
     assert [type(b.affine) for _, b in net.hidden()] == [nn.Conv2d] * 4 + [nn.Linear]
     assert net.hidden1.conv.bias is None and isinstance(net.hidden1.norm, nn.BatchNorm2d)  # the norm's shift instead
@@ -104,7 +121,7 @@ def test_the_cnn_has_named_conv_blocks_pools_and_a_head():
 
 
 def test_the_resnet_is_the_cifar_family_with_named_residual_blocks():
-    from dnnrun.network import Residual
+    from dnnrun.models.network import Residual
 
     cfg = make_config("model=resnet", "norm=batchnorm", data="digits")  # ResNet-20: 3 stages of 3 blocks
     layers = Layers(cfg.act, cfg.norm, cfg.init, combine(cfg.regularizer))
@@ -112,7 +129,10 @@ def test_the_resnet_is_the_cifar_family_with_named_residual_blocks():
     assert list(net._modules) == ["hidden1", *[f"hidden{i}" for i in range(2, 11)], "pool", "output"]
     convs = [m for m in net.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
     assert len(convs) + 1 == 20  # the depth counts the 3x3 convs and the output layer
-    assert all(isinstance(b, Residual) for _, b in net.hidden()[1:]) and cfg.model.widths == [16] + [16] * 3 + [32] * 3 + [64] * 3
+    assert (
+        all(isinstance(b, Residual) for _, b in net.hidden()[1:])
+        and cfg.model.widths == [16] + [16] * 3 + [32] * 3 + [64] * 3
+    )
     # the first block of stages 2 and 3 halves the maps and projects the shortcut with a 1x1 conv
     assert net.hidden5.affine.stride == (2, 2) and isinstance(net.hidden5.shortcut.conv, nn.Conv2d)
     assert isinstance(net.hidden3.shortcut, nn.Identity)
@@ -125,7 +145,7 @@ def test_the_resnet_is_the_cifar_family_with_named_residual_blocks():
 
 
 def test_a_residual_block_adds_its_input_to_what_its_convs_make():
-    from dnnrun.network import Residual
+    from dnnrun.models.network import Residual
 
     cfg = make_config("model=resnet", "model.depth=8", "model.width=4", data="digits")
     layers = Layers(cfg.act, cfg.norm, cfg.init, combine(cfg.regularizer))

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from conftest import make_config
-from dnnrun import model
-from dnnrun.model import Inputs, Layers
-from dnnrun.regularizers import combine
+from dnnrun.models import registry as model
+from dnnrun.models.registry import Inputs, Layers
+from dnnrun.techniques.regularizers import combine
 
 
 def _model(*overrides: str, in_features: int = 8) -> nn.Sequential:
@@ -67,7 +67,7 @@ def test_declared_parameters_are_torchs():
     layer's size and where it lives."""
     from test_optim import _declared_matches_torch
 
-    from dnnrun.norms import NORMS
+    from dnnrun.techniques.norms import NORMS
 
     for name, norm in NORMS.items():
         if norm.layer is not None:

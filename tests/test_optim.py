@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from conftest import make_config
-from dnnrun import optim
 from dnnrun.cli import CONFIG_DIR
+from dnnrun.optim import optimizers as optim
 
 A = torch.tensor([[1.0, 4.0]], dtype=torch.float64)  # f(w) = 0.5 * sum(A * w^2): gradient A * w
 W0 = torch.tensor([[1.0, -2.0]], dtype=torch.float64)
@@ -189,14 +189,19 @@ def _declared_matches_torch(cls, declared: dict, not_settable: set[str]) -> list
     """What differs between the parameters a registry declares for a torch class and its signature."""
     import inspect
 
-    params = {n: p.default for n, p in inspect.signature(cls).parameters.items()
-              if p.default is not inspect.Parameter.empty}
+    params = {
+        n: p.default for n, p in inspect.signature(cls).parameters.items() if p.default is not inspect.Parameter.empty
+    }
     found = [f"{n}: not in torch's signature" for n in declared if n not in params]
-    found += [f"{n}: neither declared nor marked not settable" for n in params
-              if n not in declared and n not in not_settable]
+    found += [
+        f"{n}: neither declared nor marked not settable" for n in params if n not in declared and n not in not_settable
+    ]
     kind = {bool: bool, int: float, float: float, tuple: tuple}
-    found += [f"{n}: declared {tp.__name__}, torch's default is {params[n]!r}" for n, tp in declared.items()
-              if n in params and params[n] is not None and kind.get(type(params[n])) is not tp]
+    found += [
+        f"{n}: declared {tp.__name__}, torch's default is {params[n]!r}"
+        for n, tp in declared.items()
+        if n in params and params[n] is not None and kind.get(type(params[n])) is not tp
+    ]
     return found
 
 

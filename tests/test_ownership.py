@@ -10,14 +10,20 @@ import time
 from pathlib import Path
 
 from conftest import DNNRUN, run_cli
-from dnnrun.rundir import RunDir, SweepDir
+from dnnrun.store.rundir import RunDir, SweepDir
 
 RUN = ["data=synthetic", "trainer.epochs=2", "trainer.progress=false", "trainer.diagnostics.plots=false"]
 
 
 def _start(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([str(DNNRUN), *args, f"outputs={cwd}"], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+    return subprocess.Popen(
+        [str(DNNRUN), *args, f"outputs={cwd}"],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def _arrived(folder: Path, process: subprocess.Popen) -> None:
@@ -36,9 +42,15 @@ def test_a_second_dnnrun_in_a_held_directory_is_refused_and_names_the_holder(tmp
     """The first run stops at its first step (holding the directory) until the test lets it go."""
     run, arrived, go = RunDir(tmp_path / "run"), tmp_path / "arrived", tmp_path / "go"
     go.mkdir()
-    first = _start([*RUN, f"hydra.run.dir={run}"], tmp_path,
-                   env={"DNNRUN_FAULT": "arrive@step=1,wait@step=1", "DNNRUN_FAULT_ARRIVE": str(arrived),
-                        "DNNRUN_FAULT_WAIT": f"{go}/*:1"})
+    first = _start(
+        [*RUN, f"hydra.run.dir={run}"],
+        tmp_path,
+        env={
+            "DNNRUN_FAULT": "arrive@step=1,wait@step=1",
+            "DNNRUN_FAULT_ARRIVE": str(arrived),
+            "DNNRUN_FAULT_WAIT": f"{go}/*:1",
+        },
+    )
     _arrived(arrived, first)
     before = sorted(p.relative_to(run.path) for p in run.path.rglob("*"))
     for extra in ([], ["trainer.resume=auto"], ["mode=lr_find", "lr_find.steps=20"]):
@@ -70,8 +82,15 @@ def test_a_sweep_run_again_while_the_first_is_going_leaves_its_jobs_alone(tmp_pa
     sweep, arrived, go = tmp_path / "sweep", tmp_path / "arrived", tmp_path / "go"
     go.mkdir()
     args = ["-m", *RUN, "trainer.seed=0", f"hydra.sweep.dir={sweep}"]
-    first = _start(args, tmp_path, env={"DNNRUN_FAULT": "arrive@step=1,wait@step=1",
-                                        "DNNRUN_FAULT_ARRIVE": str(arrived), "DNNRUN_FAULT_WAIT": f"{go}/*:1"})
+    first = _start(
+        args,
+        tmp_path,
+        env={
+            "DNNRUN_FAULT": "arrive@step=1,wait@step=1",
+            "DNNRUN_FAULT_ARRIVE": str(arrived),
+            "DNNRUN_FAULT_WAIT": f"{go}/*:1",
+        },
+    )
     _arrived(arrived, first)
     second = run_cli(*args, cwd=tmp_path)
     assert second.returncode == 1, second.stdout + second.stderr  # a sweep with a job that did not run
@@ -86,10 +105,14 @@ def test_a_sweep_run_again_while_the_first_is_going_leaves_its_jobs_alone(tmp_pa
 def test_the_lock_dies_with_its_process(tmp_path: Path):
     """A run killed with SIGKILL while it holds the directory never blocks its own resume."""
     run = RunDir(tmp_path / "run")
-    killed = subprocess.run([str(DNNRUN), *RUN, f"hydra.run.dir={run}", f"outputs={tmp_path}"], cwd=tmp_path,
-                            capture_output=True, text=True, env={**os.environ, "DNNRUN_FAULT": "kill@epoch=1"})
+    killed = subprocess.run(
+        [str(DNNRUN), *RUN, f"hydra.run.dir={run}", f"outputs={tmp_path}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DNNRUN_FAULT": "kill@epoch=1"},
+    )
     assert killed.returncode == -9 and run.owner.exists()  # its pid is still written there
     resumed = run_cli(*RUN, f"hydra.run.dir={run}", "trainer.resume=auto", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert _epochs(run) == [1, 2] and not run.owner.exists()
-

@@ -46,12 +46,19 @@ def test_an_installed_wheel_composes_its_config_away_from_the_source_tree(wheel:
     env = {**os.environ, "PYTHONPATH": str(site)}
     where = subprocess.run(
         [sys.executable, "-c", "import dnnrun.cli as c; print(c.__file__); print(c.CONFIG_DIR)"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, check=True,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
     assert where == [str(site / "dnnrun" / "cli" / "__init__.py"), str(site / "dnnrun" / "conf")]
     shown = subprocess.run(
         [sys.executable, "-m", "dnnrun", "--cfg", "job", "data=synthetic", "optimizer=adam"],
-        cwd=tmp_path, env=env, capture_output=True, text=True,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert shown.returncode == 0, shown.stderr
     assert "name: synthetic" in shown.stdout and "name: adam" in shown.stdout

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from conftest import make_config
-from dnnrun import plots, train
-from dnnrun.rundir import RunDir
+from dnnrun.insight import plots
+from dnnrun.store.rundir import RunDir
+from dnnrun.training import loop as train
 
 
 @pytest.fixture
@@ -53,8 +54,16 @@ def test_every_plot_of_a_tiny_run_has_labelled_axes_and_marks_its_best_epoch(tmp
     summary = train.run(make_config("trainer.epochs=3", "trainer.diagnostics.every=10", "act=tanh"), run.path)
     plots.plot_run(run)
     plots.activation_functions(tmp_path / "activation_functions.png")
-    plots.lr_find_plot({"lrs": [1e-4, 1e-3, 1e-2], "losses": [2.3, 1.9, 4.0], "smoothed": [2.3, 2.0, 3.0],
-                        "suggestion": 1e-3, "min_loss_lr": 1e-3}, tmp_path / "lr_find.png")
+    plots.lr_find_plot(
+        {
+            "lrs": [1e-4, 1e-3, 1e-2],
+            "losses": [2.3, 1.9, 4.0],
+            "smoothed": [2.3, 2.0, 3.0],
+            "suggestion": 1e-3,
+            "min_loss_lr": 1e-3,
+        },
+        tmp_path / "lr_find.png",
+    )
     import matplotlib
 
     assert matplotlib.get_backend().lower() == "agg"
@@ -67,13 +76,23 @@ def test_every_plot_of_a_tiny_run_has_labelled_axes_and_marks_its_best_epoch(tmp
     assert best_markers(loss_ax) == best_markers(acc_ax) == [summary["best"]["epoch"]]
 
 
-def _write_run(path: Path, val_loss: list[float], val_acc: list[float], summary: dict | None = None,
-               monitor: str | None = None) -> RunDir:
+def _write_run(
+    path: Path, val_loss: list[float], val_acc: list[float], summary: dict | None = None, monitor: str | None = None
+) -> RunDir:
     run = RunDir(path)
     run.path.mkdir(parents=True)
     for epoch, (loss, acc) in enumerate(zip(val_loss, val_acc), 1):
-        run.append_metrics({"epoch": epoch, "step": 10 * epoch, "train/loss": 1 / epoch, "train/acc": 0.5,
-                            "val/loss": loss, "val/acc": acc, "lr": 0.01})
+        run.append_metrics(
+            {
+                "epoch": epoch,
+                "step": 10 * epoch,
+                "train/loss": 1 / epoch,
+                "train/acc": 0.5,
+                "val/loss": loss,
+                "val/acc": acc,
+                "lr": 0.01,
+            }
+        )
     if summary is not None:
         run.write_summary(summary)
     if monitor is not None:  # the config snapshot the CLI writes
@@ -86,14 +105,18 @@ VAL_LOSS = [1.0, 0.5, 0.7, 0.6]  # lowest at epoch 2
 VAL_ACC = [0.5, 0.6, 0.7, 0.65]  # highest at epoch 3
 
 
-@pytest.mark.parametrize(("summary", "monitor", "best"), [
-    (None, None, (2, "val/loss")),  # a run still going, the default monitor
-    (None, "val/acc", (3, "val/acc")),  # ... monitoring val/acc, as its config snapshot says
-    ({"epochs_run": 4, "best": {"monitor": "val/loss", "epoch": 4}}, None, (4, "val/loss")),  # the summary decides
-    ({"epochs_run": 2, "best": {"monitor": "val/acc", "epoch": 1}}, None, (3, "val/acc")),  # ... unless stale
-])
-def test_the_best_epoch_is_the_summarys_else_the_monitored_metrics_best(tmp_path: Path, drawn: list, summary,
-                                                                        monitor, best):
+@pytest.mark.parametrize(
+    ("summary", "monitor", "best"),
+    [
+        (None, None, (2, "val/loss")),  # a run still going, the default monitor
+        (None, "val/acc", (3, "val/acc")),  # ... monitoring val/acc, as its config snapshot says
+        ({"epochs_run": 4, "best": {"monitor": "val/loss", "epoch": 4}}, None, (4, "val/loss")),  # the summary decides
+        ({"epochs_run": 2, "best": {"monitor": "val/acc", "epoch": 1}}, None, (3, "val/acc")),  # ... unless stale
+    ],
+)
+def test_the_best_epoch_is_the_summarys_else_the_monitored_metrics_best(
+    tmp_path: Path, drawn: list, summary, monitor, best
+):
     run = _write_run(tmp_path / "run", VAL_LOSS, VAL_ACC, summary, monitor)
     history = run.read_metrics()
     assert plots.best_epoch(run, history) == best
@@ -105,6 +128,6 @@ def test_the_best_epoch_is_the_summarys_else_the_monitored_metrics_best(tmp_path
 
 
 def test_importing_the_plots_module_imports_neither_matplotlib_nor_torch():
-    code = "import sys, dnnrun.plots; print(sorted(m for m in ('matplotlib', 'torch') if m in sys.modules))"
+    code = "import sys, dnnrun.insight.plots; print(sorted(m for m in ('matplotlib', 'torch') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

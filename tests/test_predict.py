@@ -12,9 +12,10 @@ import torch
 
 import dnnrun
 from conftest import make_config, run_cli
-from dnnrun import checkpoint, train
-from dnnrun.data import DataConfig, load as load_data
+from dnnrun.data.datasets import DataConfig, load as load_data
 from dnnrun.errors import DataError, UserError
+from dnnrun.store import checkpoint
+from dnnrun.training import loop as train
 
 CPU = torch.device("cpu")
 
@@ -64,8 +65,13 @@ def test_mode_predict_writes_predictions_csv_from_npy_npz_and_csv(trained: Path,
     expected = dnnrun.load(trained).predict(x)
     for name in ("x.npy", "x.npz", "x.csv"):
         run = tmp_path / f"predict_{name}"
-        result = run_cli("mode=predict", f"predict.checkpoint={trained}", f"predict.input={tmp_path / name}",
-                         f"hydra.run.dir={run}", cwd=tmp_path)
+        result = run_cli(
+            "mode=predict",
+            f"predict.checkpoint={trained}",
+            f"predict.input={tmp_path / name}",
+            f"hydra.run.dir={run}",
+            cwd=tmp_path,
+        )
         assert result.returncode == 0, result.stderr
         rows = _rows(run / "predictions.csv")
         assert list(rows[0]) == ["input", "predicted", "probability", *[f"p_{c}" for c in range(10)]]
@@ -77,8 +83,14 @@ def test_mode_predict_writes_predictions_csv_from_npy_npz_and_csv(trained: Path,
 def test_mc_dropout_predictions_add_their_spread_and_entropy(trained: Path, tmp_path: Path):
     x, _ = _raw_test_split()
     np.save(tmp_path / "x.npy", x[:10].numpy())
-    result = run_cli("mode=predict", f"predict.checkpoint={trained}", f"predict.input={tmp_path / 'x.npy'}",
-                     "predict.mc_samples=8", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    result = run_cli(
+        "mode=predict",
+        f"predict.checkpoint={trained}",
+        f"predict.input={tmp_path / 'x.npy'}",
+        "predict.mc_samples=8",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     rows = _rows(tmp_path / "run" / "predictions.csv")
     assert list(rows[0])[:5] == ["input", "predicted", "probability", "std", "entropy"]
@@ -91,7 +103,7 @@ def test_mc_dropout_predictions_add_their_spread_and_entropy(trained: Path, tmp_
 def test_a_folder_of_images_and_an_export_predict_as_the_checkpoint_does(tmp_path: Path):
     from PIL import Image
 
-    from dnnrun.export import main as export
+    from dnnrun.inference.export import main as export
 
     run = tmp_path / "cnn"
     train.run(make_config("model=cnn", "model.channels=[4]", "trainer.epochs=1", data="digits"), run)
@@ -100,8 +112,13 @@ def test_a_folder_of_images_and_an_export_predict_as_the_checkpoint_does(tmp_pat
     folder.mkdir()
     for i in range(5):
         Image.fromarray(x[i, 0].numpy().astype(np.uint8)).save(folder / f"digit{i}.png")  # raw values 0..16
-    result = run_cli("mode=predict", f"predict.checkpoint={run / 'checkpoints' / 'best.pt'}", f"predict.input={folder}",
-                     f"hydra.run.dir={tmp_path / 'predicted'}", cwd=tmp_path)
+    result = run_cli(
+        "mode=predict",
+        f"predict.checkpoint={run / 'checkpoints' / 'best.pt'}",
+        f"predict.input={folder}",
+        f"hydra.run.dir={tmp_path / 'predicted'}",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     rows = _rows(tmp_path / "predicted" / "predictions.csv")
     assert [r["input"] for r in rows] == [f"digit{i}.png" for i in range(5)]
@@ -132,8 +149,9 @@ def test_bad_inputs_are_refused_naming_the_file_and_what_was_expected(trained: P
         path = tmp_path / "missing.npy"
         expected = f"predict.input: no file or folder at {path}"
     run = tmp_path / "run"
-    result = run_cli("mode=predict", f"predict.checkpoint={trained}", f"predict.input={path}", f"hydra.run.dir={run}",
-                     cwd=tmp_path)
+    result = run_cli(
+        "mode=predict", f"predict.checkpoint={trained}", f"predict.input={path}", f"hydra.run.dir={run}", cwd=tmp_path
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert expected in result.stderr, result.stderr
     assert not run.exists()
@@ -160,7 +178,7 @@ def test_the_onnx_export_computes_what_pytorch_does_from_raw_inputs(model: str, 
     import onnx
     import onnxruntime
 
-    from dnnrun.export import main as export
+    from dnnrun.inference.export import main as export
 
     run = tmp_path / "run"
     shape = ["model=cnn", "model.channels=[4]", "norm=batchnorm"] if model == "cnn" else ["regularizer=[dropout]"]
@@ -178,7 +196,9 @@ def test_the_onnx_export_computes_what_pytorch_does_from_raw_inputs(model: str, 
 
 
 def test_train_and_load_in_a_notebook(tmp_path: Path):
-    summary = dnnrun.fit(["act=elu", "trainer.epochs=1", "trainer.progress=false", "trainer.diagnostics.plots=false"],
-                           run_dir=tmp_path / "run")
+    summary = dnnrun.fit(
+        ["act=elu", "trainer.epochs=1", "trainer.progress=false", "trainer.diagnostics.plots=false"],
+        run_dir=tmp_path / "run",
+    )
     assert summary["status"] == "completed" and (tmp_path / "run" / "checkpoints" / "best.pt").is_file()
     assert dnnrun.load(tmp_path / "run").config.act.name == "elu"

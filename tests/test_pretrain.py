@@ -9,16 +9,21 @@ import pytest
 import torch
 
 from conftest import make_config
-from dnnrun import faults, pretrain, train
 from dnnrun.errors import ConfigError, UserError
+from dnnrun.training import faults, loop as train, pretrain
 
 
-@pytest.mark.parametrize("method, overrides", [
-    ("autoencoder", ["pretrain.epochs=3"]),
-    ("rbm", ["act=sigmoid", "pretrain.epochs=3"]),
-])
+@pytest.mark.parametrize(
+    "method, overrides",
+    [
+        ("autoencoder", ["pretrain.epochs=3"]),
+        ("rbm", ["act=sigmoid", "pretrain.epochs=3"]),
+    ],
+)
 def test_layerwise_pretraining_lowers_each_layers_reconstruction_error(method, overrides, tmp_path: Path):
-    summary = train.run(make_config(f"pretrain={method}", "model.hidden=[48,24]", "trainer.epochs=1", *overrides), tmp_path)
+    summary = train.run(
+        make_config(f"pretrain={method}", "model.hidden=[48,24]", "trainer.epochs=1", *overrides), tmp_path
+    )
     layers = summary["pretrain"]["layers"]
     assert [r["layer"] for r in layers] == ["hidden1", "hidden2"]
     assert layers[0]["reconstruction_after"] < 0.9 * layers[0]["reconstruction_before"], layers
@@ -34,14 +39,19 @@ def test_fine_tuning_starts_from_the_pretrained_weights(tmp_path: Path):
         def start(self, model, step):
             seen.setdefault("start", {k: v.clone() for k, v in model.state_dict().items()})
 
-    train.run(make_config("pretrain=autoencoder", "pretrain.epochs=1", "trainer.epochs=1"), tmp_path / "pre",
-              hook=FirstWeights())
+    train.run(
+        make_config("pretrain=autoencoder", "pretrain.epochs=1", "trainer.epochs=1"),
+        tmp_path / "pre",
+        hook=FirstWeights(),
+    )
     pretrained = torch.load(tmp_path / "pre" / "checkpoints" / "pretrained.pt", weights_only=True)["model"]
     assert all(torch.equal(seen["start"][k], pretrained[k]) for k in pretrained)
     seen.clear()
     train.run(make_config("trainer.epochs=1"), tmp_path / "fresh", hook=FirstWeights())  # same seed, no pretraining
     assert not torch.equal(seen["start"]["hidden1.linear.weight"], pretrained["hidden1.linear.weight"])
-    assert torch.equal(seen["start"]["output.weight"], pretrained["output.weight"])  # the output layer is not pretrained
+    assert torch.equal(
+        seen["start"]["output.weight"], pretrained["output.weight"]
+    )  # the output layer is not pretrained
 
 
 def test_pretraining_sees_every_training_input_even_with_few_labels(tmp_path: Path, monkeypatch):
@@ -53,8 +63,9 @@ def test_pretraining_sees_every_training_input_even_with_few_labels(tmp_path: Pa
         return real(choice, model, x, shape, seed)
 
     monkeypatch.setattr(pretrain, "run", spy)
-    summary = train.run(make_config("pretrain=autoencoder", "pretrain.epochs=1", "data.max_train=50", "trainer.epochs=1"),
-                        tmp_path)
+    summary = train.run(
+        make_config("pretrain=autoencoder", "pretrain.epochs=1", "data.max_train=50", "trainer.epochs=1"), tmp_path
+    )
     assert summary["data"]["train"] == 50 and sizes["inputs"] == 864
 
 
@@ -62,7 +73,7 @@ def test_corrupted_examples_really_differ_and_the_rest_are_untouched():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2000, 20)
     corrupted, labels = pretrain.corrupt(x, 0.3, g)
-    changed = (corrupted != x)
+    changed = corrupted != x
     assert labels.float().mean().item() == pytest.approx(0.5, abs=0.05)
     assert torch.all(changed[labels == 1].any(1))  # every corrupted example differs from its original
     assert not changed[labels == 0].any()  # the others are untouched
@@ -82,7 +93,9 @@ def test_rotation_labels_name_the_quarter_turns():
 
 @pytest.mark.parametrize("method", ["corrupted", "rotation"])
 def test_auxiliary_tasks_are_learned_then_the_lower_layers_are_reused(method, tmp_path: Path):
-    summary = train.run(make_config(f"pretrain={method}", "pretrain.epochs=10", "trainer.epochs=2", data="digits"), tmp_path)
+    summary = train.run(
+        make_config(f"pretrain={method}", "pretrain.epochs=10", "trainer.epochs=2", data="digits"), tmp_path
+    )
     report = summary["pretrain"]
     assert report["accuracy_after"] > report["chance"] + 0.15, report
     assert summary["status"] == "completed" and math.isfinite(summary["test"]["test/loss"])

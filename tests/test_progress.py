@@ -16,9 +16,10 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from conftest import make_config
-from dnnrun import console as console_module, train
-from dnnrun.console import EpochBar, time_left
-from dnnrun.state import EpochProgress
+from dnnrun.insight import console as console_module
+from dnnrun.insight.console import EpochBar, time_left
+from dnnrun.training import loop as train
+from dnnrun.training.state import EpochProgress
 
 BAR = re.compile(r"^epoch (\d+)/(\d+) .*\d+/\d+ +(\d+:\d\d:\d\d|-:--:--) left")  # the bar's line
 STATS = re.compile(r"loss (\d+\.\d{4}|-) +([\d,]+|-) samples/s +run (\d+:\d\d:\d\d|-:--:--) left")
@@ -70,7 +71,7 @@ class Screen:
                     raise AssertionError(f"unexpected control code {token!r}")
             else:
                 line = self.lines[self.row].ljust(self.col)
-                self.lines[self.row] = line[: self.col] + token + line[self.col + len(token):]
+                self.lines[self.row] = line[: self.col] + token + line[self.col + len(token) :]
                 self.col += len(token)
 
     def shown(self) -> list[str]:
@@ -90,6 +91,7 @@ def replay(chunks: list[str]) -> list[list[str]]:
 def terminal(monkeypatch):
     """A console like the CLI's, made a terminal (or not) of a given width, 20 rows high, with
     dnnrun's log lines on it as the CLI puts them (cli.app._log_to); returns its file."""
+
     def make(width: int, is_terminal: bool = True) -> Writes:
         monkeypatch.setenv("TERM", "xterm-256color")  # not "dumb", which gets no live display
         out = Writes()
@@ -120,8 +122,9 @@ def test_time_left_for_the_epoch_and_the_run():
 
 
 @pytest.mark.parametrize("width, lines", [(120, 1), (80, 2)])
-def test_terminal_shows_one_bar_with_time_left_and_each_epoch_logged_once(run_dir: Path, terminal, monkeypatch,
-                                                                         width, lines):
+def test_terminal_shows_one_bar_with_time_left_and_each_epoch_logged_once(
+    run_dir: Path, terminal, monkeypatch, width, lines
+):
     out = terminal(width)
     monkeypatch.setattr(console_module, "REFRESH_S", 0.0)  # redraw at every step: each state is seen
     train.run(make_config("trainer.epochs=3", "trainer.progress=true"), run_dir)
@@ -162,8 +165,9 @@ def test_bar_is_reset_not_added_each_epoch(terminal):
         assert len(bar.epoch_s) == 2  # epochs 1 and 2, measured at the starts of 2 and 3
 
 
-@pytest.mark.parametrize("is_terminal, progress", [(False, "true"), (True, "false")],
-                         ids=["not-a-terminal", "progress-false"])
+@pytest.mark.parametrize(
+    "is_terminal, progress", [(False, "true"), (True, "false")], ids=["not-a-terminal", "progress-false"]
+)
 def test_no_bar_off_the_terminal_or_when_disabled(run_dir: Path, terminal, is_terminal, progress):
     out = terminal(120, is_terminal)
     train.run(make_config("trainer.epochs=3", f"trainer.progress={progress}"), run_dir)

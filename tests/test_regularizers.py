@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from conftest import make_config
-from dnnrun import model
 from dnnrun.errors import ConfigError
-from dnnrun.model import Inputs, Layers
-from dnnrun.regularizers import Regularization, combine
+from dnnrun.models import registry as model
+from dnnrun.models.registry import Inputs, Layers
+from dnnrun.techniques.regularizers import Regularization, combine
 
 
 def _model_and_reg(*overrides: str):
@@ -21,15 +21,18 @@ def _model_and_reg(*overrides: str):
 
 def _nonzero_biases(net: nn.Module) -> None:
     with torch.no_grad():
-        for name, p in net.named_parameters():
+        for p in net.parameters():
             if p.ndim == 1:
                 p.fill_(3.0)  # a penalty that counted biases or norm parameters would show it
 
 
 @pytest.mark.parametrize("option, l1, l2", [("l1", 1e-3, 0.0), ("l2", 0.0, 1e-3), ("l1_l2", 1e-3, 2e-3)])
 def test_penalties_sum_over_weight_matrices_only(option, l1, l2):
-    overrides = {"l1": ["regularizer.l1.factor=1e-3"], "l2": ["regularizer.l2.factor=1e-3"],
-                 "l1_l2": ["regularizer.l1_l2.l1=1e-3", "regularizer.l1_l2.l2=2e-3"]}[option]
+    overrides = {
+        "l1": ["regularizer.l1.factor=1e-3"],
+        "l2": ["regularizer.l2.factor=1e-3"],
+        "l1_l2": ["regularizer.l1_l2.l1=1e-3", "regularizer.l1_l2.l2=2e-3"],
+    }[option]
     net, reg = _model_and_reg(f"regularizer=[{option}]", "norm=batchnorm", *overrides)
     _nonzero_biases(net)
     weights = [net.hidden1.linear.weight, net.hidden2.linear.weight, net.output.weight]
@@ -43,7 +46,9 @@ def test_no_penalty_without_l1_or_l2():
 
 
 def test_dropout_sits_on_the_inputs_and_hidden_layers_never_after_the_output():
-    net, _ = _model_and_reg("regularizer=[dropout]", "regularizer.dropout.rate=0.3", "regularizer.dropout.input_rate=0.1")
+    net, _ = _model_and_reg(
+        "regularizer=[dropout]", "regularizer.dropout.rate=0.3", "regularizer.dropout.input_rate=0.1"
+    )
     names = [n for n, m in net.named_modules() if isinstance(m, nn.Dropout)]
     assert names == ["input_dropout", "hidden1.dropout", "hidden2.dropout"]
     assert net.input_dropout.p == 0.1 and net.hidden1.dropout.p == 0.3
@@ -122,7 +127,7 @@ def test_two_regularizers_setting_the_same_thing_is_a_config_error():
 
 
 def _trained(tmp_path, name: str, *overrides: str) -> dict[str, torch.Tensor]:
-    from dnnrun import train
+    from dnnrun.training import loop as train
 
     train.run(make_config("trainer.epochs=1", *overrides), tmp_path / name)
     return torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=True)["model"]
@@ -130,8 +135,8 @@ def _trained(tmp_path, name: str, *overrides: str) -> dict[str, torch.Tensor]:
 
 def _initial(*overrides: str) -> dict[str, torch.Tensor]:
     """The weights the run above starts from (it seeds with trainer.seed=0, then builds)."""
-    from dnnrun import runtime
-    from dnnrun.data import load
+    from dnnrun.data.datasets import load
+    from dnnrun.training import runtime
 
     cfg = make_config(*overrides)
     torch.manual_seed(0)
@@ -149,7 +154,10 @@ def test_training_applies_max_norm_after_every_step(tmp_path):
 
 
 def test_training_adds_the_l2_penalty_to_the_gradient(tmp_path):
-    free, decayed = _trained(tmp_path, "free"), _trained(tmp_path, "l2", "regularizer=[l2]", "regularizer.l2.factor=0.1")
+    free, decayed = (
+        _trained(tmp_path, "free"),
+        _trained(tmp_path, "l2", "regularizer=[l2]", "regularizer.l2.factor=0.1"),
+    )
     weights = [n for n in free if n.endswith("weight")]
     assert sum(decayed[n].pow(2).sum() for n in weights) < 0.9 * sum(free[n].pow(2).sum() for n in weights)
 

@@ -12,25 +12,30 @@ import pytest
 from hydra.errors import HydraException
 
 from conftest import compose_raw
-from dnnrun import diagnosis
 from dnnrun.cli import CONFIG_DIR
-from dnnrun.config import parse_run_config
-from dnnrun.console import console, print_diagnosis
-from dnnrun.diagnosis import REMEDIES, Finding, Remedy
+from dnnrun.config.run_config import parse_run_config
 from dnnrun.errors import ConfigError
+from dnnrun.insight import diagnosis
+from dnnrun.insight.console import console, print_diagnosis
+from dnnrun.insight.diagnosis import REMEDIES, Finding, Remedy
 
 EVERY_REMEDY = sorted({r for remedies in REMEDIES.values() for r in remedies}, key=str)
 
 
 def _records(**hidden1) -> list[dict]:
     """Per-layer records of three monitored steps with these statistics in hidden1."""
-    layers = {"hidden1": {"grad_norm": 1.0, "act_std": 1.0, **hidden1}, "hidden2": {"grad_norm": 1.0, "act_std": 1.0},
-              "output": {"grad_norm": 1.0}}
+    layers = {
+        "hidden1": {"grad_norm": 1.0, "act_std": 1.0, **hidden1},
+        "hidden2": {"grad_norm": 1.0, "act_std": 1.0},
+        "output": {"grad_norm": 1.0},
+    }
     return [{"step": s, "layers": copy.deepcopy(layers)} for s in (10, 20, 30)]
 
 
 def _history(val: list[float], train: list[float], acc: float) -> list[dict]:
-    return [{"epoch": i + 1, "val/loss": v, "train/loss": t, "val/acc": acc} for i, (v, t) in enumerate(zip(val, train))]
+    return [
+        {"epoch": i + 1, "val/loss": v, "train/loss": t, "val/acc": acc} for i, (v, t) in enumerate(zip(val, train))
+    ]
 
 
 SICK = {  # inputs that make each rule speak: (history, records)
@@ -109,12 +114,16 @@ def test_each_finding_is_printed_with_what_to_try():
         "diagnosis:",
         "  - training diverged at step 3: the training loss is nan",  # a plain sentence: no remedies
         f"  - {found[0]}",
-        ("    try: act=leaky_relu, act=leaky_relu_0.2, act=rrelu, act=prelu, act=elu, "
-        "mode=lr_find (the learning-rate range test, to pick optimizer.lr)"),
+        (
+            "    try: act=leaky_relu, act=leaky_relu_0.2, act=rrelu, act=prelu, act=elu, "
+            "mode=lr_find (the learning-rate range test, to pick optimizer.lr)"
+        ),
     ]
     overfit = diagnosis.diagnose(*SICK["overfitting"], n_classes=10)
-    assert ("    try: 'regularizer=[l2]', 'regularizer=[dropout]', 'regularizer=[max_norm]', "
-            "trainer.early_stopping.patience=10") in _printed(overfit).splitlines()
+    assert (
+        "    try: 'regularizer=[l2]', 'regularizer=[dropout]', 'regularizer=[max_norm]', "
+        "trainer.early_stopping.patience=10"
+    ) in _printed(overfit).splitlines()
 
 
 def test_a_healthy_run_is_said_to_be_so_in_one_line():

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import io
 import csv
+import io
 from pathlib import Path
 
 import pytest
 import yaml
 from rich.console import Console
 
-from dnnrun import report
-from dnnrun.rundir import RunDir
+from dnnrun.insight import report
+from dnnrun.store.rundir import RunDir
 
 LRS = [10 ** (-4 + 3 * i / 5) for i in range(6)]  # 1e-4 ... 1e-1, log-spaced: 0.00039810717055349735, ...
 
@@ -23,8 +23,13 @@ def _run(path: Path, overrides: dict[str, str], val_loss: float, test_acc: float
     run.snapshot("overrides").write_text(yaml.safe_dump([f"{k}={v}" for k, v in overrides.items()]))
     for epoch in range(1, epochs + 1):
         run.append_metrics({"epoch": epoch, "val/loss": val_loss * (epochs + 1 - epoch), "val/acc": 1 - val_loss})
-    run.write_summary({"best": {"monitor": "val/loss", "epoch": epochs, "val/loss": val_loss, "val/acc": 1 - val_loss},
-                       "test": {"test/loss": val_loss + 0.01, "test/acc": test_acc}, "wall_time_s": 1.5})
+    run.write_summary(
+        {
+            "best": {"monitor": "val/loss", "epoch": epochs, "val/loss": val_loss, "val/acc": 1 - val_loss},
+            "test": {"test/loss": val_loss + 0.01, "test/acc": test_acc},
+            "wall_time_s": 1.5,
+        }
+    )
     run.write_status("completed", 0, {"overrides": [f"{k}={v}" for k, v in overrides.items()]})
 
 
@@ -34,8 +39,12 @@ def lr_sweep(tmp_path: Path) -> Path:
     sweep = tmp_path / "sweep"
     for i, lr in enumerate(LRS):
         act = ("relu", "elu")[i % 2]
-        _run(sweep / f"{i}_optimizer.lr={lr!r},act={act}", {"optimizer.lr": repr(lr), "act": act},
-             val_loss=0.3 + 0.05 * abs(i - 3), test_acc=0.9 - 0.013 * i)
+        _run(
+            sweep / f"{i}_optimizer.lr={lr!r},act={act}",
+            {"optimizer.lr": repr(lr), "act": act},
+            val_loss=0.3 + 0.05 * abs(i - 3),
+            test_acc=0.9 - 0.013 * i,
+        )
     return sweep
 
 
@@ -48,7 +57,7 @@ def _ranked(paths: list[Path]):
 def test_a_log_spaced_parameter_is_plotted_on_a_log_axis_and_a_name_as_categories(lr_sweep: Path):
     runs, settings, _ = _ranked([lr_sweep])
     assert settings == ["optimizer.lr", "act"]
-    from dnnrun.plots import plt
+    from dnnrun.insight.plots import plt
 
     fig = report.param_figure(runs, "optimizer.lr", "val/loss")
     (ax,) = fig.axes
@@ -69,7 +78,7 @@ def test_a_parameter_spanning_less_than_two_decades_gets_a_linear_numeric_axis(t
     for i, rate in enumerate(("0.1", "0.25", "0.5")):
         _run(tmp_path / str(i), {"regularizer.dropout.rate": rate}, val_loss=0.3 + i / 10, test_acc=0.8)
     runs = report.collect([tmp_path / str(i) for i in range(3)])
-    from dnnrun.plots import plt
+    from dnnrun.insight.plots import plt
 
     fig = report.param_figure(runs, "regularizer.dropout.rate", "val/loss")
     (ax,) = fig.axes
@@ -81,10 +90,17 @@ def test_a_parameter_spanning_less_than_two_decades_gets_a_linear_numeric_axis(t
 def test_values_are_shown_with_three_significant_digits_more_only_where_they_would_read_the_same():
     assert report.value_labels([repr(x) for x in LRS[:2]]) == {"0.0001": "0.0001", "0.00039810717055349735": "0.000398"}
     assert report.value_labels(["0.1", "1e-05", "3.1622776601683795e-05"]) == {
-        "0.1": "0.1", "1e-05": "1e-05", "3.1622776601683795e-05": "3.16e-05"}
+        "0.1": "0.1",
+        "1e-05": "1e-05",
+        "3.1622776601683795e-05": "3.16e-05",
+    }
     assert report.value_labels(["0.10001", "0.10002"]) == {"0.10001": "0.10001", "0.10002": "0.10002"}
-    assert report.value_labels(["1024", "64", "relu", "true"]) == {"1024": "1024", "64": "64", "relu": "relu",
-                                                                    "true": "true"}
+    assert report.value_labels(["1024", "64", "relu", "true"]) == {
+        "1024": "1024",
+        "64": "64",
+        "relu": "relu",
+        "true": "true",
+    }
 
 
 @pytest.mark.parametrize("width", [80, 120])
@@ -133,8 +149,15 @@ def test_a_k_fold_sweep_is_reported_as_mean_and_std_over_the_folds(tmp_path: Pat
     from conftest import run_cli
 
     sweep = tmp_path / "sweep"
-    result = run_cli("-m", "data.folds=3", "data.fold=range(3)", "act=relu,elu", "trainer.epochs=1",
-                     f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    result = run_cli(
+        "-m",
+        "data.folds=3",
+        "data.fold=range(3)",
+        "act=relu,elu",
+        "trainer.epochs=1",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     assert report.main([str(sweep), "--out", str(tmp_path / "report")]) == 0
     rows = list(csv.DictReader(open(tmp_path / "report" / "report.csv")))

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from conftest import run_cli
-from dnnrun.rundir import read_jsonl
+from dnnrun.store.rundir import read_jsonl
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -24,7 +24,10 @@ def test_a_rerun_repeats_the_run_exactly_in_a_new_directory(tmp_path: Path):
     result = run_cli(f"rerun={first}", f"hydra.run.dir={second}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert _metrics(second) == _metrics(first) and len(_metrics(first)) == 3
-    assert json.loads((second / "summary.json").read_text())["test"] == json.loads((first / "summary.json").read_text())["test"]
+    assert (
+        json.loads((second / "summary.json").read_text())["test"]
+        == json.loads((first / "summary.json").read_text())["test"]
+    )
     overrides = yaml.safe_load((second / ".hydra" / "overrides.yaml").read_text())
     assert "act=elu" in overrides and "regularizer=[dropout]" in overrides  # the first run's, recorded again
     result = run_cli(f"rerun={first}", "trainer.epochs=4", f"hydra.run.dir={tmp_path / 'longer'}", cwd=tmp_path)

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from conftest import make_config
-from dnnrun import train
 from dnnrun.cli import CONFIG_DIR
-from dnnrun.rundir import read_jsonl
-from dnnrun.schedules import SCHEDULES, Schedule
+from dnnrun.optim.schedules import SCHEDULES, Schedule
+from dnnrun.store.rundir import read_jsonl
+from dnnrun.training import loop as train
 
 LR0, STEPS_PER_EPOCH, EPOCHS = 0.1, 10, 6
 OPTIONS = sorted(p.stem for p in (CONFIG_DIR / "schedule").glob("*.yaml"))
@@ -33,8 +33,13 @@ def _rates(schedule: Schedule, opt, n: int) -> list[float]:
 
 def test_every_schedule_says_whether_it_steps_per_batch_or_per_epoch():
     assert {name: kind.per for name, kind in SCHEDULES.items()} == {
-        "constant": "epoch", "power": "step", "exponential": "step", "piecewise_constant": "epoch",
-        "performance": "epoch", "onecycle": "step", "cosine": "step",
+        "constant": "epoch",
+        "power": "step",
+        "exponential": "step",
+        "piecewise_constant": "epoch",
+        "performance": "epoch",
+        "onecycle": "step",
+        "cosine": "step",
     }
     assert sorted(SCHEDULES) == OPTIONS
 
@@ -44,9 +49,14 @@ CLOSED_FORMS = {
     ("constant",): (EPOCHS, lambda t: LR0),
     ("power", "schedule.steps=20", "schedule.power=2"): (TOTAL, lambda t: LR0 / (1 + t / 20) ** 2),
     ("exponential", "schedule.steps=20"): (TOTAL, lambda t: LR0 * 0.1 ** (t / 20)),
-    ("piecewise_constant", "schedule.boundaries=[2,4]", "schedule.values=[0.1,0.05,0.01]"):
-        (EPOCHS, lambda t: 0.1 if t < 2 else 0.05 if t < 4 else 0.01),
-    ("cosine", "schedule.min_lr=0.001"): (TOTAL, lambda t: 0.001 + (LR0 - 0.001) * (1 + math.cos(math.pi * t / TOTAL)) / 2),
+    ("piecewise_constant", "schedule.boundaries=[2,4]", "schedule.values=[0.1,0.05,0.01]"): (
+        EPOCHS,
+        lambda t: 0.1 if t < 2 else 0.05 if t < 4 else 0.01,
+    ),
+    ("cosine", "schedule.min_lr=0.001"): (
+        TOTAL,
+        lambda t: 0.001 + (LR0 - 0.001) * (1 + math.cos(math.pi * t / TOTAL)) / 2,
+    ),
 }
 
 
@@ -58,8 +68,9 @@ def test_rate_follows_the_closed_form(spec):
 
 
 def test_onecycle_rises_falls_then_annihilates_with_momentum_opposite():
-    schedule, opt = _schedule("onecycle", "schedule.max_lr=1.0", "schedule.annihilation=0.1",
-                              "schedule.final_div=1000", optimizer="momentum")
+    schedule, opt = _schedule(
+        "onecycle", "schedule.max_lr=1.0", "schedule.annihilation=0.1", "schedule.final_div=1000", optimizer="momentum"
+    )
     momenta = [opt.param_groups[0]["momentum"]]
     rates = [opt.param_groups[0]["lr"]]
     for _ in range(TOTAL):
@@ -72,7 +83,9 @@ def test_onecycle_rises_falls_then_annihilates_with_momentum_opposite():
     assert rates[13] == pytest.approx(LR0 + (1.0 - LR0) * 13 / 27)  # linear on the way up
     assert rates[40] == pytest.approx(1.0 - (1.0 - LR0) * 13 / 27)  # and down
     assert rates[57] == pytest.approx(LR0 - (LR0 - LR0 / 1000) * 3 / 6)
-    assert momenta[0] == pytest.approx(0.95) and momenta[27] == pytest.approx(0.85) and momenta[54] == pytest.approx(0.95)
+    assert (
+        momenta[0] == pytest.approx(0.95) and momenta[27] == pytest.approx(0.85) and momenta[54] == pytest.approx(0.95)
+    )
     assert momenta[13] == pytest.approx(0.95 - 0.1 * 13 / 27)
     assert all(m == pytest.approx(0.95) for m in momenta[54:])
 
@@ -119,6 +132,13 @@ def test_the_training_loop_steps_schedules_per_batch_and_per_epoch(tmp_path):
     # the rate of each epoch's last step: t = 26 and t = 53
     assert rates == pytest.approx([0.01 * 0.1 ** (26 / 27), 0.01 * 0.1 ** (53 / 27)])
 
-    train.run(make_config("trainer.epochs=3", "schedule=piecewise_constant", "schedule.boundaries=[1,2]",
-                          "schedule.values=[0.01,0.005,0.001]"), tmp_path / "epoch")
+    train.run(
+        make_config(
+            "trainer.epochs=3",
+            "schedule=piecewise_constant",
+            "schedule.boundaries=[1,2]",
+            "schedule.values=[0.01,0.005,0.001]",
+        ),
+        tmp_path / "epoch",
+    )
     assert [r["lr"] for r in read_jsonl(tmp_path / "epoch" / "metrics.jsonl")] == pytest.approx([0.01, 0.005, 0.001])

@@ -16,8 +16,9 @@ import torch
 import yaml
 
 from conftest import make_config, run_cli
-from dnnrun import report, train
-from dnnrun.rundir import RunDir, SweepDir
+from dnnrun.insight import report
+from dnnrun.store.rundir import RunDir, SweepDir
+from dnnrun.training import loop as train
 
 
 def _status(job: Path) -> str:
@@ -33,11 +34,16 @@ def test_a_failing_job_leaves_the_others_and_a_rerun_finishes_only_it(tmp_path: 
     assert [_status(j) for j in jobs] == ["completed", "completed", "failed"]
     assert "sweep: 2 of 3 jobs completed" in first.stdout
     (line,) = [line for line in first.stderr.splitlines() if line.startswith("error: job 2 (")]
-    assert "trainer.epochs=3" in line and line.endswith("failed: InjectedFault: DNNRUN_FAULT: injected failure at epoch 3")
+    assert "trainer.epochs=3" in line and line.endswith(
+        "failed: InjectedFault: DNNRUN_FAULT: injected failure at epoch 3"
+    )
     with open(sweep / "sweep.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [(r["job"], r["status"], r["epochs"]) for r in rows] == [("0", "completed", "1"), ("1", "completed", "2"),
-                                                                      ("2", "failed", "3")]
+    assert [(r["job"], r["status"], r["epochs"]) for r in rows] == [
+        ("0", "completed", "1"),
+        ("1", "completed", "2"),
+        ("2", "failed", "3"),
+    ]
     finished = {j.name: (j / "checkpoints" / "last.pt").stat().st_mtime_ns for j in jobs[:2]}
 
     second = run_cli(*args, cwd=tmp_path)
@@ -54,8 +60,15 @@ def _history(job: Path) -> list[dict]:
 
 def test_dnnrun_report_ranks_groups_seeds_and_writes_its_files(tmp_path: Path):
     sweep = tmp_path / "sweep"
-    result = run_cli("-m", "data=synthetic", "trainer.epochs=2", "act=relu,elu", "trainer.seed=0,1",
-                     f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    result = run_cli(
+        "-m",
+        "data=synthetic",
+        "trainer.epochs=2",
+        "act=relu,elu",
+        "trainer.seed=0,1",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     assert report.main([str(sweep)]) == 0
     for name in ("report.md", "report.csv", "learning_curves.png", "param_act.png"):
@@ -70,7 +83,10 @@ def test_dnnrun_report_ranks_groups_seeds_and_writes_its_files(tmp_path: Path):
     assert set(rows) == {"relu", "elu"}
     for act, row in rows.items():
         assert row["runs"] == "2"
-        for metric, read in (("val/loss", lambda s: s["best"]["val/loss"]), ("test/acc", lambda s: s["test"]["test/acc"])):
+        for metric, read in (
+            ("val/loss", lambda s: s["best"]["val/loss"]),
+            ("test/acc", lambda s: s["test"]["test/acc"]),
+        ):
             values = [read(summaries[(act, seed)]) for seed in ("0", "1")]
             assert float(row[metric]) == pytest.approx(statistics.fmean(values))
             assert float(row[f"{metric} std"]) == pytest.approx(statistics.stdev(values))
@@ -90,7 +106,9 @@ def test_a_report_over_single_runs_shows_each_with_its_summary(tmp_path: Path):
 def _log_span(path: Path) -> tuple[datetime, datetime]:
     """When a run wrote its first and its last log line."""
     lines = path.read_text().splitlines()
-    return tuple(datetime.strptime(" ".join(line.split()[:2]), "%Y-%m-%d %H:%M:%S,%f") for line in (lines[0], lines[-1]))
+    return tuple(
+        datetime.strptime(" ".join(line.split()[:2]), "%Y-%m-%d %H:%M:%S,%f") for line in (lines[0], lines[-1])
+    )
 
 
 def test_joblib_runs_jobs_in_parallel_dividing_the_cores(tmp_path: Path):
@@ -98,10 +116,22 @@ def test_joblib_runs_jobs_in_parallel_dividing_the_cores(tmp_path: Path):
     # After its first step each job waits until both have got there (a barrier): run one after the
     # other, the first would wait in vain and fail.
     barrier = tmp_path / "barrier"
-    result = run_cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "data=synthetic", "trainer.epochs=2",
-                     "act=relu,elu", f"hydra.sweep.dir={sweep}", cwd=tmp_path,
-                     env={"DNNRUN_FAULT": "arrive@step=1,wait@step=1", "DNNRUN_FAULT_ARRIVE": str(barrier),
-                          "DNNRUN_FAULT_WAIT": f"{barrier}/*:2"}, process=True)
+    result = run_cli(
+        "-m",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "data=synthetic",
+        "trainer.epochs=2",
+        "act=relu,elu",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+        env={
+            "DNNRUN_FAULT": "arrive@step=1,wait@step=1",
+            "DNNRUN_FAULT_ARRIVE": str(barrier),
+            "DNNRUN_FAULT_WAIT": f"{barrier}/*:2",
+        },
+        process=True,
+    )
     assert result.returncode == 0, result.stderr
     jobs = [j.path for j in SweepDir(sweep).jobs()]
     assert [_status(j) for j in jobs] == ["completed", "completed"]
@@ -116,9 +146,17 @@ def test_joblib_runs_jobs_in_parallel_dividing_the_cores(tmp_path: Path):
 def test_submitit_requeues_a_timed_out_job_which_finishes_as_if_uninterrupted(tmp_path: Path):
     sweep = tmp_path / "sweep"
     # USR2 is what Slurm sends before a job's time limit and what submitit's local executor sends too.
-    result = run_cli("-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", "data=synthetic",
-                     "trainer.epochs=4", f"hydra.sweep.dir={sweep}", cwd=tmp_path, env={"DNNRUN_FAULT": "usr2@epoch=2"},
-                     process=True)
+    result = run_cli(
+        "-m",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.timeout_min=5",
+        "data=synthetic",
+        "trainer.epochs=4",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+        env={"DNNRUN_FAULT": "usr2@epoch=2"},
+        process=True,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     (job,) = [j.path for j in SweepDir(sweep).jobs()]
     assert _status(job) == "completed"
@@ -133,20 +171,40 @@ def test_submitit_requeues_a_timed_out_job_which_finishes_as_if_uninterrupted(tm
 
 def test_the_optuna_search_preset_gets_the_monitored_metric_back(tmp_path: Path):
     sweep = tmp_path / "sweep"
-    result = run_cli("-m", "experiment=search", "hydra.sweeper.n_trials=3", "data=synthetic", "trainer.epochs=1",
-                     f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    result = run_cli(
+        "-m",
+        "experiment=search",
+        "hydra.sweeper.n_trials=3",
+        "data=synthetic",
+        "trainer.epochs=1",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     found = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
-    best = [json.loads((j / "summary.json").read_text())["best"]["value"] for j in [j.path for j in SweepDir(sweep).jobs()]]
+    best = [
+        json.loads((j / "summary.json").read_text())["best"]["value"] for j in [j.path for j in SweepDir(sweep).jobs()]
+    ]
     assert len(best) == 3 and found["best_value"] == pytest.approx(min(best))
     assert set(found["best_params"]) == {"optimizer.lr", "regularizer.dropout.rate", "model.width"}
 
 
 def _torchrun(tmp_path: Path, name: str, *overrides: str) -> dict:
     data = [] if any(o.startswith("data=") for o in overrides) else ["data=synthetic"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dnnrun",
-               *data, *overrides, "trainer.diagnostics.plots=false", f"hydra.run.dir={tmp_path / name}",
-               f"outputs={tmp_path}"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "dnnrun",
+        *data,
+        *overrides,
+        "trainer.diagnostics.plots=false",
+        f"hydra.run.dir={tmp_path / name}",
+        f"outputs={tmp_path}",
+    ]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     return json.loads((tmp_path / name / "summary.json").read_text())
@@ -164,10 +222,19 @@ def _close(a: Path, b: Path) -> bool:
 # again). No batch norm: on the CPU each rank normalizes its half batch (SyncBatchNorm is for CUDA).
 CONV = ["data=digits", "model=cnn", "model.channels=[4,8]", "regularizer=[max_norm]", "data.max_train=600"]
 TORCHRUN_CASES = {
-    "pretraining and a ragged last batch": ["trainer.epochs=2", "pretrain=autoencoder", "pretrain.epochs=1",
-                                            "data.max_train=833"],
-    "a conv net's frozen then unfrozen transferred blocks": [*CONV, "trainer.epochs=2", "transfer.freeze=true",
-                                                             "transfer.unfreeze_after=1", "transfer.layers=1"],
+    "pretraining and a ragged last batch": [
+        "trainer.epochs=2",
+        "pretrain=autoencoder",
+        "pretrain.epochs=1",
+        "data.max_train=833",
+    ],
+    "a conv net's frozen then unfrozen transferred blocks": [
+        *CONV,
+        "trainer.epochs=2",
+        "transfer.freeze=true",
+        "transfer.unfreeze_after=1",
+        "transfer.layers=1",
+    ],
 }
 
 
@@ -179,16 +246,19 @@ def test_torchrun_with_two_processes_matches_one_process_with_the_same_global_ba
         overrides = [*overrides, f"transfer.source={tmp_path / 'source' / 'checkpoints' / 'last.pt'}"]
     summary = _torchrun(tmp_path, "ddp", *overrides)
     assert summary["processes"] == 2
-    single = train.run(make_config(*overrides, data=None if "data=digits" in overrides else "synthetic"),
-                       tmp_path / "single")
+    single = train.run(
+        make_config(*overrides, data=None if "data=digits" in overrides else "synthetic"), tmp_path / "single"
+    )
     assert _close(tmp_path / "ddp", tmp_path / "single")
     assert summary["final"]["train/loss"] == pytest.approx(single["final"]["train/loss"], rel=1e-5)
     assert summary["final"]["val/acc"] == pytest.approx(single["final"]["val/acc"])
     assert not {p.name for p in tmp_path.iterdir()} - {"ddp", "single", "source"}  # rank 1 wrote nothing here
 
 
-@pytest.mark.parametrize("given, sweeping, drawn", [("auto", False, True), ("auto", True, False),
-                                                    ("true", True, True), ("false", False, False)])
+@pytest.mark.parametrize(
+    "given, sweeping, drawn",
+    [("auto", False, True), ("auto", True, False), ("true", True, True), ("false", False, False)],
+)
 def test_plots_auto_draws_them_for_a_run_not_for_each_job_of_a_sweep(tmp_path: Path, given, sweeping, drawn):
     """Drawing takes longer than a short job; the sweep's report compares the jobs."""
     from omegaconf import OmegaConf

@@ -8,15 +8,20 @@ from pathlib import Path
 import pytest
 
 from conftest import make_config
-from dnnrun import loggers, train
+from dnnrun.insight import loggers
+from dnnrun.training import loop as train
 
 
 def test_a_run_writes_its_options_values_and_metrics_as_hparams_beside_its_scalars(tmp_path: Path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import metadata
 
-    summary = train.run(make_config("logger=tensorboard", "trainer.epochs=2", "optimizer.lr=0.03",
-                                    "regularizer=[l2]", "trainer.monitor=val/acc"), tmp_path)
+    summary = train.run(
+        make_config(
+            "logger=tensorboard", "trainer.epochs=2", "optimizer.lr=0.03", "regularizer=[l2]", "trainer.monitor=val/acc"
+        ),
+        tmp_path,
+    )
     folder = tmp_path / "tensorboard"
     assert [p for p in folder.iterdir() if p.is_dir()] == []  # no timestamped sub-run: one run in TensorBoard
     events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
@@ -33,10 +38,13 @@ def test_a_run_writes_its_options_values_and_metrics_as_hparams_beside_its_scala
     assert "trainer.clip_norm" not in chosen  # None is left out
 
     experiment = metadata.parse_experiment_plugin_data(plugin["_hparams_/experiment"])
-    expected = {"hparams/best/val/acc": summary["best"]["value"], "hparams/best/epoch": summary["best"]["epoch"],
-                "hparams/test/acc": summary["test"]["test/acc"], "hparams/test/loss": summary["test"]["test/loss"],
-                **{f"hparams/final/{k}": summary["final"][k] for k in ("train/loss", "train/acc", "val/loss",
-                                                                          "val/acc")}}
+    expected = {
+        "hparams/best/val/acc": summary["best"]["value"],
+        "hparams/best/epoch": summary["best"]["epoch"],
+        "hparams/test/acc": summary["test"]["test/acc"],
+        "hparams/test/loss": summary["test"]["test/loss"],
+        **{f"hparams/final/{k}": summary["final"][k] for k in ("train/loss", "train/acc", "val/loss", "val/acc")},
+    }
     assert {m.name.tag for m in experiment.metric_infos} == set(expected)
     for tag, value in expected.items():  # the HParams tab reads each metric's last scalar
         assert [(e.step, e.value) for e in events.Scalars(tag)] == [(summary["steps"], pytest.approx(value))], tag

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from conftest import make_config, run_cli
-from dnnrun import checkpoint, faults, metrics, train
 from dnnrun.errors import Interrupted, UserError
-from dnnrun.rundir import read_jsonl
+from dnnrun.store import checkpoint
+from dnnrun.store.rundir import read_jsonl
+from dnnrun.training import faults, loop as train, metrics
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -76,7 +77,9 @@ def test_early_stopping_stops_after_patience_and_restores_the_best_weights(run_d
 
 def test_a_run_that_stopped_early_stays_stopped_when_resumed(run_dir: Path, monkeypatch):
     accs = iter([0.5, 0.4, 0.3, 0.9, 0.9, 0.9])  # no improvement after epoch 1: stops after epoch 2
-    monkeypatch.setattr(metrics, "loss_and_accuracy", lambda m, s, b, a: (1.0, next(accs)) if len(s) == 96 else (1.0, 0.0))
+    monkeypatch.setattr(
+        metrics, "loss_and_accuracy", lambda m, s, b, a: (1.0, next(accs)) if len(s) == 96 else (1.0, 0.0)
+    )
     settings = ("trainer.epochs=6", "trainer.monitor=val/acc", "trainer.early_stopping.patience=1")
     assert train.run(make_config(*settings), run_dir)["epochs_run"] == 2
     resumed = train.run(make_config(*settings, "trainer.resume=auto"), run_dir)
@@ -85,7 +88,9 @@ def test_a_run_that_stopped_early_stays_stopped_when_resumed(run_dir: Path, monk
 
 def test_min_delta_and_accuracy_monitoring(run_dir: Path, monkeypatch):
     accs = iter([0.5, 0.505, 0.7, 0.69])
-    monkeypatch.setattr(metrics, "loss_and_accuracy", lambda m, s, b, a: (1.0, next(accs)) if len(s) == 96 else (1.0, 0.0))
+    monkeypatch.setattr(
+        metrics, "loss_and_accuracy", lambda m, s, b, a: (1.0, next(accs)) if len(s) == 96 else (1.0, 0.0)
+    )
     cfg = make_config("trainer.epochs=4", "trainer.monitor=val/acc", "trainer.early_stopping.min_delta=0.01")
     summary = train.run(cfg, run_dir)
     assert summary["best"]["epoch"] == 3 and summary["best"]["value"] == 0.7  # 0.505 is within min_delta
@@ -98,8 +103,15 @@ def _interrupt_after_epoch(k: int) -> faults.Faults:
 
 # Batch norm (running buffers), Adam (moment estimates), 1cycle (step counter, momentum) and dropout
 # (the global RNG) all carry state that a resume must restore.
-RESUMABLE = ("trainer.epochs=4", "trainer.diagnostics.every=10", "norm=batchnorm", "optimizer=momentum", "schedule=onecycle", "regularizer=[dropout]",
-             "model.hidden=[64,32]")
+RESUMABLE = (
+    "trainer.epochs=4",
+    "trainer.diagnostics.every=10",
+    "norm=batchnorm",
+    "optimizer=momentum",
+    "schedule=onecycle",
+    "regularizer=[dropout]",
+    "model.hidden=[64,32]",
+)
 
 
 def _straight_and_interrupted(tmp_path: Path, monkeypatch) -> None:
@@ -125,7 +137,8 @@ def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path: Path
     assert [r["val/loss"] for r in a] == [r["val/loss"] for r in b]
     # The per-layer statistics after the resume are those of the uninterrupted run, once each.
     assert read_jsonl(tmp_path / "resumed" / "diagnostics.jsonl") == read_jsonl(
-        tmp_path / "straight" / "diagnostics.jsonl")
+        tmp_path / "straight" / "diagnostics.jsonl"
+    )
 
 
 def test_resuming_without_the_rng_state_does_not_match(tmp_path: Path, monkeypatch):
@@ -207,7 +220,7 @@ def test_limit_batches_and_amp_on_cpu(run_dir: Path, caplog):
 
 
 def test_amp_and_channels_last_by_default_only_where_they_pay(caplog):
-    from dnnrun import runtime
+    from dnnrun.training import runtime
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     with caplog.at_level(logging.WARNING, logger="dnnrun"):
@@ -224,9 +237,20 @@ def test_amp_and_channels_last_by_default_only_where_they_pay(caplog):
 
 def test_channels_last_trains_the_same_conv_net(tmp_path: Path):
     """NHWC changes how the convolutions lay out memory, not what they compute."""
-    runs = [train.run(make_config("model=cnn", "model.channels=[4,8]", "trainer.epochs=1", "trainer.limit_batches=6",
-                                  f"trainer.channels_last={on}", data="digits"), tmp_path / str(on))
-            for on in (False, True)]
+    runs = [
+        train.run(
+            make_config(
+                "model=cnn",
+                "model.channels=[4,8]",
+                "trainer.epochs=1",
+                "trainer.limit_batches=6",
+                f"trainer.channels_last={on}",
+                data="digits",
+            ),
+            tmp_path / str(on),
+        )
+        for on in (False, True)
+    ]
     assert runs[0]["final"]["train/loss"] == pytest.approx(runs[1]["final"]["train/loss"], rel=1e-4)
     weights = torch.load(tmp_path / "True" / "checkpoints" / "last.pt", weights_only=True)["model"]
     assert weights["hidden2.conv.weight"].shape == (8, 4, 3, 3)  # saved as any checkpoint: loads anywhere
@@ -236,19 +260,22 @@ def test_compile_trains_through_torch_compile_or_falls_back_with_a_warning(tmp_p
     calls = []
     eager_compile = functools.partial(torch.compile, backend="eager")  # traced by dynamo, no C++ compiler needed
     monkeypatch.setattr(torch, "compile", lambda module: calls.append(module) or eager_compile(module))
-    summary = train.run(make_config("trainer.epochs=1", "trainer.limit_batches=3", "trainer.compile=true"),
-                        tmp_path / "compiled")
+    summary = train.run(
+        make_config("trainer.epochs=1", "trainer.limit_batches=3", "trainer.compile=true"), tmp_path / "compiled"
+    )
     assert summary["status"] == "completed" and len(calls) == 1
 
     def broken(module):
         def fails(x):
             raise RuntimeError("Compiler: cc not found")
+
         return fails
 
     monkeypatch.setattr(torch, "compile", broken)
     with caplog.at_level(logging.WARNING, logger="dnnrun"):
-        summary = train.run(make_config("trainer.epochs=1", "trainer.limit_batches=3", "trainer.compile=true"),
-                            tmp_path / "fallback")
+        summary = train.run(
+            make_config("trainer.epochs=1", "trainer.limit_batches=3", "trainer.compile=true"), tmp_path / "fallback"
+        )
     assert summary["status"] == "completed" and summary["steps"] == 3
     assert "torch.compile failed here (Compiler: cc not found); training without it" in caplog.text
 
@@ -271,10 +298,14 @@ def test_training_with_clipping_runs(run_dir: Path):
 
 @pytest.mark.parametrize("weights, column", [("best", 2), ("last", 1)])
 def test_the_results_table_puts_the_test_figures_under_the_weights_tested(weights, column):
-    from dnnrun.console import results_table
+    from dnnrun.insight.console import results_table
 
-    summary = {"status": "completed", "final": {"val/loss": 0.5}, "best": {"epoch": 3, "val/loss": 0.4},
-               "test": {"test/loss": 0.45, "test/acc": 0.875, "weights": weights}}
+    summary = {
+        "status": "completed",
+        "final": {"val/loss": 0.5},
+        "best": {"epoch": 3, "val/loss": 0.4},
+        "test": {"test/loss": 0.45, "test/acc": 0.875, "weights": weights},
+    }
     table = results_table(summary)
     cells = [list(c.cells) for c in table.columns]
     row = cells[0].index("test/acc")
@@ -284,25 +315,28 @@ def test_the_results_table_puts_the_test_figures_under_the_weights_tested(weight
 def test_eval_train_measures_training_examples_as_validation_is_measured(tmp_path: Path):
     """With dropout on, the running training figures are not comparable with validation's; a fixed
     training subset in evaluation mode is (trainer.eval_train, on by default with dropout or BN)."""
-    from dnnrun import metrics as metrics_mod
-    from dnnrun.data import Split
+    from dnnrun.data.datasets import Split
+    from dnnrun.training import metrics as metrics_mod
 
-    summary = train.run(make_config("regularizer=[dropout]", "trainer.epochs=2", "trainer.eval_train_size=300",
-                                    data="digits"), tmp_path / "dropout")
+    summary = train.run(
+        make_config("regularizer=[dropout]", "trainer.epochs=2", "trainer.eval_train_size=300", data="digits"),
+        tmp_path / "dropout",
+    )
     records = read_jsonl(tmp_path / "dropout" / "metrics.jsonl")
     assert all({"train_eval/loss", "train_eval/acc", "time/eval_train_s"} <= set(r) for r in records)
     assert summary["final"]["train_eval/loss"] == records[-1]["train_eval/loss"]
     # the subset is fixed: the last epoch's weights give the recorded figure again on the same 300 examples
     trainer_model = torch.load(tmp_path / "dropout" / "checkpoints" / "last.pt", weights_only=True)
-    from dnnrun import runtime
+    from dnnrun.training import runtime
 
     cfg = make_config("regularizer=[dropout]", data="digits")
     data = runtime.load_data(cfg.data, cfg.model, torch.device("cpu"))
     model = runtime.build_model(cfg, data)[0]
     model.load_state_dict(trainer_model["model"])
     pick = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.data.split_seed + 2))[:300]
-    loss, acc = metrics_mod.loss_and_accuracy(model, Split(data.train.x[pick], data.train.y[pick]), 1024,
-                                              contextlib.nullcontext)
+    loss, acc = metrics_mod.loss_and_accuracy(
+        model, Split(data.train.x[pick], data.train.y[pick]), 1024, contextlib.nullcontext
+    )
     assert loss == pytest.approx(records[-1]["train_eval/loss"], rel=1e-5) and acc == records[-1]["train_eval/acc"]
     plain = train.run(make_config("trainer.epochs=1", data="digits"), tmp_path / "plain")  # no dropout, no BN: off
     assert "train_eval/loss" not in plain["final"]
@@ -311,14 +345,17 @@ def test_eval_train_measures_training_examples_as_validation_is_measured(tmp_pat
 
 
 def test_the_overfitting_diagnosis_compares_the_training_loss_measured_as_validations():
-    from dnnrun import diagnosis
+    from dnnrun.insight import diagnosis
 
     def record(epoch, val, running, evaluated):
         return {"epoch": epoch, "val/loss": val, "val/acc": 0.9, "train/loss": running, "train_eval/loss": evaluated}
 
     # validation rises while the running loss falls, but measured in eval mode training got worse too
-    history = [record(1, 0.30, 0.50, 0.30), record(2, 0.25, 0.45, 0.26), *[record(e, 0.25 + 0.03 * e, 0.40, 0.28 + 0.03 * e)
-                                                                          for e in range(3, 9)]]
+    history = [
+        record(1, 0.30, 0.50, 0.30),
+        record(2, 0.25, 0.45, 0.26),
+        *[record(e, 0.25 + 0.03 * e, 0.40, 0.28 + 0.03 * e) for e in range(3, 9)],
+    ]
     assert diagnosis._overfitting(history) == []
     falling = [{**r, "train_eval/loss": 0.3 - 0.02 * r["epoch"]} for r in history]
     assert diagnosis._overfitting(falling)[0].endswith("(0.260 -> 0.140): overfitting")

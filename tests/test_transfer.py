@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from conftest import make_config
-from dnnrun import runtime, train, transfer
-from dnnrun.data import load
+from dnnrun.data.datasets import load
 from dnnrun.errors import UserError
-from dnnrun.rundir import read_jsonl
+from dnnrun.store.rundir import read_jsonl
+from dnnrun.training import loop as train, runtime, transfer
 
 SOURCE = ("model.hidden=[32,16,8]", "norm=batchnorm", "trainer.epochs=2")
 
@@ -45,8 +45,13 @@ def test_reused_tensors_equal_the_sources_and_the_rest_is_new(source: Path):
     assert layers == [1, 2]
     assert [b.linear.out_features for n, b in model.named_children() if n.startswith("hidden")] == [32, 16, 12]
     state = model.state_dict()
-    for name in ("hidden1.linear.weight", "hidden1.norm.weight", "hidden1.norm.running_mean",
-                 "hidden2.linear.weight", "hidden2.norm.running_var"):
+    for name in (
+        "hidden1.linear.weight",
+        "hidden1.norm.weight",
+        "hidden1.norm.running_mean",
+        "hidden2.linear.weight",
+        "hidden2.norm.running_var",
+    ):
         assert torch.equal(state[name], src[name]), name
     assert not any(n.startswith(("hidden3", "output")) for n in reused)
     assert sorted(reused) == sorted(n for n, _ in model.named_parameters() if n.startswith(("hidden1.", "hidden2.")))
@@ -63,15 +68,26 @@ def test_replace_gives_one_reused_layer_fresh_weights(source: Path):
 def test_frozen_layers_stay_bit_identical_then_train_with_a_scaled_rate_after_unfreezing(source: Path, tmp_path: Path):
     src = _model(source)
     # Max-norm too: the source's rows are longer than 1, and frozen rows must not be rescaled either.
-    settings = ("norm=batchnorm", f"transfer.source={source}", "transfer.freeze=true", "transfer.unfreeze_after=2",
-                "transfer.unfreeze_lr_factor=0.1", "regularizer=[max_norm]")
+    settings = (
+        "norm=batchnorm",
+        f"transfer.source={source}",
+        "transfer.freeze=true",
+        "transfer.unfreeze_after=2",
+        "transfer.unfreeze_lr_factor=0.1",
+        "regularizer=[max_norm]",
+    )
     run = tmp_path / "target"
-    summary = train.run(make_config(*settings, "trainer.epochs=2", "trainer.restore_best=false",
-                                    "trainer.diagnostics.every=10"), run)
+    summary = train.run(
+        make_config(*settings, "trainer.epochs=2", "trainer.restore_best=false", "trainer.diagnostics.every=10"), run
+    )
     assert summary["transfer"]["reused_layers"] == [1, 2, 3]
     # Frozen layers have no gradient: none is recorded, and none is taken for a vanishing one.
-    assert all(set(r["layers"]) == {"hidden1", "hidden2", "hidden3", "output"} and "grad_norm" not in r["layers"]["hidden1"]
-               and r["layers"]["output"]["grad_norm"] > 0 for r in read_jsonl(run / "diagnostics.jsonl"))
+    assert all(
+        set(r["layers"]) == {"hidden1", "hidden2", "hidden3", "output"}
+        and "grad_norm" not in r["layers"]["hidden1"]
+        and r["layers"]["output"]["grad_norm"] > 0
+        for r in read_jsonl(run / "diagnostics.jsonl")
+    )
     assert not any("gradients vanish" in sentence for sentence in summary["diagnosis"])
     after_frozen = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     for name, tensor in src.items():
@@ -92,7 +108,7 @@ def test_frozen_layers_stay_bit_identical_then_train_with_a_scaled_rate_after_un
 
 
 def test_a_transferred_run_resumes_and_evaluates_without_its_source(source: Path, tmp_path: Path):
-    from dnnrun import evaluate
+    from dnnrun.inference import evaluate
 
     copy = tmp_path / "source.pt"
     copy.write_bytes(source.read_bytes())
@@ -101,8 +117,10 @@ def test_a_transferred_run_resumes_and_evaluates_without_its_source(source: Path
     copy.unlink()  # the source is gone; the run's own checkpoint holds everything
     summary = train.run(make_config(*settings, "trainer.epochs=2", "trainer.resume=auto"), tmp_path / "run")
     assert summary["epochs_run"] == 2 and summary["transfer"]["widths"] == [32, 16, 8, 12]
-    report = evaluate.run(make_config("mode=evaluate", f"evaluate.checkpoint={tmp_path / 'run' / 'checkpoints' / 'best.pt'}"),
-                          tmp_path / "eval")
+    report = evaluate.run(
+        make_config("mode=evaluate", f"evaluate.checkpoint={tmp_path / 'run' / 'checkpoints' / 'best.pt'}"),
+        tmp_path / "eval",
+    )
     tested = json.loads((tmp_path / "run" / "summary.json").read_text())["test"]["test/acc"]  # with best.pt's weights
     assert report["deterministic"]["accuracy"] == pytest.approx(tested)
 
@@ -110,8 +128,16 @@ def test_a_transferred_run_resumes_and_evaluates_without_its_source(source: Path
 def test_unfreezing_works_without_batch_norm(tmp_path: Path):
     train.run(make_config("model.hidden=[16,8]", "trainer.epochs=1"), tmp_path / "plain")
     src = tmp_path / "plain" / "checkpoints" / "last.pt"
-    summary = train.run(make_config(f"transfer.source={src}", "transfer.freeze=true", "transfer.unfreeze_after=1",
-                                    "transfer.unfreeze_lr_factor=0.5", "trainer.epochs=2"), tmp_path / "target")
+    summary = train.run(
+        make_config(
+            f"transfer.source={src}",
+            "transfer.freeze=true",
+            "transfer.unfreeze_after=1",
+            "transfer.unfreeze_lr_factor=0.5",
+            "trainer.epochs=2",
+        ),
+        tmp_path / "target",
+    )
     last = torch.load(tmp_path / "target" / "checkpoints" / "last.pt", weights_only=True)
     assert not torch.equal(last["model"]["hidden1.linear.weight"], _model(src)["hidden1.linear.weight"])
     assert {g["reused"]: g["lr"] for g in last["optimizer"]["param_groups"]} == {False: 0.01, True: 0.005}
@@ -156,9 +182,18 @@ def test_a_conv_nets_lower_blocks_are_reused_and_frozen_as_named_blocks(model: s
     train.run(make_config(*common, "data.classes=[0,1,2,3,4]", data="digits"), tmp_path / "source")
     src = _model(tmp_path / "source" / "checkpoints" / "best.pt")
     source = tmp_path / "source" / "checkpoints" / "best.pt"
-    summary = train.run(make_config(*common, "data.classes=[5,6,7,8,9]", f"transfer.source={source}", "transfer.layers=2",
-                                    "transfer.freeze=true", "trainer.restore_best=false", data="digits"),
-                        tmp_path / "target")
+    summary = train.run(
+        make_config(
+            *common,
+            "data.classes=[5,6,7,8,9]",
+            f"transfer.source={source}",
+            "transfer.layers=2",
+            "transfer.freeze=true",
+            "trainer.restore_best=false",
+            data="digits",
+        ),
+        tmp_path / "target",
+    )
     assert summary["transfer"]["reused_layers"] == [1, 2]
     trained = _model(tmp_path / "target" / "checkpoints" / "last.pt")
     reused = [n for n in src if n.startswith(("hidden1.", "hidden2."))]
@@ -169,8 +204,12 @@ def test_a_conv_nets_lower_blocks_are_reused_and_frozen_as_named_blocks(model: s
 
 
 def test_a_conv_source_for_a_dense_model_is_refused_with_what_differs(tmp_path: Path):
-    train.run(make_config("model=cnn", "model.channels=[4]", "trainer.epochs=1", "trainer.limit_batches=2",
-                          data="digits"), tmp_path / "source")
+    train.run(
+        make_config("model=cnn", "model.channels=[4]", "trainer.epochs=1", "trainer.limit_batches=2", data="digits"),
+        tmp_path / "source",
+    )
     with pytest.raises(UserError, match="transfer.source's hidden1 is a conv layer, this model's a dense one"):
-        train.run(make_config(f"transfer.source={tmp_path / 'source' / 'checkpoints' / 'best.pt'}", data="digits"),
-                  tmp_path / "target")
+        train.run(
+            make_config(f"transfer.source={tmp_path / 'source' / 'checkpoints' / 'best.pt'}", data="digits"),
+            tmp_path / "target",
+        )

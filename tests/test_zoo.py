@@ -13,9 +13,10 @@ import torchvision.models
 from safetensors.torch import save_file
 
 from conftest import make_config, run_cli
-from dnnrun import train, zoo
 from dnnrun.errors import ConfigError, UserError
-from dnnrun.network import ZooInputs
+from dnnrun.models import zoo
+from dnnrun.models.network import ZooInputs
+from dnnrun.training import loop as train
 
 RESNET18_STAGES = ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4"]
 
@@ -44,9 +45,18 @@ def weights(tmp_path_factory) -> Path:
 
 
 def _zoo(weights: Path, *overrides: str):
-    return make_config("model=zoo", "model.arch=resnet18", f"model.weights={weights}", "data.resize=32",
-                       "data.val_size=32", "data.test_size=64", "trainer.epochs=2", "trainer.limit_batches=3",
-                       *overrides, data="digits")
+    return make_config(
+        "model=zoo",
+        "model.arch=resnet18",
+        f"model.weights={weights}",
+        "data.resize=32",
+        "data.val_size=32",
+        "data.test_size=64",
+        "trainer.epochs=2",
+        "trainer.limit_batches=3",
+        *overrides,
+        data="digits",
+    )
 
 
 def test_frozen_reused_stages_keep_the_files_weights_and_statistics_while_the_new_head_learns(weights, tmp_path):
@@ -64,8 +74,12 @@ def test_frozen_reused_stages_keep_the_files_weights_and_statistics_while_the_ne
     assert trained["output.weight"].shape == (10, 512)  # a new head for the ten digits
     assert not any(k.startswith("features.fc.") for k in trained)
     # evaluation rebuilds it from the checkpoint alone: the weights' mean and std are in it
-    result = run_cli("mode=evaluate", f"evaluate.checkpoint={tmp_path / 'checkpoints' / 'best.pt'}",
-                     f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
+    result = run_cli(
+        "mode=evaluate",
+        f"evaluate.checkpoint={tmp_path / 'checkpoints' / 'best.pt'}",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
     assert report["deterministic"]["accuracy"] == pytest.approx(summary["test"]["test/acc"])
@@ -76,7 +90,10 @@ def test_transfer_layers_counts_stages_and_the_rest_train_from_scratch(weights, 
 
     summary = train.run(_zoo(weights, "transfer.layers=2", "transfer.freeze=true", "trainer.epochs=1"), tmp_path)
     assert summary["transfer"]["reused_layers"] == [1, 2]
-    given, trained = load_file(str(weights)), torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["model"]
+    given, trained = (
+        load_file(str(weights)),
+        torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["model"],
+    )
     assert torch.equal(trained["features.conv1.weight"], given["conv1.weight"])
     assert not torch.equal(trained["features.layer1.0.conv1.weight"], given["layer1.0.conv1.weight"])
     with pytest.raises(UserError, match=r"transfer.layers=7, but resnet18 has 6 stages \(conv1, bn1, layer1, "):
@@ -86,8 +103,9 @@ def test_transfer_layers_counts_stages_and_the_rest_train_from_scratch(weights, 
 def test_unfreezing_trains_the_reused_stages_again(weights, tmp_path):
     from safetensors.torch import load_file
 
-    train.run(_zoo(weights, "transfer.freeze=true", "transfer.unfreeze_after=1", "transfer.unfreeze_lr_factor=0.1"),
-              tmp_path)
+    train.run(
+        _zoo(weights, "transfer.freeze=true", "transfer.unfreeze_after=1", "transfer.unfreeze_lr_factor=0.1"), tmp_path
+    )
     trained = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["model"]
     assert not torch.equal(trained["features.layer4.1.conv2.weight"], load_file(str(weights))["layer4.1.conv2.weight"])
 
@@ -107,14 +125,23 @@ def test_inputs_become_what_the_weights_expect():
 def test_weights_that_do_not_fit_and_names_that_are_not_weights_are_refused_before_anything_is_written(tmp_path):
     other = tmp_path / "resnet34.pt"
     torch.save(torchvision.models.resnet34().state_dict(), other)
-    result = run_cli("model=zoo", "model.arch=resnet18", f"model.weights={other}", "data.resize=32",
-                     f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    result = run_cli(
+        "model=zoo",
+        "model.arch=resnet18",
+        f"model.weights={other}",
+        "data.resize=32",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "model.weights do not fit model.arch=resnet18:" in result.stderr
     assert "the file has 98 tensors resnet18 does not, e.g. fc.bias, fc.weight, layer1.2.bn1.bias" in result.stderr
     assert not (tmp_path / "run").exists()
-    with pytest.raises(UserError, match="model.weights=ResNet18_Weights.IMAGENET9K: neither a file nor weights of "
-                                        "resnet18; valid names: ResNet18_Weights.IMAGENET1K_V1"):
+    with pytest.raises(
+        UserError,
+        match="model.weights=ResNet18_Weights.IMAGENET9K: neither a file nor weights of "
+        "resnet18; valid names: ResNet18_Weights.IMAGENET1K_V1",
+    ):
         train.run(_zoo("ResNet18_Weights.IMAGENET9K"), tmp_path / "name")
     with pytest.raises(UserError, match="model.weights: no file at .*missing.safetensors"):
         train.run(_zoo(tmp_path / "missing.safetensors"), tmp_path / "missing")
@@ -123,8 +150,17 @@ def test_weights_that_do_not_fit_and_names_that_are_not_weights_are_refused_befo
 
 
 def test_data_resize_puts_a_resize_layer_in_front_of_any_image_model(tmp_path):
-    summary = train.run(make_config("model=cnn", "model.channels=[4]", "data.resize=12", "trainer.epochs=1",
-                                    "trainer.limit_batches=2", data="digits"), tmp_path)
+    summary = train.run(
+        make_config(
+            "model=cnn",
+            "model.channels=[4]",
+            "data.resize=12",
+            "trainer.epochs=1",
+            "trainer.limit_batches=2",
+            data="digits",
+        ),
+        tmp_path,
+    )
     trained = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["model"]
     assert summary["status"] == "completed" and trained["hidden2.linear.weight"].shape[1] == 4 * 6 * 6  # 12 pooled once
     with pytest.raises(ConfigError, match="data.resize: resizes images; synthetic's examples are not images"):

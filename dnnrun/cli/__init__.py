@@ -22,11 +22,28 @@ from pathlib import Path
 from dnnrun.cli.conf import CONFIG_DIR, CONFIG_NAME
 from dnnrun.errors import EXIT_BAD_INPUT, EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_INTERRUPTED, Interrupted
 
-__all__ = ["CONFIG_DIR", "GROUP_HELP", "SweepReport", "check_command_line", "check_overrides", "check_torch",
-           "console", "help_text", "main", "option_line"]
+__all__ = [
+    "CONFIG_DIR",
+    "GROUP_HELP",
+    "SweepReport",
+    "check_command_line",
+    "check_overrides",
+    "check_torch",
+    "console",
+    "help_text",
+    "main",
+    "option_line",
+]
 
-_LAZY = {"GROUP_HELP": "help", "help_text": "help", "option_line": "help", "SweepReport": "sweep",
-         "check_command_line": "checks", "check_overrides": "checks", "check_torch": "checks"}
+_LAZY = {
+    "GROUP_HELP": "help",
+    "help_text": "help",
+    "option_line": "help",
+    "SweepReport": "sweep",
+    "check_command_line": "checks",
+    "check_overrides": "checks",
+    "check_torch": "checks",
+}
 
 
 def __getattr__(name: str):
@@ -145,7 +162,7 @@ def _terminate(signum: int, frame) -> None:
 
 def _scratch_dir_for_other_ranks() -> None:
     """Under torchrun, ranks other than 0 run in a scratch directory: only rank 0 writes outputs/."""
-    from dnnrun.distributed import launched_rank
+    from dnnrun.training.distributed import launched_rank
 
     if launched_rank() > 0:
         scratch = tempfile.mkdtemp(prefix=f"dnnrun-rank{launched_rank()}-")

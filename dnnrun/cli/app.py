@@ -22,9 +22,18 @@ from omegaconf.errors import OmegaConfBaseException
 from dnnrun.cli.messages import error
 from dnnrun.cli.rules import outside_outputs
 from dnnrun.cli.status import record_end
-from dnnrun.errors import (EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, Diverged,
-                           Interrupted, RunError, UserError)
-from dnnrun.rundir import RunDir, SweepDir
+from dnnrun.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_TERMINATED,
+    Diverged,
+    Interrupted,
+    RunError,
+    UserError,
+)
+from dnnrun.store.rundir import RunDir, SweepDir
 
 log = logging.getLogger("dnnrun")
 
@@ -39,9 +48,9 @@ class App:
         self.new_root = new_root  # the outputs root did not exist before: a refused run removes it too
 
     def task(self, cfg: DictConfig) -> float | None:
-        from dnnrun import distributed  # torch is imported here, after Hydra has parsed argv
-        from dnnrun.console import console
-        from dnnrun.signals import StopFlag
+        from dnnrun.insight.console import console
+        from dnnrun.training import distributed  # torch is imported here, after Hydra has parsed argv
+        from dnnrun.training.signals import StopFlag
 
         self.began = True
         hc = HydraConfig.get()
@@ -109,16 +118,21 @@ class App:
 def _refusal(cfg: DictConfig, run: RunDir, sweep: SweepDir | None) -> str | None:
     """Why this run may not use its directory, if it may not: outside the outputs root, or (a
     single run) already holding another run that it does not resume."""
-    places = {"hydra.sweep.dir": sweep.path, "the job directory (hydra.sweep.subdir)": run.path} if sweep \
+    places = (
+        {"hydra.sweep.dir": sweep.path, "the job directory (hydra.sweep.subdir)": run.path}
+        if sweep
         else {"hydra.run.dir": run.path}
+    )
     outside = outside_outputs(cfg.outputs, places)
     if outside or sweep is not None:
         return outside
     resuming = cfg.mode == "train" and cfg.trainer.resume is not None
     occupied = run.holds_run()
     if occupied and not resuming:
-        return (f"{run} already holds a run ({', '.join(occupied)}); continue it with trainer.resume=auto, "
-                f"or choose another directory (hydra.run.dir=...)")
+        return (
+            f"{run} already holds a run ({', '.join(occupied)}); continue it with trainer.resume=auto, "
+            f"or choose another directory (hydra.run.dir=...)"
+        )
     return None
 
 
@@ -126,8 +140,9 @@ def _run(cfg: DictConfig, run: RunDir, hc: DictConfig, sweeping: bool, rank: int
     """(exit code, the value for a sweeper, what went wrong, whether the run began) of one run;
     prints what went wrong. A run begins once it owns its directory: then Hydra's config snapshot
     is written into it."""
-    from dnnrun import evaluate, faults, lr_find, members, predict, train
-    from dnnrun.config import parse_run_config
+    from dnnrun.config.run_config import parse_run_config
+    from dnnrun.inference import evaluate, predict
+    from dnnrun.training import faults, loop as train, lr_find, members
 
     started = []
 
@@ -140,8 +155,9 @@ def _run(cfg: DictConfig, run: RunDir, hc: DictConfig, sweeping: bool, rank: int
         started.append(True)
 
     try:
-        run_cfg = _for_this_process(parse_run_config(OmegaConf.to_container(cfg, resolve=True)), hc, run,
-                                    sweeping, rank)
+        run_cfg = _for_this_process(
+            parse_run_config(OmegaConf.to_container(cfg, resolve=True)), hc, run, sweeping, rank
+        )
         if run_cfg.mode == "lr_find":
             return EXIT_OK, lr_find.run(run_cfg, run.path, on_start=start)["suggestion"], None, True
         if run_cfg.mode == "evaluate":
@@ -150,8 +166,9 @@ def _run(cfg: DictConfig, run: RunDir, hc: DictConfig, sweeping: bool, rank: int
             return EXIT_OK, predict.run(run_cfg, run.path, on_start=start)["examples"], None, True
         if run_cfg.trainer.seeds is not None:
             return EXIT_OK, members.run(run_cfg, run.path, on_start=start)["best"]["value"], None, True
-        summary = train.run(run_cfg, run.path if rank == 0 else Path(hc.runtime.output_dir), on_start=start,
-                            hook=faults.from_env())
+        summary = train.run(
+            run_cfg, run.path if rank == 0 else Path(hc.runtime.output_dir), on_start=start, hook=faults.from_env()
+        )
         return EXIT_OK, summary["best"]["value"], None, True
     except (UserError, OmegaConfBaseException) as exc:
         error(str(exc))
@@ -197,8 +214,7 @@ def _for_this_process(run_cfg, hc: DictConfig, run: RunDir, sweeping: bool, rank
         if trainer.device == "auto" and torch.cuda.device_count() > 1:
             trainer = dataclasses.replace(trainer, device=f"cuda:{hc.job.num % torch.cuda.device_count()}")
     if trainer.diagnostics.plots == "auto":  # plots for a run, not for each job of a sweep
-        trainer = dataclasses.replace(trainer, diagnostics=dataclasses.replace(trainer.diagnostics,
-                                                                              plots=not sweeping))
+        trainer = dataclasses.replace(trainer, diagnostics=dataclasses.replace(trainer.diagnostics, plots=not sweeping))
     if sweeping and trainer.resume is None and run.last.exists():
         trainer = dataclasses.replace(trainer, resume="auto")  # a requeued or re-run job continues
     if rank > 0 and trainer.resume == "auto":  # this rank's own directory is a scratch one

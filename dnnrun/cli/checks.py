@@ -26,13 +26,16 @@ from dnnrun.cli.compose import COMPOSE_ERRORS, Composer, Refused, composer_for, 
 from dnnrun.cli.conf import CONFIG_NAME
 from dnnrun.cli.messages import error, explain
 from dnnrun.cli.rules import code_problems, logging_file_problems, outside_outputs, plugin_problems, subdir_problems
+from dnnrun.config.schema import did_you_mean, unknown
 from dnnrun.errors import EXIT_BAD_INPUT, ConfigError
-from dnnrun.schema import did_you_mean, unknown
 
-# what the check expands: values, choices and ranges (finite: data.fold='range(5)'); glob and interval sweeps are Hydra's
+# what the check expands: values, choices and ranges (finite: data.fold='range(5)');
+# glob and interval sweeps are Hydra's
 CHOICES = (ValueType.ELEMENT, ValueType.SIMPLE_CHOICE_SWEEP, ValueType.CHOICE_SWEEP, ValueType.RANGE_SWEEP)
-RERUN_REFUSED = ("--experimental-rerun is not supported: it unpickles a file (which can run code) and skips "
-                 "dnnrun's checks; run a finished run again with dnnrun rerun=RUN_DIR")
+RERUN_REFUSED = (
+    "--experimental-rerun is not supported: it unpickles a file (which can run code) and skips "
+    "dnnrun's checks; run a finished run again with dnnrun rerun=RUN_DIR"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,9 +55,14 @@ def check_command_line(argv: list[str]) -> list[str]:
     return preflight(argv).problems
 
 
-def check_overrides(overrides: list[str], multirun: bool = False, launching: bool = True,
-                    config_path: str | None = None, config_name: str | None = None,
-                    config_dir: str | None = None) -> list[str]:
+def check_overrides(
+    overrides: list[str],
+    multirun: bool = False,
+    launching: bool = True,
+    config_path: str | None = None,
+    config_name: str | None = None,
+    config_dir: str | None = None,
+) -> list[str]:
     """The problems of these overrides. The config is composed as Hydra composes it, hydra node
     and hydra.searchpath included; `launching`: also the run or sweep directory and the values, for
     the first value of every sweep and for each other value of each swept key or group in turn."""
@@ -104,8 +112,13 @@ def _args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config-name", "-cn")
     parser.add_argument("--config-dir", "-cd")
     parser.add_argument("--experimental-rerun")
-    parser.add_argument("--info", "-i", nargs="?", const="all",
-                        choices=["all", "config", "defaults", "defaults-tree", "plugins", "searchpath"])
+    parser.add_argument(
+        "--info",
+        "-i",
+        nargs="?",
+        const="all",
+        choices=["all", "config", "defaults", "defaults-tree", "plugins", "searchpath"],
+    )
     return parser
 
 
@@ -122,16 +135,21 @@ def preflight(argv: list[str]) -> Preflight:
         return dataclasses.replace(unchecked, problems=[RERUN_REFUSED])
     if not args.overrides and not (args.config_path or args.config_name or args.config_dir):
         return unchecked  # dnnrun's own config as shipped
-    checked = _check(list(args.overrides), multirun=args.multirun,
-                     launching=not (args.cfg or args.info or args.hydra_help),
-                     config_path=args.config_path, config_name=args.config_name, config_dir=args.config_dir)
+    checked = _check(
+        list(args.overrides),
+        multirun=args.multirun,
+        launching=not (args.cfg or args.info or args.hydra_help),
+        config_path=args.config_path,
+        config_name=args.config_name,
+        config_dir=args.config_dir,
+    )
     return dataclasses.replace(checked, argv=_with_overrides(argv, args.overrides, checked.pins))
 
 
 def _with_overrides(argv: list[str], overrides: list[str], added: tuple[str, ...]) -> tuple[str, ...]:
     """argv with `added` right after its overrides: argparse takes one unbroken run of them."""
     n = len(overrides)
-    at = next((i + n for i in range(len(argv) - n + 1) if argv[i:i + n] == overrides), len(argv))
+    at = next((i + n for i in range(len(argv) - n + 1) if argv[i : i + n] == overrides), len(argv))
     return (*argv[:at], *added, *argv[at:])
 
 
@@ -139,8 +157,14 @@ def _with_overrides(argv: list[str], overrides: list[str], added: tuple[str, ...
 # The check
 
 
-def _check(overrides: list[str], multirun: bool, launching: bool, config_path: str | None,
-           config_name: str | None, config_dir: str | None) -> Preflight:
+def _check(
+    overrides: list[str],
+    multirun: bool,
+    launching: bool,
+    config_path: str | None,
+    config_name: str | None,
+    config_dir: str | None,
+) -> Preflight:
     parsed, problems = [], []
     for text in overrides:
         try:
@@ -197,9 +221,13 @@ def _check_composed(composer: Composer, parsed: list, multirun: bool, launching:
         problems += [f"with {label}: {p}" if label else p for p in found if p not in problems]
     problems = list(dict.fromkeys(problems))
     pins = _pins(parsed, key, where) if launching and where is not None else None
-    return Preflight(problems, pins=pins or (), sweep_dir=Path(where) if multirun and pins is not None else None,
-                     launcher=str(OmegaConf.select(master, "hydra.launcher._target_", default="") or ""),
-                     outputs=root)
+    return Preflight(
+        problems,
+        pins=pins or (),
+        sweep_dir=Path(where) if multirun and pins is not None else None,
+        launcher=str(OmegaConf.select(master, "hydra.launcher._target_", default="") or ""),
+        outputs=root,
+    )
 
 
 def _group_choices(composer: Composer, parsed: list, problems: list[str]) -> tuple[list, list[list], list]:
@@ -218,11 +246,12 @@ def _group_choices(composer: Composer, parsed: list, problems: list[str]) -> tup
             fixed.append(o)
         if o.is_delete() or o.value_type not in CHOICES:
             continue  # glob sweeps: Hydra expands and checks them
-        pairs = zip(o.sweep_iterator(), o.sweep_string_iterator()) if o.is_sweep_override() \
-            else [(o.value(), None)]
+        pairs = zip(o.sweep_iterator(), o.sweep_string_iterator()) if o.is_sweep_override() else [(o.value(), None)]
         valid = []
         for value, text in pairs:
-            bad = [n for n in (value if isinstance(value, list) else [value]) if n is not None and str(n) not in options]
+            bad = [
+                n for n in (value if isinstance(value, list) else [value]) if n is not None and str(n) not in options
+            ]
             problems += [f"{key}={n}: " + unknown(f"{key} option", n, options) for n in bad]
             if not bad:
                 valid.append(o if text is None else parse(f"{o.get_key_element()}={text}"))
@@ -262,8 +291,14 @@ def _value_overrides(values: list, master: DictConfig, problems: list[str]) -> t
     return applied, value_sweeps
 
 
-def _sweep_jobs(composer: Composer, fixed: list, applied: list, group_sweeps: list[list], value_sweeps: list[list],
-                problems: list[str]) -> list[tuple[str, DictConfig]]:
+def _sweep_jobs(
+    composer: Composer,
+    fixed: list,
+    applied: list,
+    group_sweeps: list[list],
+    value_sweeps: list[list],
+    problems: list[str],
+) -> list[tuple[str, DictConfig]]:
     """(label, config) of the jobs to check: the first of the sweep, then each other value of each
     swept group or key in turn (the others at their first), so that every value is seen once. Each
     is composed as a sweeper composes it (RunMode.RUN); a job that cannot be is left out, its
@@ -283,7 +318,7 @@ def _sweep_jobs(composer: Composer, fixed: list, applied: list, group_sweeps: li
         """The first job with one plain value set otherwise: Hydra sets it as OmegaConf.update
         does, on a key the first job's composing found (much cheaper than composing it again)."""
         if first is None or not _plain(o):
-            return job(groups, [*values[:i], o, *values[i + 1:]])
+            return job(groups, [*values[:i], o, *values[i + 1 :]])
         cfg = first.copy()
         try:
             OmegaConf.update(cfg, o.key_or_group, o.value(), merge=True)
@@ -296,7 +331,7 @@ def _sweep_jobs(composer: Composer, fixed: list, applied: list, group_sweeps: li
     first = job(groups, values)
     jobs = [("", first)]
     for i, sweep in enumerate(group_sweeps):
-        jobs += [(o.input_line, job([*groups[:i], o, *groups[i + 1:]], values)) for o in sweep[1:]]
+        jobs += [(o.input_line, job([*groups[:i], o, *groups[i + 1 :]], values)) for o in sweep[1:]]
     for i, sweep in enumerate(value_sweeps):
         jobs += [(o.input_line, with_value(first, i, o)) for o in sweep[1:]]
     return [(label, cfg) for label, cfg in jobs if cfg is not None]
@@ -350,9 +385,7 @@ def _missing_key(cfg: DictConfig, dotted: str) -> str | None:
         if part not in node:
             where = ".".join(path) or "the top level"
             valid = [str(k) for k in node.keys()]
-            return (
-                f"{dotted}: unknown key '{part}' in {where}; valid: {', '.join(valid)}{did_you_mean(part, valid)}"
-            )
+            return f"{dotted}: unknown key '{part}' in {where}; valid: {', '.join(valid)}{did_you_mean(part, valid)}"
         node, path = node[part], path + [part]
     return None
 
@@ -399,7 +432,7 @@ def _directory_problems(cfg: DictConfig, key: str, where: str | None) -> list[st
 
 def _value_problems(cfg: DictConfig) -> list[str]:
     """What dnnrun's typed check (the one every run does first) finds in a composed config."""
-    from dnnrun.config import parse_run_config  # imports torch
+    from dnnrun.config.run_config import parse_run_config  # imports torch
 
     raw = {}
     try:

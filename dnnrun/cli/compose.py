@@ -53,19 +53,22 @@ class Composer:
         self.loader, self.config_name, self.base = loader, config_name, base
 
     def is_group(self, key: str) -> bool:
-        return bool(self.loader.get_group_options(key, results_filter=None, config_name=self.config_name,
-                                                  overrides=self.base))
+        return bool(
+            self.loader.get_group_options(key, results_filter=None, config_name=self.config_name, overrides=self.base)
+        )
 
     def options(self, group: str) -> list[str]:
         from hydra.core.object_type import ObjectType
 
-        return self.loader.get_group_options(group, results_filter=ObjectType.CONFIG, config_name=self.config_name,
-                                             overrides=self.base)
+        return self.loader.get_group_options(
+            group, results_filter=ObjectType.CONFIG, config_name=self.config_name, overrides=self.base
+        )
 
     def compose(self, overrides: list, mode) -> DictConfig:
         try:
-            return self.loader.load_configuration(self.config_name, [*self.base, *(o.input_line for o in overrides)],
-                                                  mode, validate_sweep_overrides=False)
+            return self.loader.load_configuration(
+                self.config_name, [*self.base, *(o.input_line for o in overrides)], mode, validate_sweep_overrides=False
+            )
         except AttributeError as exc:  # OmegaConf validating some values of Hydra's nodes: hydra.sweeper.params={...}
             raise HydraException(" ".join(str(exc).split())) from None
 
@@ -100,8 +103,9 @@ def _initialized(main: str):
     from hydra.core.global_hydra import GlobalHydra
 
     if main.startswith("pkg://"):
-        initialized = initialize_config_module(config_module=main.removeprefix("pkg://"), job_name=JOB_NAME,
-                                               version_base="1.3")
+        initialized = initialize_config_module(
+            config_module=main.removeprefix("pkg://"), job_name=JOB_NAME, version_base="1.3"
+        )
     else:
         initialized = initialize_config_dir(config_dir=main, job_name=JOB_NAME, version_base="1.3")
     with initialized:
@@ -148,13 +152,19 @@ def _search_path(primary: str, config_dir: str | None, config_name: str, parsed:
         schema = [s for s in loader.get_sources() if s.provider == "schema"]
         home = next((s for s in sources if s.is_config(config_name)), None)
         if home is None and file.is_file():
-            shadowed = [name for name in _config_names(Path(extra)) for s in sources
-                        if s.provider != "hydra" and s.is_config(name) and not _same_file(s, name, Path(extra))]
+            shadowed = [
+                name
+                for name in _config_names(Path(extra))
+                for s in sources
+                if s.provider != "hydra" and s.is_config(name) and not _same_file(s, name, Path(extra))
+            ]
             if shadowed:
-                raise Refused(f"--config-dir: {extra} and the primary config dir {primary} both hold "
-                              f"{', '.join(f'{n}.yaml' for n in shadowed)}, which differ; dnnrun cannot check the "
-                              f"one Hydra reads with --config-name {config_name}; rename them, or use "
-                              f"--config-path {extra}")
+                raise Refused(
+                    f"--config-dir: {extra} and the primary config dir {primary} both hold "
+                    f"{', '.join(f'{n}.yaml' for n in shadowed)}, which differ; dnnrun cannot check the "
+                    f"one Hydra reads with --config-name {config_name}; rename them, or use "
+                    f"--config-path {extra}"
+                )
             main, first = extra, primary if primary.startswith("pkg://") else f"file://{primary}"
             content = _read(lambda: OmegaConf.load(file))
         else:

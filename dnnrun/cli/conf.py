@@ -39,9 +39,9 @@ def digest(text: str) -> str:
 
 def dirname_excluded(*, _root_: DictConfig) -> list[str]:
     """The override keys that a sweep job's directory name leaves out: the settings that never
-    change a result (dnnrun.rundir.RESULT_NEUTRAL), every key under one of them (Hydra matches
+    change a result (dnnrun.store.rundir.RESULT_NEUTRAL), every key under one of them (Hydra matches
     an override's key exactly), and the path-valued keys."""
-    from dnnrun.rundir import RESULT_NEUTRAL
+    from dnnrun.store.rundir import RESULT_NEUTRAL
 
     plain = OmegaConf.to_container(_root_, resolve=False)  # keys only: no value needs resolving here
     keys: list[str] = []

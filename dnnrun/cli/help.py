@@ -45,13 +45,13 @@ def settings(path: Path = CONFIG_DIR / "config.yaml") -> list[tuple[str, str, li
     def comment(key: yaml.Node, value: yaml.Node) -> str:
         line = lines[key.start_mark.line]
         same_line = value.end_mark.line == key.start_mark.line
-        rest = line[value.end_mark.column if same_line else key.end_mark.column:]
+        rest = line[value.end_mark.column if same_line else key.end_mark.column :]
         return rest.partition("#")[2].strip()
 
     def literal(key: yaml.Node, value: yaml.Node) -> str:
         if value.start_mark.line != key.start_mark.line or value.end_mark.line != value.start_mark.line:
             return "..."  # a block value: --cfg job shows it
-        return lines[value.start_mark.line][value.start_mark.column:value.end_mark.column]
+        return lines[value.start_mark.line][value.start_mark.column : value.end_mark.column]
 
     def leaves(node: yaml.MappingNode, prefix: str) -> list[tuple[str, str]]:
         found = []
@@ -80,7 +80,9 @@ def help_text() -> str:
         if isinstance(entry, dict):
             defaults.update(entry)
     groups = [g for g in GROUP_HELP if (CONFIG_DIR / g).is_dir()]
-    groups += sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name not in GROUP_HELP and p.name != "hydra")
+    groups += sorted(
+        p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name not in GROUP_HELP and p.name != "hydra"
+    )
     lines = [
         "usage: dnnrun [-m] [group=option ...] [group.key=value ...]",
         "",
@@ -111,7 +113,7 @@ def help_text() -> str:
         "  dnnrun-export RUN_DIR --format onnx   the model with its preprocessing (default: safetensors)",
         "  dnnrun --cfg job optimizer=nadam      print the composed config (every key you can override)",
         "",
-        "sweeps (pip install -e \".[sweeps]\"): -m hydra/launcher=joblib (parallel jobs), hydra/launcher=slurm,",
+        'sweeps (pip install -e ".[sweeps]"): -m hydra/launcher=joblib (parallel jobs), hydra/launcher=slurm,',
         "  -m experiment=search (Optuna); torchrun --nproc_per_node=N -m dnnrun ... (one run on N GPUs);",
         "  dnnrun-report SWEEP_DIR; dnnrun-plot RUN_DIR",
         "  dnnrun --hydra-help                   Hydra's own flags",

@@ -64,17 +64,21 @@ def _check_composes_as_saved(run: Path, overrides: list[str]) -> None:
     from omegaconf.errors import OmegaConfBaseException
 
     from dnnrun.cli.conf import CONFIG_DIR, CONFIG_NAME
-    from dnnrun.resume import config_changes
+    from dnnrun.training.checkpointing import config_changes
 
     try:
         saved = OmegaConf.to_container(OmegaConf.load(run / ".hydra" / "config.yaml"), resolve=True)
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             now = OmegaConf.to_container(compose(CONFIG_NAME, overrides=overrides), resolve=True)
     except (HydraException, OmegaConfBaseException, OSError) as exc:
-        raise UserError(f"{KEY}: {run}'s overrides do not compose a config with this dnnrun "
-                        f"({' '.join(str(exc).split())[:300]})") from None
+        raise UserError(
+            f"{KEY}: {run}'s overrides do not compose a config with this dnnrun ({' '.join(str(exc).split())[:300]})"
+        ) from None
     changes = config_changes(saved, now, where="the run")
     if changes:
-        raise UserError(f"{KEY}: {run}'s overrides now compose another config than the one it ran with (dnnrun's "
-                        "defaults have changed since), so it cannot run again exactly:\n  - " + "\n  - ".join(changes)
-                        + "\nRun it with the dnnrun version it was made with, or give the settings as overrides.")
+        raise UserError(
+            f"{KEY}: {run}'s overrides now compose another config than the one it ran with (dnnrun's "
+            "defaults have changed since), so it cannot run again exactly:\n  - "
+            + "\n  - ".join(changes)
+            + "\nRun it with the dnnrun version it was made with, or give the settings as overrides."
+        )

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue, OmegaConfBaseException
 
 from dnnrun.cli.messages import explain
-from dnnrun.schema import did_you_mean
+from dnnrun.config.schema import did_you_mean
 
 ALLOWED_TARGETS = ("dnnrun.cli.SweepReport",)  # besides Hydra's own launchers and sweepers
 SAMPLER = re.compile(r"optuna\.samplers\.[A-Z]\w*")  # Optuna's sampler classes, under hydra.sweeper
@@ -33,22 +33,31 @@ def code_problems(hydra: DictConfig) -> list[str]:
         name = path.rpartition(".")[2]
         in_logging = path.startswith(tuple(f"{p}." for p in LOGGING))
         if isinstance(value, Exception):
-            if name in ("_target_", "class", "()") or path == SEARCH_SPACE or (
-                    in_logging and not isinstance(value, (MissingMandatoryValue, InterpolationToMissingValueError))):
+            if (
+                name in ("_target_", "class", "()")
+                or path == SEARCH_SPACE
+                or (in_logging and not isinstance(value, (MissingMandatoryValue, InterpolationToMissingValueError)))
+            ):
                 problems.append(f"{path}: cannot be checked before the run ({explain(value)}); give it a plain value")
         elif name == "_target_":
             problems += _target_problems(path, value)
         elif path == SEARCH_SPACE and value is not None:
-            problems.append(f"{path}: {value!r} names a function for Optuna to call, which a config may not do; "
-                            f"give the search space in hydra.sweeper.params instead")
+            problems.append(
+                f"{path}: {value!r} names a function for Optuna to call, which a config may not do; "
+                f"give the search space in hydra.sweeper.params instead"
+            )
         elif in_logging and name == "()":
-            problems.append(f"{path}: a '()' factory calls any importable function and is not allowed in a "
-                            f"logging config; give a handler or formatter with class: NAME (valid: "
-                            f"{', '.join(sorted(_logging_classes()))})")
+            problems.append(
+                f"{path}: a '()' factory calls any importable function and is not allowed in a "
+                f"logging config; give a handler or formatter with class: NAME (valid: "
+                f"{', '.join(sorted(_logging_classes()))})"
+            )
         elif in_logging and name == "class" and not (isinstance(value, str) and value in _logging_classes()):
             valid = sorted(_logging_classes())
-            problems.append(f"{path}: {value!r} is not a class of Python's logging; valid: {', '.join(valid)}"
-                            f"{did_you_mean(value, valid)}")
+            problems.append(
+                f"{path}: {value!r} is not a class of Python's logging; valid: {', '.join(valid)}"
+                f"{did_you_mean(value, valid)}"
+            )
         elif in_logging and isinstance(value, str) and value.startswith("ext://") and value not in LOG_STREAMS:
             problems.append(f"{path}: {value!r} would import a module; valid: {', '.join(LOG_STREAMS)}")
     return problems
@@ -60,9 +69,11 @@ def _target_problems(path: str, target: object) -> list[str]:
         return []
     if path.startswith("hydra.sweeper.") and isinstance(target, str) and SAMPLER.fullmatch(target):
         return []
-    return [f"{path}: {target!r} may not be instantiated; a config may name only {', '.join(ALLOWED_TARGETS)}, "
-            f"an installed Hydra launcher or sweeper ({', '.join(plugins)}) or, under hydra.sweeper, an Optuna "
-            f"sampler (optuna.samplers.NAME)"]
+    return [
+        f"{path}: {target!r} may not be instantiated; a config may name only {', '.join(ALLOWED_TARGETS)}, "
+        f"an installed Hydra launcher or sweeper ({', '.join(plugins)}) or, under hydra.sweeper, an Optuna "
+        f"sampler (optuna.samplers.NAME)"
+    ]
 
 
 @functools.cache
@@ -72,7 +83,9 @@ def _plugins() -> tuple[str, ...]:
     from hydra.plugins.launcher import Launcher
     from hydra.plugins.sweeper import Sweeper
 
-    found = {f"{cls.__module__}.{cls.__name__}" for kind in (Launcher, Sweeper) for cls in Plugins.instance().discover(kind)}
+    found = {
+        f"{cls.__module__}.{cls.__name__}" for kind in (Launcher, Sweeper) for cls in Plugins.instance().discover(kind)
+    }
     return tuple(sorted(name for name in found if Plugins.is_in_toplevel_plugins_module(name)))  # Hydra's own rule
 
 
@@ -83,9 +96,12 @@ def _logging_classes() -> frozenset[str]:
     import logging.handlers
 
     kinds = (logging.Handler, logging.Formatter, logging.Filter)
-    return frozenset(f"{module.__name__}.{name}" for module in (logging, logging.handlers)
-                     for name, obj in vars(module).items()
-                     if isinstance(obj, type) and issubclass(obj, kinds) and not name.startswith("_"))
+    return frozenset(
+        f"{module.__name__}.{name}"
+        for module in (logging, logging.handlers)
+        for name, obj in vars(module).items()
+        if isinstance(obj, type) and issubclass(obj, kinds) and not name.startswith("_")
+    )
 
 
 def _nodes(node: DictConfig | ListConfig, path: str) -> Iterator[tuple[str, object]]:
@@ -110,8 +126,10 @@ def outside_outputs(root: str, places: dict[str, Path]) -> str | None:
     base = Path(root).expanduser().resolve()
     for what, path in places.items():
         if not path.resolve().is_relative_to(base):
-            return (f"{what} resolves to {path.resolve()}, outside the outputs root {base}; choose a directory "
-                    f"under it, or set the root: outputs=DIR")
+            return (
+                f"{what} resolves to {path.resolve()}, outside the outputs root {base}; choose a directory "
+                f"under it, or set the root: outputs=DIR"
+            )
     return None
 
 
@@ -122,28 +140,87 @@ def outside_outputs(root: str, places: dict[str, Path]) -> str | None:
 # not listed here is refused rather than passed through.
 
 VALUE, PATH, LINE, NEVER, SBATCH, STORAGE = "value", "path", "line", "never", "sbatch", "storage"
-_SUBMITIT = {"submitit_folder": PATH, "timeout_min": VALUE, "cpus_per_task": VALUE, "gpus_per_node": VALUE,
-             "tasks_per_node": VALUE, "mem_gb": VALUE, "nodes": VALUE, "name": LINE, "stderr_to_stdout": VALUE}
+_SUBMITIT = {
+    "submitit_folder": PATH,
+    "timeout_min": VALUE,
+    "cpus_per_task": VALUE,
+    "gpus_per_node": VALUE,
+    "tasks_per_node": VALUE,
+    "mem_gb": VALUE,
+    "nodes": VALUE,
+    "name": LINE,
+    "stderr_to_stdout": VALUE,
+}
 PLUGIN_SETTINGS = {
     "hydra._internal.core_plugins.basic_launcher.BasicLauncher": {},
     "hydra._internal.core_plugins.basic_sweeper.BasicSweeper": {"max_batch_size": VALUE, "params": VALUE},
     "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher": {
-        "n_jobs": VALUE, "backend": VALUE, "prefer": VALUE, "require": VALUE, "verbose": VALUE, "timeout": VALUE,
-        "pre_dispatch": VALUE, "batch_size": VALUE, "temp_folder": PATH, "max_nbytes": VALUE, "mmap_mode": VALUE},
+        "n_jobs": VALUE,
+        "backend": VALUE,
+        "prefer": VALUE,
+        "require": VALUE,
+        "verbose": VALUE,
+        "timeout": VALUE,
+        "pre_dispatch": VALUE,
+        "batch_size": VALUE,
+        "temp_folder": PATH,
+        "max_nbytes": VALUE,
+        "mmap_mode": VALUE,
+    },
     "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher": _SUBMITIT,
     "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher": {
-        **_SUBMITIT, "partition": LINE, "qos": LINE, "comment": LINE, "constraint": LINE, "exclude": LINE,
-        "gres": LINE, "cpus_per_gpu": VALUE, "gpus_per_task": VALUE, "mem_per_gpu": LINE, "mem_per_cpu": LINE,
-        "account": LINE, "signal_delay_s": VALUE, "max_num_timeout": VALUE, "array_parallelism": VALUE,
-        "additional_parameters": SBATCH, "setup": NEVER, "srun_args": NEVER},
+        **_SUBMITIT,
+        "partition": LINE,
+        "qos": LINE,
+        "comment": LINE,
+        "constraint": LINE,
+        "exclude": LINE,
+        "gres": LINE,
+        "cpus_per_gpu": VALUE,
+        "gpus_per_task": VALUE,
+        "mem_per_gpu": LINE,
+        "mem_per_cpu": LINE,
+        "account": LINE,
+        "signal_delay_s": VALUE,
+        "max_num_timeout": VALUE,
+        "array_parallelism": VALUE,
+        "additional_parameters": SBATCH,
+        "setup": NEVER,
+        "srun_args": NEVER,
+    },
     "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper": {
-        "sampler": VALUE, "direction": VALUE, "storage": STORAGE, "study_name": LINE, "n_trials": VALUE,
-        "n_jobs": VALUE, "max_failure_rate": VALUE, "search_space": VALUE, "params": VALUE,
-        "custom_search_space": VALUE},  # the sampler's _target_ and custom_search_space: code_problems
+        "sampler": VALUE,
+        "direction": VALUE,
+        "storage": STORAGE,
+        "study_name": LINE,
+        "n_trials": VALUE,
+        "n_jobs": VALUE,
+        "max_failure_rate": VALUE,
+        "search_space": VALUE,
+        "params": VALUE,
+        "custom_search_space": VALUE,
+    },  # the sampler's _target_ and custom_search_space: code_problems
 }
 # sbatch options that hydra.launcher.additional_parameters may set (one line each); none runs a program.
-SBATCH_OPTIONS = ("mail_type", "mail_user", "time", "begin", "deadline", "reservation", "licenses", "hint", "nice",
-                  "requeue", "wckey", "cluster", "clusters", "priority", "mem", "ntasks", "distribution")
+SBATCH_OPTIONS = (
+    "mail_type",
+    "mail_user",
+    "time",
+    "begin",
+    "deadline",
+    "reservation",
+    "licenses",
+    "hint",
+    "nice",
+    "requeue",
+    "wckey",
+    "cluster",
+    "clusters",
+    "priority",
+    "mem",
+    "ntasks",
+    "distribution",
+)
 
 
 def plugin_problems(hydra: DictConfig, root: str | None) -> list[str]:
@@ -157,8 +234,9 @@ def plugin_problems(hydra: DictConfig, root: str | None) -> list[str]:
         if allowed is None:
             if target in _plugins():  # installed, but dnnrun does not know what its settings do (else code_problems)
                 known = ", ".join(t.rpartition(".")[2] for t in PLUGIN_SETTINGS)
-                problems.append(f"hydra.{node}: {target} is not a plugin whose settings dnnrun knows; supported: "
-                                f"{known}")
+                problems.append(
+                    f"hydra.{node}: {target} is not a plugin whose settings dnnrun knows; supported: {known}"
+                )
             continue
         for key in settings:
             if key == "_target_":
@@ -171,8 +249,10 @@ def plugin_problems(hydra: DictConfig, root: str | None) -> list[str]:
                 problems.append(f"{path}: cannot be checked before the run ({explain(exc)}); give it a plain value")
                 continue
             if kind is None:
-                problems.append(f"{path}: not a setting dnnrun passes to {target.rpartition('.')[2]}; valid: "
-                                f"{', '.join(allowed) or 'none'}{did_you_mean(key, allowed)}")
+                problems.append(
+                    f"{path}: not a setting dnnrun passes to {target.rpartition('.')[2]}; valid: "
+                    f"{', '.join(allowed) or 'none'}{did_you_mean(key, allowed)}"
+                )
             else:
                 problems += _setting_problems(path, kind, value, root)
     return problems
@@ -182,8 +262,10 @@ def _setting_problems(path: str, kind: str, value: object, root: str | None) -> 
     if value is None:
         return []
     if kind == NEVER and not (isinstance(value, (str, ListConfig, DictConfig)) and len(value) == 0):
-        return [f"{path}: runs as a shell line or a program in the job's script, which a config may not do; "
-                f"prepare the environment before calling dnnrun (the job inherits it)"]
+        return [
+            f"{path}: runs as a shell line or a program in the job's script, which a config may not do; "
+            f"prepare the environment before calling dnnrun (the job inherits it)"
+        ]
     if kind == LINE and isinstance(value, str) and ("\n" in value or "\r" in value):
         return [f"{path}: must be one line (submitit writes it into the job's script), got {value!r}"]
     if kind == PATH and root is not None:
@@ -199,8 +281,10 @@ def _setting_problems(path: str, kind: str, value: object, root: str | None) -> 
         found = []
         for option, setting in value.items():
             if option not in SBATCH_OPTIONS:
-                found.append(f"{path}.{option}: not an sbatch option dnnrun passes on; valid: "
-                             f"{', '.join(SBATCH_OPTIONS)}{did_you_mean(option, SBATCH_OPTIONS)}")
+                found.append(
+                    f"{path}.{option}: not an sbatch option dnnrun passes on; valid: "
+                    f"{', '.join(SBATCH_OPTIONS)}{did_you_mean(option, SBATCH_OPTIONS)}"
+                )
             elif "\n" in str(setting) or "\r" in str(setting):
                 found.append(f"{path}.{option}: must be one line, got {setting!r}")
         return found
@@ -217,24 +301,34 @@ def logging_file_problems(hydra: DictConfig, where: str | None) -> list[str]:
             continue
         for name in handlers:
             path = f"{node}.handlers.{name}.filename"
-            raw = OmegaConf.to_container(handlers[name], resolve=False).get("filename") \
-                if isinstance(handlers[name], DictConfig) else None
+            raw = (
+                OmegaConf.to_container(handlers[name], resolve=False).get("filename")
+                if isinstance(handlers[name], DictConfig)
+                else None
+            )
             if raw is None:
                 continue
             rest = re.sub(r"^\$\{hydra[.:]runtime\.output_dir\}/", "", str(raw))
-            if rest != str(raw) and ".." not in Path(rest).parts and \
-                    not re.sub(r"\$\{hydra[.:]job\.(name|num|id)\}", "", rest).count("${"):
+            if (
+                rest != str(raw)
+                and ".." not in Path(rest).parts
+                and not re.sub(r"\$\{hydra[.:]job\.(name|num|id)\}", "", rest).count("${")
+            ):
                 continue  # inside the job's own directory (named after the job, perhaps)
             try:
                 filename = Path(str(OmegaConf.select(hydra, path.removeprefix("hydra."), throw_on_missing=True)))
             except OmegaConfBaseException:
-                problems.append(f"{path}: {raw!r} cannot be checked before the run; give a path that starts with "
-                                "${hydra:runtime.output_dir}/")
+                problems.append(
+                    f"{path}: {raw!r} cannot be checked before the run; give a path that starts with "
+                    "${hydra:runtime.output_dir}/"
+                )
                 continue
             inside = where is not None and filename.resolve().is_relative_to(Path(where).resolve())
             if not inside:
-                problems.append(f"{path}: {str(filename)!r} lies outside the run's directory; a log file goes inside "
-                                "it: ${hydra:runtime.output_dir}/NAME.log")
+                problems.append(
+                    f"{path}: {str(filename)!r} lies outside the run's directory; a log file goes inside "
+                    "it: ${hydra:runtime.output_dir}/NAME.log"
+                )
     return problems
 
 

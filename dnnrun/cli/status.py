@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
-from dnnrun.errors import (EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, Diverged, Interrupted,
-                           RunError, UserError)
-from dnnrun.rundir import RunDir
+from dnnrun.errors import (
+    EXIT_DIVERGED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_TERMINATED,
+    Diverged,
+    Interrupted,
+    RunError,
+    UserError,
+)
+from dnnrun.store.rundir import RunDir
 
-STATUS_OF_EXIT = {EXIT_OK: "completed", EXIT_DIVERGED: "diverged", EXIT_INTERRUPTED: "interrupted",
-                  EXIT_TERMINATED: "interrupted"}  # any other code: "failed"
+STATUS_OF_EXIT = {
+    EXIT_OK: "completed",
+    EXIT_DIVERGED: "diverged",
+    EXIT_INTERRUPTED: "interrupted",
+    EXIT_TERMINATED: "interrupted",
+}  # any other code: "failed"
 
 
 def record_end(run: RunDir, code: int, failure: BaseException | None, job: dict) -> None:
     """Write how the run ended. job: {"num": the job's number in its sweep or None, "overrides": [...]}."""
-    from dnnrun import faults
+    from dnnrun.training import faults
 
     injected = faults.from_env()
     if injected is not None:  # tests: a signal while the end is recorded

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from dnnrun.cli.messages import error
 from dnnrun.cli.status import record_end
 from dnnrun.errors import EXIT_INTERNAL, RunError
-from dnnrun.rundir import SweepDir
+from dnnrun.store.rundir import SweepDir
 
 DIED = "its process died before it finished (killed?)"
 
@@ -40,8 +40,10 @@ def report_sweep(sweep_dir: Path) -> bool:
     failed = [r for r in rows if r["status"] != "completed"]
     print(f"sweep: {len(rows) - len(failed)} of {len(rows)} jobs completed; table: {sweep.table}")
     for row in failed:
-        error(f"job {row['job']} ({row['overrides'] or 'no overrides'}): {row['status']}"
-              + (f": {row['error']}" if row.get("error") else ""))
+        error(
+            f"job {row['job']} ({row['overrides'] or 'no overrides'}): {row['status']}"
+            + (f": {row['error']}" if row.get("error") else "")
+        )
     return bool(failed)
 
 
@@ -61,8 +63,14 @@ def sweep_broke(sweep_dir: Path, launcher: str, began: bool) -> bool:
             snapshot = job.snapshot("overrides")
             overrides = OmegaConf.to_container(OmegaConf.load(snapshot)) if snapshot.is_file() else []
             number = job.path.name.split("_", 1)[0]
-            record_end(job, EXIT_INTERNAL, RunError(DIED),
-                       {"num": int(number) if number.isdigit() else None, "overrides": overrides})
+            record_end(
+                job,
+                EXIT_INTERNAL,
+                RunError(DIED),
+                {"num": int(number) if number.isdigit() else None, "overrides": overrides},
+            )
     report_sweep(sweep_dir)
-    error(f"the sweep stopped before its end (the error above); jobs that had not begun have no directory in {sweep_dir}")
+    error(
+        f"the sweep stopped before its end (the error above); jobs that had not begun have no directory in {sweep_dir}"
+    )
     return True

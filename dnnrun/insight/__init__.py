@@ -1,0 +1,1 @@
+"""Seeing what happened: per-layer diagnostics, the diagnosis, console, loggers, plots, reports."""

@@ -1,0 +1,1 @@
+"""Files: the run and sweep directories, checkpoint files."""

@@ -1,0 +1,1 @@
+"""The technique options of the layers: initializers, activations, norms, regularizers."""
