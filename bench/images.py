@@ -5,7 +5,7 @@ and batched by a DataLoader, each batch copied to the device).
 Two models, on random pixels of the real shapes: experiment=fashion_cnn's CNN on Fashion-MNIST-
 shaped data (N x 1 x 28 x 28) and experiment=cifar10_resnet's ResNet-20 on CIFAR-shaped data
 (N x 3 x 32 x 32), both without augmentation (the other loops have none). dnnrun's loop is
-`train.Trainer.fit` for one epoch, as `dnnrun` runs it (a validation pass over 2% as many examples,
+`loop.Loop.fit` for one epoch, as `dnnrun` runs it (a validation pass over 2% as many examples,
 metrics, checkpoint); the
 other two take the same model, optimizer settings, mixed precision and memory format (dnnrun's
 defaults: on CUDA, bf16 autocast and channels-last for conv nets). Runs alternate; the best of
@@ -17,21 +17,17 @@ defaults: on CUDA, bf16 autocast and channels-last for conv nets). Runs alternat
 from __future__ import annotations
 
 import argparse
-import tempfile
 
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-from throughput import timed
+from throughput import dnnrun_epoch, timed
 
 from dnnrun.cli import CONFIG_DIR
 from dnnrun.config.run_config import parse_run_config
 from dnnrun.data.datasets import Data, Split
-from dnnrun.store.rundir import RunDir
-from dnnrun.training import loop as train, runtime
-from dnnrun.training.faults import Hook
-from dnnrun.training.signals import StopFlag
+from dnnrun.training import runtime
 
 MODELS = {  # name: (preset, one image's shape)
     "cnn": ("fashion_cnn", (1, 28, 28)),
@@ -87,9 +83,7 @@ def one_epoch(
     cfg = config(model, device)
     batch = cfg.trainer.batch_size
     if kind == "dnnrun":
-        with tempfile.TemporaryDirectory() as tmp:
-            trainer = train.Trainer(cfg, RunDir(tmp), device, train.Start(data, cfg.model), {}, StopFlag(), Hook())
-            return timed(trainer.fit)
+        return dnnrun_epoch(cfg, data, device)
     net, opt, autocast, last = prepared(cfg, data, device)
     if kind == "plain":  # index slices of the device tensors, as dnnrun takes them
 

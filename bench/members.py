@@ -1,7 +1,7 @@
-"""Many seeds at once (trainer.seeds, dnnrun/members.py) against the same seeds trained one after
+"""Many seeds at once (trainer.seeds, dnnrun/training/members.py) against the same seeds trained one after
 another, in one process, alternating, best of `--repeats`.
 
-For K = 1, 4, 16: K members in one run, against K single runs (train.run with trainer.seed=0..K-1),
+For K = 1, 4, 16: K members in one run, against K single runs (loop.run with trainer.seed=0..K-1),
 both whole runs as `dnnrun` makes them (data, models, every epoch, validation, checkpoints, test,
 summaries; no plots, no per-layer diagnostics), for two models: the digits default (64-300-100-10)
 and the Fashion-MNIST-shaped 784-300-100-10 MLP on synthetic data of that shape, at batch 32 and 256.
@@ -26,8 +26,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from dnnrun.cli import CONFIG_DIR
+from dnnrun.cli.process import keep_freed_memory
 from dnnrun.config.run_config import parse_run_config
-from dnnrun.training import loop as train, members, runtime
+from dnnrun.training import loop, runtime, setup
 
 SETUPS = {  # name: overrides
     "digits 64-300-100-10, batch 32": ["data=digits", "trainer.batch_size=32"],
@@ -65,17 +66,15 @@ def sequential(overrides: list[str], k: int) -> float:
     start = time.perf_counter()
     for seed in range(k):
         with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):  # the results tables
-            train.run(config([*overrides, f"trainer.seed={seed}"]), tmp)
+            loop.run(config([*overrides, f"trainer.seed={seed}"]), tmp)
     return time.perf_counter() - start
 
 
 def together(overrides: list[str], k: int) -> float:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
-        if k == 1:
-            train.run(config(overrides), tmp)
-        else:
-            members.run(config([*overrides, f"trainer.seeds=[{','.join(map(str, range(k)))}]"]), tmp)
+        seeds = [] if k == 1 else [f"trainer.seeds=[{','.join(map(str, range(k)))}]"]
+        loop.run(config([*overrides, *seeds]), tmp)
     return time.perf_counter() - start
 
 
@@ -97,7 +96,7 @@ def plain_batched(overrides: list[str], k: int) -> float:
     start = time.perf_counter()
     for _ in range(cfg.trainer.epochs):
         orders = torch.stack([torch.randperm(len(y)) for _ in range(k)])
-        for b in range(members.steps_per_epoch(cfg, len(y))):
+        for b in range(setup.steps_per_epoch(cfg.trainer, len(y))):
             idx = orders[:, b * batch : (b + 1) * batch]
             h = x[idx]
             for i, (w, bias) in enumerate(zip(weights, biases)):
@@ -126,6 +125,7 @@ def main() -> None:
     import logging
 
     logging.getLogger("dnnrun").setLevel(logging.WARNING)
+    keep_freed_memory()  # as the dnnrun command does for its process
     runtime.warm_up()
     import torch
 

@@ -2,7 +2,7 @@
 
 One epoch of a 784-300-100-10 ReLU MLP on Fashion-MNIST-shaped data (60,000 x 784, 10 classes),
 already on the device, at batch sizes 32 and 256. Both loops shuffle with randperm and take index
-slices of the same tensors. dnnrun's is `train.Trainer.fit` for one epoch, exactly as `dnnrun`
+slices of the same tensors. dnnrun's is `loop.Loop.fit` for one epoch, exactly as `dnnrun`
 runs it (running loss and accuracy, schedule, progress bar, the epoch's end: a validation pass
 on 1,000 examples, metrics.jsonl and the checkpoint); its setup is not timed. Runs alternate and
 the best of `--repeats` is kept for each, so background noise hits all alike. Prints seconds per
@@ -27,7 +27,7 @@ from dnnrun.cli import CONFIG_DIR
 from dnnrun.config.run_config import parse_run_config
 from dnnrun.data.datasets import Data, Split
 from dnnrun.store.rundir import RunDir
-from dnnrun.training import loop as train, runtime
+from dnnrun.training import loop, runtime, setup
 from dnnrun.training.faults import Hook
 from dnnrun.training.signals import StopFlag
 
@@ -72,6 +72,14 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def dnnrun_epoch(cfg, data: Data, device: torch.device) -> float:
+    """Seconds of dnnrun's loop (loop.Loop.fit) for the config's epochs, exactly as `dnnrun` runs
+    it (each epoch's validation pass, metrics line and checkpoint); its set-up is not timed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        run = loop.Loop(cfg, RunDir(tmp), device, setup.Start(data, cfg.model), {}, StopFlag(), Hook())
+        return timed(run.fit)
+
+
 def one_epoch(kind: str, data: Data, batch_size: int, device: torch.device) -> float:
     """Seconds of one epoch: the plain loop, or dnnrun's loop with or without diagnostics."""
     if kind == "plain":
@@ -80,10 +88,7 @@ def one_epoch(kind: str, data: Data, batch_size: int, device: torch.device) -> f
         net = runtime.build_model(cfg, data)[0].to(device)
         return timed(lambda: plain_epoch(net, data, batch_size, torch.Generator().manual_seed(1)))
     every = 100 if kind == "diagnosed" else 0  # trainer.diagnostics.every's default
-    cfg = config(batch_size, every, device)
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = train.Trainer(cfg, RunDir(tmp), device, train.Start(data, cfg.model), {}, StopFlag(), Hook())
-        return timed(trainer.fit)
+    return dnnrun_epoch(config(batch_size, every, device), data, device)
 
 
 def main() -> None:
@@ -100,7 +105,7 @@ def main() -> None:
     held = Split(x[:1000], y[:1000])
     data = Data(Split(x, y), held, held, n_features=784, n_classes=10, shape=(1, 28, 28), unlabeled=x)
     print(f"device {device}, {args.samples} x 784, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("dnnrun: train.Trainer.fit, one epoch; +diagnostics: with per-layer statistics at the default cadence")
+    print("dnnrun: loop.Loop.fit, one epoch; +diagnostics: with per-layer statistics at the default cadence")
     print(
         f"{'batch':>6} {'plain s/epoch':>14} {'dnnrun s/epoch':>15} {'ratio':>7} "
         f"{'+diagnostics s':>15} {'ratio to dnnrun':>16}"

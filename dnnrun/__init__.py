@@ -24,10 +24,10 @@ def fit(overrides: list[str] | tuple[str, ...] = (), run_dir=None) -> dict:
 
     from dnnrun.cli.conf import CONFIG_DIR, CONFIG_NAME
     from dnnrun.config.run_config import parse_run_config
-    from dnnrun.training import loop as train_mod
+    from dnnrun.training import loop
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         raw = OmegaConf.to_container(compose(CONFIG_NAME, overrides=list(overrides)), resolve=True)
     cfg = parse_run_config(raw)
     run_dir = run_dir or Path(cfg.outputs) / datetime.datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
-    return train_mod.run(cfg, run_dir)
+    return loop.run(cfg, run_dir)

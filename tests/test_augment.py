@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import make_config
 from dnnrun.data.augment import Augment, crop, cutout, flip
 from dnnrun.errors import ConfigError, Interrupted
-from dnnrun.training import faults, loop as train
+from dnnrun.training import faults, loop
 
 IMAGES = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8) + 1  # no zeros of their own
 
@@ -70,7 +70,7 @@ def test_only_training_batches_are_augmented(tmp_path: Path, monkeypatch):
     seen = []
     original = Augment.__call__
     monkeypatch.setattr(Augment, "__call__", lambda self, x, step: seen.append(len(x)) or original(self, x, step))
-    summary = train.run(
+    summary = loop.run(
         make_config("data.augment=[crop,flip]", "trainer.epochs=1", "trainer.batch_size=128", data="digits"), tmp_path
     )
     n = summary["data"]["train"]
@@ -79,10 +79,10 @@ def test_only_training_batches_are_augmented(tmp_path: Path, monkeypatch):
 
 def test_a_run_with_augmentation_resumed_mid_epoch_ends_as_the_uninterrupted_one(tmp_path: Path):
     cfg = ("data.augment=[crop,flip,cutout]", "trainer.epochs=2", "trainer.batch_size=64")
-    straight = train.run(make_config(*cfg, data="digits"), tmp_path / "straight")
+    straight = loop.run(make_config(*cfg, data="digits"), tmp_path / "straight")
     with pytest.raises(Interrupted):
-        train.run(make_config(*cfg, data="digits"), tmp_path / "cut", hook=faults.parse("int@step=30"))  # epoch 2
-    resumed = train.run(make_config(*cfg, "trainer.resume=auto", data="digits"), tmp_path / "cut")
+        loop.run(make_config(*cfg, data="digits"), tmp_path / "cut", hook=faults.parse("int@step=30"))  # epoch 2
+    resumed = loop.run(make_config(*cfg, "trainer.resume=auto", data="digits"), tmp_path / "cut")
     untimed = ({k: v for k, v in run["final"].items() if not k.startswith("time/")} for run in (resumed, straight))
     assert next(untimed) == next(untimed)  # every figure to the last bit
     assert resumed["test"] == straight["test"]

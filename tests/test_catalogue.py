@@ -20,7 +20,7 @@ from dnnrun.models import registry as model
 from dnnrun.optim import optimizers as optim, schedules
 from dnnrun.techniques import activations, init, norms, regularizers
 from dnnrun.techniques.regularizers import combine
-from dnnrun.training import loop as train, pretrain
+from dnnrun.training import loop, pretrain
 
 REGISTRIES = {
     "data": data.DATASETS,
@@ -63,7 +63,7 @@ def test_every_option_trains_a_few_steps_with_a_finite_loss(group, option, tmp_p
     companions = COMPANIONS.get(f"{group}={option}", [])
     data = next((c.removeprefix("data=") for c in companions if c.startswith("data=")), "synthetic")
     overrides += [c for c in companions if not c.startswith("data=")]
-    summary = train.run(make_config(*overrides, data=data), tmp_path)
+    summary = loop.run(make_config(*overrides, data=data), tmp_path)
     assert summary["status"] == "completed" and summary["steps"] == 8
     for name in ("train/loss", "val/loss"):
         assert math.isfinite(summary["final"][name])
@@ -97,7 +97,7 @@ def test_every_option_trains_a_conv_net_too(group, option, tmp_path):
         ):
             make_config(*overrides, data="digits")
         return
-    summary = train.run(make_config(*overrides, data="digits"), tmp_path)
+    summary = loop.run(make_config(*overrides, data="digits"), tmp_path)
     assert summary["status"] == "completed" and summary["steps"] == 8
     assert all(math.isfinite(summary["final"][name]) for name in ("train/loss", "val/loss"))
 
@@ -127,7 +127,7 @@ def test_the_groups_that_build_layers_build_a_resnet(case, tmp_path):
         "trainer.limit_batches=4",
         "pretrain.epochs=1" if "pretrain" in case else "trainer.seed=0",
     ]
-    summary = train.run(make_config(*overrides, data="digits"), tmp_path)
+    summary = loop.run(make_config(*overrides, data="digits"), tmp_path)
     assert summary["status"] == "completed" and summary["steps"] == 8
     assert all(math.isfinite(summary["final"][name]) for name in ("train/loss", "val/loss"))
 
@@ -184,10 +184,10 @@ def _preset_config(experiment: str, tmp_path, *overrides: str):
 def test_every_experiment_preset_trains(experiment, tmp_path, cifar_files_accepted):
     overrides = ["trainer.epochs=4"]
     if make_config(f"experiment={experiment}", data=None).transfer.source:  # needs its source run first
-        train.run(_preset_config("transfer_task_a", tmp_path, "trainer.epochs=2"), tmp_path / "source")
+        loop.run(_preset_config("transfer_task_a", tmp_path, "trainer.epochs=2"), tmp_path / "source")
         overrides.append(f"transfer.source={tmp_path / 'source' / 'checkpoints' / 'best.pt'}")
     cfg = _preset_config(experiment, tmp_path, *overrides)
-    summary = train.run(cfg, tmp_path / "run")
+    summary = loop.run(cfg, tmp_path / "run")
     assert summary["status"] == "completed" and summary["epochs_run"] >= 1
     assert math.isfinite(summary["test"]["test/loss"])
     if cfg.data.name == "synthetic":  # the tiny IDX files hold random pixels: nothing to learn there
@@ -261,6 +261,6 @@ def test_a_bn_layer_on_the_inputs_and_standardizing_them_too_is_warned_about():
 
 
 def test_warnings_do_not_refuse_and_are_recorded(tmp_path):
-    summary = train.run(make_config("act=selu", "trainer.epochs=1"), tmp_path)
+    summary = loop.run(make_config("act=selu", "trainer.epochs=1"), tmp_path)
     assert summary["status"] == "completed"
     assert any("LeCun" in w for w in summary["warnings"])

@@ -20,7 +20,7 @@ from dnnrun.errors import UserError
 from dnnrun.inference import evaluate
 from dnnrun.store import checkpoint
 from dnnrun.store.rundir import RunDir, read_jsonl
-from dnnrun.training import loop as train
+from dnnrun.training import loop
 
 SETUP = ("data=synthetic", "model.hidden=[32,16]")  # hidden2.linear.weight is (16, 32)
 
@@ -29,7 +29,7 @@ SETUP = ("data=synthetic", "model.hidden=[32,16]")  # hidden2.linear.weight is (
 def good(tmp_path_factory) -> Path:
     """A real training checkpoint (one epoch): every malformed file below is made from it."""
     run = tmp_path_factory.mktemp("good") / "run"
-    train.run(make_config(*SETUP[1:], "trainer.epochs=1"), run)
+    loop.run(make_config(*SETUP[1:], "trainer.epochs=1"), run)
     return run / "checkpoints" / "last.pt"
 
 
@@ -93,7 +93,7 @@ def test_resuming_from_a_malformed_checkpoint_is_refused_naming_file_and_problem
     path = make(good, tmp_path)
     # the checkpoint's own config (epochs may change on resume): only the file can be the problem
     with pytest.raises(UserError) as info:
-        train.run(make_config(*SETUP[1:], "trainer.epochs=2", f"trainer.resume={path}"), tmp_path / "run")
+        loop.run(make_config(*SETUP[1:], "trainer.epochs=2", f"trainer.resume={path}"), tmp_path / "run")
     assert f"{path} {problem}" in str(info.value)
     if case != "optimizer of another model":  # whose fit shows only once the optimizer is built
         assert not (tmp_path / "run").exists()  # refused before the run made its directory
@@ -110,7 +110,7 @@ def test_the_cli_exits_2_on_a_malformed_checkpoint_without_a_traceback(case, goo
 
 def test_the_good_checkpoint_resumes(good: Path, tmp_path: Path):
     """The control: the files above fail for what was changed in them, not for the setup."""
-    summary = train.run(make_config(*SETUP[1:], "trainer.epochs=2", f"trainer.resume={good}"), tmp_path / "run")
+    summary = loop.run(make_config(*SETUP[1:], "trainer.epochs=2", f"trainer.resume={good}"), tmp_path / "run")
     assert summary["status"] == "completed" and summary["epochs_run"] == 2
 
 
@@ -138,7 +138,7 @@ def test_weights_only_readers_accept_a_checkpoint_without_training_state(good: P
     path = _changed(
         good,
         tmp_path / "weights.pt",
-        lambda s: [s.pop(k) for k in ("optimizer", "schedule", "scaler", "trainer", "rng")],
+        lambda s: [s.pop(k) for k in (*checkpoint.TRAINING, "scaler")],
     )
     assert checkpoint.load(path)["model"].keys() == checkpoint.load(good)["model"].keys()
     evaluate.run(make_config("mode=evaluate", f"evaluate.checkpoint={path}"), tmp_path / "eval")
@@ -163,7 +163,7 @@ def test_resuming_needs_every_entry_the_trainer_reads(key, good: Path, tmp_path:
 @pytest.mark.parametrize(
     ("change", "problem"),
     [
-        (lambda s: s["trainer"].pop("history"), "it has no 'trainer.history' entry"),
+        (lambda s: s["trainer"]["members"][0].pop("history"), "it has no 'trainer.members[0].history' entry"),
         (lambda s: s["trainer"].update(epoch="1"), "'trainer.epoch' is a str ('1'), expected int"),
         (lambda s: s["schedule"].update(t=None), "'schedule.t' is a NoneType (None), expected int"),
         (lambda s: s["rng"]["numpy"].pop("keys"), "it has no 'rng.numpy.keys' entry"),
@@ -190,7 +190,7 @@ def test_an_rng_state_that_cannot_be_restored_is_a_user_error(good: Path):
     state = checkpoint.load(good, training=True)
     state["rng"]["numpy"]["keys"] = state["rng"]["numpy"]["keys"][:5]  # the Mersenne Twister needs 624
     with pytest.raises(UserError, match="random number generator states cannot be restored"):
-        checkpoint.restore_rng(state["rng"], torch.Generator())
+        checkpoint.restore_rng(state["rng"], [torch.Generator()])
 
 
 def test_load_into_names_the_first_mismatch_and_counts_the_rest(good: Path):
@@ -222,7 +222,7 @@ def test_a_transfer_source_without_hidden_layers_is_refused(good: Path, tmp_path
         lambda s: s.update(model={k: v for k, v in s["model"].items() if k.startswith("output.")}),
     )
     with pytest.raises(UserError, match=re.escape(f"transfer.source: {path} has no hidden layers to reuse")):
-        train.run(make_config(f"transfer.source={path}"), tmp_path / "run")
+        loop.run(make_config(f"transfer.source={path}"), tmp_path / "run")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,8 +280,49 @@ def test_the_report_and_plot_commands_name_a_damaged_metrics_file(tmp_path: Path
     from dnnrun.insight import plots, report
 
     run = tmp_path / "run"
-    train.run(make_config("trainer.epochs=2", "trainer.diagnostics.plots=false"), run)
+    loop.run(make_config("trainer.epochs=2", "trainer.diagnostics.plots=false"), run)
     lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
     (run / "metrics.jsonl").write_text(lines[0][:10] + "\n" + lines[1])  # the first record damaged, not torn
     assert report.main([str(run)]) == 2
     assert plots.main([str(run)]) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The previous version: files that dnnrun wrote before one loop served single runs and members
+# (tests/data/v1_*.pt: model.hidden=[8], optimizer=adam, two epochs on the synthetic set; the
+# mid-epoch one stopped by SIGINT after step 31, the members' of trainer.seeds=[0,1])
+
+V1 = Path(__file__).parent / "data"
+V1_SETUP = ("model.hidden=[8]", "optimizer=adam", "trainer.epochs=3")
+
+
+@pytest.mark.parametrize(
+    "name, where",
+    [("v1_single_last.pt", "after epoch 2 (step 54)"), ("v1_single_midepoch.pt", "during epoch 2, after step 31")],
+)
+def test_a_version_1_checkpoint_resumes_to_the_run_this_version_makes(name, where, tmp_path: Path):
+    fresh = loop.run(make_config(*V1_SETUP), tmp_path / "fresh")
+    resumed = loop.run(make_config(*V1_SETUP, f"trainer.resume={V1 / name}"), tmp_path / "resumed")
+    assert f"resumed from {V1 / name} {where}" in (tmp_path / "resumed" / "run.log").read_text()
+    assert resumed["status"] == "completed" and resumed["steps"] == fresh["steps"] == 81
+    mine, theirs = (read_jsonl(tmp_path / d / "metrics.jsonl") for d in ("resumed", "fresh"))
+    assert [{k: v for k, v in r.items() if not k.startswith("time/")} for r in mine] == [
+        {k: v for k, v in r.items() if not k.startswith("time/")} for r in theirs
+    ]
+    a, b = (
+        torch.load(tmp_path / d / "checkpoints" / "last.pt", weights_only=True)["model"] for d in ("resumed", "fresh")
+    )
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_a_version_1_members_checkpoint_is_refused_with_the_reason(tmp_path: Path):
+    path = V1 / "v1_members_last.pt"
+    with pytest.raises(UserError, match=re.escape(f"{path} holds the members of trainer.seeds as dnnrun wrote them")):
+        loop.run(make_config(*V1_SETUP[:1], "trainer.seeds=[0,1]", f"trainer.resume={path}"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_of_a_newer_version_is_refused(good: Path, tmp_path: Path):
+    path = _changed(good, tmp_path / "x.pt", lambda s: s.update(version=99))
+    with pytest.raises(UserError, match=re.escape(f"{path} is a dnnrun checkpoint of version 99; this dnnrun reads")):
+        checkpoint.load(path, training=True)

@@ -16,13 +16,13 @@ from dnnrun.errors import Diverged, Interrupted
 from dnnrun.insight import diagnosis, diagnostics, plots
 from dnnrun.insight.console import console
 from dnnrun.store.rundir import read_jsonl
-from dnnrun.training import faults, loop as train
+from dnnrun.training import faults, loop
 
 DEEP = ("model.depth=20", "model.width=16", "trainer.epochs=2", "trainer.diagnostics.every=10")
 
 
 def _diagnosis(run_dir: Path, *overrides: str) -> list[str]:
-    return train.run(make_config(*overrides), run_dir)["diagnosis"]
+    return loop.run(make_config(*overrides), run_dir)["diagnosis"]
 
 
 def test_a_deep_sigmoid_net_with_standard_normal_weights_has_vanishing_gradients(tmp_path: Path):
@@ -36,7 +36,7 @@ def test_a_deep_sigmoid_net_with_standard_normal_weights_has_vanishing_gradients
 def test_an_interrupted_run_is_diagnosed_and_plotted_too(tmp_path: Path):
     sigint = faults.parse("int@epoch=1")  # SIGINT after the first epoch's checkpoint
     with pytest.raises(Interrupted):
-        train.run(
+        loop.run(
             make_config(*DEEP, "act=sigmoid", "init=random_normal", "trainer.diagnostics.plots=true"),
             tmp_path,
             hook=sigint,
@@ -49,7 +49,7 @@ def test_an_interrupted_run_is_diagnosed_and_plotted_too(tmp_path: Path):
 
 def test_a_relu_net_driven_with_a_huge_learning_rate_has_dead_units(tmp_path: Path):
     with console.capture() as printed:
-        summary = train.run(make_config("act=relu", "optimizer.lr=1", "trainer.diagnostics.every=10"), tmp_path)
+        summary = loop.run(make_config("act=relu", "optimizer.lr=1", "trainer.diagnostics.every=10"), tmp_path)
     dead = [s for s in summary["diagnosis"] if "dead" in s]
     assert dead, summary["diagnosis"]
     assert dead[0].remedies == diagnosis.REMEDIES["dead_units"]
@@ -63,14 +63,14 @@ def test_a_relu_net_driven_with_a_huge_learning_rate_has_dead_units(tmp_path: Pa
 
 def test_a_healthy_run_gets_no_diagnosis(tmp_path: Path):
     with console.capture() as printed:
-        summary = train.run(make_config("trainer.epochs=5", "trainer.diagnostics.every=10"), tmp_path)
+        summary = loop.run(make_config("trainer.epochs=5", "trainer.diagnostics.every=10"), tmp_path)
     assert summary["test"]["test/acc"] > 0.8
     assert summary["diagnosis"] == []
     assert printed.get().splitlines()[-1] == "(no diagnosis: nothing unusual was seen)"  # the run's last word
 
 
 def test_diagnostics_jsonl_holds_every_layer_every_n_steps(tmp_path: Path):
-    train.run(make_config("norm=batchnorm", "trainer.diagnostics.every=10", "trainer.epochs=2"), tmp_path / "relu")
+    loop.run(make_config("norm=batchnorm", "trainer.diagnostics.every=10", "trainer.epochs=2"), tmp_path / "relu")
     records = read_jsonl(tmp_path / "relu" / "diagnostics.jsonl")
     # 27 steps per epoch: every 10th, and each epoch's first and last
     assert [r["step"] for r in records] == [1, 10, 20, 27, 28, 30, 40, 50, 54]
@@ -90,14 +90,14 @@ def test_diagnostics_jsonl_holds_every_layer_every_n_steps(tmp_path: Path):
         assert set(r["layers"]["hidden1"]) == hidden
         assert set(r["layers"]["output"]) == {"grad_norm", "weight_norm", "update_ratio"}
         assert all(0 < s["update_ratio"] < 1 and s["grad_norm"] > 0 for s in r["layers"].values())
-    train.run(make_config("act=tanh", "trainer.diagnostics.every=10", "trainer.epochs=1"), tmp_path / "tanh")
+    loop.run(make_config("act=tanh", "trainer.diagnostics.every=10", "trainer.epochs=1"), tmp_path / "tanh")
     layer = read_jsonl(tmp_path / "tanh" / "diagnostics.jsonl")[0]["layers"]["hidden1"]
     assert "saturated" in layer and "dead" not in layer
 
 
 def test_a_run_shorter_than_the_cadence_still_has_statistics_to_diagnose(tmp_path: Path):
     """At the default cadence (every 100 steps) a 2-epoch run of 27 steps an epoch had none."""
-    train.run(
+    loop.run(
         make_config("trainer.epochs=2", "act=sigmoid", "init=random_normal", "model.depth=8", "model.width=16"),
         tmp_path,
     )
@@ -106,7 +106,7 @@ def test_a_run_shorter_than_the_cadence_still_has_statistics_to_diagnose(tmp_pat
 
 
 def test_diagnostics_off(tmp_path: Path):
-    train.run(make_config("trainer.diagnostics.every=0", "trainer.epochs=1"), tmp_path)
+    loop.run(make_config("trainer.diagnostics.every=0", "trainer.epochs=1"), tmp_path)
     assert read_jsonl(tmp_path / "diagnostics.jsonl") == []
 
 
@@ -161,7 +161,7 @@ def test_exploding_gradients_are_diagnosed():
 
 def test_a_nan_loss_stops_the_run_with_exit_3_and_keeps_the_last_good_checkpoint(tmp_path: Path):
     clean = tmp_path / "clean"
-    train.run(make_config("trainer.epochs=2"), clean)  # the same run, stopped by its budget after epoch 2
+    loop.run(make_config("trainer.epochs=2"), clean)  # the same run, stopped by its budget after epoch 2
     run = tmp_path / "nan"
     result = run_cli(
         "data=synthetic", "trainer.epochs=4", f"hydra.run.dir={run}", cwd=tmp_path, env={"DNNRUN_FAULT": "nan@step=60"}
@@ -189,7 +189,7 @@ def test_a_nan_gradient_under_a_finite_loss_stops_the_run_naming_its_step(poison
             model.hidden1.linear.weight.register_hook(lambda g: g * float("nan") if next(calls) == poisoned_step else g)
 
     with pytest.raises(Diverged, match=f"at step {poisoned_step}: a gradient was NaN or infinite: the update made"):
-        train.run(make_config("trainer.diagnostics.every=0"), tmp_path, hook=Poisoned())
+        loop.run(make_config("trainer.diagnostics.every=0"), tmp_path, hook=Poisoned())
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "diverged" and summary["diverged_at_step"] == poisoned_step
     assert not (tmp_path / "checkpoints" / "last.pt").exists()  # the broken weights were never saved
@@ -197,14 +197,14 @@ def test_a_nan_gradient_under_a_finite_loss_stops_the_run_naming_its_step(poison
 
 def test_a_nan_before_the_first_epoch_ends_leaves_no_checkpoint(tmp_path: Path):
     with pytest.raises(Diverged, match="step 3"):
-        train.run(make_config(), tmp_path, hook=faults.parse("nan@step=3"))
+        loop.run(make_config(), tmp_path, hook=faults.parse("nan@step=3"))
     assert not (tmp_path / "checkpoints").exists()
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "diverged"
 
 
 def test_a_huge_learning_rate_diverges_on_its_own(tmp_path: Path):
     with pytest.raises(Diverged) as info:
-        train.run(make_config("optimizer.lr=1000"), tmp_path)
+        loop.run(make_config("optimizer.lr=1000"), tmp_path)
     assert info.value.step <= 27 and "the training loss is" in str(info.value)
 
 
@@ -223,7 +223,7 @@ EXPECTED_SIZE = (plots.SIZE[0] * plots.DPI, plots.SIZE[1] * plots.DPI)
 
 def test_plots_are_written_at_the_end_of_a_run_and_redrawn_by_dnnrun_plot(tmp_path: Path):
     run = tmp_path / "run"
-    train.run(make_config("trainer.diagnostics.plots=true", "trainer.diagnostics.every=10", "act=sigmoid"), run)
+    loop.run(make_config("trainer.diagnostics.plots=true", "trainer.diagnostics.every=10", "act=sigmoid"), run)
     pngs = sorted(p.name for p in (run / "plots").glob("*.png"))
     assert pngs == sorted(f"{name}.png" for name in plots.RUN_PLOTS)
     for name in pngs:
@@ -268,7 +268,7 @@ def run_cli_plot(*args: str, cwd: Path):
 def test_tensorboard_event_files_hold_the_metrics_and_histograms(tmp_path: Path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    train.run(make_config("logger=tensorboard", "trainer.epochs=2", "trainer.diagnostics.every=20"), tmp_path)
+    loop.run(make_config("logger=tensorboard", "trainer.epochs=2", "trainer.diagnostics.every=20"), tmp_path)
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0, "histograms": 0})
     events.Reload()
     tags = events.Tags()

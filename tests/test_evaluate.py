@@ -13,7 +13,7 @@ import torch
 from conftest import make_config, run_cli, write_mnist_like
 from dnnrun.data.datasets import load
 from dnnrun.inference import evaluate
-from dnnrun.training import loop as train, metrics, runtime
+from dnnrun.training import loop, metrics, runtime
 
 
 def _model(*overrides: str):
@@ -60,7 +60,7 @@ def test_scores_follow_their_definitions():
 
 
 def test_dnnrun_mode_evaluate_reports_deterministic_and_mc_dropout_figures(tmp_path: Path):
-    summary = train.run(make_config("regularizer=[dropout]", "trainer.epochs=3"), tmp_path / "trained")
+    summary = loop.run(make_config("regularizer=[dropout]", "trainer.epochs=3"), tmp_path / "trained")
     best = tmp_path / "trained" / "checkpoints" / "best.pt"
     run = tmp_path / "eval"
     result = run_cli(
@@ -119,7 +119,7 @@ def offline(tmp_path: Path, monkeypatch) -> list:
 def _train_on_fashion_mnist_files(tmp_path: Path, *overrides: str) -> Path:
     """One epoch on tiny Fashion-MNIST-format files; returns best.pt."""
     cfg = make_config("trainer.epochs=1", "data.val_size=8", *overrides, data="fashion_mnist")
-    train.run(cfg, tmp_path / "trained")
+    loop.run(cfg, tmp_path / "trained")
     return tmp_path / "trained" / "checkpoints" / "best.pt"
 
 

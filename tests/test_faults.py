@@ -23,7 +23,7 @@ from dnnrun.errors import ConfigError, Interrupted, UserError
 from dnnrun.inference import evaluate
 from dnnrun.store import checkpoint
 from dnnrun.store.rundir import RunDir, SweepDir, read_jsonl
-from dnnrun.training import faults, loop as train
+from dnnrun.training import faults, loop
 
 # Batch norm, dropout, momentum with 1cycle and per-step diagnostics: every kind of state a resume
 # must restore. 864 training examples / 32 = 27 steps per epoch.
@@ -43,7 +43,7 @@ SETUP = (
 def straight(tmp_path_factory) -> Path:
     """The uninterrupted run everything is compared with."""
     run = tmp_path_factory.mktemp("straight")
-    train.run(make_config(*SETUP[1:]), run)
+    loop.run(make_config(*SETUP[1:]), run)
     return run
 
 
@@ -64,7 +64,7 @@ def _faulty_run(tmp_path: Path, fault: str, *extra: str, process: bool = True) -
 
 
 def _resume(tmp_path: Path):
-    return train.run(make_config(*SETUP[1:], "trainer.resume=auto"), tmp_path / "run")
+    return loop.run(make_config(*SETUP[1:], "trainer.resume=auto"), tmp_path / "run")
 
 
 def _metrics_intact(run: Path, epochs: int) -> None:
@@ -138,7 +138,7 @@ def test_any_file_that_cannot_be_written_is_reported_with_its_path(blocked, tmp_
 def _stopped_after_epoch(tmp_path: Path, epoch: int) -> None:
     """tmp_path/run as a run stopped after `epoch` leaves it (in this process: SIGINT from the hook)."""
     with pytest.raises(Interrupted):
-        train.run(make_config(*SETUP[1:]), tmp_path / "run", hook=faults.parse(f"int@epoch={epoch}"))
+        loop.run(make_config(*SETUP[1:]), tmp_path / "run", hook=faults.parse(f"int@epoch={epoch}"))
 
 
 def test_a_corrupted_last_checkpoint_is_reported_and_never_replaced_by_a_fresh_start(tmp_path: Path):
@@ -163,6 +163,8 @@ def test_a_corrupted_last_checkpoint_is_reported_and_never_replaced_by_a_fresh_s
     ids=["SIGTERM", "SIGINT, and more during the save and the status record"],
 )
 def test_a_signal_finishes_the_step_saves_and_exits_with_its_code(fault, code, tmp_path: Path, straight: Path):
+    """The signal arrives right after step 40 (the 13th of epoch 2): the run stops there, says so,
+    and the resume says it goes on from there, and does."""
     result = _faulty_run(tmp_path, fault)
     assert result.returncode == code, result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
@@ -170,9 +172,16 @@ def test_a_signal_finishes_the_step_saves_and_exits_with_its_code(fault, code, t
     assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
     assert json.loads((run / "status.json").read_text())["status"] == "interrupted"
     saved = checkpoint.load(run / "checkpoints" / "last.pt")  # written whole, also with a second SIGINT during it
-    assert saved["trainer"]["epoch"] == 1 and saved["trainer"]["progress"]["batches"] in (13, 14)  # in epoch 2
-    assert "continues from there" in (run / "run.log").read_text()
+    assert saved["trainer"]["epoch"] == 1 and saved["trainer"]["progress"]["batches"] == 13  # in epoch 2
+    name = "SIGTERM" if code == 143 else "SIGINT"
+    assert (
+        f"stopped by {name} during epoch 2, after step 40: checkpoints/last.pt continues from there"
+        in (run / "run.log").read_text()
+    )
     _resume(tmp_path)
+    assert (
+        f"resumed from {run / 'checkpoints' / 'last.pt'} during epoch 2, after step 40" in (run / "run.log").read_text()
+    )
     assert _same_weights(run, straight)
     _metrics_intact(run, 3)
     assert read_jsonl(run / "diagnostics.jsonl") == read_jsonl(straight / "diagnostics.jsonl")  # every step once
@@ -249,7 +258,7 @@ def test_every_checkpoint_reader_refuses_a_payload(tmp_path: Path):
     for overrides in ([f"transfer.source={evil}"], ["mode=evaluate", f"evaluate.checkpoint={evil}"]):
         cfg = make_config(*overrides)
         with pytest.raises(UserError, match="refused to load"):
-            (train.run if cfg.mode == "train" else evaluate.run)(cfg, tmp_path / "out")
+            (loop.run if cfg.mode == "train" else evaluate.run)(cfg, tmp_path / "out")
     assert not marker.exists()
 
 
@@ -268,7 +277,7 @@ def test_weights_export_to_safetensors_and_load_back(tmp_path: Path, straight: P
     summary = json.loads((straight / "summary.json").read_text())
     assert report["deterministic"]["accuracy"] == pytest.approx(summary["test"]["test/acc"])
     with pytest.raises(UserError, match="holds weights only"):
-        train.run(make_config(*SETUP[1:], f"trainer.resume={out}"), tmp_path / "resumed")
+        loop.run(make_config(*SETUP[1:], f"trainer.resume={out}"), tmp_path / "resumed")
 
 
 def test_export_takes_a_run_directory_for_its_best_checkpoint(tmp_path: Path, straight: Path):
@@ -346,11 +355,11 @@ def test_resuming_with_a_config_that_changes_the_result_lists_the_changes(tmp_pa
     assert "trainer.seed: 0 in the checkpoint, 7 now" in changed.stderr
     assert "trainer.force_resume=true" in changed.stderr
     run = tmp_path / "run"
-    train.run(make_config(*SETUP[1:], "trainer.resume=auto", "trainer.epochs=4", "predict.mc_samples=5"), run)  # fine
+    loop.run(make_config(*SETUP[1:], "trainer.resume=auto", "trainer.epochs=4", "predict.mc_samples=5"), run)  # fine
     # ... and the 1cycle schedule keeps the length it started with: annihilated at the end of epoch 3,
     # it stays at lr0 / final_div in epoch 4 instead of jumping to the curve of a 4-epoch run
     assert read_jsonl(run / "metrics.jsonl")[3]["lr"] == pytest.approx(0.01 / 1000)
-    train.run(
+    loop.run(
         make_config(
             *SETUP[1:], "trainer.resume=auto", "trainer.epochs=5", "optimizer.lr=0.02", "trainer.force_resume=true"
         ),

@@ -38,7 +38,7 @@ def test_the_estimate_counts_weights_gradients_optimizer_state_and_a_batch(monke
 
 def test_members_need_that_many_models_memory_and_are_refused_before_any_write(monkeypatch, tmp_path: Path):
     from dnnrun.errors import UserError
-    from dnnrun.training import members
+    from dnnrun.training import loop
 
     cfg = make_config("trainer.seeds=[0,1,2,3]", data="digits")
     single = make_config(data="digits")
@@ -60,7 +60,7 @@ def test_members_need_that_many_models_memory_and_are_refused_before_any_write(m
         match=r"4 members of the model need about .*, lower trainer.batch_size and trainer.eval_batch_size "
         r"or list fewer trainer.seeds$",
     ):
-        members.run(cfg, tmp_path / "run")
+        loop.run(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 

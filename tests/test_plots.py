@@ -12,7 +12,7 @@ import pytest
 from conftest import make_config
 from dnnrun.insight import plots
 from dnnrun.store.rundir import RunDir
-from dnnrun.training import loop as train
+from dnnrun.training import loop
 
 
 @pytest.fixture
@@ -51,7 +51,7 @@ def best_markers(ax) -> list[float]:
 
 def test_every_plot_of_a_tiny_run_has_labelled_axes_and_marks_its_best_epoch(tmp_path: Path, drawn: list):
     run = RunDir(tmp_path / "run")
-    summary = train.run(make_config("trainer.epochs=3", "trainer.diagnostics.every=10", "act=tanh"), run.path)
+    summary = loop.run(make_config("trainer.epochs=3", "trainer.diagnostics.every=10", "act=tanh"), run.path)
     plots.plot_run(run)
     plots.activation_functions(tmp_path / "activation_functions.png")
     plots.lr_find_plot(

@@ -15,7 +15,7 @@ from conftest import make_config, run_cli
 from dnnrun.data.datasets import DataConfig, load as load_data
 from dnnrun.errors import DataError, UserError
 from dnnrun.store import checkpoint
-from dnnrun.training import loop as train
+from dnnrun.training import loop
 
 CPU = torch.device("cpu")
 
@@ -24,7 +24,7 @@ CPU = torch.device("cpu")
 def trained(tmp_path_factory) -> Path:
     """An MLP with dropout on the digits, two epochs."""
     run = tmp_path_factory.mktemp("trained")
-    train.run(make_config("regularizer=[dropout]", "trainer.epochs=2", data="digits"), run)
+    loop.run(make_config("regularizer=[dropout]", "trainer.epochs=2", data="digits"), run)
     return run
 
 
@@ -106,7 +106,7 @@ def test_a_folder_of_images_and_an_export_predict_as_the_checkpoint_does(tmp_pat
     from dnnrun.inference.export import main as export
 
     run = tmp_path / "cnn"
-    train.run(make_config("model=cnn", "model.channels=[4]", "trainer.epochs=1", data="digits"), run)
+    loop.run(make_config("model=cnn", "model.channels=[4]", "trainer.epochs=1", data="digits"), run)
     x, _ = _raw_test_split()
     folder = tmp_path / "images"
     folder.mkdir()
@@ -182,7 +182,7 @@ def test_the_onnx_export_computes_what_pytorch_does_from_raw_inputs(model: str, 
 
     run = tmp_path / "run"
     shape = ["model=cnn", "model.channels=[4]", "norm=batchnorm"] if model == "cnn" else ["regularizer=[dropout]"]
-    train.run(make_config(*shape, "trainer.epochs=1", data="digits"), run)
+    loop.run(make_config(*shape, "trainer.epochs=1", data="digits"), run)
     assert export([str(run), "--format", "onnx"]) == 0
     path = run / "checkpoints" / "best.onnx"
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -10,7 +10,7 @@ import torch
 
 from conftest import make_config
 from dnnrun.errors import ConfigError, UserError
-from dnnrun.training import faults, loop as train, pretrain
+from dnnrun.training import faults, loop, pretrain
 
 
 @pytest.mark.parametrize(
@@ -21,7 +21,7 @@ from dnnrun.training import faults, loop as train, pretrain
     ],
 )
 def test_layerwise_pretraining_lowers_each_layers_reconstruction_error(method, overrides, tmp_path: Path):
-    summary = train.run(
+    summary = loop.run(
         make_config(f"pretrain={method}", "model.hidden=[48,24]", "trainer.epochs=1", *overrides), tmp_path
     )
     layers = summary["pretrain"]["layers"]
@@ -39,7 +39,7 @@ def test_fine_tuning_starts_from_the_pretrained_weights(tmp_path: Path):
         def start(self, model, step):
             seen.setdefault("start", {k: v.clone() for k, v in model.state_dict().items()})
 
-    train.run(
+    loop.run(
         make_config("pretrain=autoencoder", "pretrain.epochs=1", "trainer.epochs=1"),
         tmp_path / "pre",
         hook=FirstWeights(),
@@ -47,7 +47,7 @@ def test_fine_tuning_starts_from_the_pretrained_weights(tmp_path: Path):
     pretrained = torch.load(tmp_path / "pre" / "checkpoints" / "pretrained.pt", weights_only=True)["model"]
     assert all(torch.equal(seen["start"][k], pretrained[k]) for k in pretrained)
     seen.clear()
-    train.run(make_config("trainer.epochs=1"), tmp_path / "fresh", hook=FirstWeights())  # same seed, no pretraining
+    loop.run(make_config("trainer.epochs=1"), tmp_path / "fresh", hook=FirstWeights())  # same seed, no pretraining
     assert not torch.equal(seen["start"]["hidden1.linear.weight"], pretrained["hidden1.linear.weight"])
     assert torch.equal(
         seen["start"]["output.weight"], pretrained["output.weight"]
@@ -63,7 +63,7 @@ def test_pretraining_sees_every_training_input_even_with_few_labels(tmp_path: Pa
         return real(choice, model, x, shape, seed)
 
     monkeypatch.setattr(pretrain, "run", spy)
-    summary = train.run(
+    summary = loop.run(
         make_config("pretrain=autoencoder", "pretrain.epochs=1", "data.max_train=50", "trainer.epochs=1"), tmp_path
     )
     assert summary["data"]["train"] == 50 and sizes["inputs"] == 864
@@ -93,7 +93,7 @@ def test_rotation_labels_name_the_quarter_turns():
 
 @pytest.mark.parametrize("method", ["corrupted", "rotation"])
 def test_auxiliary_tasks_are_learned_then_the_lower_layers_are_reused(method, tmp_path: Path):
-    summary = train.run(
+    summary = loop.run(
         make_config(f"pretrain={method}", "pretrain.epochs=10", "trainer.epochs=2", data="digits"), tmp_path
     )
     report = summary["pretrain"]
@@ -105,6 +105,6 @@ def test_rbm_needs_sigmoid_units_and_rotation_needs_images(tmp_path: Path):
     with pytest.raises(ConfigError, match="rbm pretraining needs sigmoid units"):
         make_config("pretrain=rbm")
     with pytest.raises(UserError, match="pretrain=rotation needs square images"):
-        train.run(make_config("pretrain=rotation"), tmp_path)
+        loop.run(make_config("pretrain=rotation"), tmp_path)
     with pytest.raises(ConfigError, match="pretraining and transfer.source both set"):
         make_config("pretrain=autoencoder", "transfer.source=x.pt")

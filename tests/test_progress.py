@@ -11,15 +11,13 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 from rich.console import Console
 from rich.logging import RichHandler
 
 from conftest import make_config
 from dnnrun.insight import console as console_module
-from dnnrun.insight.console import EpochBar, time_left
-from dnnrun.training import loop as train
-from dnnrun.training.state import EpochProgress
+from dnnrun.insight.console import EpochBar, Running, time_left
+from dnnrun.training import loop
 
 BAR = re.compile(r"^epoch (\d+)/(\d+) .*\d+/\d+ +(\d+:\d\d:\d\d|-:--:--) left")  # the bar's line
 STATS = re.compile(r"loss (\d+\.\d{4}|-) +([\d,]+|-) samples/s +run (\d+:\d\d:\d\d|-:--:--) left")
@@ -97,7 +95,7 @@ def terminal(monkeypatch):
         out = Writes()
         term = Console(file=out, force_terminal=is_terminal, width=width, height=20)
         monkeypatch.setattr(console_module, "console", term)
-        monkeypatch.setattr(train, "console", term, raising=False)  # the results table
+        monkeypatch.setattr(loop, "console", term, raising=False)  # the results table
         handler = RichHandler(console=term, show_path=False, show_time=False, markup=False)
         logging.getLogger("dnnrun").addHandler(handler)
         handlers.append(handler)
@@ -127,7 +125,7 @@ def test_terminal_shows_one_bar_with_time_left_and_each_epoch_logged_once(
 ):
     out = terminal(width)
     monkeypatch.setattr(console_module, "REFRESH_S", 0.0)  # redraw at every step: each state is seen
-    train.run(make_config("trainer.epochs=3", "trainer.progress=true"), run_dir)
+    loop.run(make_config("trainer.epochs=3", "trainer.progress=true"), run_dir)
     states = replay(out.chunks)
 
     bars = [[i for i, line in enumerate(state) if BAR.match(line)] for state in states]
@@ -154,7 +152,7 @@ def test_bar_is_reset_not_added_each_epoch(terminal):
     bar = EpochBar(True, epochs=3)
     with bar:
         for epoch in (1, 2, 3):
-            progress = EpochProgress(shuffle_state=torch.zeros(1))
+            progress = Running()
             bar.start_epoch(epoch, 5, progress)
             for _ in range(5):
                 progress.batches, progress.seen, progress.loss_sum = progress.batches + 1, progress.seen + 4, 1.0
@@ -170,7 +168,7 @@ def test_bar_is_reset_not_added_each_epoch(terminal):
 )
 def test_no_bar_off_the_terminal_or_when_disabled(run_dir: Path, terminal, is_terminal, progress):
     out = terminal(120, is_terminal)
-    train.run(make_config("trainer.epochs=3", f"trainer.progress={progress}"), run_dir)
+    loop.run(make_config("trainer.epochs=3", f"trainer.progress={progress}"), run_dir)
     text = out.getvalue()
     if not is_terminal:  # CI logs, pipes: plain lines, no control codes at all
         assert "\x1b[" not in text

@@ -127,9 +127,9 @@ def test_two_regularizers_setting_the_same_thing_is_a_config_error():
 
 
 def _trained(tmp_path, name: str, *overrides: str) -> dict[str, torch.Tensor]:
-    from dnnrun.training import loop as train
+    from dnnrun.training import loop
 
-    train.run(make_config("trainer.epochs=1", *overrides), tmp_path / name)
+    loop.run(make_config("trainer.epochs=1", *overrides), tmp_path / name)
     return torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=True)["model"]
 
 

@@ -11,7 +11,7 @@ from conftest import make_config
 from dnnrun.cli import CONFIG_DIR
 from dnnrun.optim.schedules import SCHEDULES, Schedule
 from dnnrun.store.rundir import read_jsonl
-from dnnrun.training import loop as train
+from dnnrun.training import loop
 
 LR0, STEPS_PER_EPOCH, EPOCHS = 0.1, 10, 6
 OPTIONS = sorted(p.stem for p in (CONFIG_DIR / "schedule").glob("*.yaml"))
@@ -127,12 +127,12 @@ def test_param_groups_keep_their_proportions():
 
 def test_the_training_loop_steps_schedules_per_batch_and_per_epoch(tmp_path):
     # 864 examples / 32 per batch = 27 steps per epoch
-    train.run(make_config("trainer.epochs=2", "schedule=exponential", "schedule.steps=27"), tmp_path / "step")
+    loop.run(make_config("trainer.epochs=2", "schedule=exponential", "schedule.steps=27"), tmp_path / "step")
     rates = [r["lr"] for r in read_jsonl(tmp_path / "step" / "metrics.jsonl")]
     # the rate of each epoch's last step: t = 26 and t = 53
     assert rates == pytest.approx([0.01 * 0.1 ** (26 / 27), 0.01 * 0.1 ** (53 / 27)])
 
-    train.run(
+    loop.run(
         make_config(
             "trainer.epochs=3",
             "schedule=piecewise_constant",

@@ -18,7 +18,7 @@ import yaml
 from conftest import make_config, run_cli
 from dnnrun.insight import report
 from dnnrun.store.rundir import RunDir, SweepDir
-from dnnrun.training import loop as train
+from dnnrun.training import loop
 
 
 def _status(job: Path) -> str:
@@ -96,8 +96,8 @@ def test_dnnrun_report_ranks_groups_seeds_and_writes_its_files(tmp_path: Path):
 
 
 def test_a_report_over_single_runs_shows_each_with_its_summary(tmp_path: Path):
-    a = train.run(make_config("trainer.epochs=1", "act=tanh"), tmp_path / "a")
-    b = train.run(make_config("trainer.epochs=1", "act=relu"), tmp_path / "b")
+    a = loop.run(make_config("trainer.epochs=1", "act=tanh"), tmp_path / "a")
+    b = loop.run(make_config("trainer.epochs=1", "act=relu"), tmp_path / "b")
     runs = report.collect([tmp_path / "a", tmp_path / "b"])
     assert [r["test/acc"] for r in runs] == [a["test"]["test/acc"], b["test"]["test/acc"]]
     assert [r["status"] for r in runs] == ["completed", "completed"]
@@ -163,7 +163,7 @@ def test_submitit_requeues_a_timed_out_job_which_finishes_as_if_uninterrupted(tm
     logs = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_log.err"))
     assert "Caught signal SIGUSR2" in logs
     assert "resumed from" in (job / "run.log").read_text()
-    train.run(make_config("trainer.epochs=4"), tmp_path / "straight")
+    loop.run(make_config("trainer.epochs=4"), tmp_path / "straight")
     requeued = torch.load(job / "checkpoints" / "last.pt", weights_only=True)["model"]
     straight = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(requeued[k], straight[k]) for k in straight)
@@ -242,11 +242,11 @@ TORCHRUN_CASES = {
 def test_torchrun_with_two_processes_matches_one_process_with_the_same_global_batch(overrides, tmp_path: Path):
     if any(o.startswith("transfer.") for o in overrides):
         source = [o for o in overrides if not o.startswith(("transfer.", "trainer.epochs="))]
-        train.run(make_config(*source, "trainer.epochs=1", data=None), tmp_path / "source")
+        loop.run(make_config(*source, "trainer.epochs=1", data=None), tmp_path / "source")
         overrides = [*overrides, f"transfer.source={tmp_path / 'source' / 'checkpoints' / 'last.pt'}"]
     summary = _torchrun(tmp_path, "ddp", *overrides)
     assert summary["processes"] == 2
-    single = train.run(
+    single = loop.run(
         make_config(*overrides, data=None if "data=digits" in overrides else "synthetic"), tmp_path / "single"
     )
     assert _close(tmp_path / "ddp", tmp_path / "single")

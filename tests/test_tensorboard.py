@@ -9,14 +9,14 @@ import pytest
 
 from conftest import make_config
 from dnnrun.insight import loggers
-from dnnrun.training import loop as train
+from dnnrun.training import loop
 
 
 def test_a_run_writes_its_options_values_and_metrics_as_hparams_beside_its_scalars(tmp_path: Path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import metadata
 
-    summary = train.run(
+    summary = loop.run(
         make_config(
             "logger=tensorboard", "trainer.epochs=2", "optimizer.lr=0.03", "regularizer=[l2]", "trainer.monitor=val/acc"
         ),

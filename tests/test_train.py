@@ -1,4 +1,4 @@
-"""`train.run` in-process on synthetic data: the run directory, checkpoints, early stopping, resume."""
+"""`loop.run` in-process on synthetic data: the run directory, checkpoints, early stopping, resume."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from conftest import make_config, run_cli
 from dnnrun.errors import Interrupted, UserError
 from dnnrun.store import checkpoint
 from dnnrun.store.rundir import read_jsonl
-from dnnrun.training import faults, loop as train, metrics
+from dnnrun.training import faults, loop, metrics
+from dnnrun.training.module_engine import clip_gradients
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -23,7 +24,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_run_writes_metrics_summary_log_and_checkpoints(run_dir: Path):
-    summary = train.run(make_config("trainer.epochs=3"), run_dir)
+    summary = loop.run(make_config("trainer.epochs=3"), run_dir)
     records = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["epoch"] for r in records] == [1, 2, 3]
     assert [r["step"] for r in records] == [27, 54, 81]  # 864 training examples / 32 per batch
@@ -44,10 +45,10 @@ def test_run_writes_metrics_summary_log_and_checkpoints(run_dir: Path):
 
 def test_checkpoints_are_plain_data_loaded_with_weights_only(run_dir: Path):
     cfg = make_config("trainer.epochs=2", "norm=batchnorm", "optimizer=adam")
-    train.run(cfg, run_dir)
+    loop.run(cfg, run_dir)
     ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
-    assert ckpt["format"] == "dnnrun-checkpoint" and ckpt["version"] == 1
-    assert set(ckpt) >= {"model", "optimizer", "schedule", "trainer", "rng", "config"}
+    assert ckpt["format"] == "dnnrun-checkpoint" and ckpt["version"] == 2
+    assert set(ckpt) >= {"model", "optimizer", "schedule", "trainer", "callbacks", "rng", "config"}
     assert ckpt["config"] == cfg.raw and isinstance(ckpt["config"], dict)
     assert (ckpt["trainer"]["epoch"], ckpt["trainer"]["step"]) == (2, 54)
     assert "hidden1.norm.running_mean" in ckpt["model"] and "hidden1.linear.bias" not in ckpt["model"]
@@ -65,7 +66,7 @@ def test_early_stopping_stops_after_patience_and_restores_the_best_weights(run_d
 
     monkeypatch.setattr(metrics, "loss_and_accuracy", scripted)
     cfg = make_config("trainer.epochs=6", "trainer.early_stopping.patience=3")
-    summary = train.run(cfg, run_dir)
+    summary = loop.run(cfg, run_dir)
     assert summary["epochs_run"] == 5 and summary["best"]["epoch"] == 2
     assert "did not improve for 3 epochs" in summary["stop_reason"]
     assert summary["test"]["weights"] == "best"
@@ -81,8 +82,8 @@ def test_a_run_that_stopped_early_stays_stopped_when_resumed(run_dir: Path, monk
         metrics, "loss_and_accuracy", lambda m, s, b, a: (1.0, next(accs)) if len(s) == 96 else (1.0, 0.0)
     )
     settings = ("trainer.epochs=6", "trainer.monitor=val/acc", "trainer.early_stopping.patience=1")
-    assert train.run(make_config(*settings), run_dir)["epochs_run"] == 2
-    resumed = train.run(make_config(*settings, "trainer.resume=auto"), run_dir)
+    assert loop.run(make_config(*settings), run_dir)["epochs_run"] == 2
+    resumed = loop.run(make_config(*settings, "trainer.resume=auto"), run_dir)
     assert resumed["epochs_run"] == 2 and "did not improve" in resumed["stop_reason"]
 
 
@@ -92,7 +93,7 @@ def test_min_delta_and_accuracy_monitoring(run_dir: Path, monkeypatch):
         metrics, "loss_and_accuracy", lambda m, s, b, a: (1.0, next(accs)) if len(s) == 96 else (1.0, 0.0)
     )
     cfg = make_config("trainer.epochs=4", "trainer.monitor=val/acc", "trainer.early_stopping.min_delta=0.01")
-    summary = train.run(cfg, run_dir)
+    summary = loop.run(cfg, run_dir)
     assert summary["best"]["epoch"] == 3 and summary["best"]["value"] == 0.7  # 0.505 is within min_delta
 
 
@@ -116,15 +117,15 @@ RESUMABLE = (
 
 def _straight_and_interrupted(tmp_path: Path, monkeypatch) -> None:
     """`straight` runs all four epochs; `resumed` is interrupted after the second."""
-    train.run(make_config(*RESUMABLE), tmp_path / "straight")
+    loop.run(make_config(*RESUMABLE), tmp_path / "straight")
     with pytest.raises(Interrupted):
-        train.run(make_config(*RESUMABLE), tmp_path / "resumed", hook=_interrupt_after_epoch(2))
+        loop.run(make_config(*RESUMABLE), tmp_path / "resumed", hook=_interrupt_after_epoch(2))
 
 
 def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path: Path, monkeypatch):
     _straight_and_interrupted(tmp_path, monkeypatch)
     assert json.loads((tmp_path / "resumed" / "summary.json").read_text())["status"] == "interrupted"
-    summary = train.run(make_config(*RESUMABLE, "trainer.resume=auto"), tmp_path / "resumed")
+    summary = loop.run(make_config(*RESUMABLE, "trainer.resume=auto"), tmp_path / "resumed")
 
     assert summary["status"] == "completed"
     straight = _weights(tmp_path / "straight" / "checkpoints" / "last.pt")
@@ -145,16 +146,16 @@ def test_resuming_without_the_rng_state_does_not_match(tmp_path: Path, monkeypat
     """The control for the test above: it can fail, because the shuffling order matters."""
     _straight_and_interrupted(tmp_path, monkeypatch)
     monkeypatch.setattr(checkpoint, "restore_rng", lambda state, shuffle: None)
-    train.run(make_config(*RESUMABLE, "trainer.resume=auto"), tmp_path / "resumed")
+    loop.run(make_config(*RESUMABLE, "trainer.resume=auto"), tmp_path / "resumed")
     straight = _weights(tmp_path / "straight" / "checkpoints" / "last.pt")
     resumed = _weights(tmp_path / "resumed" / "checkpoints" / "last.pt")
     assert not all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
 def test_resume_from_a_path_continues_in_a_new_directory(tmp_path: Path):
-    train.run(make_config("trainer.epochs=2"), tmp_path / "first")
+    loop.run(make_config("trainer.epochs=2"), tmp_path / "first")
     source = tmp_path / "first" / "checkpoints" / "last.pt"
-    summary = train.run(make_config("trainer.epochs=3", f"trainer.resume={source}"), tmp_path / "second")
+    summary = loop.run(make_config("trainer.epochs=3", f"trainer.resume={source}"), tmp_path / "second")
     assert summary["epochs_run"] == 3
     assert [r["epoch"] for r in read_jsonl(tmp_path / "second" / "metrics.jsonl")] == [1, 2, 3]
     assert (tmp_path / "second" / "checkpoints" / "best.pt").is_file()
@@ -162,7 +163,7 @@ def test_resume_from_a_path_continues_in_a_new_directory(tmp_path: Path):
 
 def test_resume_auto_without_a_checkpoint_starts_fresh_with_a_warning(run_dir: Path, caplog):
     with caplog.at_level(logging.WARNING, logger="dnnrun"):
-        summary = train.run(make_config("trainer.epochs=1", "trainer.resume=auto"), run_dir)
+        summary = loop.run(make_config("trainer.epochs=1", "trainer.resume=auto"), run_dir)
     assert summary["epochs_run"] == 1
     assert "no checkpoint" in caplog.text and "starting fresh" in caplog.text
     assert "starting fresh" in (run_dir / "run.log").read_text()  # said before run.log existed, and kept there
@@ -170,16 +171,16 @@ def test_resume_auto_without_a_checkpoint_starts_fresh_with_a_warning(run_dir: P
 
 def test_resume_from_a_missing_file_is_a_user_error(run_dir: Path):
     with pytest.raises(UserError, match="trainer.resume: no checkpoint file at /no/such.pt"):
-        train.run(make_config("trainer.resume=/no/such.pt"), run_dir)
+        loop.run(make_config("trainer.resume=/no/such.pt"), run_dir)
 
 
 def test_a_fresh_run_never_overwrites_an_existing_run(run_dir: Path):
-    train.run(make_config("trainer.epochs=1"), run_dir)
+    loop.run(make_config("trainer.epochs=1"), run_dir)
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     with pytest.raises(UserError, match="already holds a checkpoint; continue it with trainer.resume=auto"):
-        train.run(make_config("trainer.epochs=1"), run_dir)
+        loop.run(make_config("trainer.epochs=1"), run_dir)
     with pytest.raises(UserError, match="these changes alter the result"):
-        train.run(make_config("trainer.epochs=1", "trainer.resume=auto", "optimizer.lr=0.5"), run_dir)
+        loop.run(make_config("trainer.epochs=1", "trainer.resume=auto", "optimizer.lr=0.5"), run_dir)
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before  # not a byte changed
 
 
@@ -199,22 +200,22 @@ def test_a_failure_is_recorded_in_the_summary(run_dir: Path):
             raise RuntimeError("disk on fire")
 
     with pytest.raises(RuntimeError):
-        train.run(make_config(), run_dir, hook=Broken())
+        loop.run(make_config(), run_dir, hook=Broken())
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["error"] == "RuntimeError: disk on fire"
 
 
 def test_same_seed_same_run_other_seed_other_run(tmp_path: Path):
-    a = train.run(make_config("trainer.epochs=2", "trainer.deterministic=true"), tmp_path / "a")
-    b = train.run(make_config("trainer.epochs=2", "trainer.deterministic=true"), tmp_path / "b")
-    c = train.run(make_config("trainer.epochs=2", "trainer.seed=1"), tmp_path / "c")
+    a = loop.run(make_config("trainer.epochs=2", "trainer.deterministic=true"), tmp_path / "a")
+    b = loop.run(make_config("trainer.epochs=2", "trainer.deterministic=true"), tmp_path / "b")
+    c = loop.run(make_config("trainer.epochs=2", "trainer.seed=1"), tmp_path / "c")
     assert a["final"]["val/loss"] == b["final"]["val/loss"]
     assert a["final"]["val/loss"] != c["final"]["val/loss"]
 
 
 def test_limit_batches_and_amp_on_cpu(run_dir: Path, caplog):
     with caplog.at_level(logging.WARNING, logger="dnnrun"):
-        summary = train.run(make_config("trainer.epochs=2", "trainer.limit_batches=5", "trainer.amp=true"), run_dir)
+        summary = loop.run(make_config("trainer.epochs=2", "trainer.limit_batches=5", "trainer.amp=true"), run_dir)
     assert summary["steps"] == 10
     assert "amp=true works on CUDA only" in caplog.text
 
@@ -238,7 +239,7 @@ def test_amp_and_channels_last_by_default_only_where_they_pay(caplog):
 def test_channels_last_trains_the_same_conv_net(tmp_path: Path):
     """NHWC changes how the convolutions lay out memory, not what they compute."""
     runs = [
-        train.run(
+        loop.run(
             make_config(
                 "model=cnn",
                 "model.channels=[4,8]",
@@ -260,7 +261,7 @@ def test_compile_trains_through_torch_compile_or_falls_back_with_a_warning(tmp_p
     calls = []
     eager_compile = functools.partial(torch.compile, backend="eager")  # traced by dynamo, no C++ compiler needed
     monkeypatch.setattr(torch, "compile", lambda module: calls.append(module) or eager_compile(module))
-    summary = train.run(
+    summary = loop.run(
         make_config("trainer.epochs=1", "trainer.limit_batches=3", "trainer.compile=true"), tmp_path / "compiled"
     )
     assert summary["status"] == "completed" and len(calls) == 1
@@ -273,7 +274,7 @@ def test_compile_trains_through_torch_compile_or_falls_back_with_a_warning(tmp_p
 
     monkeypatch.setattr(torch, "compile", broken)
     with caplog.at_level(logging.WARNING, logger="dnnrun"):
-        summary = train.run(
+        summary = loop.run(
             make_config("trainer.epochs=1", "trainer.limit_batches=3", "trainer.compile=true"), tmp_path / "fallback"
         )
     assert summary["status"] == "completed" and summary["steps"] == 3
@@ -284,7 +285,7 @@ def test_clipping_by_value_and_by_norm():
     def grad_after(clip_value, clip_norm):
         p = torch.nn.Parameter(torch.zeros(2))
         p.grad = torch.tensor([0.9, 100.0])
-        train.clip_gradients([p], clip_value, clip_norm)
+        clip_gradients([p], clip_value, clip_norm)
         return p.grad
 
     assert torch.allclose(grad_after(1.0, None), torch.tensor([0.9, 1.0]))
@@ -292,7 +293,7 @@ def test_clipping_by_value_and_by_norm():
 
 
 def test_training_with_clipping_runs(run_dir: Path):
-    summary = train.run(make_config("trainer.epochs=1", "trainer.clip_value=0.5", "trainer.clip_norm=1.0"), run_dir)
+    summary = loop.run(make_config("trainer.epochs=1", "trainer.clip_value=0.5", "trainer.clip_norm=1.0"), run_dir)
     assert summary["status"] == "completed"
 
 
@@ -318,7 +319,7 @@ def test_eval_train_measures_training_examples_as_validation_is_measured(tmp_pat
     from dnnrun.data.datasets import Split
     from dnnrun.training import metrics as metrics_mod
 
-    summary = train.run(
+    summary = loop.run(
         make_config("regularizer=[dropout]", "trainer.epochs=2", "trainer.eval_train_size=300", data="digits"),
         tmp_path / "dropout",
     )
@@ -338,9 +339,9 @@ def test_eval_train_measures_training_examples_as_validation_is_measured(tmp_pat
         model, Split(data.train.x[pick], data.train.y[pick]), 1024, contextlib.nullcontext
     )
     assert loss == pytest.approx(records[-1]["train_eval/loss"], rel=1e-5) and acc == records[-1]["train_eval/acc"]
-    plain = train.run(make_config("trainer.epochs=1", data="digits"), tmp_path / "plain")  # no dropout, no BN: off
+    plain = loop.run(make_config("trainer.epochs=1", data="digits"), tmp_path / "plain")  # no dropout, no BN: off
     assert "train_eval/loss" not in plain["final"]
-    forced = train.run(make_config("trainer.epochs=1", "trainer.eval_train=true", data="digits"), tmp_path / "on")
+    forced = loop.run(make_config("trainer.epochs=1", "trainer.eval_train=true", data="digits"), tmp_path / "on")
     assert "train_eval/loss" in forced["final"]
 
 

@@ -12,7 +12,7 @@ from conftest import make_config
 from dnnrun.data.datasets import load
 from dnnrun.errors import UserError
 from dnnrun.store.rundir import read_jsonl
-from dnnrun.training import loop as train, runtime, transfer
+from dnnrun.training import loop, runtime, transfer
 
 SOURCE = ("model.hidden=[32,16,8]", "norm=batchnorm", "trainer.epochs=2")
 
@@ -21,7 +21,7 @@ SOURCE = ("model.hidden=[32,16,8]", "norm=batchnorm", "trainer.epochs=2")
 def source(tmp_path_factory) -> Path:
     """A trained source run on the synthetic data (4 classes)."""
     run = tmp_path_factory.mktemp("source")
-    train.run(make_config(*SOURCE), run)
+    loop.run(make_config(*SOURCE), run)
     return run / "checkpoints" / "best.pt"
 
 
@@ -77,7 +77,7 @@ def test_frozen_layers_stay_bit_identical_then_train_with_a_scaled_rate_after_un
         "regularizer=[max_norm]",
     )
     run = tmp_path / "target"
-    summary = train.run(
+    summary = loop.run(
         make_config(*settings, "trainer.epochs=2", "trainer.restore_best=false", "trainer.diagnostics.every=10"), run
     )
     assert summary["transfer"]["reused_layers"] == [1, 2, 3]
@@ -99,7 +99,7 @@ def test_frozen_layers_stay_bit_identical_then_train_with_a_scaled_rate_after_un
     groups = after_frozen["optimizer"]["param_groups"]
     assert {g["lr"] for g in groups} == {0.01}
 
-    train.run(make_config(*settings, "trainer.epochs=4", "trainer.resume=auto"), run)  # epochs 3 and 4: unfrozen
+    loop.run(make_config(*settings, "trainer.epochs=4", "trainer.resume=auto"), run)  # epochs 3 and 4: unfrozen
     unfrozen = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert not torch.equal(unfrozen["model"]["hidden1.linear.weight"], src["hidden1.linear.weight"])
     assert not torch.equal(unfrozen["model"]["hidden1.norm.running_mean"], src["hidden1.norm.running_mean"])
@@ -113,9 +113,9 @@ def test_a_transferred_run_resumes_and_evaluates_without_its_source(source: Path
     copy = tmp_path / "source.pt"
     copy.write_bytes(source.read_bytes())
     settings = ("norm=batchnorm", f"transfer.source={copy}", "transfer.add=[12]")
-    train.run(make_config(*settings, "trainer.epochs=1"), tmp_path / "run")
+    loop.run(make_config(*settings, "trainer.epochs=1"), tmp_path / "run")
     copy.unlink()  # the source is gone; the run's own checkpoint holds everything
-    summary = train.run(make_config(*settings, "trainer.epochs=2", "trainer.resume=auto"), tmp_path / "run")
+    summary = loop.run(make_config(*settings, "trainer.epochs=2", "trainer.resume=auto"), tmp_path / "run")
     assert summary["epochs_run"] == 2 and summary["transfer"]["widths"] == [32, 16, 8, 12]
     report = evaluate.run(
         make_config("mode=evaluate", f"evaluate.checkpoint={tmp_path / 'run' / 'checkpoints' / 'best.pt'}"),
@@ -126,9 +126,9 @@ def test_a_transferred_run_resumes_and_evaluates_without_its_source(source: Path
 
 
 def test_unfreezing_works_without_batch_norm(tmp_path: Path):
-    train.run(make_config("model.hidden=[16,8]", "trainer.epochs=1"), tmp_path / "plain")
+    loop.run(make_config("model.hidden=[16,8]", "trainer.epochs=1"), tmp_path / "plain")
     src = tmp_path / "plain" / "checkpoints" / "last.pt"
-    summary = train.run(
+    summary = loop.run(
         make_config(
             f"transfer.source={src}",
             "transfer.freeze=true",
@@ -141,36 +141,36 @@ def test_unfreezing_works_without_batch_norm(tmp_path: Path):
     last = torch.load(tmp_path / "target" / "checkpoints" / "last.pt", weights_only=True)
     assert not torch.equal(last["model"]["hidden1.linear.weight"], _model(src)["hidden1.linear.weight"])
     assert {g["reused"]: g["lr"] for g in last["optimizer"]["param_groups"]} == {False: 0.01, True: 0.005}
-    assert last["trainer"]["unfrozen"] and summary["status"] == "completed"
+    assert last["callbacks"]["unfreezing"]["unfrozen"] and summary["status"] == "completed"
 
 
 def test_a_source_with_other_inputs_is_refused_with_what_differs(source: Path, tmp_path: Path):
     cfg = make_config("norm=batchnorm", f"transfer.source={source}", data="digits")
     with pytest.raises(UserError, match="trained on inputs of 32 features; this run's data has 64"):
-        train.run(cfg, tmp_path / "run")
+        loop.run(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()  # refused before the run wrote anything
 
 
 def test_a_source_with_another_norm_is_refused(source: Path, tmp_path: Path):
     with pytest.raises(UserError, match="use the same act and norm as the source") as info:
-        train.run(make_config(f"transfer.source={source}"), tmp_path / "run")
+        loop.run(make_config(f"transfer.source={source}"), tmp_path / "run")
     assert "hidden1.norm.weight is in the source but not in this model" in str(info.value)
     assert not (tmp_path / "run").exists()
 
 
 def test_a_source_trained_with_another_activation_is_warned_about(source: Path, tmp_path: Path):
-    train.run(make_config("norm=batchnorm", "act=elu", f"transfer.source={source}", "trainer.epochs=1"), tmp_path)
+    loop.run(make_config("norm=batchnorm", "act=elu", f"transfer.source={source}", "trainer.epochs=1"), tmp_path)
     assert "transfer.source was trained with act=relu; this run uses act=elu" in (tmp_path / "run.log").read_text()
 
 
 def test_settings_without_a_source_warn(tmp_path: Path):
-    summary = train.run(make_config("transfer.freeze=true", "trainer.epochs=1"), tmp_path)
+    summary = loop.run(make_config("transfer.freeze=true", "trainer.epochs=1"), tmp_path)
     assert any("no effect" in w for w in summary["warnings"])
 
 
 def test_a_missing_source_file_is_a_user_error(tmp_path: Path):
     with pytest.raises(UserError, match="transfer.source: no checkpoint file at /no/such.pt"):
-        train.run(make_config("transfer.source=/no/such.pt"), tmp_path)
+        loop.run(make_config("transfer.source=/no/such.pt"), tmp_path)
 
 
 @pytest.mark.parametrize("model", ["cnn", "resnet"])
@@ -179,10 +179,10 @@ def test_a_conv_nets_lower_blocks_are_reused_and_frozen_as_named_blocks(model: s
     digits 0..4, a target on 5..9 keeps its first two blocks, frozen, batch-norm statistics too."""
     shape = ["model.channels=[4,8]"] if model == "cnn" else ["model.depth=8", "model.width=4"]
     common = [f"model={model}", *shape, "norm=batchnorm", "trainer.epochs=1", "trainer.limit_batches=4"]
-    train.run(make_config(*common, "data.classes=[0,1,2,3,4]", data="digits"), tmp_path / "source")
+    loop.run(make_config(*common, "data.classes=[0,1,2,3,4]", data="digits"), tmp_path / "source")
     src = _model(tmp_path / "source" / "checkpoints" / "best.pt")
     source = tmp_path / "source" / "checkpoints" / "best.pt"
-    summary = train.run(
+    summary = loop.run(
         make_config(
             *common,
             "data.classes=[5,6,7,8,9]",
@@ -204,12 +204,12 @@ def test_a_conv_nets_lower_blocks_are_reused_and_frozen_as_named_blocks(model: s
 
 
 def test_a_conv_source_for_a_dense_model_is_refused_with_what_differs(tmp_path: Path):
-    train.run(
+    loop.run(
         make_config("model=cnn", "model.channels=[4]", "trainer.epochs=1", "trainer.limit_batches=2", data="digits"),
         tmp_path / "source",
     )
     with pytest.raises(UserError, match="transfer.source's hidden1 is a conv layer, this model's a dense one"):
-        train.run(
+        loop.run(
             make_config(f"transfer.source={tmp_path / 'source' / 'checkpoints' / 'best.pt'}", data="digits"),
             tmp_path / "target",
         )

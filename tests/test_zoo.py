@@ -16,7 +16,7 @@ from conftest import make_config, run_cli
 from dnnrun.errors import ConfigError, UserError
 from dnnrun.models import zoo
 from dnnrun.models.network import ZooInputs
-from dnnrun.training import loop as train
+from dnnrun.training import loop
 
 RESNET18_STAGES = ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4"]
 
@@ -62,7 +62,7 @@ def _zoo(weights: Path, *overrides: str):
 def test_frozen_reused_stages_keep_the_files_weights_and_statistics_while_the_new_head_learns(weights, tmp_path):
     from safetensors.torch import load_file
 
-    summary = train.run(_zoo(weights, "transfer.freeze=true", "trainer.epochs=1"), tmp_path)
+    summary = loop.run(_zoo(weights, "transfer.freeze=true", "trainer.epochs=1"), tmp_path)
     assert summary["status"] == "completed" and math.isfinite(summary["test"]["test/loss"])
     assert summary["transfer"]["reused_layers"] == [1, 2, 3, 4, 5, 6]
     assert summary["transfer"]["source"] == str(weights)
@@ -88,7 +88,7 @@ def test_frozen_reused_stages_keep_the_files_weights_and_statistics_while_the_ne
 def test_transfer_layers_counts_stages_and_the_rest_train_from_scratch(weights, tmp_path):
     from safetensors.torch import load_file
 
-    summary = train.run(_zoo(weights, "transfer.layers=2", "transfer.freeze=true", "trainer.epochs=1"), tmp_path)
+    summary = loop.run(_zoo(weights, "transfer.layers=2", "transfer.freeze=true", "trainer.epochs=1"), tmp_path)
     assert summary["transfer"]["reused_layers"] == [1, 2]
     given, trained = (
         load_file(str(weights)),
@@ -97,13 +97,13 @@ def test_transfer_layers_counts_stages_and_the_rest_train_from_scratch(weights, 
     assert torch.equal(trained["features.conv1.weight"], given["conv1.weight"])
     assert not torch.equal(trained["features.layer1.0.conv1.weight"], given["layer1.0.conv1.weight"])
     with pytest.raises(UserError, match=r"transfer.layers=7, but resnet18 has 6 stages \(conv1, bn1, layer1, "):
-        train.run(_zoo(weights, "transfer.layers=7"), tmp_path / "seven")
+        loop.run(_zoo(weights, "transfer.layers=7"), tmp_path / "seven")
 
 
 def test_unfreezing_trains_the_reused_stages_again(weights, tmp_path):
     from safetensors.torch import load_file
 
-    train.run(
+    loop.run(
         _zoo(weights, "transfer.freeze=true", "transfer.unfreeze_after=1", "transfer.unfreeze_lr_factor=0.1"), tmp_path
     )
     trained = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["model"]
@@ -142,15 +142,15 @@ def test_weights_that_do_not_fit_and_names_that_are_not_weights_are_refused_befo
         match="model.weights=ResNet18_Weights.IMAGENET9K: neither a file nor weights of "
         "resnet18; valid names: ResNet18_Weights.IMAGENET1K_V1",
     ):
-        train.run(_zoo("ResNet18_Weights.IMAGENET9K"), tmp_path / "name")
+        loop.run(_zoo("ResNet18_Weights.IMAGENET9K"), tmp_path / "name")
     with pytest.raises(UserError, match="model.weights: no file at .*missing.safetensors"):
-        train.run(_zoo(tmp_path / "missing.safetensors"), tmp_path / "missing")
+        loop.run(_zoo(tmp_path / "missing.safetensors"), tmp_path / "missing")
     with pytest.raises(ConfigError, match="transfer.freeze: keeps reused weights fixed, but model.weights is null"):
         make_config("model=zoo", "transfer.freeze=true", data="digits")
 
 
 def test_data_resize_puts_a_resize_layer_in_front_of_any_image_model(tmp_path):
-    summary = train.run(
+    summary = loop.run(
         make_config(
             "model=cnn",
             "model.channels=[4]",

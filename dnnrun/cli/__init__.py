@@ -74,6 +74,9 @@ def main() -> None:
 
 def console() -> None:
     """The `dnnrun` command (and `python -m dnnrun`): main(), in a process that ends with it."""
+    from dnnrun.cli.process import keep_freed_memory
+
+    keep_freed_memory()
     try:
         main()
     finally:

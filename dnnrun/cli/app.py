@@ -142,7 +142,7 @@ def _run(cfg: DictConfig, run: RunDir, hc: DictConfig, sweeping: bool, rank: int
     is written into it."""
     from dnnrun.config.run_config import parse_run_config
     from dnnrun.inference import evaluate, predict
-    from dnnrun.training import faults, loop as train, lr_find, members
+    from dnnrun.training import faults, loop, lr_find
 
     started = []
 
@@ -164,9 +164,7 @@ def _run(cfg: DictConfig, run: RunDir, hc: DictConfig, sweeping: bool, rank: int
             return EXIT_OK, evaluate.run(run_cfg, run.path, on_start=start)["deterministic"]["accuracy"], None, True
         if run_cfg.mode == "predict":
             return EXIT_OK, predict.run(run_cfg, run.path, on_start=start)["examples"], None, True
-        if run_cfg.trainer.seeds is not None:
-            return EXIT_OK, members.run(run_cfg, run.path, on_start=start)["best"]["value"], None, True
-        summary = train.run(
+        summary = loop.run(
             run_cfg, run.path if rank == 0 else Path(hc.runtime.output_dir), on_start=start, hook=faults.from_env()
         )
         return EXIT_OK, summary["best"]["value"], None, True
@@ -213,8 +211,9 @@ def _for_this_process(run_cfg, hc: DictConfig, run: RunDir, sweeping: bool, rank
             trainer = dataclasses.replace(trainer, threads=max(1, cores // jobs))
         if trainer.device == "auto" and torch.cuda.device_count() > 1:
             trainer = dataclasses.replace(trainer, device=f"cuda:{hc.job.num % torch.cuda.device_count()}")
-    if trainer.diagnostics.plots == "auto":  # plots for a run, not for each job of a sweep
-        trainer = dataclasses.replace(trainer, diagnostics=dataclasses.replace(trainer.diagnostics, plots=not sweeping))
+    if trainer.diagnostics.plots == "auto":  # plots for a run, not for each job of a sweep nor each member
+        plots = not sweeping and trainer.seeds is None
+        trainer = dataclasses.replace(trainer, diagnostics=dataclasses.replace(trainer.diagnostics, plots=plots))
     if sweeping and trainer.resume is None and run.last.exists():
         trainer = dataclasses.replace(trainer, resume="auto")  # a requeued or re-run job continues
     if rank > 0 and trainer.resume == "auto":  # this rank's own directory is a scratch one

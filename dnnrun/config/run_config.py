@@ -14,8 +14,8 @@ from typing import Any, Literal
 from dnnrun.config.schema import Choice, Problems, check_value, did_you_mean, parse
 from dnnrun.data.datasets import NOT_IMAGES, DataConfig, parse_data
 from dnnrun.insight import loggers
-from dnnrun.models import registry as model
-from dnnrun.optim import optimizers as optim, schedules
+from dnnrun.models import registry
+from dnnrun.optim import optimizers, schedules
 from dnnrun.techniques import activations, init, regularizers
 from dnnrun.techniques.norms import NormConfig, parse_norm
 from dnnrun.training import pretrain
@@ -26,13 +26,15 @@ Mode = Literal["train", "lr_find", "evaluate", "predict"]
 
 @dataclasses.dataclass(frozen=True)
 class DiagnosticsConfig:
-    every: int = 100  # optimizer steps between per-layer statistics; 0: off
+    # optimizer steps between per-layer statistics; 0: off; auto: 100 where the engine supports them
+    # (a single run), off where it does not (trainer.seeds' members: training/engine.py)
+    every: int | Literal["auto"] = "auto"
     # write plots/ at the end of the run; auto: for a single run, not for each job of a sweep (drawing
     # takes longer than a short job; the sweep's report compares the jobs, `dnnrun-plot RUN_DIR` draws one)
     plots: bool | Literal["auto"] = "auto"
 
     def check(self, problems, key: str) -> None:
-        if self.every < 0:
+        if self.every != "auto" and self.every < 0:
             problems.add(f"{key}.every", f"must be >= 0 (0: off), got {self.every}")
 
 
@@ -167,7 +169,7 @@ class PredictConfig:
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     data: DataConfig
-    model: Any  # the chosen architecture's config (model.MODELS)
+    model: Any  # the chosen architecture's config (models/registry.py: MODELS)
     init: Choice
     act: Choice
     norm: NormConfig
@@ -214,11 +216,11 @@ class RunConfig:
 # Each group's checker: (plain data, key, problems) -> the typed config, or None after a problem.
 GROUPS = {
     "data": parse_data,
-    "model": model.parse,
+    "model": registry.parse,
     "init": init.parse,
     "act": activations.parse,
     "norm": parse_norm,
-    "optimizer": optim.parse,
+    "optimizer": optimizers.parse,
     "schedule": schedules.parse,
     "regularizer": regularizers.parse,
     "trainer": lambda raw, key, problems: parse(TrainerConfig, raw, key, problems),
@@ -264,7 +266,7 @@ def _check_across_groups(cfg: dict[str, Any], problems: Problems) -> None:
             f"got act={cfg['act'].name} norm={cfg['norm'].name}",
         )
     name = cfg["model"].name
-    if model.MODELS[name].images and cfg["data"].name in NOT_IMAGES:
+    if registry.MODELS[name].images and cfg["data"].name in NOT_IMAGES:
         problems.add(
             "model",
             f"model={name} needs images; data={cfg['data'].name}'s examples are vectors "
@@ -303,20 +305,36 @@ def _check_across_groups(cfg: dict[str, Any], problems: Problems) -> None:
 
 
 def _check_members(cfg: dict[str, Any], problems: Problems) -> None:
-    """What trainer.seeds (members.py) does not support yet, each with its reason."""
+    """What the members of trainer.seeds cannot do, each refused with its reason: what their engine
+    does not declare (training/engine.py's STACKED), an optimizer whose update is not elementwise,
+    a model that cannot be stacked (their registries' declarations), a mode other than train."""
+    from dnnrun.training.engine import STACKED
+
     tc = cfg["trainer"]
-    unsupported = {
-        "pretrain": (cfg["pretrain"].name != "none", "pretraining yet"),
-        "transfer.source": (cfg["transfer"].source is not None, "transfer yet"),
-        "model": (cfg["model"].name == "zoo", "model=zoo yet"),
-        "trainer.amp": (tc.amp is True, "mixed precision yet"),
-        "trainer.compile": (tc.compile, "torch.compile yet"),
-        "mode": (cfg["mode"] != "train", f"mode={cfg['mode']}"),
+    requested = {
+        "pretrain": ("pretrain", "pretraining", cfg["pretrain"].name != "none"),
+        "transfer.source": ("transfer", "transfer", cfg["transfer"].source is not None),
+        "trainer.amp": ("amp", "mixed precision", tc.amp is True),
+        "trainer.channels_last": ("channels_last", "channels-last", tc.channels_last is True),
+        "trainer.compile": ("compile", "torch.compile", tc.compile),
+        "trainer.diagnostics.every": ("diagnostics", "per-layer statistics", tc.diagnostics.every not in ("auto", 0)),
     }
-    for key, (refused, what) in unsupported.items():
-        if refused:
-            problems.add(
-                key,
-                f"trainer.seeds (members trained together) does not support {what}; or train the "
-                f"seeds as separate runs: -m trainer.seed={','.join(map(str, tc.seeds))}",
-            )
+    refusals = {key: f"{what}: {getattr(STACKED, feature)}" for key, (feature, what, on) in requested.items()
+                if on and getattr(STACKED, feature) is not None}  # fmt: skip
+    optimizer, architecture = optimizers.OPTIMIZERS[cfg["optimizer"].name], registry.MODELS[cfg["model"].name]
+    if not optimizer.elementwise:
+        refusals["optimizer"] = (
+            f"optimizer={cfg['optimizer'].name}: its update is not elementwise and proportional to its rate, "
+            "so one optimizer over the stacked members would not update each as its own would"
+        )
+    if architecture.members is not None:
+        refusals["model"] = f"model={cfg['model'].name}: {architecture.members}"
+    if (unit := activations.ACTIVATIONS[cfg["act"].name]).members is not None:
+        refusals["act"] = f"act={cfg['act'].name}: {unit.members}"
+    if cfg["mode"] != "train":
+        refusals["mode"] = f"mode={cfg['mode']}: members are trained together, and the other modes use one model"
+    for key, why in refusals.items():
+        problems.add(
+            key, f"trainer.seeds (members trained together) does not support {why}; or train the seeds as "
+            f"separate runs: -m trainer.seed={','.join(map(str, tc.seeds))}"
+        )  # fmt: skip

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.columns import Columns
 from rich.console import Console
@@ -11,8 +12,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 from rich.text import Text
 
+from dnnrun.training.callbacks import Callback
+
 if TYPE_CHECKING:
-    from dnnrun.training.state import EpochProgress
+    from dnnrun.training.loop import Loop
 
 console = Console()
 if not console.is_terminal:
@@ -21,7 +24,17 @@ if not console.is_terminal:
 REFRESH_S = 0.1  # seconds between redraws of the progress bar
 
 
-class EpochBar:
+@dataclasses.dataclass
+class Running:
+    """An epoch so far, as the bar shows it: steps taken, training examples seen, their summed loss
+    (the members': their mean)."""
+
+    batches: int = 0
+    seen: int = 0
+    loss_sum: float = 0.0
+
+
+class EpochBar(Callback):
     """The live display of a run on a terminal: one bar, reset at each epoch's start, with the
     epoch's steps, its mean training loss so far, samples/s and the time left for the epoch and for
     the run. Each finished epoch is left behind only as its log line; the bar goes when the run
@@ -45,6 +58,7 @@ class EpochBar:
         self.task = None
         self.epoch_s: list[float] = []  # how long each whole epoch run in this process took (validation included)
         self.started = None  # perf_counter() at the current epoch's start
+        self.last = 0.0  # perf_counter() at the last redraw
         self.whole = False  # whether the current epoch started at its first step (not a resumed one)
 
     def __enter__(self) -> None:
@@ -53,7 +67,24 @@ class EpochBar:
     def __exit__(self, *exc) -> None:
         self.progress.stop()
 
-    def start_epoch(self, epoch: int, steps: int, progress: EpochProgress) -> None:
+    # As the loop's callback
+    def train_start(self, loop: Loop) -> None:
+        self.__enter__()
+
+    def epoch_start(self, loop: Loop, epoch: int) -> None:
+        self.start_epoch(epoch, loop.steps_per_epoch, loop.tally.running())
+
+    def step_end(self, loop: Loop, step: int, epoch: int) -> None:
+        if self.shown and time.perf_counter() - self.last >= REFRESH_S:  # reading the figures may wait for a GPU
+            self._draw(loop.tally.running(), time.perf_counter())
+
+    def epoch_end(self, loop: Loop, epoch: int, records: dict[int, dict[str, Any]]) -> None:
+        self.end_epoch(loop.tally.running())
+
+    def train_end(self, loop: Loop) -> None:
+        self.__exit__()
+
+    def start_epoch(self, epoch: int, steps: int, progress: Running) -> None:
         """An epoch of `steps` steps, `progress.batches` of them done before (a resumed epoch)."""
         now = time.perf_counter()
         if self.started is not None and self.whole:
@@ -73,21 +104,21 @@ class EpochBar:
                 self.task, description=f"epoch {epoch}/{self.epochs}", total=steps, completed=progress.batches, **fields
             )
 
-    def step(self, progress: EpochProgress) -> None:
+    def step(self, progress: Running) -> None:
         now = time.perf_counter()
         if now - self.last >= REFRESH_S and self.shown:
             self._draw(progress, now)
 
-    def end_epoch(self, progress: EpochProgress) -> None:
+    def end_epoch(self, progress: Running) -> None:
         if self.shown:
             self._draw(progress, time.perf_counter())
 
-    def _draw(self, progress: EpochProgress, now: float) -> None:
+    def _draw(self, progress: Running, now: float) -> None:
         self.last = now
         self.progress.update(self.task, completed=progress.batches, **self._fields(progress, now))
         self.progress.refresh()
 
-    def _fields(self, progress: EpochProgress, now: float) -> dict[str, str]:
+    def _fields(self, progress: Running, now: float) -> dict[str, str]:
         elapsed = now - self.started
         done = progress.batches - self.batches_before  # steps taken in this process
         epoch_left, run_left = time_left(

@@ -7,6 +7,7 @@ of the update relative to the weights, the mean and std of its activations on th
 fraction of dead units (ReLU: zero for every example of the batch), the saturated fraction of its
 outputs (sigmoid/tanh: units x examples within SATURATION of an asymptote, where the derivative is
 near zero) and its batch norm's running statistics. Between those steps it costs one modulo per step.
+It is a callback of the loop (training/callbacks.py) that a module's engine supports (engine.py).
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from dnnrun.models.network import Network, weight_of
 from dnnrun.store.rundir import RunDir
 from dnnrun.techniques.activations import Activation
 from dnnrun.techniques.norms import is_batch_norm
+from dnnrun.training.callbacks import Callback
 
 SATURATION = 0.02  # distance to an asymptote under which a sigmoid/tanh output counts as saturated
 HISTOGRAM_BINS = 60
 
 
-class LayerStats:
+class LayerStats(Callback):
     """Per-layer statistics on every `every`-th step and on each epoch's first and last step (so
     that a run shorter than `every` steps still has some to diagnose), appended to
     diagnostics.jsonl. The loop calls it three times a step: before the forward pass, between
@@ -40,19 +42,25 @@ class LayerStats:
         self._before: dict[str, torch.Tensor] = {}
         self._grad_norms: dict[str, torch.Tensor] = {}
 
+    def step_start(self, loop, step: int, edge: bool) -> None:
+        self.before_step(step, edge)
+
+    def after_backward(self, loop, step: int) -> None:
+        if self.due:
+            self._before_update()
+
+    def step_end(self, loop, step: int, epoch: int) -> None:
+        if self.due:
+            self._record(step, epoch)
+
+    def train_end(self, loop) -> None:
+        self.detach()  # a monitored step that raised leaves its hooks attached
+
     def before_step(self, step: int, edge: bool = False) -> None:
         """`edge`: the step is an epoch's first or last."""
         self.due = self.every > 0 and (edge or step % self.every == 0)
         if self.due:
             self._watch_activations()
-
-    def after_backward(self) -> None:
-        if self.due:
-            self._before_update()
-
-    def after_step(self, step: int, epoch: int) -> None:
-        if self.due:
-            self._record(step, epoch)
 
     def detach(self) -> None:
         """Remove the activation hooks (a monitored step that raised leaves them attached)."""

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from dnnrun.config.schema import Choice, Problems, flatten, parse_choice
 from dnnrun.errors import UserError
+from dnnrun.training.callbacks import Callback
 
 if TYPE_CHECKING:
     from torch import nn
@@ -124,3 +125,22 @@ def parse(raw, key: str, problems: Problems) -> Choice | None:
 
 def build(choice: Choice, run_dir: RunDir) -> NoLogger:
     return LOGGERS[choice.name](run_dir, **choice.params)
+
+
+class Loggers(Callback):
+    """The loop's loggers: one per member, in the member's run directory (a single run's own)."""
+
+    def __init__(self, choice: Choice, dirs: list[RunDir]):
+        self.each = [build(choice, d) for d in dirs]
+
+    def epoch_end(self, loop, epoch: int, records: dict[int, dict[str, Any]]) -> None:
+        for k, record in records.items():
+            self.each[k].epoch(record)
+
+    def finish(self, k: int, cfg: RunConfig, summary: dict[str, Any]) -> None:
+        """Member k's end: its test metrics (when it was tested) and the summary's hparams."""
+        test = summary.get("test")
+        if test:
+            self.each[k].epoch({"step": summary["steps"], "test/loss": test["test/loss"], "test/acc": test["test/acc"]})
+        self.each[k].summary(cfg, summary)  # TensorBoard's hparams: the options with the final, best, test metrics
+        self.each[k].close()

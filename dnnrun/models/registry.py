@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from dnnrun.config.schema import Choice, Problems, parse as parse_schema
 from dnnrun.errors import UserError
+from dnnrun.models import zoo
 from dnnrun.models.zoo import ZooConfig
 from dnnrun.techniques import activations
 from dnnrun.techniques.init import initialize
@@ -347,10 +348,22 @@ def resnet(cfg: ResNetConfig, inputs: Inputs, layers: Layers) -> Network:
 # The registry
 
 
-def zoo(cfg: ZooConfig, inputs: Inputs, layers: Layers) -> Network:
-    from dnnrun.models import zoo as zoo_mod
+@dataclasses.dataclass(frozen=True)
+class OwnWeights:
+    """Weights that an architecture's config names to start from (model=zoo: model.weights),
+    reused as transfer.source's are, before the run writes anything:
 
-    return zoo_mod.build(cfg, inputs, layers)
+    named(cfg)                     the file or name; None: random weights
+    load(cfg)                      its state dict
+    check(state, model, cfg, k)    refuse weights that do not fit the model (built on the meta device)
+    reuse(model, state, cfg, k)    copy them: (the parameter names copied, the stages' 1-based indices)
+
+    k: transfer.layers, the stages to reuse (None: all)."""
+
+    named: Callable[[Any], str | None]
+    load: Callable[[Any], dict[str, torch.Tensor]]
+    check: Callable[[dict[str, torch.Tensor], Network, Any, int | None], Any]
+    reuse: Callable[[Network, dict[str, torch.Tensor], Any, int | None], tuple[list[str], list[int]]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -361,13 +374,31 @@ class Architecture:
     images: bool = False  # needs images (N, C, H, W): refused for data whose examples are vectors
     # takes pixels in [0, 1] and resizes and normalizes them itself (data.scaling does not apply)
     own_inputs: bool = False
+    weights: OwnWeights | None = None  # the weights its config names to start from
+    # None: the members of trainer.seeds can be stacked (torch.func.stack_module_state); else why not
+    members: str | None = None
 
+
+ZOO_WEIGHTS = OwnWeights(
+    named=lambda cfg: cfg.weights,
+    load=zoo.load_weights,
+    check=lambda state, model, cfg, k: zoo.fitting(state, model, k, cfg.arch),
+    reuse=lambda model, state, cfg, k: zoo.reuse(model, state, k, cfg.arch, cfg.weights),
+)
 
 MODELS = {
     "mlp": Architecture(MLPConfig, mlp, mlp_fitting),
     "cnn": Architecture(CNNConfig, cnn, from_config, images=True),
     "resnet": Architecture(ResNetConfig, resnet, from_config, images=True),
-    "zoo": Architecture(ZooConfig, zoo, from_config, images=True, own_inputs=True),
+    "zoo": Architecture(
+        ZooConfig,
+        zoo.build,
+        from_config,
+        images=True,
+        own_inputs=True,
+        weights=ZOO_WEIGHTS,
+        members="a zoo network starts from model.weights, and members start from their seeds' initializations",
+    ),
 }
 
 

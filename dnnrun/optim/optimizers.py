@@ -24,6 +24,10 @@ class Optimizer:
     cls: str
     params: dict[str, Any]
     state: int  # tensors of the parameters' size it keeps per parameter, at most (the memory estimate)
+    # Each weight's update depends on its own gradient and state only, and is proportional to the
+    # rate: one optimizer over stacked members updates each as its own would (trainer.seeds), and a
+    # member's rate can scale its update (schedule=performance). Members refuse one that is not.
+    elementwise: bool = True
 
 
 _ADAM = {"lr": float, "betas": tuple, "eps": float, "weight_decay": float}

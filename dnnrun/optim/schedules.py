@@ -137,6 +137,8 @@ class Performance:
 class ScheduleKind:
     build: Callable[..., Rate]  # (lr0, total, **params) -> rate of t; total counts steps or epochs
     per: Literal["step", "epoch"]
+    # the rate follows a run's metrics (its `observe`): members of trainer.seeds each get their own
+    reacts: bool = False
 
 
 SCHEDULES = {
@@ -144,7 +146,7 @@ SCHEDULES = {
     "power": ScheduleKind(power, per="step"),
     "exponential": ScheduleKind(exponential, per="step"),
     "piecewise_constant": ScheduleKind(piecewise_constant, per="epoch"),
-    "performance": ScheduleKind(Performance, per="epoch"),
+    "performance": ScheduleKind(Performance, per="epoch", reacts=True),
     "onecycle": ScheduleKind(OneCycle, per="step"),
     "cosine": ScheduleKind(cosine, per="step"),
 }

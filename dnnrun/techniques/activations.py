@@ -69,6 +69,8 @@ class Activation:
     asymptotes: tuple[float, float] | None = None
     # Units that output exactly 0 over a whole half-line can die: zero output (and gradient) for every input.
     can_die: bool = False
+    # None: the members of trainer.seeds can run it under torch.func.vmap; else why not
+    members: str | None = None
 
 
 ACTIVATIONS = {
@@ -76,7 +78,7 @@ ACTIVATIONS = {
     "tanh": Activation(_unit("Tanh"), asymptotes=(-1.0, 1.0)),
     "relu": Activation(_unit("ReLU"), can_die=True),
     "leaky_relu": Activation(leaky_relu),
-    "rrelu": Activation(rrelu),
+    "rrelu": Activation(rrelu, members="torch.func.vmap does not batch its random slopes (aten::rrelu)"),
     "prelu": Activation(prelu),
     "elu": Activation(elu),
     # fixed lambda and alpha: self-normalizing with LeCun init and standardized inputs

@@ -1,8 +1,10 @@
 """Checkpointing and resume.
 
 After every epoch checkpoints/last.pt holds everything a run needs to go on exactly where it was
-(weights, optimizer, schedule, gradient scaler, `TrainState`, every RNG state, the config), and
-best.pt the same for the best epoch so far. A signal in the middle of an epoch saves last.pt
+(the engine's weights, optimizer, schedule and gradient scaler, the loop's `TrainState`, the
+callbacks' states, every RNG state, the config: store/checkpoint.py), and a single run's best.pt
+the same for its best epoch so far (members keep their best weights in last.pt and write their
+own best.pt and last.pt when the run ends). A signal in the middle of an epoch saves last.pt
 there. `trainer.resume=auto` (or a path) continues from one, once its config is known to compute
 the same thing as this run's.
 """
@@ -20,11 +22,13 @@ from dnnrun.config.schema import flatten
 from dnnrun.errors import UserError
 from dnnrun.store import checkpoint
 from dnnrun.store.rundir import RESULT_NEUTRAL, RunDir, atomic_write
+from dnnrun.training.callbacks import Callback
 from dnnrun.training.state import TrainState
 
 if TYPE_CHECKING:
     from dnnrun.config.run_config import RunConfig
-    from dnnrun.optim.schedules import Schedule
+    from dnnrun.training.early_stopping import EarlyStopping
+    from dnnrun.training.loop import Loop
 
 log = logging.getLogger("dnnrun")
 
@@ -75,6 +79,11 @@ def load_resumable(path: Path, cfg: RunConfig, device: torch.device) -> dict[str
         )
     for change in changes:
         log.warning("resuming despite a changed setting (trainer.force_resume): %s", change)
+    saved, seeds = [m["seed"] for m in ckpt["trainer"]["members"]], list(cfg.trainer.seeds or [cfg.trainer.seed])
+    if len(saved) != len(seeds) or (len(seeds) > 1 and saved != seeds):
+        what = f"the members of trainer.seeds={saved}" if len(saved) > 1 else "a single run"
+        now = f"trainer.seeds={seeds}" if len(seeds) > 1 else "a single run"
+        raise UserError(f"trainer.resume: {path} holds {what}; this is {now}")
     return ckpt
 
 
@@ -90,74 +99,106 @@ def config_changes(saved: dict[str, Any], now: dict[str, Any], where: str = "the
     return changes
 
 
-class Checkpoints:
-    """Writes and reads a run's training checkpoints; everything it saves is listed in `_contents`."""
+class Checkpoints(Callback):
+    """Writes and reads a run's training checkpoints (`contents` lists what they hold): after every
+    epoch, where a signal stopped the run, and, for members, their own files at the end. Its own
+    state: the members' best weights (a single run keeps them in best.pt)."""
+
+    name = "checkpoints"
 
     def __init__(
         self,
         run_dir: RunDir,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        schedule: Schedule,
-        scaler: torch.amp.GradScaler | None,
-        shuffle: torch.Generator,
+        members: list[RunDir],
         config: dict[str, Any],
+        inputs: dict[str, Any] | None,
+        early_stopping: EarlyStopping,
         before_rename=None,
-        inputs: dict[str, Any] | None = None,
     ):
-        self.run_dir, self.model, self.optimizer, self.schedule = run_dir, model, optimizer, schedule
-        self.scaler, self.shuffle, self.config, self.before_rename = scaler, shuffle, config, before_rename
-        self.inputs = inputs  # data.Preprocess.to_dict(): what applying the model to new inputs needs
+        self.run_dir, self.members, self.config, self.inputs = run_dir, members, config, inputs
+        self.early_stopping, self.before_rename = early_stopping, before_rename
+        self.best: list[dict[str, torch.Tensor] | None] = [None] * len(members)  # members' (K > 1)
 
-    def _contents(self, state: TrainState) -> dict[str, Any]:
+    def epoch_end(self, loop: Loop, epoch: int, records: dict[int, dict[str, Any]]) -> None:
+        improved = [k for k in records if self.early_stopping.improved[k]]
+        if len(self.members) > 1:
+            for k in improved:
+                self.best[k] = loop.engine.weights(k)
+        self.save(loop, best=len(self.members) == 1 and bool(improved))
+
+    def contents(self, loop: Loop) -> dict[str, Any]:
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "schedule": self.schedule.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "trainer": state.to_dict(),
-            "rng": checkpoint.rng_state(self.shuffle),
+            **loop.engine.state_dict(),  # model, optimizer, schedule, scaler
+            "trainer": loop.state.to_dict(),
+            "callbacks": loop.callbacks.state_dict(),
+            "rng": checkpoint.rng_state(loop.shuffles),
             "config": self.config,
             "inputs": self.inputs,
         }
 
-    def save(self, state: TrainState, improved: bool) -> None:
-        """best.pt when the monitored metric improved, then last.pt: one serialization, two atomic
-        writes. A crash between the two leaves last.pt an epoch behind best.pt; resuming redoes that
-        epoch exactly, so the two agree again."""
-        blob = checkpoint.serialize(self._contents(state))
-        for path in (self.run_dir.best, self.run_dir.last) if improved else (self.run_dir.last,):
+    def save(self, loop: Loop, best: bool = False) -> None:
+        """last.pt, and best.pt first when a single run's monitored metric improved: one
+        serialization, two atomic writes. A crash between the two leaves last.pt an epoch behind
+        best.pt; resuming redoes that epoch exactly, so the two agree again."""
+        blob = checkpoint.serialize(self.contents(loop))
+        for path in (self.run_dir.best, self.run_dir.last) if best else (self.run_dir.last,):
             atomic_write(path, lambda f: f.write(blob), self.before_rename)
 
-    def save_weights(self, path: Path) -> None:
-        """The model and the config alone (what evaluate and transfer read), e.g. pretrained.pt."""
-        checkpoint.save(path, {"model": self.model.state_dict(), "config": self.config, "inputs": self.inputs})
+    def last_saved(self, device: torch.device) -> dict[str, Any] | None:
+        """The run's last checkpoint, where a diverged member's weights go back to (None before one)."""
+        return checkpoint.load(self.run_dir.last, map_location=device) if self.run_dir.last.exists() else None
 
-    def restore(self, ckpt: dict[str, Any], path: Path) -> TrainState:
-        """Load a checkpoint into the model, optimizer, schedule, scaler and RNGs; its TrainState.
-        A checkpoint from another directory brings its best.pt along."""
-        checkpoint.load_into(self.model, ckpt["model"], path)
-        checkpoint.load_into(self.optimizer, ckpt["optimizer"], path, "optimizer")
-        checkpoint.load_into(self.schedule, ckpt["schedule"], path, "schedule")
-        if self.scaler is not None and ckpt.get("scaler"):
-            checkpoint.load_into(self.scaler, ckpt["scaler"], path, "gradient scaler")
-        checkpoint.restore_rng(ckpt["rng"], self.shuffle)
+    def state_dict(self) -> dict[str, Any] | None:
+        return {"best": self.best} if len(self.members) > 1 else None
+
+    def load_state_dict(self, state: dict[str, Any], path: Path) -> None:
+        checkpoint.check_entry(path, f"callbacks.{self.name}", state, {"best": list})
+        if len(state["best"]) != len(self.members):
+            raise UserError(
+                f"{path} holds the best weights of {len(state['best'])} members, this run has {len(self.members)}"
+            )
+        self.best = state["best"]
+
+    def restore(self, loop: Loop, ckpt: dict[str, Any], path: Path) -> TrainState:
+        """Load a checkpoint into the engine, the callbacks and the RNGs; its TrainState. A
+        checkpoint from another directory brings its best.pt along."""
+        loop.engine.load_state_dict(ckpt, path)
+        loop.callbacks.load_state_dict(ckpt["callbacks"], path)
+        checkpoint.restore_rng(ckpt["rng"], loop.shuffles)
         best = path.with_name(self.run_dir.best.name)  # the best epoch's checkpoint beside it
         if path.resolve() != self.run_dir.last.resolve() and best.exists():
             self.run_dir.checkpoints.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(best, self.run_dir.best)
         state = TrainState.from_dict(ckpt["trainer"])
-        log.info("resumed from %s after epoch %d (step %d)", path, state.epoch, state.step)
+        log.info("resumed from %s %s", path, state.position())
         return state
 
-    def restore_best(self, state: TrainState, device: torch.device, monitor: str) -> str:
-        """At the end of a run: the best epoch's weights into the model, if another epoch was last;
-        which weights the model then holds ("best" or "last")."""
-        if state.best_epoch in (None, state.epoch):
+    def restore_best(self, loop: Loop, k: int) -> str:
+        """At the end of a run: member k's best epoch's weights into the engine, if another epoch
+        was its last; which weights it then holds ("best" or "last")."""
+        member, best_epoch = loop.state.members[k], self.early_stopping.members[k].best_epoch
+        if best_epoch in (None, member.epoch):
             return "last"
-        if not self.run_dir.best.exists():
+        if len(self.members) > 1:
+            weights = self.best[k]
+        elif self.run_dir.best.exists():
+            weights = checkpoint.load(self.run_dir.best, map_location=loop.device)["model"]
+        else:
             log.warning("no %s to restore the best epoch from; testing the last weights", self.run_dir.best)
             return "last"
-        self.model.load_state_dict(checkpoint.load(self.run_dir.best, map_location=device)["model"])
-        log.info("restored the weights of epoch %d (best %s)", state.best_epoch, monitor)
+        loop.engine.load_weights(k, weights)
+        log.info("restored the weights of epoch %d (best %s)%s", best_epoch, self.early_stopping.monitor,
+                 f" of member seed={member.seed}" if len(self.members) > 1 else "")  # fmt: skip
         return "best"
+
+    def write_members(self, loop: Loop, last: list[dict[str, torch.Tensor] | None]) -> None:
+        """Each member's own checkpoints (weights only, as a single run's hold its weights: what
+        evaluate, predict, transfer and export read): last.pt, the weights of its last trained
+        epoch (`last[k]`, None for a member that never finished one), and best.pt."""
+        from dnnrun.training.members import member_config
+
+        for k, (run, member) in enumerate(zip(self.members, loop.state.members)):
+            config = member_config(self.config, member.seed)
+            for path, weights in ((run.last, last[k]), (run.best, self.best[k])):
+                if weights is not None:
+                    checkpoint.save(path, {"model": weights, "config": config, "inputs": self.inputs})

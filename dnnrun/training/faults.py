@@ -1,8 +1,8 @@
 """Points where a test may act on a run, and fault injection through them.
 
-The training loop calls a `Hook` at a few fixed points; the default one does nothing. Tests pass
-their own to `train.run(..., hook=...)`, or a `Faults` made from DNNRUN_FAULT, which the CLI reads
-so that tests can break a real process:
+The training loop calls a `Hook` at a few fixed points (a callback, callbacks.py); the default one
+does nothing. Tests pass their own to `loop.run(..., hook=...)`, or a `Faults` made from
+DNNRUN_FAULT, which the CLI reads so that tests can break a real process:
 
 DNNRUN_FAULT=KIND@POINT=N[,KIND@POINT=N...]
 KIND   nan    the training loss becomes NaN (POINT must be step)
@@ -34,16 +34,20 @@ import os
 import re
 import signal
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dnnrun.errors import UserError
+from dnnrun.training.callbacks import Callback
 
 if TYPE_CHECKING:
     from torch import nn
 
+    from dnnrun.training.loop import Loop
 
-class Hook:
-    """What the loop calls; each method does nothing here."""
+
+class Hook(Callback):
+    """What tests act through, called by the loop as a callback at the points below; each of
+    them does nothing here."""
 
     def start(self, model: nn.Module, step: int) -> None:
         """Training begins (after any pretraining and resume) with `step` optimizer steps behind it."""
@@ -56,6 +60,16 @@ class Hook:
 
     def before_rename(self) -> None:
         """A checkpoint file is written and fsynced, not yet renamed into place."""
+
+    def train_start(self, loop: Loop) -> None:
+        progress = loop.state.progress
+        self.start(loop.engine.module, loop.state.step + (progress.batches if progress else 0))
+
+    def step_end(self, loop: Loop, step: int, epoch: int) -> None:
+        self.after_step(step)
+
+    def epoch_end(self, loop: Loop, epoch: int, records: dict[int, dict[str, Any]]) -> None:
+        self.end_epoch(epoch)
 
 
 KINDS = ("nan", "arrive", "hold", "wait", "raise", "enospc", "kill", "term", "int", "usr2")

@@ -1,14 +1,15 @@
-"""Training: `run(cfg, run_dir)` trains one model and leaves a complete run directory.
+"""The training loop: `run(cfg, run_dir)` trains one model, or K members together
+(trainer.seeds), and leaves a complete run directory.
 
-    run            checks what the run starts from (`prepare`), takes the directory, records how it ended
-    Trainer()      setup: seeds, model, optimizer, schedule, and the features the loop calls
-    Trainer.fit    the loop: epochs, steps, validation, decisions
-    Trainer.finish the end, whatever ended the run: best weights, test, diagnosis, plots, summary
+    run          checks what the run starts from (setup.prepare), takes the directory, records how it ended
+    Loop()       set-up: the engine (setup.build), the state, the callbacks, a checkpoint to resume
+    Loop.fit     the loop: epochs, steps, the epoch's end; what ended it early, if anything
+    Loop.finish  the end, whatever ended the run: best weights, test, diagnosis, plots, summaries
 
-Each feature the loop uses is a small object from its own module, called at fixed points:
-checkpoints and resume (resume.Checkpoints), early stopping (early_stopping), unfreezing reused
-layers (transfer.Unfreezing), per-layer statistics (diagnostics.LayerStats), the progress bar
-(console.EpochBar), loggers, signals (signals.StopFlag) and the test hook (faults.Hook).
+A single run and the members share every line here; what differs is the engine (engine.py): a
+module's (module_engine.py) or the members' stacked one (members.py). Each feature is a callback
+(callbacks.py) called at fixed points: early stopping, unfreezing reused layers, per-layer
+statistics, the progress bar, loggers, checkpoints, and the test hook (faults.Hook).
 """
 
 from __future__ import annotations
@@ -22,505 +23,554 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from dnnrun.data.augment import Augment
-from dnnrun.data.datasets import Data, Split
-from dnnrun.errors import Diverged, Interrupted, RunError, UserError
+from dnnrun.data.datasets import Split
+from dnnrun.errors import Diverged, Interrupted, RunError
 from dnnrun.insight import advice, diagnosis, diagnostics, loggers
-from dnnrun.insight.console import EpochBar, console, print_diagnosis, results_table
-from dnnrun.models import zoo
+from dnnrun.insight.console import EpochBar, Running, console, print_diagnosis, results_table
 from dnnrun.models.network import DROPOUTS, count_parameters
-from dnnrun.models.registry import fitting_config
-from dnnrun.optim import optimizers as optim
-from dnnrun.optim.schedules import Schedule
-from dnnrun.store import checkpoint
 from dnnrun.store.rundir import RunDir, now
 from dnnrun.techniques.activations import ACTIVATIONS
 from dnnrun.techniques.norms import is_batch_norm
-from dnnrun.training import checkpointing as resume, distributed, metrics, pretrain, runtime, transfer
+from dnnrun.training import distributed, runtime, setup
+from dnnrun.training.callbacks import Callbacks
+from dnnrun.training.checkpointing import Checkpoints
 from dnnrun.training.early_stopping import EarlyStopping
+from dnnrun.training.engine import Step
 from dnnrun.training.faults import Hook
 from dnnrun.training.signals import StopFlag
-from dnnrun.training.state import EpochProgress, TrainState
+from dnnrun.training.state import EpochProgress, MemberProgress, MemberState, TrainState
+from dnnrun.training.transfer import Unfreezing
 
 if TYPE_CHECKING:
     from dnnrun.config.run_config import RunConfig
 
 log = logging.getLogger("dnnrun")
 
+# Steps between two readings of the losses where reading one waits for the device (CUDA): a
+# divergence is seen at most this many steps late, and always before a checkpoint is written.
+CHECK_EVERY = 32
+
 
 def run(
     cfg: RunConfig, run_dir: str | os.PathLike, on_start: Callable[[], None] | None = None, hook: Hook | None = None
 ) -> dict[str, Any]:
-    """Train as configured; write metrics, checkpoints, summary and log under run_dir.
+    """Train as configured; write metrics, checkpoints, summary and log under run_dir; return the
+    summary. Raises Diverged or Interrupted, once recorded, for a run that ended so.
 
     Everything that can refuse the run (device, resume path, the checkpoint and its config, the
-    data, the transfer source) is checked before the first write, so a refused run leaves its
-    directory as it was. `on_start` runs once the run owns the directory (the CLI writes Hydra's
-    config snapshot there); `hook` is called at fixed points of the loop (tests)."""
+    data, the transfer source, the memory) is checked before the first write, so a refused run
+    leaves its directory as it was. `on_start` runs once the run owns the directory (the CLI writes
+    Hydra's config snapshot there); `hook` is called at fixed points of the loop (tests)."""
     run_dir = RunDir(run_dir)
     runtime.warm_up()
     device = runtime.resolve_device(cfg.trainer.device)
     # What the checks log before run.log exists is kept for it, and dropped if they refuse the run.
     early = logging.handlers.MemoryHandler(capacity=10_000, flushLevel=logging.CRITICAL + 1)
     with logging_to(early):
-        start = prepare(cfg, run_dir, device)
+        start = setup.prepare(cfg, run_dir, device)
     run_dir.path.mkdir(parents=True, exist_ok=True)
     if on_start is not None:
         on_start()
     summary: dict[str, Any] = {"status": "running", "started": now(), "run_dir": str(run_dir)}
     stop = StopFlag()
     with _recording(run_dir, summary), run_log(run_dir, early), stop.installed():
-        trainer = Trainer(cfg, run_dir, device, start, summary, stop, hook or Hook())
-        ending = None
-        try:
-            trainer.fit()
-        except (Diverged, Interrupted) as exc:
-            ending = exc
-        return trainer.finish(ending)
+        loop = Loop(cfg, run_dir, device, start, summary, stop, hook or Hook())
+        ending = loop.fit()
+        summary = loop.finish(ending)
+    if ending is not None:
+        raise ending
+    return summary
 
 
-@dataclasses.dataclass
-class Start:
-    """What a run starts from, each part checked before anything is written."""
+class Tally:
+    """An epoch's running sums for each member (loss times examples, correct predictions,
+    examples) and the steps whose losses have not been looked at yet. Where reading a loss costs
+    nothing (the engine's `guard`: the CPU) each step's is read at once; on a GPU they stay on the
+    device and are read every CHECK_EVERY steps and at the epoch's end."""
 
-    data: Data
-    model_cfg: Any  # cfg.model, with the widths of the checkpoint or of the transfer source
-    checkpoint: dict[str, Any] | None = None  # the checkpoint to resume ...
-    resume_from: Path | None = None  # ... and its file
-    source: dict[str, torch.Tensor] | None = None  # the transfer source's weights (model=zoo: model.weights)
+    def __init__(self, progress: EpochProgress, eager: bool):
+        self.eager = eager
+        self.loss_sum = [m.loss_sum for m in progress.members]
+        self.correct = [m.correct for m in progress.members]
+        self.seen = [m.seen for m in progress.members]
+        self.batches = progress.batches
+        self.steps = 0  # taken in this process
+        self._loss: torch.Tensor | None = None  # (K,) summed on the device (not eager)
+        self._pending: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []  # (step, loss, norm) not yet read
+        self._predicted: list[tuple[torch.Tensor, torch.Tensor]] = []  # compared once per epoch
+
+    def add(self, step: int, out: Step) -> list[tuple[int, int, str]]:
+        """A step's figures; the members found not finite so far: (member, step, what)."""
+        n = out.labels.shape[-1]  # each member's examples (under torchrun: this rank's)
+        self.batches, self.steps = self.batches + 1, self.steps + 1
+        self._predicted.append((out.predicted, out.labels))
+        for k in range(len(self.seen)):
+            self.seen[k] += n
+        if self.eager:
+            losses = out.loss.reshape(-1).tolist()
+            for k, value in enumerate(losses):
+                self.loss_sum[k] += value * n
+            if not out.skipped:
+                return []
+            norms = out.norm.reshape(-1).tolist() if out.norm is not None else None
+            return [(k, step, _what(losses[k], norms[k] if norms else None)) for k in out.skipped]
+        weighted = out.loss.reshape(-1).float() * n
+        self._loss = weighted if self._loss is None else self._loss + weighted
+        self._pending.append((step, out.loss, out.norm))
+        return self.check() if len(self._pending) >= CHECK_EVERY else []
+
+    def check(self) -> list[tuple[int, int, str]]:
+        """Read the pending steps' losses (one wait for the device): each member's first step whose
+        loss or gradient norm was not finite."""
+        if not self._pending:
+            return []
+        steps = [s for s, _, _ in self._pending]
+        losses = torch.stack([loss.reshape(-1) for _, loss, _ in self._pending]).tolist()
+        norms = None
+        if self._pending[0][2] is not None:
+            norms = torch.stack([norm.reshape(-1) for _, _, norm in self._pending]).tolist()
+        self._pending.clear()
+        found = {}
+        for i, step in enumerate(steps):
+            for k, value in enumerate(losses[i]):
+                norm = norms[i][k] if norms else None
+                if k not in found and not (math.isfinite(value) and (norm is None or math.isfinite(norm))):
+                    found[k] = (k, step, _what(value, norm))
+        return list(found.values())
+
+    def read(self) -> None:
+        """The sums on the host: the device's loss sums, the predictions compared."""
+        if self._loss is not None:
+            for k, value in enumerate(self._loss.tolist()):
+                self.loss_sum[k] += value
+            self._loss = None
+        if self._predicted:
+            predicted, labels = (torch.cat(t, dim=-1) for t in zip(*self._predicted))
+            hits = (predicted == labels).reshape(len(self.seen), -1).sum(1).tolist()
+            self._predicted.clear()
+            for k, h in enumerate(hits):
+                self.correct[k] += h
+
+    def running(self) -> Running:
+        """The epoch so far for the progress bar, the mean over the members (a read of the device)."""
+        loss = sum(self.loss_sum)
+        if self._loss is not None:
+            loss += float(self._loss.sum())
+        return Running(self.batches, self.seen[0], loss / len(self.seen))
 
 
-def prepare(cfg: RunConfig, run_dir: RunDir, device: torch.device) -> Start:
-    """The checkpoint to resume, the data, the transfer source, and the model's config, whose
-    shapes their weights must fit (checked on the meta device: no memory, no random numbers)."""
-    resume_from = resume.checkpoint_to_resume(cfg.trainer.resume, run_dir)
-    ckpt = resume.load_resumable(resume_from, cfg, device) if resume_from is not None else None
-    start = Start(runtime.load_data(cfg.data, cfg.model, device), cfg.model, ckpt, resume_from)
-    if ckpt is not None:  # a resumed run has the reused weights in its checkpoint
-        start.model_cfg = fitting_config(cfg.model, ckpt["model"])
-    elif cfg.model.name == "zoo" and cfg.model.weights:
-        start.source = zoo.load_weights(cfg.model)
-    elif cfg.transfer.source:
-        start.source, trained_with = transfer.load_source(cfg.transfer)
-        act = (trained_with.get("act") or {}).get("name")
-        if act is not None and act != cfg.act.name:  # it fits, but its weights were learned for another unit
-            log.warning("transfer.source was trained with act=%s; this run uses act=%s", act, cfg.act.name)
-        start.model_cfg = transfer.model_config(cfg.model, cfg.transfer, start.source)
-    with torch.device("meta"):
-        shapes, _ = runtime.build_model(cfg, start.data, start.model_cfg)
-    if (too_big := runtime.memory_problem(shapes, cfg, device, start.data.shape)) is not None:
-        raise UserError(too_big)
-    if ckpt is not None or start.source is not None:
-        if ckpt is not None:
-            checkpoint.check_fits(shapes, ckpt["model"], resume_from)
-        elif cfg.model.name == "zoo":
-            zoo.fitting(start.source, shapes, cfg.transfer.layers, cfg.model.arch)
-        else:
-            transfer.check_fits(
-                start.source,
-                transfer.reused_layers(cfg.transfer, start.source),
-                {name: t.shape for name, t in shapes.state_dict().items()},
-            )
-    return start
+def _what(loss: float, norm: float | None) -> str:
+    return f"the training loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {norm}"
 
 
-class Trainer:
-    """One run's model, optimizer and features, from setup to finish."""
+class Loop:
+    """One run's engine, state and callbacks, from set-up to finish."""
 
     def __init__(
         self,
         cfg: RunConfig,
         run_dir: RunDir,
         device: torch.device,
-        start: Start,
+        start: setup.Start,
         summary: dict[str, Any],
         stop: StopFlag,
         hook: Hook,
     ):
         tc = cfg.trainer
-        self.cfg, self.run_dir, self.device, self.data, self.summary, self.stop, self.hook = (
-            cfg,
-            run_dir,
-            device,
-            start.data,
-            summary,
-            stop,
-            hook,
-        )
+        self.cfg, self.run_dir, self.device, self.data, self.summary, self.stop = (
+            cfg, run_dir, device, start.data, summary, stop,
+        )  # fmt: skip
         self.wall_start = time.perf_counter()
         for stale in run_dir.remove_stale_temporaries():
             log.warning("removed %s, left by a process that stopped while writing it", stale)
-        runtime.seed_everything(tc.seed, tc.deterministic)
-        torch.autograd.set_detect_anomaly(tc.detect_anomaly)
-        if tc.threads is not None:
-            torch.set_num_threads(tc.threads)
         summary["warnings"] = advice.warnings(cfg)
         for message in summary["warnings"]:
             log.warning(message)
-
+        seeds = setup.seeds(tc)
+        self.k = len(seeds)
+        self.dirs = [run_dir] if self.k == 1 else [RunDir(run_dir.path / "members" / f"seed_{s}") for s in seeds]
         self.rank, self.world = distributed.rank_world()
-        self.model, self.reg = runtime.build_model(cfg, self.data, start.model_cfg)
-        if self.world > 1 and device.type == "cuda":
-            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)  # batch statistics over the global batch
-        self.channels_last = runtime.channels_last(tc.channels_last, device, self.model)
-        self.model.to(device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
-        self.state = self._initial_state(start)
-        self.optimizer = optim.build(cfg.optimizer, self.model, self.state.reused)
-        batches = math.ceil(len(self.data.train) / tc.batch_size)
-        self.steps_per_epoch = min(batches, tc.limit_batches or batches)
-        self.schedule = Schedule(cfg.schedule, self.optimizer, self.steps_per_epoch, tc.epochs)
-        self.autocast, self.scaler = runtime.mixed_precision(tc.amp, device, runtime.has_conv(self.model))
-        self.shuffle = torch.Generator().manual_seed(tc.seed)
-        self.checkpoints = resume.Checkpoints(
-            run_dir,
-            self.model,
-            self.optimizer,
-            self.schedule,
-            self.scaler,
-            self.shuffle,
-            cfg.raw,
-            hook.before_rename,
-            self.data.preprocess.to_dict() if self.data.preprocess else None,
-        )
-        self.early_stopping = EarlyStopping(tc.early_stopping, tc.monitor)
-        self.logger = loggers.build(cfg.logger, run_dir)
-        self.layer_stats = diagnostics.LayerStats(
-            self.model, ACTIVATIONS[cfg.act.name], tc.diagnostics.every, run_dir, self.logger
-        )
-        self.bar = EpochBar(tc.progress, tc.epochs)
-        self.augment = Augment(cfg.data.augment, tc.seed) if cfg.data.augment else None
+        self.steps_per_epoch = setup.steps_per_epoch(tc, len(self.data.train))
+        self.engine, reuse = setup.build(cfg, start, device, self.steps_per_epoch, summary, run_dir)
+        self.state = TrainState(members=[MemberState(s) for s in seeds])
+        self.shuffles = [torch.Generator().manual_seed(s) for s in seeds]
+        self.augments = [Augment(cfg.data.augment, s) for s in seeds] if cfg.data.augment else None
         self.probe = self.data.val.x[:512]  # a fixed batch for the activation snapshots
-        self.train_eval = train_eval_subset(cfg, self.data.train, self.model)
+        self.train_eval = train_eval_subset(cfg, self.data.train, self.engine.member_module(0))
+        self.tally = Tally(EpochProgress(0, [MemberProgress(g.get_state()) for g in self.shuffles]), True)
+
+        self.early_stopping = EarlyStopping(tc.early_stopping, tc.monitor, self.k)
+        self.loggers = loggers.Loggers(cfg.logger, self.dirs)
+        inputs = self.data.preprocess.to_dict() if self.data.preprocess else None
+        self.checkpoints = Checkpoints(run_dir, self.dirs, cfg.raw, inputs, self.early_stopping, hook.before_rename)
+        every = diagnostics_every(cfg, self.engine)
+        self.callbacks = Callbacks(
+            [
+                Unfreezing(cfg.transfer, reuse),
+                self.early_stopping,
+                *(
+                    [
+                        diagnostics.LayerStats(
+                            self.engine.module, ACTIVATIONS[cfg.act.name], every, run_dir, self.loggers.each[0]
+                        )
+                    ]
+                    if every
+                    else []
+                ),  # fmt: skip
+                EpochBar(tc.progress, tc.epochs),
+                self.loggers,
+                self.checkpoints,
+                hook,
+            ]
+        )
         if start.checkpoint is not None:
-            self.state = self.checkpoints.restore(start.checkpoint, start.resume_from)
-            self.snapshots = run_dir.read_activations()
-        else:
-            if cfg.pretrain.name != "none":
-                summary["pretrain"] = pretrain.run(
-                    cfg.pretrain, self.model, self.data.unlabeled, self.data.shape, tc.seed
-                )
-                self.checkpoints.save_weights(run_dir.pretrained)
-            self.snapshots = {"start": diagnostics.snapshot(self.model, self.probe)}  # where supervised training starts
-        self.unfreezing = transfer.Unfreezing(cfg.transfer, self.model, self.state, self.schedule)
-        self.forward = self._forward()
-        self._predicted: list[tuple[torch.Tensor, torch.Tensor]] = []  # this epoch's (predictions, labels)
+            self.state = self.checkpoints.restore(self, start.checkpoint, start.resume_from)
+            self.snapshots = [d.read_activations() for d in self.dirs]
+        else:  # where supervised training starts
+            self.snapshots = [{"start": diagnostics.snapshot(self.engine.member_module(k), self.probe)}
+                              for k in range(self.k)]  # fmt: skip
         # The files that run on from the checkpoint hold exactly its epochs and steps.
-        run_dir.rewrite_metrics(self.state.history)
-        run_dir.truncate_diagnostics(self.state.step + (self.state.progress.batches if self.state.progress else 0))
+        for d, member in zip(self.dirs, self.state.members):
+            d.path.mkdir(parents=True, exist_ok=True)
+            d.rewrite_metrics(member.history)
+        progress = self.state.progress
+        run_dir.truncate_diagnostics(self.state.step + (progress.batches if progress else 0))
         self._record_start()
 
-    def _initial_state(self, start: Start) -> TrainState:
-        """A fresh state, with what transfer.source gives the model (or gave it: a resumed run)."""
-        state, cfg = TrainState(), self.cfg
-        if start.source is not None and cfg.model.name == "zoo":
-            state.reused, state.reused_layers = zoo.reuse(
-                self.model, start.source, cfg.transfer.layers, cfg.model.arch, cfg.model.weights
-            )
-        elif start.source is not None:
-            state.reused_layers = transfer.reused_layers(cfg.transfer, start.source)
-            state.reused = transfer.reuse(self.model, start.source, state.reused_layers, cfg.transfer.source)
-        elif start.checkpoint is not None:
-            state.reused_layers = start.checkpoint["trainer"]["reused_layers"]
-            state.reused = start.checkpoint["trainer"]["reused"]
-        if state.reused:
-            self.summary["transfer"] = transfer.summary(cfg, state.reused_layers, start.model_cfg.widths)
-        return state
-
-    def _forward(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """What the training forward pass runs: under torchrun, DistributedDataParallel over the
-        trainable parameters (wrapping also broadcasts rank 0's weights), else the model itself;
-        through torch.compile with trainer.compile=true."""
-        module = self.model
-        if self.world > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            module = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        return runtime.Compiled(module) if self.cfg.trainer.compile else module
-
     def _record_start(self) -> None:
-        data = self.data
+        data, seeds = self.data, [m.seed for m in self.state.members]
+        module = self.engine.member_module(0)
         self.summary.update(
-            parameters=count_parameters(self.model),
+            parameters=count_parameters(module),
             device=runtime.device_name(self.device),
             threads=torch.get_num_threads(),
             processes=self.world,
-            data={
-                "train": len(data.train),
-                "val": len(data.val),
-                "test": len(data.test),
-                "features": data.n_features,
-                "classes": data.n_classes,
-            },
-        )
+            data={"train": len(data.train), "val": len(data.val), "test": len(data.test),
+                  "features": data.n_features, "classes": data.n_classes},
+        )  # fmt: skip
+        if self.k > 1:
+            self.summary["seeds"] = seeds
         self.run_dir.write_summary(self.summary)
-        log.info("run directory: %s (on %s)", self.run_dir, self.summary["device"])
+        members = f"{self.k} members: trainer.seed={','.join(map(str, seeds))}, " if self.k > 1 else ""
+        log.info("run directory: %s (%son %s)", self.run_dir, members, self.summary["device"])
         log.info("%s", self.cfg.options())
         log.info(
-            "%s: %d train / %d val / %d test examples, %d features, %d classes; %s parameters on %s",
-            self.cfg.data.name,
-            len(data.train),
-            len(data.val),
-            len(data.test),
-            data.n_features,
-            data.n_classes,
-            f"{self.summary['parameters']:,}",
+            "%s: %d train / %d val / %d test examples, %d features, %d classes; %s parameters%s on %s",
+            self.cfg.data.name, len(data.train), len(data.val), len(data.test), data.n_features, data.n_classes,
+            f"{self.summary['parameters']:,}", f" in each of {self.k} members" if self.k > 1 else "",
             self.summary["device"],
-        )
+        )  # fmt: skip
 
     # -----------------------------------------------------------------------------------------
     # The loop
 
-    def fit(self) -> None:
-        """Epochs of shuffled mini-batches, one update each, then a validation pass, the checkpoint
-        and the early-stopping decision. Raises Diverged at the first non-finite loss, and
-        Interrupted once SIGINT or SIGTERM stopped the run (after saving where it stopped)."""
+    def active(self) -> list[int]:
+        """The members that train on: neither diverged nor stopped early."""
+        return [
+            k for k, m in enumerate(self.state.members) if m.diverged is None and self.early_stopping.reason(k) is None
+        ]
+
+    def fit(self) -> Diverged | Interrupted | None:
+        """Epochs of shuffled mini-batches, one update each, then validation, the epoch's records,
+        checkpoint and decisions. Returns what ended the run early: Diverged (a single run's first
+        non-finite loss, or the last member's), Interrupted (SIGINT or SIGTERM, once where it
+        stopped is saved), or None."""
         state, tc = self.state, self.cfg.trainer
         self.stop.deferring = True  # from here on a signal lets the current step finish and is saved
-        self.hook.start(self.model, state.step + (state.progress.batches if state.progress else 0))
-        with self.bar:
+        self.callbacks.train_start(self)
+        self.engine.refresh()  # the forward pass, once the trained parameters are known (DDP)
+        try:
             for epoch in range(state.epoch + 1, tc.epochs + 1):
-                if self.early_stopping.reason(state) or self.stop.signum:
+                active = self.active()
+                if not active or self.stop.signum:
                     break
-                if self.unfreezing.start_epoch(epoch, state) and self.world > 1:
-                    self.forward = self._forward()  # DDP must now also average the unfrozen parameters' gradients
-                began = time.perf_counter()
-                progress = self._start_epoch(epoch)
-                for xb, yb in self.data.train.batches(tc.batch_size, self.shuffle, start=progress.batches):
-                    if progress.batches == self.steps_per_epoch:  # trainer.limit_batches
-                        break
-                    step = state.step + progress.batches + 1
-                    self.layer_stats.before_step(step, edge=progress.batches in (0, self.steps_per_epoch - 1))
-                    stopping = self.step(xb, yb, step, progress)
-                    self.layer_stats.after_step(step, epoch)
-                    self.bar.step(progress)
-                    self.hook.after_step(step)
-                    if stopping:
-                        self._stop_mid_epoch(epoch, progress)
-                state.step += progress.batches
-                record = self._validate(epoch, progress, began)
-                self.schedule.end_epoch(record)
-                improved = self.early_stopping.end_epoch(state, record)
-                state.epoch = epoch
-                state.history.append(record)
-                self.run_dir.append_metrics(record)
-                self.logger.epoch(record)
-                self.checkpoints.save(state, improved)
-                self.hook.end_epoch(epoch)
-                evaluated = f"  train_eval/loss {record['train_eval/loss']:.4f}" if "train_eval/loss" in record else ""
-                log.info(
-                    "epoch %d/%d  train/loss %.4f  train/acc %.4f%s  val/loss %.4f  val/acc %.4f  lr %.3g%s",
-                    epoch,
-                    tc.epochs,
-                    record["train/loss"],
-                    record["train/acc"],
-                    evaluated,
-                    record["val/loss"],
-                    record["val/acc"],
-                    record["lr"],
-                    "  *" if improved else "",
-                )
+                ending = self._epoch(epoch, active)
+                if ending is not None:
+                    return ending
+        finally:
+            self.callbacks.train_end(self)
         if self.stop.signum:
-            raise Interrupted(self.stop.signum)
+            return Interrupted(self.stop.signum)
+        if all(m.diverged for m in state.members):  # members: the last of them diverged
+            return Diverged(max(m.diverged_at for m in state.members), "every member diverged")
+        return None
 
-    def step(self, xb: torch.Tensor, yb: torch.Tensor, step: int, progress: EpochProgress) -> bool:
-        """One update on a mini-batch (under torchrun, on this rank's slice of the global batch):
-        forward, loss, backward, clipping, optimizer step, constraints, schedule. Adds to the
-        epoch's progress; returns whether SIGINT/SIGTERM asked to stop (after this step). Raises
-        Diverged at a non-finite loss or gradient norm."""
-        tc, global_size = self.cfg.trainer, len(yb)
-        if self.augment is not None:  # the global batch, as one process would see it
-            xb = self.augment(xb, step)
-        if self.world > 1:
-            xb, yb = xb[self.rank :: self.world], yb[self.rank :: self.world]
-        if self.channels_last:
-            xb = xb.contiguous(memory_format=torch.channels_last)
-        with self.autocast():
-            logits = self.forward(xb)
-            if self.world == 1:
-                loss = objective = F.cross_entropy(logits, yb)
-            else:
-                # DDP averages the ranks' gradients: this rank's loss sum over the global batch size,
-                # times the number of ranks, makes that the gradient of the global batch's mean loss,
-                # also when the last global batch leaves a rank few examples or none.
-                total = F.cross_entropy(logits, yb, reduction="sum")
-                objective = total * (self.world / global_size)
-                loss = total / max(len(yb), 1)  # this rank's mean, for the figures
-        # Read every step (like Keras' TerminateOnNaN): a NaN must stop the run before it spreads.
-        loss_value = loss.item()
-        nonfinite, stopping = not math.isfinite(loss_value), bool(self.stop.signum)
-        if self.world > 1:  # every rank must stop at the same step, or the others would wait for it for ever
-            nonfinite, stopping = (
-                v > 0 for v in distributed.sum_across([float(nonfinite), float(stopping)], xb.device)
-            )
-        if nonfinite:
-            raise divergence(self.model, step, f"the training loss is {loss_value}", last_update=step - 1)
-        penalty = self.reg.penalty(self.model)  # l1/l2 on the weights: in the gradient, not in the reported loss
-        objective = objective if penalty is None else objective + penalty
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(objective).backward()
-            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
-        else:
-            objective.backward()
-        self.layer_stats.after_backward()  # the gradients as backpropagation made them, before any clipping
-        total_norm = clip_gradients(self.model.parameters(), tc.clip_value, tc.clip_norm)
-        if (
-            total_norm is not None and self.scaler is None and not torch.isfinite(total_norm)
-        ):  # fp16 scaling skips those
-            raise Diverged(step, f"the gradient norm is {total_norm.item()}")
-        progress.lr = self.optimizer.param_groups[0]["lr"]
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)  # skips the step when fp16 gradients overflowed
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.reg.after_step(self.model)  # e.g. max-norm
-        self.schedule.after_step()
-        progress.batches += 1
-        progress.seen += len(yb)
-        progress.loss_sum += loss_value * len(yb)
-        self._predicted.append((logits.detach().argmax(1), yb))  # compared once per epoch: fewer small ops per step
-        return stopping
-
-    def _start_epoch(self, epoch: int) -> EpochProgress:
-        """The epoch's progress, from where a mid-epoch checkpoint stopped or from its start."""
+    def _epoch(self, epoch: int, active: list[int]) -> Diverged | Interrupted | None:
         state = self.state
-        progress, state.progress = state.progress or EpochProgress(shuffle_state=self.shuffle.get_state()), None
+        began = time.perf_counter()
+        orders = self._start_epoch(epoch)
+        last = self.steps_per_epoch - 1
+        for b in range(self.tally.batches, self.steps_per_epoch):
+            step = state.step + b + 1
+            xb, yb = self._batch(orders, b, step)
+            self.callbacks.step_start(self, step, b in (0, last))
+            out = self.engine.step(xb, yb, active, lambda: self.callbacks.after_backward(self, step),
+                                   bool(self.stop.signum))  # fmt: skip
+            found = self.tally.add(step, out)
+            if found and (ending := self._diverged(found, active)):
+                return ending
+            self.callbacks.step_end(self, step, epoch)
+            if out.stopping or (self.world == 1 and self.stop.signum):
+                return self._stop_mid_epoch(active)
+        if (found := self.tally.check()) and (ending := self._diverged(found, active)):
+            return ending
+        self.tally.read()
+        state.step += self.tally.batches
+        records = self._records(epoch, active, began)
+        for k in [k for k in records if not math.isfinite(records[k]["val/loss"])]:
+            what = f"the validation loss is {records.pop(k)['val/loss']}"
+            if ending := self._diverged([(k, state.step, what)], active, last_update=state.step):
+                return ending
+        if not records:
+            return None
+        self.engine.end_epoch(records)  # the schedules that count epochs
+        state.epoch, state.progress = epoch, None
+        for k, record in records.items():
+            member = state.members[k]
+            member.history.append(record)
+            member.epoch, member.step = epoch, state.step
+            self.dirs[k].append_metrics(record, durable=self.k == 1)  # members': the run's checkpoint is durable
+        self.callbacks.epoch_end(self, epoch, records)  # early stopping, the checkpoint, loggers, the test hook
+        self._log_epoch(epoch, records)
+        return None
+
+    def _start_epoch(self, epoch: int) -> torch.Tensor:
+        """The epoch's progress, from where a mid-epoch checkpoint stopped or from its start; each
+        member's order of the training examples: (N,), or (K, N) for members."""
+        state = self.state
+        progress = state.progress or EpochProgress(0, [MemberProgress(g.get_state()) for g in self.shuffles])
+        state.progress = None
         if self.rank > 0:  # a mid-epoch checkpoint holds the sums over all ranks: rank 0 carries them
-            progress.loss_sum, progress.correct, progress.seen = 0.0, 0, 0
+            progress.members = [dataclasses.replace(m, loss_sum=0.0, correct=0, seen=0) for m in progress.members]
         if self.world > 1:  # other dropout masks on every rank, the same after a resume
             torch.manual_seed(hash((self.cfg.trainer.seed, self.rank, epoch)) % 2**63)
-        self.shuffle.set_state(progress.shuffle_state)  # draws the epoch's order (again, after a resume)
-        self.unfreezing.train_mode()
-        self.bar.start_epoch(epoch, self.steps_per_epoch, progress)
-        return progress
+        self.epoch_start_shuffles = [m.shuffle_state for m in progress.members]
+        self.lrs = [m.lr for m in progress.members]
+        orders = []
+        for g, m in zip(self.shuffles, progress.members):
+            g.set_state(m.shuffle_state)  # draws the epoch's order (again, after a resume)
+            orders.append(torch.randperm(len(self.data.train), generator=g))
+        self.tally = Tally(progress, eager=self.engine.guard)
+        self.engine.train()
+        self.callbacks.epoch_start(self, epoch)
+        return (orders[0] if self.k == 1 else torch.stack(orders)).to(self.data.train.x.device)
 
-    def _count_correct(self, progress: EpochProgress) -> None:
-        if self._predicted:
-            predicted, labels = (torch.cat(t) for t in zip(*self._predicted))
-            progress.correct += int((predicted == labels).sum())
-            self._predicted.clear()
+    def _batch(self, orders: torch.Tensor, b: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch b of the epoch: (B, ...) examples, or (K, B, ...), each member's own; augmented
+        with draws fixed by (the member's seed, the step)."""
+        bs = self.cfg.trainer.batch_size
+        idx = orders[..., b * bs : (b + 1) * bs]
+        xb, yb = self.data.train.x[idx], self.data.train.y[idx]
+        if self.augments is not None:  # the global batch, as one process would see it
+            if self.k == 1:
+                xb = self.augments[0](xb, step)
+            else:
+                xb = torch.stack([augment(x, step) for augment, x in zip(self.augments, xb)])
+        return xb, yb
 
-    def _validate(self, epoch: int, progress: EpochProgress, began: float) -> dict[str, Any]:
-        """The epoch's record: the training figures (summed over the ranks) and a validation pass."""
-        self._count_correct(progress)
-        self.bar.end_epoch(progress)
-        loss_sum, correct, seen = distributed.sum_across(
-            [progress.loss_sum, progress.correct, progress.seen], self.device
-        )
-        val_loss, val_acc = metrics.loss_and_accuracy(
-            self.model, self.data.val, self.cfg.trainer.eval_batch_size, self.autocast
-        )
-        if not math.isfinite(val_loss):
-            step = self.state.step
-            raise divergence(self.model, step, f"the validation loss is {val_loss}", last_update=step)
-        record = {
-            "epoch": epoch,
-            "step": self.state.step,
-            "train/loss": loss_sum / seen,
-            "train/acc": correct / seen,
-            "val/loss": val_loss,
-            "val/acc": val_acc,
-            "lr": progress.lr,  # the rate of this epoch's last step
-            "time/epoch_s": time.perf_counter() - began,
-        }
+    def _diverged(
+        self, found: list[tuple[int, int, str]], active: list[int], last_update: int | None = None
+    ) -> Diverged | None:
+        """Members found not finite at a step: a single run ends there (Diverged); a member of
+        several stops, its weights back to the run's last checkpoint, and the others go on (Diverged
+        once none is left). A non-finite loss under weights that the previous update made
+        non-finite names that update's step, where the loss was read before any update (the CPU)."""
+        for k, step, what in found:
+            if k not in active:
+                continue
+            exact = self.engine.guard or last_update is not None  # the weights as the non-finite loss saw them
+            if self.k == 1 and exact and not self.engine.weights_finite(k):
+                step, what = (
+                    step - 1 if last_update is None else last_update,
+                    ("a gradient was NaN or infinite: the update made the weights non-finite"),
+                )
+            member = self.state.members[k]
+            member.diverged, member.diverged_at = what, step
+            active.remove(k)
+            if self.k == 1:
+                return Diverged(step, what)
+            log.warning("member seed=%d diverged at step %d (%s); the others go on", member.seed, step, what)
+            self.engine.retire(k, self.checkpoints.last_saved(self.device))
+        if not active:
+            return Diverged(max(m.diverged_at or 0 for m in self.state.members), "every member diverged")
+        return None
+
+    def _records(self, epoch: int, active: list[int], began: float) -> dict[int, dict[str, Any]]:
+        """The training members' metrics.jsonl records of the epoch: the training figures (summed
+        over the ranks), a validation pass, and with trainer.eval_train the training subset in
+        evaluation mode (times: each member's share)."""
+        tc, tally = self.cfg.trainer, self.tally
+        totals = distributed.sum_across([*tally.loss_sum, *tally.correct, *tally.seen], self.device)
+        loss_sum, correct, seen = (totals[i * self.k : (i + 1) * self.k] for i in range(3))
+        lrs = [self.engine.lr(k) if tally.steps else self.lrs[k] for k in range(self.k)]
+        val_loss, val_acc = self.engine.evaluate(self.data.val, tc.eval_batch_size)
+        elapsed = time.perf_counter() - began
+        records = {
+            k: {"epoch": epoch, "step": self.state.step, "train/loss": loss_sum[k] / seen[k],
+                "train/acc": correct[k] / seen[k], "val/loss": val_loss[k], "val/acc": val_acc[k],
+                "lr": lrs[k],  # the rate of this epoch's last step
+                "time/epoch_s": elapsed / len(active)}
+            for k in active
+        }  # fmt: skip
         if self.train_eval is not None:  # after the epoch's clock: its cost is its own figure
             started = time.perf_counter()
-            record["train_eval/loss"], record["train_eval/acc"] = metrics.loss_and_accuracy(
-                self.model, self.train_eval, self.cfg.trainer.eval_batch_size, self.autocast
-            )
-            record["time/eval_train_s"] = time.perf_counter() - started
-        return record
+            loss, acc = self.engine.evaluate(self.train_eval, tc.eval_batch_size)
+            share = (time.perf_counter() - started) / len(active)
+            for k, record in records.items():
+                record.update({"train_eval/loss": loss[k], "train_eval/acc": acc[k], "time/eval_train_s": share})
+        return records
 
-    def _stop_mid_epoch(self, epoch: int, progress: EpochProgress) -> NoReturn:
+    def _log_epoch(self, epoch: int, records: dict[int, dict[str, Any]]) -> None:
+        epochs = self.cfg.trainer.epochs
+        if self.k > 1:
+            accs = " ".join(f"{records[k]['val/acc']:.4f}" if k in records else "-" for k in range(self.k))
+            log.info("epoch %d/%d  %d members training  val/acc %s", epoch, epochs, len(records), accs)
+            return
+        record, improved = records[0], self.early_stopping.improved[0]
+        evaluated = f"  train_eval/loss {record['train_eval/loss']:.4f}" if "train_eval/loss" in record else ""
+        log.info(
+            "epoch %d/%d  train/loss %.4f  train/acc %.4f%s  val/loss %.4f  val/acc %.4f  lr %.3g%s",
+            epoch, epochs, record["train/loss"], record["train/acc"], evaluated, record["val/loss"],
+            record["val/acc"], record["lr"], "  *" if improved else "",
+        )  # fmt: skip
+
+    def _stop_mid_epoch(self, active: list[int]) -> Diverged | Interrupted:
         """A signal during an epoch: its step is done; last.pt records where the epoch is, so that
         trainer.resume=auto goes on from that step exactly."""
-        self._count_correct(progress)
-        progress.loss_sum, progress.correct, progress.seen = distributed.sum_across(
-            [progress.loss_sum, progress.correct, progress.seen], self.device
-        )
-        self.state.progress = progress
-        self.checkpoints.save(self.state, improved=False)
+        state, tally = self.state, self.tally
+        if (found := tally.check()) and (ending := self._diverged(found, active)):
+            return ending
+        tally.read()
+        totals = distributed.sum_across([*tally.loss_sum, *tally.correct, *tally.seen], self.device)
+        state.progress = EpochProgress(
+            tally.batches,
+            [
+                MemberProgress(self.epoch_start_shuffles[k], totals[k], int(totals[self.k + k]),
+                               int(totals[2 * self.k + k]), self.engine.lr(k) if tally.steps else self.lrs[k])
+                for k in range(self.k)
+            ],
+        )  # fmt: skip
+        self.checkpoints.save(self)
+        signum = self.stop.signum or signal.SIGTERM  # a rank that was told by another: as torchrun's SIGTERM
         log.warning(
-            "stopped by %s during epoch %d, after step %d: checkpoints/last.pt continues from there "
-            "(trainer.resume=auto)",
-            signal.Signals(self.stop.signum).name,
-            epoch,
-            self.state.step + progress.batches,
+            "stopped by %s %s: checkpoints/last.pt continues from there (trainer.resume=auto)",
+            signal.Signals(signum).name,
+            state.position(),
         )
-        raise Interrupted(self.stop.signum)
+        return Interrupted(signum)
 
     # -----------------------------------------------------------------------------------------
     # The end
 
     def finish(self, ending: Diverged | Interrupted | None) -> dict[str, Any]:
-        """The end of the run, whatever ended it: best weights and the test pass (a run that
-        completed), activation snapshots, the diagnosis, plots and the summary. Raises `ending`
-        once it is recorded."""
-        state, tc, summary = self.state, self.cfg.trainer, self.summary
-        self.layer_stats.detach()  # a monitored step that raised leaves its hooks attached
+        """The end of the run, whatever ended it: each member's best weights and test pass (a run
+        that completed), activation snapshots, diagnosis, and summary; for members their own
+        checkpoints and the aggregate with the ensemble; plots. Returns the run's summary."""
+        tc, state, summary = self.cfg.trainer, self.state, self.summary
         if ending is None and self.stop.signum:  # never report an interrupted run as completed
             ending = Interrupted(self.stop.signum)
-        test = None
-        if ending is None:
-            weights = self.checkpoints.restore_best(state, self.device, tc.monitor) if tc.restore_best else "last"
-            test_loss, test_acc = metrics.loss_and_accuracy(
-                self.model, self.data.test, tc.eval_batch_size, self.autocast
-            )
-            test = {"test/loss": test_loss, "test/acc": test_acc, "weights": weights}
-            self.logger.epoch({"step": state.step, "test/loss": test_loss, "test/acc": test_acc})
-            self.snapshots["end"] = diagnostics.snapshot(self.model, self.probe)
-        elif isinstance(ending, Diverged):
+        if isinstance(ending, Diverged) and self.k == 1:
             kept = (
                 f"checkpoints/last.pt (epoch {state.epoch}) is untouched"
                 if state.epoch
                 else "no epoch had finished, so there is no checkpoint"
             )
             log.error("%s; the run stops here: %s", ending, kept)
-        self.run_dir.write_activations(self.snapshots)
-
-        found = diagnosis.diagnose(state.history, self.run_dir.read_diagnostics(), self.data.n_classes)
-        if isinstance(ending, Diverged):
-            found.insert(0, f"training diverged at step {ending.step}: {ending.what}")
-            summary["diverged_at_step"] = ending.step
-        best = next((r for r in state.history if r["epoch"] == state.best_epoch), {})
-        summary.update(
-            epochs_run=state.epoch,
-            steps=state.step,
-            stop_reason=self.early_stopping.reason(state),
-            final=state.history[-1] if state.history else {},
-            best={"monitor": tc.monitor, "value": state.best, **best},
-            test=test,
-            diagnosis=found,
-            wall_time_s=time.perf_counter() - self.wall_start,
-        )
-        self.logger.summary(self.cfg, summary)  # TensorBoard's hparams: the options with the final, best, test metrics
-        self.logger.close()
-        if summary["stop_reason"]:
+        tested = [k for k, m in enumerate(state.members) if ending is None and m.diverged is None]
+        last = [self.engine.weights(k) if self.k > 1 and state.members[k].epoch else None for k in range(self.k)]
+        weights = {k: self.checkpoints.restore_best(self, k) if tc.restore_best else "last" for k in tested}
+        test_loss, test_acc = self.engine.evaluate(self.data.test, tc.eval_batch_size) if tested else ([], [])
+        summaries = []
+        for k, member in enumerate(state.members):
+            if k in tested:
+                self.snapshots[k]["end"] = diagnostics.snapshot(self.engine.member_module(k), self.probe)
+            self.dirs[k].write_activations(self.snapshots[k])
+            test = {"test/loss": test_loss[k], "test/acc": test_acc[k], "weights": weights[k]} if k in tested else None
+            summaries.append(self._member_summary(k, member, test))
+        if self.k == 1:
+            summary.update(summaries[0], epochs_run=state.epoch, steps=state.step)
+        else:
+            self.checkpoints.write_members(self, last)
+            logits = self.engine.logits(self.data.test.x, tc.eval_batch_size)
+            for k, (run, s) in enumerate(zip(self.dirs, summaries)):
+                s.update(status=_status(ending, state.members[k]), finished=now(), seed=state.members[k].seed,
+                         run_dir=str(run))  # fmt: skip
+                run.write_summary(s)
+            summary.update(_members_aggregate(summaries, logits, self.data.test.y))
+        summary["wall_time_s"] = time.perf_counter() - self.wall_start
+        for k, s in enumerate(summaries):
+            self.loggers.finish(k, self.cfg, summary if self.k == 1 else s)
+        if summary.get("stop_reason"):
             log.info(summary["stop_reason"])
-        if tc.diagnostics.plots and self.rank == 0:
+        plots = tc.diagnostics.plots
+        if self.rank == 0 and (plots is True or (plots == "auto" and self.k == 1)):
             from dnnrun.insight.plots import plot_run  # matplotlib is imported only when plots are drawn
 
-            plot_run(self.run_dir)
-        if ending is not None:
-            status = "diverged" if isinstance(ending, Diverged) else "interrupted"
-            finish_summary(self.run_dir, summary, status, error=str(ending))
-            print_diagnosis(found)
-            raise ending
-        finish_summary(self.run_dir, summary, "completed")
-        console.print(results_table(summary))
-        print_diagnosis(found)
-        log.info("run directory: %s", self.run_dir)
+            for run in self.dirs:
+                plot_run(run)
+        finish_summary(self.run_dir, summary, _status(ending), error=str(ending) if ending else None)
+        if self.k > 1:
+            from dnnrun.training.members import table
+
+            console.print(table(summaries, summary["aggregate"], summary["ensemble"]))
+            log.info("run directory: %s (members under members/)", self.run_dir)
+            return summary
+        if ending is None:
+            console.print(results_table(summary))
+        print_diagnosis(summary["diagnosis"])
+        if ending is None:
+            log.info("run directory: %s", self.run_dir)
         return summary
 
+    def _member_summary(self, k: int, member: MemberState, test: dict[str, Any] | None) -> dict[str, Any]:
+        history, tc = member.history, self.cfg.trainer
+        records = self.run_dir.read_diagnostics() if self.k == 1 else []  # the per-layer statistics: a module's
+        found = diagnosis.diagnose(history, records, self.data.n_classes)
+        if member.diverged is not None:
+            found.insert(0, f"training diverged at step {member.diverged_at}: {member.diverged}")
+        best = self.early_stopping.members[k]
+        best_record = next((r for r in history if r["epoch"] == best.best_epoch), {})
+        entry = {
+            "epochs_run": member.epoch,
+            "steps": member.step,
+            "stop_reason": self.early_stopping.reason(k) if member.diverged is None else None,
+            "final": history[-1] if history else {},
+            "best": {"monitor": tc.monitor, "value": best.best, **best_record},
+            "test": test,
+            "diagnosis": found,
+        }
+        if member.diverged is not None:
+            entry["diverged_at_step"] = member.diverged_at
+        return entry
 
-def train_eval_subset(cfg: RunConfig, train: Split, model: nn.Module) -> Split | None:
+
+def _status(ending: Diverged | Interrupted | None, member: MemberState | None = None) -> str:
+    if member is not None and member.diverged is not None or isinstance(ending, Diverged):
+        return "diverged"
+    return "interrupted" if isinstance(ending, Interrupted) else "completed"
+
+
+def _members_aggregate(summaries, logits, y):
+    from dnnrun.training.members import aggregate
+
+    return aggregate(summaries, logits, y)
+
+
+def diagnostics_every(cfg: RunConfig, engine) -> int:
+    """trainer.diagnostics.every: auto is 100 steps where the engine supports the per-layer
+    statistics (a module's), off where it does not (members: the config check refuses a number)."""
+    every = cfg.trainer.diagnostics.every
+    if every == "auto":
+        return 100 if engine.capabilities.diagnostics is None else 0
+    return every
+
+
+def train_eval_subset(cfg: RunConfig, train: Split, model: torch.nn.Module) -> Split | None:
     """trainer.eval_train: a fixed random subset of the training set (the same every epoch, after a
     resume and for every seed), evaluated like the validation split; None when off. auto: when
     dropout or batch norm make the running training figures incomparable with validation's."""
@@ -532,28 +582,6 @@ def train_eval_subset(cfg: RunConfig, train: Split, model: nn.Module) -> Split |
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.data.split_seed + 2))
     idx = pick[: cfg.trainer.eval_train_size].to(train.x.device)
     return Split(train.x[idx], train.y[idx])
-
-
-def clip_gradients(params, clip_value: float | None, clip_norm: float | None) -> torch.Tensor | None:
-    """Clip by value (each element into [-v, v]), then by norm (rescale if the global L2 norm > n).
-    Returns the global norm before clipping by norm, when that is done."""
-    if clip_value is None and clip_norm is None:
-        return None
-    params = [p for p in params if p.grad is not None]
-    if clip_value is not None:
-        nn.utils.clip_grad_value_(params, clip_value)
-    if clip_norm is not None:
-        return nn.utils.clip_grad_norm_(params, clip_norm)
-    return None
-
-
-def divergence(model: nn.Module, step: int, what: str, last_update: int) -> Diverged:
-    """What to raise for a non-finite loss at `step`. A NaN or infinite gradient under a finite
-    loss shows later, in the weights that its update (at step `last_update`) made non-finite: then
-    that step is named. (Measuring every gradient on every step cost ~20% at batch 32 on a CPU.)"""
-    if all(torch.isfinite(p).all() for p in model.parameters()):
-        return Diverged(step, what)
-    return Diverged(last_update, "a gradient was NaN or infinite: the update made the weights non-finite")
 
 
 def finish_summary(run_dir: RunDir, summary: dict[str, Any], status: str, error: str | None = None) -> None:
@@ -575,8 +603,6 @@ def _recording(run_dir: RunDir, summary: dict[str, Any]):
     """A run that ends in an exception that finish() did not see is recorded too."""
     try:
         yield
-    except Diverged:
-        raise  # finish() has recorded it, with the diagnosis
     except (Interrupted, KeyboardInterrupt) as exc:
         if summary["status"] == "running":  # else finish() has recorded it
             finish_summary(run_dir, summary, "interrupted", error=str(exc) or "interrupted")

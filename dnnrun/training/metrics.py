@@ -27,19 +27,33 @@ def better(metric: str, value: float, than: float, min_delta: float = 0.0) -> bo
 
 def loss_and_accuracy(model: nn.Module, split: Split, batch_size: int, autocast) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) over the whole split, in evaluation mode."""
+    model.eval()
+    loss, acc = members_loss_and_accuracy(lambda xb: model(xb)[None], split, batch_size, autocast)
+    return loss[0], acc[0]
+
+
+def members_loss_and_accuracy(forward, split: Split, batch_size: int, autocast) -> tuple[list[float], list[float]]:
+    """Each member's (mean cross-entropy, accuracy) over the whole split: `forward` maps a batch
+    (B, ...) to the members' logits (K, B, classes), one model's as K = 1. Summed on the device,
+    read once."""
     import torch
     import torch.nn.functional as F
 
-    model.eval()
-    loss_sum = torch.zeros((), device=split.x.device)
-    correct = torch.zeros((), device=split.x.device, dtype=torch.int64)
+    loss_sum = correct = None
     with torch.no_grad():
         for xb, yb in split.batches(batch_size):
             with autocast():
-                logits = model(xb)
-            loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum")
-            correct += (logits.argmax(1) == yb).sum()
-    return (loss_sum / len(split)).item(), (correct / len(split)).item()
+                logits = forward(xb)
+            k = logits.shape[0]
+            if k == 1:  # one model: as torch sums a batch's losses
+                losses = F.cross_entropy(logits[0].float(), yb, reduction="sum")[None]
+            else:
+                losses = (
+                    F.cross_entropy(logits.float().flatten(0, 1), yb.repeat(k), reduction="none").view(k, -1).sum(1)
+                )
+            hits = (logits.argmax(2) == yb).sum(1)
+            loss_sum, correct = (losses, hits) if loss_sum is None else (loss_sum + losses, correct + hits)
+    return (loss_sum / len(split)).tolist(), (correct / len(split)).tolist()
 
 
 def scores(probs: torch.Tensor, y: torch.Tensor, bins: int = 15) -> dict[str, float]:

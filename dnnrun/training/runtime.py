@@ -34,28 +34,6 @@ def warm_up() -> None:
     1-3 s on 2 cores). Done once per process before a run's clock starts, so that the first job of
     a sweep is timed like the others."""
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
-    keep_freed_memory()
-
-
-# glibc's mallopt parameters (malloc.h): M_TRIM_THRESHOLD, M_MMAP_THRESHOLD
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-
-
-def keep_freed_memory() -> None:
-    """Tensors of up to 32 MB that a training step frees and allocates again (a stack of members'
-    gradients: 15 MB each) reuse the process's memory instead of fresh pages from the kernel,
-    whose first touch costs as much as the matmul that fills them (2 ms for 15 MB on 2 cores).
-    glibc returns such blocks to the kernel by default; this raises its thresholds, as
-    torch.backends.xeon.run_cpu does by preloading another allocator. Linux with glibc only."""
-    import ctypes
-    import ctypes.util
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # glibc's largest
-        libc.mallopt(_M_TRIM_THRESHOLD, 512 << 20)  # freed memory kept for reuse, up to this much at the top
 
 
 def resolve_device(name: str) -> torch.device:

@@ -4,7 +4,8 @@ The new model keeps the source's first `layers` hidden layers (their widths and 
 re-initialize one of them (`replace`), stacks `add` new hidden layers on top and always gets a new
 output layer for this run's classes. This run's act/norm/regularizer groups build the layers, so
 they must match the source's where weights are reused (a shape mismatch is reported).
-Reused layers can be frozen, then unfrozen after some epochs with a smaller learning rate.
+Reused layers can be frozen, then unfrozen after some epochs with a smaller learning rate
+(Unfreezing, a callback of the loop).
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ from torch import nn
 
 from dnnrun.errors import UserError
 from dnnrun.models.network import Network
-from dnnrun.models.registry import affine_weight, hidden_widths
+from dnnrun.models.registry import MODELS, affine_weight, hidden_widths
 from dnnrun.store import checkpoint
 from dnnrun.techniques.norms import is_batch_norm
-from dnnrun.training.state import TrainState
+from dnnrun.training.callbacks import Callback
 
 if TYPE_CHECKING:
     from dnnrun.config.run_config import RunConfig, TransferConfig
-    from dnnrun.optim.schedules import Schedule
+    from dnnrun.training.loop import Loop
 
 log = logging.getLogger("dnnrun")
 
@@ -137,43 +138,63 @@ def is_frozen(cfg: TransferConfig, epochs_done: int) -> bool:
     return cfg.freeze and (cfg.unfreeze_after is None or epochs_done < cfg.unfreeze_after)
 
 
-class Unfreezing:
+@dataclasses.dataclass
+class Reuse:
+    """What a run reused from transfer.source or model.weights (kept in its checkpoint: a resumed
+    run does not read the source again)."""
+
+    reused_layers: list = dataclasses.field(default_factory=list)  # the source's hidden layers kept (1-based)
+    reused: list = dataclasses.field(default_factory=list)  # the parameter names copied from the source
+    unfrozen: bool = False  # the reused layers were unfrozen
+
+
+class Unfreezing(Callback):
     """Reused layers frozen (transfer.freeze) for the first transfer.unfreeze_after epochs, their
     batch norms kept in evaluation mode; then trained again, at their learning rate times
     transfer.unfreeze_lr_factor."""
 
-    def __init__(self, cfg: TransferConfig, model: Network, state: TrainState, schedule: Schedule):
-        self.cfg, self.model, self.schedule = cfg, model, schedule
-        self.frozen = bool(state.reused) and cfg.freeze and not state.unfrozen
+    name = "unfreezing"
+
+    def __init__(self, cfg: TransferConfig, reuse: Reuse):
+        self.cfg, self.reuse = cfg, reuse
+        self.frozen = False
         self.norms: list[nn.Module] = []
+
+    def train_start(self, loop: Loop) -> None:
+        """Freeze what the run reused, unless a resumed run had unfrozen it."""
+        model, r = loop.engine.module, self.reuse
+        self.frozen = bool(r.reused) and self.cfg.freeze and not r.unfrozen
         if self.frozen:
-            set_frozen(model, state.reused, True)
-            self.norms = frozen_norms(model, state.reused_layers, state.reused)
+            set_frozen(model, r.reused, True)
+            self.norms = frozen_norms(model, r.reused_layers, r.reused)
 
-    def start_epoch(self, epoch: int, state: TrainState) -> bool:
-        """Unfreeze when this epoch is the first to train the reused layers; whether it did."""
-        if not self.frozen or is_frozen(self.cfg, epoch - 1):
-            return False
-        set_frozen(self.model, state.reused, False)
-        self.frozen, self.norms, state.unfrozen = False, [], True
-        self.schedule.scale_reused(self.cfg.unfreeze_lr_factor)  # saved with the schedule's state
-        log.info(
-            "transfer: reused layers unfrozen for epoch %d, their learning rate x %g",
-            epoch,
-            self.cfg.unfreeze_lr_factor,
-        )
-        return True
-
-    def train_mode(self) -> None:
-        """The model in training mode, except frozen batch norms (their running statistics stay)."""
-        self.model.train()
+    def epoch_start(self, loop: Loop, epoch: int) -> None:
+        """Unfreeze when this epoch is the first to train the reused layers; frozen batch norms stay
+        in evaluation mode (their running statistics stay the source's)."""
+        if self.frozen and not is_frozen(self.cfg, epoch - 1):
+            set_frozen(loop.engine.module, self.reuse.reused, False)
+            self.frozen, self.norms, self.reuse.unfrozen = False, [], True
+            loop.engine.schedule.scale_reused(self.cfg.unfreeze_lr_factor)  # saved with the schedule's state
+            loop.engine.refresh()  # under torchrun, DDP must now average their gradients too
+            log.info(
+                "transfer: reused layers unfrozen for epoch %d, their learning rate x %g",
+                epoch,
+                self.cfg.unfreeze_lr_factor,
+            )
         for module in self.norms:
             module.eval()
 
+    def state_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.reuse)
+
+    def load_state_dict(self, state: dict[str, Any], path: Path) -> None:
+        checkpoint.check_entry(path, f"callbacks.{self.name}", state, checkpoint.entries(Reuse))
+        self.reuse = Reuse(**state)
+
 
 def summary(run: RunConfig, layers: list[int], widths: list[int]) -> dict[str, Any]:
-    cfg = run.transfer
-    source = run.model.weights if run.model.name == "zoo" else cfg.source
+    cfg, own = run.transfer, MODELS[run.model.name].weights
+    source = own.named(run.model) if own is not None else cfg.source
     return {
         "source": source,
         "reused_layers": layers,
