@@ -21,6 +21,7 @@ from dnnrun.optim import optimizers as optim, schedules
 from dnnrun.techniques import activations, init, norms, regularizers
 from dnnrun.techniques.regularizers import combine
 from dnnrun.training import loop, pretrain
+from test_members import COMPARED
 
 REGISTRIES = {
     "data": data.DATASETS,
@@ -53,7 +54,12 @@ def test_every_registry_entry_has_a_yaml_and_every_yaml_a_registry_entry(group):
     assert _names_in_yaml(group) == set(REGISTRIES[group])
 
 
-@pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+# The options that tests/test_members.py's parity matrix trains as single runs on an MLP, and compares
+# with the members' records (a loss that is not finite fails the comparison): the others train here.
+ALONE = [(g, o) for g, o in OPTIONS if f"{g}={o}" not in COMPARED]
+
+
+@pytest.mark.parametrize("group, option", ALONE, ids=[f"{g}={o}" for g, o in ALONE])
 def test_every_option_trains_a_few_steps_with_a_finite_loss(group, option, tmp_path):
     value = f"[{option}]" if group == "regularizer" else option
     overrides = [f"{group}={value}", "trainer.epochs=2", "trainer.limit_batches=4"]

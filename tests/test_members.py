@@ -3,6 +3,7 @@ separate run with its seed would be; what members do not support is refused with
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -15,7 +16,7 @@ import torch
 import dnnrun
 from conftest import COMPANIONS, compose_raw, make_config, run_cli, write_cifar_like, write_mnist_like
 from dnnrun.cli import CONFIG_DIR
-from dnnrun.config.run_config import parse_run_config
+from dnnrun.config.run_config import RunConfig, parse_run_config
 from dnnrun.errors import ConfigError, Diverged, Interrupted, UserError
 from dnnrun.insight import report
 from dnnrun.optim import optimizers
@@ -103,6 +104,17 @@ def _overrides(case: str, files: Path) -> tuple[list[str], str]:
     return [*small, *items], data
 
 
+def _configs(overrides: list[str], data: str) -> tuple[RunConfig, dict[int, RunConfig]]:
+    """The members' config and each seed's single run's, composed once."""
+    raw = compose_raw(f"data={data}", "trainer.progress=false", "trainer.diagnostics.plots=false", *overrides)
+    configs = {}
+    for seeds, seed in ((list(SEEDS), 0), *((None, s) for s in SEEDS)):
+        variant = copy.deepcopy(raw)
+        variant["trainer"].update(seeds=seeds, seed=seed)
+        configs[seed] = parse_run_config(variant)
+    return configs.pop(0), configs
+
+
 def _records(run: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in read_jsonl(run / "metrics.jsonl")]
 
@@ -127,10 +139,11 @@ def test_each_member_is_its_separate_run(case, files, tmp_path: Path, cifar_file
     """K = 2 members against two separate runs: the whole metrics.jsonl records (times aside, lr
     included) and the checkpoints' weights."""
     overrides, data = _overrides(case, files)
-    summary = loop.run(make_config(*overrides, f"trainer.seeds={list(SEEDS)}", data=data), tmp_path / "together")
+    together, singles = _configs(overrides, data)
+    summary = loop.run(together, tmp_path / "together")
     assert summary["status"] == "completed" and summary["ensemble"]["members"] == 2
     for seed in SEEDS:
-        single = loop.run(make_config(*overrides, f"trainer.seed={seed}", data=data), tmp_path / str(seed))
+        single = loop.run(singles[seed], tmp_path / str(seed))
         member = tmp_path / "together" / "members" / f"seed_{seed}"
         _same_records(_records(member), _records(tmp_path / str(seed)), case)
         mine = json.loads((member / "summary.json").read_text())

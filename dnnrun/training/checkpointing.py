@@ -146,7 +146,9 @@ class Checkpoints(Callback):
 
     def last_saved(self, device: torch.device) -> dict[str, Any] | None:
         """The run's last checkpoint, where a diverged member's weights go back to (None before one)."""
-        return checkpoint.load(self.run_dir.last, map_location=device) if self.run_dir.last.exists() else None
+        if not self.run_dir.last.exists():
+            return None
+        return checkpoint.load(self.run_dir.last, map_location=device, training=True)
 
     def state_dict(self) -> dict[str, Any] | None:
         return {"best": self.best} if len(self.members) > 1 else None

@@ -57,6 +57,12 @@ STACKED = Capabilities(
 )
 
 
+# Devices on which reading a value on the host costs nothing, as nothing runs ahead of the host:
+# engines read each step's loss there and leave a non-finite one's update out (their `guard`).
+# Elsewhere (CUDA) the loop reads the losses every loop.CHECK_EVERY steps and before any checkpoint.
+READ_EACH_STEP = ("cpu",)
+
+
 class Step(NamedTuple):
     """One update's figures, left on the device (reading them would wait for it): (K,) tensors
     for K members. `norm`: the gradient norm before clipping (trainer.clip_norm, without fp16's

@@ -119,7 +119,8 @@ class Tally:
                 return []
             norms = out.norm.reshape(-1).tolist() if out.norm is not None else None
             return [(k, step, _what(losses[k], norms[k] if norms else None)) for k in out.skipped]
-        weighted = out.loss.reshape(-1).float() * n
+        # in float64 as the host's sums (MPS has no float64)
+        weighted = out.loss.reshape(-1).to(torch.float32 if out.loss.device.type == "mps" else torch.float64) * n
         self._loss = weighted if self._loss is None else self._loss + weighted
         self._pending.append((step, out.loss, out.norm))
         return self.check() if len(self._pending) >= CHECK_EVERY else []

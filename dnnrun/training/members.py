@@ -45,7 +45,7 @@ from dnnrun.optim.schedules import SCHEDULES, Schedule
 from dnnrun.store import checkpoint
 from dnnrun.techniques.init import affine_layers
 from dnnrun.techniques.regularizers import cap_norms_, is_weight_matrix
-from dnnrun.training import metrics, runtime
+from dnnrun.training import engine, metrics, runtime
 from dnnrun.training.engine import STACKED, Step
 
 if TYPE_CHECKING:
@@ -84,7 +84,7 @@ class StackedEngine:
         else:
             self.schedule = Schedule(cfg.schedule, self.optimizer, steps_per_epoch, tc.epochs)
         self.autocast, self.scaler = runtime.mixed_precision(tc.amp, device, runtime.has_conv(self.template))
-        self.guard = device.type == "cpu"  # read each step's losses where that costs nothing
+        self.guard = device.type in engine.READ_EACH_STEP  # read each step's losses where that costs nothing
         self._lr = self.optimizer.param_groups[0]["lr"]
 
         def forward(p, b, x):

@@ -16,7 +16,7 @@ from torch import nn
 from dnnrun.optim import optimizers
 from dnnrun.optim.schedules import Schedule
 from dnnrun.store import checkpoint
-from dnnrun.training import distributed, metrics, runtime
+from dnnrun.training import distributed, engine, metrics, runtime
 from dnnrun.training.engine import MODULE, Step
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ class ModuleEngine:
         self.autocast, self.scaler = runtime.mixed_precision(tc.amp, device, runtime.has_conv(model))
         # Read the loss on the host each step where that costs nothing (the CPU) or where the processes
         # must agree on every step anyway (torchrun): a non-finite loss then skips its own update.
-        self.guard = device.type == "cpu" or self.world > 1
+        self.guard = device.type in engine.READ_EACH_STEP or self.world > 1
         self._lr = self.optimizer.param_groups[0]["lr"]
         self.forward = self._forward()
 
