@@ -35,7 +35,7 @@ MODELS = {  # name: (preset, one image's shape)
 }
 
 
-def config(model: str, device: torch.device):
+def config(model: str, device: torch.device, extra: tuple[str, ...] = ()):
     overrides = [
         f"experiment={MODELS[model][0]}",
         "data.augment=[]",
@@ -44,6 +44,7 @@ def config(model: str, device: torch.device):
         "trainer.diagnostics.every=0",
         "trainer.diagnostics.plots=false",
         f"trainer.device={device}",
+        *extra,
     ]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return parse_run_config(OmegaConf.to_container(compose("config", overrides=overrides), resolve=True))
@@ -78,9 +79,9 @@ def step(net, opt, autocast, last: bool, xb: torch.Tensor, yb: torch.Tensor) -> 
 
 
 def one_epoch(
-    kind: str, model: str, data: Data, host: tuple[torch.Tensor, torch.Tensor], device: torch.device
+    kind: str, model: str, data: Data, host: tuple[torch.Tensor, torch.Tensor], device: torch.device, cfg=None
 ) -> float:
-    cfg = config(model, device)
+    cfg = cfg or config(model, device)
     batch = cfg.trainer.batch_size
     if kind == "dnnrun":
         return dnnrun_epoch(cfg, data, device)

@@ -49,12 +49,15 @@ SETUPS = {  # name: overrides
 }
 
 
+DEVICE = "cpu"  # bench/gpu.py sets cuda
+
+
 def config(overrides: list[str]):
     common = [
         "trainer.progress=false",
         "trainer.diagnostics.every=0",
         "trainer.diagnostics.plots=false",
-        "trainer.device=cpu",
+        f"trainer.device={DEVICE}",
     ]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return parse_run_config(

@@ -34,7 +34,7 @@ from dnnrun.training.signals import StopFlag
 MODEL = ["model.hidden=[300,100]", "act=relu", "init=he_normal", "optimizer=sgd", "optimizer.lr=0.01"]
 
 
-def config(batch_size: int, every: int, device: torch.device):
+def config(batch_size: int, every: int, device: torch.device, extra: tuple[str, ...] = ()):
     overrides = [
         *MODEL,
         f"trainer.batch_size={batch_size}",
@@ -43,6 +43,7 @@ def config(batch_size: int, every: int, device: torch.device):
         f"trainer.diagnostics.every={every}",
         "trainer.diagnostics.plots=false",
         f"trainer.device={device}",
+        *extra,
     ]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return parse_run_config(OmegaConf.to_container(compose("config", overrides=overrides), resolve=True))
@@ -72,11 +73,12 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def dnnrun_epoch(cfg, data: Data, device: torch.device) -> float:
+def dnnrun_epoch(cfg, data: Data, device: torch.device, keep: str | None = None) -> float:
     """Seconds of dnnrun's loop (loop.Loop.fit) for the config's epochs, exactly as `dnnrun` runs
-    it (each epoch's validation pass, metrics line and checkpoint); its set-up is not timed."""
+    it (each epoch's validation pass, metrics line and checkpoint); its set-up is not timed. The
+    run's files go to a temporary directory, or to `keep`."""
     with tempfile.TemporaryDirectory() as tmp:
-        run = loop.Loop(cfg, RunDir(tmp), device, setup.Start(data, cfg.model), {}, StopFlag(), Hook())
+        run = loop.Loop(cfg, RunDir(keep or tmp), device, setup.Start(data, cfg.model), {}, StopFlag(), Hook())
         return timed(run.fit)
 
 

@@ -184,15 +184,9 @@ def memory_problem(
     unknown (MPS); a warning is logged when its depth makes every step very slow. A conv net's
     activations (their size depends on the maps') are measured by a pass of one `example`
     shape (C, H, W) on the meta device. With `members` (trainer.seeds), that many models train at once."""
-    from dnnrun.optim import optimizers as optim
-
     params = sum(p.numel() for p in model.parameters())
+    needed = memory_needed(model, cfg, example, members)
     affine = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d))]
-    batch = max(cfg.trainer.batch_size, cfg.trainer.eval_batch_size)
-    values = _output_values(model, example) if example is not None and has_conv(model) else None  # one example's
-    if values is None:  # linear, norm, activation and dropout outputs kept for the backward pass
-        values = 4 * sum(m.weight.shape[0] for m in affine)
-    needed = 4 * members * (params * (2 + optim.OPTIMIZERS[cfg.optimizer.name].state) + batch * values)
     if len(affine) > SLOW_LAYERS:
         log.warning(
             "the model has %s layers: every step runs them one after another (forward and backward), "
@@ -213,6 +207,23 @@ def memory_problem(
         f"and {cfg.optimizer.name}'s state, plus a batch's activations, in float32) and {device_name(device)} "
         f"has {free / 2**30:,.1f} GiB free; {', '.join(remedies[:-1])} or {remedies[-1]}"
     )
+
+
+def memory_needed(
+    model: torch.nn.Module, cfg: RunConfig, example: tuple[int, ...] | None = None, members: int = 1
+) -> int:
+    """Bytes that training the model (built on the meta device) takes, in float32: weights,
+    gradients, the optimizer's state and a batch's activations (bench/gpu.py holds this to
+    torch.cuda.max_memory_allocated)."""
+    from dnnrun.optim import optimizers
+
+    params = sum(p.numel() for p in model.parameters())
+    affine = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d))]
+    batch = max(cfg.trainer.batch_size, cfg.trainer.eval_batch_size)
+    values = _output_values(model, example) if example is not None and has_conv(model) else None  # one example's
+    if values is None:  # linear, norm, activation and dropout outputs kept for the backward pass
+        values = 4 * sum(m.weight.shape[0] for m in affine)
+    return 4 * members * (params * (2 + optimizers.OPTIMIZERS[cfg.optimizer.name].state) + batch * values)
 
 
 _SIZES = {

@@ -1,0 +1,22 @@
+"""bench/gpu.py, the prepared GPU check, runs its every check on the CPU as a dry run (toy sizes;
+its figures mean nothing there), so that the one call a lent GPU gets does not fail on a typo."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+CHECKS = ["amp+channels-last cnn", "amp+channels-last resnet", "compile mlp", "members K=2", "images cnn",
+          "images resnet", "throughput b32", "throughput b256", "memory mlp", "memory cnn", "memory resnet",
+          "per-step read b32"]  # fmt: skip
+
+
+def test_the_gpu_check_runs_every_check_as_a_dry_run_on_the_cpu():
+    result = subprocess.run([sys.executable, str(BENCH / "gpu.py"), "--dry-run"], capture_output=True, text=True,
+                            timeout=300, cwd=BENCH.parent)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    table = result.stdout.splitlines()
+    assert "dry run: the figures mean nothing" in table[0]
+    assert [line.split("  ")[0] for line in table[2:]] == CHECKS
