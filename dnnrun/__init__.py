@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 
 def load(path, device: str = "cpu"):
     """A trained model from a run directory, a checkpoint or an export: `dnnrun.load(RUN).predict(x)`
-    (dnnrun/predict.py). torch is imported here, when a model is loaded, not with the package."""
+    (dnnrun/inference/predict.py). torch is imported here, when a model is loaded, not with the package."""
     from dnnrun.inference.predict import load as load_model
 
     return load_model(path, device)

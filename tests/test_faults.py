@@ -1,6 +1,6 @@
 """Nothing lost, nothing unsafe: kills, failed writes, signals, hostile checkpoints and configs.
 
-Faults are injected with DNNRUN_FAULT (dnnrun/faults.py) into a real `dnnrun` process; the resumed
+Faults are injected with DNNRUN_FAULT (dnnrun/training/faults.py) into a real `dnnrun` process; the resumed
 run then goes on in this process and is compared with one that was never interrupted.
 """
 

@@ -21,7 +21,7 @@ from dnnrun.training import loop
 
 BAR = re.compile(r"^epoch (\d+)/(\d+) .*\d+/\d+ +(\d+:\d\d:\d\d|-:--:--) left")  # the bar's line
 STATS = re.compile(r"loss (\d+\.\d{4}|-) +([\d,]+|-) samples/s +run (\d+:\d\d:\d\d|-:--:--) left")
-LOGGED = re.compile(r"epoch (\d+)/(\d+)  train/loss \d+\.\d{4}  train/acc")  # train.py's line per epoch
+LOGGED = re.compile(r"epoch (\d+)/(\d+)  train/loss \d+\.\d{4}  train/acc")  # the loop's line per epoch
 CLOCK = re.compile(r"\d+:\d\d:\d\d")
 
 

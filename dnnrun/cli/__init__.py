@@ -1,6 +1,6 @@
 """The command line: the only part of dnnrun that imports Hydra. It checks the command line
 (checks), has Hydra compose the config and run the task (app: one run, or one job of a sweep, which
-turns the config into plain typed objects and calls `train.run(cfg, run_dir)`), and reports a
+turns the config into plain typed objects and calls `training.loop.run(cfg, run_dir)`), and reports a
 sweep's end (sweep). `dnnrun --help`: help.
 
 Importing this package is cheap (omegaconf, for the resolver that conf/config.yaml calls): Hydra and
@@ -56,7 +56,7 @@ def main() -> None:
     # Ctrl-C and SIGTERM (docker stop, schedulers; also as a container's PID 1, which gets no default
     # signal handling) stop dnnrun at once with one line while it starts: imports, the check, Hydra
     # composing the config, the run's set-up. Installed before any of that; once training runs,
-    # train.run takes over to save first. A signal that dnnrun's parent ignores (`dnnrun &` in a
+    # training.loop.run takes over to save first. A signal that dnnrun's parent ignores (`dnnrun &` in a
     # script ignores SIGINT) stays ignored, as Python itself leaves it.
     for signum in (signal.SIGINT, signal.SIGTERM):
         if signal.getsignal(signum) is not signal.SIG_IGN:

@@ -68,7 +68,7 @@ class TrainerConfig:
     eval_batch_size: int = 1024  # evaluation only: larger is faster and changes nothing
     device: str = "auto"  # auto (CUDA if present, else CPU) | cpu | cuda | cuda:N | mps
     seed: int = 0  # one seed for initialization, shuffling and dropout
-    seeds: list[int] | None = None  # train one member per seed together (members.py), in place of seed
+    seeds: list[int] | None = None  # train one member per seed together (training/members.py), in place of seed
     deterministic: bool = False  # deterministic kernels only (slower on GPU)
     # mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling); auto: for conv nets
     amp: bool | Literal["auto"] = "auto"
@@ -254,7 +254,7 @@ def parse_run_config(raw: dict[str, Any]) -> RunConfig:
 
 
 def _check_across_groups(cfg: dict[str, Any], problems: Problems) -> None:
-    """Combinations that cannot work (combinations that merely work badly are warnings: advice.py)."""
+    """Combinations that cannot work (combinations that merely work badly are warnings: insight/advice.py)."""
     if cfg["pretrain"].name != "none" and cfg["transfer"].source is not None:
         problems.add(
             "pretrain", "pretraining and transfer.source both set the hidden layers' starting weights; choose one"

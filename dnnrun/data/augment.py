@@ -4,7 +4,7 @@ validation or test one) with tensor operations where the batch already is.
 Each step's random draws come from a generator seeded with (trainer.seed, the step's number), not
 from a stream that runs on: a run resumed at any step, even in the middle of an epoch, draws what
 the uninterrupted run drew, with nothing to keep in the checkpoint. The draws are a few numbers per
-example, made on the CPU and moved to the device. Batches are images (B, C, H, W), as data.py keeps them.
+example, made on the CPU and moved to the device. Batches are images (B, C, H, W), as datasets.py keeps them.
 """
 
 from __future__ import annotations

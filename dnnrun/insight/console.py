@@ -197,7 +197,7 @@ def print_diagnosis(found: list[str]) -> None:
     console.print(Text("diagnosis:", style="bold yellow"))
     for sentence in found:
         console.print(Text(f"  - {sentence}"), soft_wrap=True)
-        remedies = getattr(sentence, "remedies", ())  # a plain str (train.py's "training diverged ...") has none
+        remedies = getattr(sentence, "remedies", ())  # a plain str (the loop's "training diverged ...") has none
         if remedies:
             console.print(Text("    try: " + ", ".join(map(str, remedies))), soft_wrap=True)
 

@@ -1,5 +1,5 @@
 """What every model builder returns: a `Network` of named blocks, input to output, that
-diagnostics, transfer, pretraining and max-norm find by name (model.py builds them)."""
+diagnostics, transfer, pretraining and max-norm find by name (registry.py builds them)."""
 
 from __future__ import annotations
 

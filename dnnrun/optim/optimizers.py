@@ -83,7 +83,7 @@ def param_groups(model: nn.Module, reused: Collection[str] = (), tensors: dict |
     """Weight decay applies to weight matrices only, never to biases or normalization parameters.
     Parameters reused from a transfer source get groups of their own (marked "reused"), so that
     their learning rate can be scaled apart. Frozen parameters stay in: they get no gradient, so
-    the optimizer leaves them alone until they are unfrozen. `tensors` (members.py: the members'
+    the optimizer leaves them alone until they are unfrozen. `tensors` (training/members.py: the members'
     stacked weights, by the model's names) are optimized in place of the model's own parameters,
     grouped as the model's are."""
     groups = []

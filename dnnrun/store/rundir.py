@@ -47,7 +47,7 @@ TMP_MARK = ".tmp-"  # temporary files are named .NAME.tmp-PID until renamed
 # Settings that never change what a run computes: where files are, how much is shown or recorded,
 # on which device. A sweep job's directory name leaves them out (conf/config.yaml's exclude_keys,
 # through the resolver in dnnrun/cli/conf.py), and a resume may change them
-# (resume.MAY_CHANGE_ON_RESUME). A key stands for the keys under it too. Here, not in config.py,
+# (training/checkpointing.py's MAY_CHANGE_ON_RESUME). A key stands for the keys under it too. Here, not in config/,
 # so that composing a config (which names directories) does not import torch.
 RESULT_NEUTRAL = (
     "outputs",

@@ -99,7 +99,7 @@ class Regularization:
         return self.penalty_on(weight_matrices(model)) if self.l1 or self.l2 else None
 
     def penalty_on(self, weights: list[torch.Tensor]) -> torch.Tensor | None:
-        """penalty() of these weight matrices (members.py: each stacked over the members, whose
+        """penalty() of these weight matrices (training/members.py: each stacked over the members, whose
         penalties the sum keeps apart)."""
         if not (self.l1 or self.l2):
             return None
@@ -126,7 +126,7 @@ class Regularization:
 
 def cap_norms_(w: torch.Tensor, max_value: float, stacked: int = 0) -> None:
     """Rescale each unit's (conv filter's) incoming weights to norm <= max_value, in place. `w` is
-    (out, in, *kernel), after `stacked` leading axes of copies (members.py: one, the members)."""
+    (out, in, *kernel), after `stacked` leading axes of copies (training/members.py: one, the members)."""
     units = stacked + 1
     norms = w.flatten(units).norm(dim=units).reshape(*w.shape[:units], *[1] * (w.ndim - units))
     w.mul_((max_value / norms.clamp_min(1e-12)).clamp(max=1.0))

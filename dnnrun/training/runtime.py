@@ -162,7 +162,7 @@ def build_model(cfg: RunConfig, data: Data, model_cfg=None) -> tuple[model_mod.N
 def build_for(
     cfg: RunConfig, inputs: model_mod.Inputs, model_cfg=None
 ) -> tuple[model_mod.Network, regularizers.Regularization]:
-    """build_model for inputs described without their data (predict.py: from a checkpoint)."""
+    """build_model for inputs described without their data (inference/predict.py: from a checkpoint)."""
     reg = regularizers.combine(cfg.regularizer)
     layers = model_mod.Layers(act=cfg.act, norm=cfg.norm, init=cfg.init, reg=reg)
     return model_mod.build(model_cfg or cfg.model, inputs, layers), reg
