@@ -193,6 +193,15 @@ def test_an_optimizer_that_is_not_elementwise_is_refused(monkeypatch):
     assert parse_run_config(raw).optimizer.name == "lbfgs"
 
 
+def test_members_under_torchrun_are_refused_before_anything_is_written(tmp_path: Path, monkeypatch):
+    from dnnrun.training import distributed
+
+    monkeypatch.setattr(distributed, "rank_world", lambda: (0, 2))  # as a process torchrun started
+    with pytest.raises(UserError, match="members cannot run under torchrun .members share one process"):
+        loop.run(make_config("trainer.seeds=[0,1]"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_members_leave_run_directories_the_other_commands_read(tmp_path: Path):
     run = tmp_path / "run"
     args = ["trainer.seeds=[0,1]", "trainer.epochs=2", "model=cnn", "model.channels=[4]", "data=digits"]
@@ -206,7 +215,7 @@ def test_members_leave_run_directories_the_other_commands_read(tmp_path: Path):
     member = run / "members" / "seed_1"
     assert "train_eval/loss" in read_jsonl(member / "metrics.jsonl")[-1]  # dropout: trainer.eval_train=auto
     assert list((member / "tensorboard").glob("events.out.tfevents.*"))  # each member's own logger
-    assert set(json.loads((member / "activations.json").read_text())) == {"start", "end"}
+    assert not (member / "activations.json").exists()  # the plots' input: with trainer.diagnostics.plots=true
     model = dnnrun.load(member)  # mode=predict, evaluate, transfer and export read it as a single run's
     assert model.config.trainer.seed == 1 and model.config.trainer.seeds is None
     result = run_cli("mode=evaluate", f"evaluate.checkpoint={member / 'checkpoints' / 'best.pt'}",
@@ -345,3 +354,11 @@ def test_performance_scheduling_cuts_each_members_rate_on_its_own_plateaus(tmp_p
         assert [r["val/loss"] for r in mine] == pytest.approx([r["val/loss"] for r in theirs], rel=1e-4)
         rates.add(tuple(r["lr"] for r in mine))
     assert any(len(set(r)) > 1 for r in rates)  # the rate was cut
+
+
+def test_members_draw_their_plots_when_asked(tmp_path: Path):
+    loop.run(make_config(*SMALL, "trainer.seeds=[0,1]", "trainer.diagnostics.plots=true"), tmp_path)
+    for seed in (0, 1):
+        member = tmp_path / "members" / f"seed_{seed}"
+        assert (member / "plots" / "learning_curves.png").is_file()
+        assert set(json.loads((member / "activations.json").read_text())) == {"start", "end"}

@@ -36,7 +36,7 @@ from dnnrun.models.network import DROPOUTS, count_parameters
 from dnnrun.store.rundir import RunDir, now
 from dnnrun.techniques.activations import ACTIVATIONS
 from dnnrun.techniques.norms import is_batch_norm
-from dnnrun.training import distributed, runtime, setup
+from dnnrun.training import distributed, members, runtime, setup
 from dnnrun.training.callbacks import Callbacks
 from dnnrun.training.checkpointing import Checkpoints
 from dnnrun.training.early_stopping import EarlyStopping
@@ -159,9 +159,9 @@ class Tally:
 
     def running(self) -> Running:
         """The epoch so far for the progress bar, the mean over the members (a read of the device)."""
-        loss = sum(self.loss_sum)
+        loss = sum(v for v in self.loss_sum if math.isfinite(v))  # a diverged member's is not
         if self._loss is not None:
-            loss += float(self._loss.sum())
+            loss += float(torch.where(self._loss.isfinite(), self._loss, 0).sum())
         return Running(self.batches, self.seen[0], loss / len(self.seen))
 
 
@@ -202,45 +202,33 @@ class Loop:
         self.shuffles = [torch.Generator().manual_seed(s) for s in seeds]
         self.augments = [Augment(cfg.data.augment, s) for s in seeds] if cfg.data.augment else None
         self.probe = self.data.val.x[:512]  # a fixed batch for the activation snapshots
+        plots = tc.diagnostics.plots
+        self.plots = self.rank == 0 and (plots is True or (plots == "auto" and self.k == 1))
+        self.snapshotted = self.k == 1 or self.plots  # members': for their plots only (16 members: 32 passes)
         self.train_eval = train_eval_subset(cfg, self.data.train, self.engine.member_module(0))
-        self.tally = Tally(EpochProgress(0, [MemberProgress(g.get_state()) for g in self.shuffles]), True)
+        self.tally = Tally(EpochProgress(0, [MemberProgress(g.get_state()) for g in self.shuffles]), True)  # an epoch's
 
         self.early_stopping = EarlyStopping(tc.early_stopping, tc.monitor, self.k)
         self.loggers = loggers.Loggers(cfg.logger, self.dirs)
         inputs = self.data.preprocess.to_dict() if self.data.preprocess else None
         self.checkpoints = Checkpoints(run_dir, self.dirs, cfg.raw, inputs, self.early_stopping, hook.before_rename)
-        every = diagnostics_every(cfg, self.engine)
-        self.callbacks = Callbacks(
-            [
-                Unfreezing(cfg.transfer, reuse),
-                self.early_stopping,
-                *(
-                    [
-                        diagnostics.LayerStats(
-                            self.engine.module, ACTIVATIONS[cfg.act.name], every, run_dir, self.loggers.each[0]
-                        )
-                    ]
-                    if every
-                    else []
-                ),  # fmt: skip
-                EpochBar(tc.progress, tc.epochs),
-                self.loggers,
-                self.checkpoints,
-                hook,
-            ]
-        )
+        features = [Unfreezing(cfg.transfer, reuse), self.early_stopping]  # in the order they are called
+        if every := diagnostics_every(cfg, self.engine):
+            module, unit = self.engine.module, ACTIVATIONS[cfg.act.name]
+            features.append(diagnostics.LayerStats(module, unit, every, run_dir, self.loggers.each[0]))
+        self.callbacks = Callbacks([*features, EpochBar(tc.progress, tc.epochs), self.loggers, self.checkpoints, hook])
         if start.checkpoint is not None:
             self.state = self.checkpoints.restore(self, start.checkpoint, start.resume_from)
             self.snapshots = [d.read_activations() for d in self.dirs]
         else:  # where supervised training starts
-            self.snapshots = [{"start": diagnostics.snapshot(self.engine.member_module(k), self.probe)}
-                              for k in range(self.k)]  # fmt: skip
+            self.snapshots = [{"start": self._snapshot(k)} if self.snapshotted else {} for k in range(self.k)]
         # The files that run on from the checkpoint hold exactly its epochs and steps.
         for d, member in zip(self.dirs, self.state.members):
             d.path.mkdir(parents=True, exist_ok=True)
             d.rewrite_metrics(member.history)
         progress = self.state.progress
-        run_dir.truncate_diagnostics(self.state.step + (progress.batches if progress else 0))
+        if self.k == 1:  # the per-layer statistics are a module's
+            run_dir.truncate_diagnostics(self.state.step + (progress.batches if progress else 0))
         self._record_start()
 
     def _record_start(self) -> None:
@@ -488,9 +476,10 @@ class Loop:
         test_loss, test_acc = self.engine.evaluate(self.data.test, tc.eval_batch_size) if tested else ([], [])
         summaries = []
         for k, member in enumerate(state.members):
-            if k in tested:
-                self.snapshots[k]["end"] = diagnostics.snapshot(self.engine.member_module(k), self.probe)
-            self.dirs[k].write_activations(self.snapshots[k])
+            if self.snapshotted:
+                if k in tested:
+                    self.snapshots[k]["end"] = self._snapshot(k)
+                self.dirs[k].write_activations(self.snapshots[k])
             test = {"test/loss": test_loss[k], "test/acc": test_acc[k], "weights": weights[k]} if k in tested else None
             summaries.append(self._member_summary(k, member, test))
         if self.k == 1:
@@ -502,23 +491,20 @@ class Loop:
                 s.update(status=_status(ending, state.members[k]), finished=now(), seed=state.members[k].seed,
                          run_dir=str(run))  # fmt: skip
                 run.write_summary(s)
-            summary.update(_members_aggregate(summaries, logits, self.data.test.y))
+            summary.update(members.aggregate(summaries, logits, self.data.test.y))
         summary["wall_time_s"] = time.perf_counter() - self.wall_start
         for k, s in enumerate(summaries):
             self.loggers.finish(k, self.cfg, summary if self.k == 1 else s)
         if summary.get("stop_reason"):
             log.info(summary["stop_reason"])
-        plots = tc.diagnostics.plots
-        if self.rank == 0 and (plots is True or (plots == "auto" and self.k == 1)):
+        if self.plots:
             from dnnrun.insight.plots import plot_run  # matplotlib is imported only when plots are drawn
 
             for run in self.dirs:
                 plot_run(run)
         finish_summary(self.run_dir, summary, _status(ending), error=str(ending) if ending else None)
         if self.k > 1:
-            from dnnrun.training.members import table
-
-            console.print(table(summaries, summary["aggregate"], summary["ensemble"]))
+            console.print(members.table(summaries, summary["aggregate"], summary["ensemble"]))
             log.info("run directory: %s (members under members/)", self.run_dir)
             return summary
         if ending is None:
@@ -527,6 +513,9 @@ class Loop:
         if ending is None:
             log.info("run directory: %s", self.run_dir)
         return summary
+
+    def _snapshot(self, k: int) -> dict[str, Any]:
+        return diagnostics.snapshot(self.engine.member_module(k), self.probe)
 
     def _member_summary(self, k: int, member: MemberState, test: dict[str, Any] | None) -> dict[str, Any]:
         history, tc = member.history, self.cfg.trainer
@@ -554,12 +543,6 @@ def _status(ending: Diverged | Interrupted | None, member: MemberState | None = 
     if member is not None and member.diverged is not None or isinstance(ending, Diverged):
         return "diverged"
     return "interrupted" if isinstance(ending, Interrupted) else "completed"
-
-
-def _members_aggregate(summaries, logits, y):
-    from dnnrun.training.members import aggregate
-
-    return aggregate(summaries, logits, y)
 
 
 def diagnostics_every(cfg: RunConfig, engine) -> int:

@@ -54,7 +54,7 @@ class ModuleEngine:
         # must agree on every step anyway (torchrun): a non-finite loss then skips its own update.
         self.guard = device.type in engine.READ_EACH_STEP or self.world > 1
         self._lr = self.optimizer.param_groups[0]["lr"]
-        self.forward = self._forward()
+        self.forward: Callable[[torch.Tensor], torch.Tensor] | None = None  # refresh() builds it
 
     def _forward(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """What the training forward pass runs: under torchrun, DistributedDataParallel over the
@@ -67,8 +67,10 @@ class ModuleEngine:
         return runtime.Compiled(module) if self.cfg.trainer.compile else module
 
     def refresh(self) -> None:
-        """The set of trained parameters changed (unfreezing): DDP must now average their gradients too."""
-        if self.world > 1:
+        """The training forward pass, built once the trained parameters are known (the loop calls
+        this as training starts, and Unfreezing when that set grows: DDP must then average the
+        unfrozen parameters' gradients too)."""
+        if self.forward is None or self.world > 1:
             self.forward = self._forward()
 
     @property

@@ -113,8 +113,9 @@ def build(cfg: RunConfig, start: Start, device: torch.device, steps: int, summar
         reuse.reused_layers = transfer.reused_layers(cfg.transfer, start.source)
         reuse.reused = transfer.reuse(model, start.source, reuse.reused_layers, cfg.transfer.source)
     elif start.checkpoint is not None:  # what the checkpoint's run reused: its param groups are the optimizer's
-        saved = start.checkpoint["callbacks"].get("unfreezing") or {}
-        reuse.reused, reuse.reused_layers = list(saved.get("reused", [])), list(saved.get("reused_layers", []))
+        saved = start.checkpoint["callbacks"].get("unfreezing", {})
+        checkpoint.check_entry(start.resume_from, "callbacks.unfreezing", saved, checkpoint.entries(Reuse))
+        reuse = Reuse(**saved)
     if reuse.reused:
         summary["transfer"] = transfer.summary(cfg, reuse.reused_layers, start.model_cfg.widths)
     if start.checkpoint is None and cfg.pretrain.name != "none":
