@@ -384,7 +384,78 @@ def test_the_allowed_plugin_settings_pass(argv, tmp_path):
     assert cli.check_command_line([*(a.format(root=tmp_path) for a in argv), f"outputs={tmp_path}"]) == []
 
 
-@pytest.mark.parametrize("subdir", ["../../elsewhere", "/elsewhere/${hydra.job.num}"])
+@pytest.mark.parametrize("subdir", ["../../elsewhere", "/elsewhere/${hydra.job.num}", "${oc.env:HOME}/x"])
 def test_a_sweep_subdir_that_leads_out_is_refused_before_any_job(subdir, tmp_path):
     problems = cli.check_command_line(["-m", "act=relu,elu", f"hydra.sweep.subdir={subdir}", f"outputs={tmp_path}"])
-    assert any("hydra.sweep.subdir" in p and "leads out of the sweep's directory" in p for p in problems), problems
+    assert any("hydra.sweep.subdir" in p and "lead out of the sweep's directory" in p for p in problems), problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Hydra's whole namespace on an allow-list
+
+HYDRA_REFUSED = {  # command line: what the one problem must say
+    "+hydra.job.env_set.LD_PRELOAD=payload.so": "hydra.job.env_set.LD_PRELOAD: a config may set only OMP_NUM_THREADS",
+    "+hydra.job.env_set.CXX=script": "hydra.job.env_set.CXX: a config may set only",
+    "+hydra.job.env_set.DNNRUN_FAULT='raise@step=1'": "hydra.job.env_set.DNNRUN_FAULT: a config may set only",
+    "+hydra.job.env_set.OMP_NUM_THREADS=two": "hydra.job.env_set.OMP_NUM_THREADS: 'two' is not a value for it",
+    "hydra.job.env_copy=[HOME]": "hydra.job.env_copy: HOME: a config may set only",
+    "hydra.job.env_copy=[NOT_SET_ANYWHERE]": "hydra.job.env_copy: NOT_SET_ANYWHERE is not set in the environment",
+    "hydra.output_subdir=/tmp/elsewhere": "hydra.output_subdir: '/tmp/elsewhere' leads out of the run directory",
+    "hydra.output_subdir=../../x": "hydra.output_subdir: '../../x' leads out of the run directory",
+    "hydra.job.chdir=true": "hydra.job.chdir: dnnrun keeps the working directory",
+    "hydra.job.name=../x": "hydra.job.name: '../x' names files of the job",
+    "+hydra.whatever=1": "hydra.whatever: not a Hydra setting a config may change; valid under hydra: run, sweep",
+    "+hydra.job.extra=1": "hydra.job.extra: not a Hydra setting a config may change; valid under hydra.job: name",
+}
+
+
+@pytest.mark.parametrize("override", HYDRA_REFUSED)
+def test_hydras_own_settings_are_on_an_allow_list(override, tmp_path):
+    problems = cli.check_command_line([override, f"outputs={tmp_path}"])
+    assert any(HYDRA_REFUSED[override] in p for p in problems), problems
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_what_the_allow_list_lets_a_config_set(tmp_path):
+    allowed = ["+hydra.job.env_set.OMP_NUM_THREADS=2", "+hydra.job.env_set.CUDA_VISIBLE_DEVICES='0,1'",
+               "hydra.output_subdir=.hydra", "hydra.verbose=true", "hydra.job.name=exp1"]  # fmt: skip
+    assert cli.check_command_line([*allowed, f"outputs={tmp_path}"]) == []
+
+
+def test_the_fault_hook_cannot_be_switched_on_from_a_config(tmp_path):
+    result = run_cli("+hydra.job.env_set.DNNRUN_FAULT='kill@step=1'", "trainer.epochs=1", cwd=tmp_path)
+    assert result.returncode == 2 and "DNNRUN_FAULT: a config may set only" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+PARAMS = """\
+# @package _global_
+hydra:
+  sweeper:
+    params:
+      act: relu,elux
+      {hydra_key}: x
+"""
+
+
+@pytest.mark.parametrize("hydra_key", ["hydra.job_logging.handlers.file.filename", "hydra.job.env_set.X"])
+def test_a_sweepers_params_are_checked_before_the_first_job(hydra_key, tmp_path):
+    """What hydra.sweeper.params sets per job comes from a config file the command line's check
+    never saw as overrides: each job's values are checked as the command line's, and a key of
+    Hydra's own namespace is refused outright."""
+    conf = tmp_path / "conf" / "experiment"
+    conf.mkdir(parents=True)
+    (conf / "sweep.yaml").write_text(PARAMS.format(hydra_key=hydra_key))
+    result = run_cli("-m", "--config-dir", str(tmp_path / "conf"), "experiment=sweep", "trainer.epochs=1", cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"hydra.sweeper.params.{hydra_key}: a sweep may not set Hydra's own settings per job" in result.stderr
+    assert "act=elux: unknown act option 'elux'" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conf"]  # no job ran, nothing made
+
+
+@pytest.mark.parametrize("root", ["afile", "afile/below", "/proc"])
+def test_an_outputs_root_that_cannot_be_made_is_refused_without_a_traceback(root, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    result = run_cli(f"outputs={root}", "trainer.epochs=1", cwd=tmp_path, root_at_cwd=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "hydra.run.dir cannot be made:" in result.stderr

@@ -45,3 +45,20 @@ def test_a_run_whose_config_no_longer_composes_the_same_is_refused_with_the_diff
     assert "cannot run again exactly" in result.stderr and not (tmp_path / "again").exists()
     result = run_cli(f"rerun={tmp_path / 'nowhere'}", cwd=tmp_path)
     assert result.returncode == 2 and f"rerun={tmp_path / 'nowhere'}: no such directory" in result.stderr
+
+
+def test_a_rerun_takes_nothing_of_where_the_first_run_wrote(tmp_path: Path):
+    """A run directory copied from elsewhere may name any place in its overrides: the re-run leaves
+    them out and writes where its own command line says."""
+    root, elsewhere = tmp_path / "root", tmp_path / "elsewhere"
+    root.mkdir()
+    run = root / "run"
+    assert run_cli("trainer.epochs=1", f"hydra.run.dir={run}", cwd=root).returncode == 0
+    saved = run / ".hydra" / "overrides.yaml"
+    crafted = [f"outputs={elsewhere}", f"hydra.run.dir={elsewhere / 'run'}", "hydra.output_subdir=../../y",
+               f"data.root={elsewhere / 'data'}", "+hydra.job.env_set.LD_PRELOAD=x.so"]  # fmt: skip
+    saved.write_text(yaml.safe_dump([*yaml.safe_load(saved.read_text()), *crafted]))
+    result = run_cli(f"rerun={run}", f"hydra.run.dir={root / 'again'}", cwd=root)
+    assert result.returncode == 0, result.stderr
+    assert not elsewhere.exists() and not (tmp_path / "y").exists()
+    assert _metrics(root / "again") == _metrics(run)

@@ -25,7 +25,15 @@ from omegaconf.errors import InterpolationToMissingValueError, OmegaConfBaseExce
 from dnnrun.cli.compose import COMPOSE_ERRORS, Composer, Refused, composer_for, parse, quoted
 from dnnrun.cli.conf import CONFIG_NAME
 from dnnrun.cli.messages import error, explain
-from dnnrun.cli.rules import code_problems, logging_file_problems, outside_outputs, plugin_problems, subdir_problems
+from dnnrun.cli.rules import (
+    code_problems,
+    hydra_problems,
+    logging_file_problems,
+    outside_outputs,
+    plugin_problems,
+    subdir_problems,
+    unwritable,
+)
 from dnnrun.config.schema import did_you_mean, unknown
 from dnnrun.errors import EXIT_BAD_INPUT, ConfigError
 
@@ -180,7 +188,9 @@ def _check(
         return Preflight([str(refused)])
 
 
-def _check_composed(composer: Composer, parsed: list, multirun: bool, launching: bool) -> Preflight:
+def _check_composed(
+    composer: Composer, parsed: list, multirun: bool, launching: bool, with_params: bool = True
+) -> Preflight:
     problems: list[str] = []
     fixed, group_sweeps, values = _group_choices(composer, parsed, problems)
     if problems and not values:
@@ -195,6 +205,10 @@ def _check_composed(composer: Composer, parsed: list, multirun: bool, launching:
     except COMPOSE_ERRORS as exc:
         return Preflight(problems + [explain(exc)])
     multirun = multirun or master.hydra.mode == RunMode.MULTIRUN
+    if multirun and with_params and (params := _sweeper_params(master, problems)):
+        # What the sweeper sets per job is checked as the command line's: before the first job starts.
+        found = _check_composed(composer, [*params, *parsed], multirun, launching, with_params=False)
+        return dataclasses.replace(found, problems=list(dict.fromkeys(problems + found.problems)))
     if not multirun:
         problems += composer.sweep_problems(parsed)
     applied, value_sweeps = _value_overrides(values, master, problems)
@@ -210,12 +224,14 @@ def _check_composed(composer: Composer, parsed: list, multirun: bool, launching:
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     resolvable = _resolvable(master)
     where, root = _select(resolvable, key), _select(resolvable, "outputs")
-    problems += code_problems(resolvable.hydra) + plugin_problems(resolvable.hydra, root)
+    problems += (
+        hydra_problems(resolvable.hydra) + code_problems(resolvable.hydra) + plugin_problems(resolvable.hydra, root)
+    )
     problems += logging_file_problems(resolvable.hydra, where) + (subdir_problems(resolvable.hydra) if multirun else [])
     for label, cfg in jobs:
         if cfg is not master:
             resolvable = _resolvable(cfg)
-        found = code_problems(resolvable.hydra) if cfg is not master else []
+        found = hydra_problems(resolvable.hydra) + code_problems(resolvable.hydra) if cfg is not master else []
         if launching:
             found += _directory_problems(resolvable, key, where) + _value_problems(resolvable)
         problems += [f"with {label}: {p}" if label else p for p in found if p not in problems]
@@ -260,6 +276,26 @@ def _group_choices(composer: Composer, parsed: list, problems: list[str]) -> tup
         elif valid:
             fixed.append(valid[0])
     return fixed, group_sweeps, values
+
+
+def _sweeper_params(master: DictConfig, problems: list[str]) -> list:
+    """The overrides a sweeper's `params` (hydra.sweeper.params) makes per job, as overrides of the
+    command line; a key of Hydra's own namespace is refused outright (it would reach each job
+    unchecked)."""
+    node = OmegaConf.select(master, "hydra.sweeper.params", default=None)
+    if not isinstance(node, DictConfig) or not node:
+        return []
+    found = []
+    for key, value in OmegaConf.to_container(node, resolve=False).items():
+        where = f"hydra.sweeper.params.{key}"
+        if str(key).lstrip("+~").split(".")[0].split("/")[0] == "hydra":
+            problems.append(f"{where}: a sweep may not set Hydra's own settings per job; set them for the whole sweep")
+            continue
+        try:
+            found.append(parse(f"{key}={value}"))
+        except HydraException as exc:
+            problems.append(f"{where}: {explain(exc)}")
+    return found
 
 
 def _sweep_without_multirun(master: DictConfig, parsed: list) -> list[str]:
@@ -426,7 +462,7 @@ def _directory_problems(cfg: DictConfig, key: str, where: str | None) -> list[st
         return []  # the value check reports it
     if not isinstance(root, str) or where is None:
         return []  # the value check reports a bad root; a directory known only at launch: the task checks it
-    outside = outside_outputs(root, {key: Path(where)})
+    outside = outside_outputs(root, {key: Path(where)}) or unwritable(Path(where), key)
     return [outside] if outside else []
 
 

@@ -71,6 +71,8 @@ class Composer:
             )
         except AttributeError as exc:  # OmegaConf validating some values of Hydra's nodes: hydra.sweeper.params={...}
             raise HydraException(" ".join(str(exc).split())) from None
+        except KeyError as exc:  # hydra.job.env_copy naming a variable the environment lacks
+            raise HydraException(f"hydra.job.env_copy: {exc.args[0]} is not set in the environment") from None
 
     def sweep_problems(self, parsed: list) -> list[str]:
         """Hydra's refusal of a sweep in a single run (ambiguous or needing --multirun)."""

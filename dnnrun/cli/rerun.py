@@ -3,6 +3,11 @@ was run with (RUN_DIR/.hydra/overrides.yaml, read as YAML: nothing is unpickled,
 --experimental-rerun), into a new run directory. Overrides given beside it win over the saved
 ones of the same key (`dnnrun rerun=RUN trainer.epochs=40` continues the comparison further).
 
+Where the first run read and wrote (`outputs`, `data.root`, `data.download`, any `hydra.*`: its run
+directory, its logging) is not taken from the saved overrides: a run directory copied from
+elsewhere could name any place. The re-run writes where this command line says, and its overrides
+pass the same check as a command line's.
+
 The saved overrides must still compose the config the run had: when this dnnrun's defaults have
 changed since, the settings that differ are listed and nothing runs, since an exact re-run is
 then impossible (run it with the dnnrun that made it)."""
@@ -14,7 +19,8 @@ from pathlib import Path
 from dnnrun.errors import UserError
 
 KEY = "rerun"
-NOT_RERUN = ("trainer.resume", "trainer.force_resume")  # a re-run starts afresh
+# a re-run starts afresh, and where it reads and writes is this command line's
+NOT_RERUN = ("trainer.resume", "trainer.force_resume", "outputs", "data.root", "data.download", "hydra")
 
 
 def expand(argv: list[str]) -> list[str]:
@@ -29,7 +35,7 @@ def expand(argv: list[str]) -> list[str]:
     run = Path(given[0].split("=", 1)[1]).expanduser()
     saved = _saved_overrides(run)
     rest = [a for a in argv if not a.startswith(f"{KEY}=")]
-    kept = [o for o in saved if _key(o) not in NOT_RERUN]
+    kept = [o for o in saved if not any(_key(o) == k or _key(o).startswith((f"{k}.", f"{k}/")) for k in NOT_RERUN)]
     _check_composes_as_saved(run, kept)
     given_keys = {_key(a) for a in rest if "=" in a}
     return [*(o for o in kept if _key(o) not in given_keys), *rest]

@@ -9,7 +9,9 @@ Hydra's launchers and sweepers, Optuna's samplers and the classes of Python's lo
 from __future__ import annotations
 
 import functools
+import os
 import re
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -332,11 +334,198 @@ def logging_file_problems(hydra: DictConfig, where: str | None) -> list[str]:
     return problems
 
 
+# What a job's directory name (hydra.sweep.subdir) may interpolate: what Hydra knows of the job.
+SUBDIR_INTERPOLATIONS = re.compile(
+    r"\$\{(hydra[.:]job\.(num|id|name|override_dirname)|dnnrun\.digest:[^{}]*(\$\{hydra[.:]job\.\w+\}[^{}]*)?)\}"
+)
+
+
 def subdir_problems(hydra: DictConfig) -> list[str]:
-    """A sweep's jobs stay inside its directory: hydra.sweep.subdir is relative, without `..`
-    (it is known only when each job starts, so its text is checked)."""
+    """A sweep's jobs stay inside its directory: hydra.sweep.subdir is relative, without `..`, and
+    interpolates only what Hydra knows of the job (it is known only when each job starts, so its
+    text is checked: `${oc.env:...}` could lead anywhere)."""
     sweep = hydra.get("sweep")
     raw = OmegaConf.to_container(sweep, resolve=False).get("subdir") if isinstance(sweep, DictConfig) else None
-    if isinstance(raw, str) and (Path(raw).is_absolute() or ".." in Path(raw).parts):
-        return [f"hydra.sweep.subdir: {raw!r} leads out of the sweep's directory; give a relative path without '..'"]
+    if not isinstance(raw, str):
+        return []
+    rest = SUBDIR_INTERPOLATIONS.sub("x", raw)
+    if Path(raw).is_absolute() or ".." in Path(rest).parts or "${" in rest:
+        return [
+            f"hydra.sweep.subdir: {raw!r} may lead out of the sweep's directory; give a relative path without '..' "
+            "that interpolates only ${hydra.job.num}, ${hydra.job.id}, ${hydra.job.override_dirname} or "
+            "${dnnrun.digest:...}"
+        ]
     return []
+
+
+# ---------------------------------------------------------------------------------------------
+# Hydra's own namespace: what of it a config may set, each with its check; everything else is
+# refused. (The launcher's and sweeper's settings, the callbacks and the logging configs have
+# their own lists above; the run and sweep directories are checked where they are resolved.)
+
+CHECKED = "checked apart"  # by code_problems, plugin_problems, logging_file_problems, the directory checks
+ANY = "any plain value"
+HYDRAS_OWN = "Hydra's record"  # Hydra writes these itself as it composes and runs: a config's value is overwritten
+# Environment variables a job may have set (hydra.job.env_set) or copied (env_copy): thread counts,
+# the GPUs a job sees, the data root. Never what the dynamic loader, a compiler or Python reads
+# (LD_PRELOAD, CXX, PYTHONPATH, ...), nor dnnrun's test hooks (DNNRUN_FAULT).
+ENV_VARIABLES = {
+    "OMP_NUM_THREADS": r"\d+",
+    "MKL_NUM_THREADS": r"\d+",
+    "OPENBLAS_NUM_THREADS": r"\d+",
+    "NUMEXPR_NUM_THREADS": r"\d+",
+    "CUDA_VISIBLE_DEVICES": r"[\w,-]*",  # indices or GPU UUIDs
+    "DNNRUN_DATA": r"[^\n\r]+",  # where datasets are cached (data.root's default)
+}
+HYDRA_SETTINGS: dict = {
+    "run": {"dir": CHECKED},
+    "sweep": {"dir": CHECKED, "subdir": CHECKED},
+    "launcher": CHECKED,
+    "sweeper": CHECKED,
+    "callbacks": CHECKED,
+    "job_logging": CHECKED,
+    "hydra_logging": CHECKED,
+    "help": ANY,  # --help's templates
+    "hydra_help": ANY,
+    "verbose": ANY,
+    "mode": ANY,
+    "searchpath": ANY,  # where configs are read from: what they hold is checked like the rest
+    "env": "empty",
+    "output_subdir": "output_subdir",
+    "overrides": HYDRAS_OWN,
+    "runtime": HYDRAS_OWN,
+    "job": {
+        "name": "name",
+        "chdir": "chdir",
+        "env_set": "env_set",
+        "env_copy": "env_copy",
+        "override_dirname": HYDRAS_OWN,
+        "id": HYDRAS_OWN,
+        "num": HYDRAS_OWN,
+        "config_name": HYDRAS_OWN,
+        "config": {"override_dirname": {"kv_sep": "line", "item_sep": "line", "exclude_keys": ANY}},
+    },
+}
+
+
+def hydra_problems(hydra: DictConfig, spec: dict | None = None, path: str = "hydra") -> list[str]:
+    """What a composed config's hydra node sets outside HYDRA_SETTINGS, or against its check."""
+    spec = HYDRA_SETTINGS if spec is None else spec
+    problems = []
+    for key in hydra.keys():
+        where = f"{path}.{key}"
+        rule = spec.get(key)
+        if rule is None:
+            valid = [str(k) for k in spec]
+            problems.append(
+                f"{where}: not a Hydra setting a config may change; valid under {path}: {', '.join(valid)}"
+                f"{did_you_mean(key, valid)}"
+            )
+            continue
+        if rule in (CHECKED, ANY, HYDRAS_OWN):
+            continue
+        try:
+            value = hydra[key]
+        except OmegaConfBaseException as exc:
+            problems.append(f"{where}: cannot be checked before the run ({explain(exc)}); give it a plain value")
+            continue
+        if isinstance(rule, dict):
+            if isinstance(value, DictConfig):
+                problems += hydra_problems(value, rule, where)
+            elif value is not None:
+                problems.append(f"{where}: expected a mapping, got {value!r}")
+            continue
+        problems += _HYDRA_CHECKS[rule](where, value)
+    return problems
+
+
+def _empty(where: str, value: object) -> list[str]:
+    return [] if not value else [f"{where}: dnnrun uses no setting here; leave it empty, got {value!r}"]
+
+
+def _output_subdir(where: str, value: object) -> list[str]:
+    """Hydra's config snapshot goes inside the run directory, or nowhere (null: dnnrun writes .hydra/)."""
+    if value is None:
+        return []
+    path = Path(str(value))
+    if path.is_absolute() or ".." in path.parts or "${" in str(value) or not str(value).strip():
+        return [f"{where}: {value!r} leads out of the run directory; give a relative name such as .hydra, or null"]
+    return []
+
+
+def _job_name(where: str, value: object) -> list[str]:
+    if isinstance(value, str) and re.fullmatch(r"[\w.-]+", value) and value not in (".", ".."):
+        return []
+    return [f"{where}: {value!r} names files of the job (NAME.log): letters, digits, '.', '_' and '-' only"]
+
+
+def _chdir(where: str, value: object) -> list[str]:
+    if value is False or value is None:
+        return []
+    return [
+        f"{where}: dnnrun keeps the working directory (relative paths, the outputs root among them, are read from "
+        "where dnnrun starts, and every run writes to its own directory anyway); leave it false"
+    ]
+
+
+def _env_set(where: str, value: object) -> list[str]:
+    if not isinstance(value, DictConfig):
+        return [] if not value else [f"{where}: expected a mapping of variables, got {value!r}"]
+    problems = []
+    for name in value:
+        pattern = ENV_VARIABLES.get(str(name))
+        try:
+            setting = value[name]
+        except OmegaConfBaseException as exc:
+            problems.append(f"{where}.{name}: cannot be checked before the run ({explain(exc)})")
+            continue
+        if pattern is None:
+            problems.append(_env_refused(f"{where}.{name}"))
+        elif not re.fullmatch(pattern, str(setting)):
+            problems.append(f"{where}.{name}: {setting!r} is not a value for it (expected {pattern})")
+    return problems
+
+
+def _env_copy(where: str, value: object) -> list[str]:
+    return [_env_refused(f"{where}: {name}") for name in (value or []) if str(name) not in ENV_VARIABLES]
+
+
+def _env_refused(what: str) -> str:
+    return (
+        f"{what}: a config may set only {', '.join(ENV_VARIABLES)} for a job (thread counts, the GPUs it sees, the "
+        "data root); not what the loader, a compiler or Python reads, nor dnnrun's test hooks"
+    )
+
+
+def _line(where: str, value: object) -> list[str]:
+    return [f"{where}: must be one line, got {value!r}"] if "\n" in str(value) or "\r" in str(value) else []
+
+
+_HYDRA_CHECKS = {
+    "empty": _empty,
+    "output_subdir": _output_subdir,
+    "name": _job_name,
+    "chdir": _chdir,
+    "env_set": _env_set,
+    "env_copy": _env_copy,
+    "line": _line,
+}
+
+
+def unwritable(path: Path, what: str) -> str | None:
+    """Why a directory cannot be made at `path` (a file in the way, a folder it may not write in),
+    or None: checked before Hydra makes it, which would end in a traceback. The nearest folder that
+    exists is tried for real (a folder made and removed at once: permissions alone do not tell of a
+    read-only or special file system)."""
+    path = Path(path).expanduser().absolute()
+    for parent in [path, *path.parents]:
+        if not parent.exists():
+            continue
+        if not parent.is_dir():
+            return f"{what} cannot be made: {parent} is a file, not a folder"
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".dnnrun-probe-", dir=parent))
+        except OSError as exc:
+            return f"{what} cannot be made: dnnrun cannot write in {parent} ({exc.strerror or exc})"
+        return None
+    return None
