@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import socket
 from pathlib import Path
 
@@ -167,3 +168,14 @@ def test_evaluate_without_dnnrun_data_reads_the_checkpoints_root_and_download_se
     )
     assert result.returncode == 2 and f"{tmp_path / 'elsewhere' / 'FashionMNIST'}" in result.stderr
     assert "and data.download=false" in result.stderr and offline == []
+
+
+def test_nothing_is_downloaded_into_a_root_that_only_the_checkpoint_names(tmp_path: Path, offline):
+    """A checkpoint from elsewhere names its data root and download=true: evaluating it creates no
+    folder there and tries no download; it says where to point dnnrun instead."""
+    write_mnist_like(tmp_path / "data" / "FashionMNIST" / "raw")
+    best = _train_on_fashion_mnist_files(tmp_path, f"data.root={tmp_path / 'data'}")  # download=true
+    shutil.rmtree(tmp_path / "data")
+    result = run_cli("mode=evaluate", f"evaluate.checkpoint={best}", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "data").exists() and offline == []

@@ -163,3 +163,12 @@ def test_a_k_fold_sweep_is_reported_as_mean_and_std_over_the_folds(tmp_path: Pat
     rows = list(csv.DictReader(open(tmp_path / "report" / "report.csv")))
     assert sorted(r["act"] for r in rows) == ["elu", "relu"] and all(r["runs"] == "3" for r in rows)
     assert all(float(r["val/acc std"]) >= 0 for r in rows) and "data.fold" not in rows[0]
+
+
+@pytest.mark.parametrize(
+    "name, what", [("missing", "does not exist"), ("empty", "is neither a run directory nor a sweep")]
+)
+def test_a_path_that_holds_no_run_is_bad_input(name, what, tmp_path: Path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert report.main([str(tmp_path / name)]) == 2
+    assert f"error: {tmp_path / name} {what}" in capsys.readouterr().err

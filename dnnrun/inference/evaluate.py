@@ -84,9 +84,13 @@ def run(cfg: RunConfig, run_dir: str | Path, on_start: Callable[[], None] | None
     # the composed root already ranks the first two; only DEFAULT_ROOT means "neither said", and
     # the checkpoint's root is taken then (data.root=~/.cache/dnnrun-data spelt out reads the same).
     # Downloading: the checkpoint's setting, unless data.download=false here forbids it (true is
-    # the composed default, so it cannot override a checkpoint trained with download=false).
-    root = cfg.data.root if cfg.data.root != DEFAULT_ROOT else trained.data.root
-    data_cfg = dataclasses.replace(trained.data, root=root, download=trained.data.download and cfg.data.download)
+    # the composed default, so it cannot override a checkpoint trained with download=false); never
+    # into the checkpoint's own root, which a file from elsewhere could set to any place.
+    own_root = cfg.data.root != DEFAULT_ROOT
+    root = cfg.data.root if own_root else trained.data.root
+    data_cfg = dataclasses.replace(
+        trained.data, root=root, download=trained.data.download and cfg.data.download and own_root
+    )
     trained = dataclasses.replace(trained, data=data_cfg)
     device = runtime.resolve_device(cfg.trainer.device)
     runtime.seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)

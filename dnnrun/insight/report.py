@@ -24,7 +24,7 @@ from typing import Any
 from rich import box
 from rich.table import Table
 
-from dnnrun.errors import command
+from dnnrun.errors import UserError, command
 from dnnrun.insight.console import console
 from dnnrun.store.rundir import RunDir, SweepDir
 from dnnrun.training.metrics import maximized
@@ -42,7 +42,8 @@ def collect(paths: list[Path]) -> list[dict[str, Any]]:
         elif run.is_run():
             runs += _with_members(run)
         else:
-            raise SystemExit(f"error: {path} is neither a run directory nor a sweep directory")
+            what = "does not exist" if not path.exists() else "is neither a run directory nor a sweep directory"
+            raise UserError(f"{path} {what}")
     return runs
 
 
