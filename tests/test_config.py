@@ -143,3 +143,20 @@ def test_override_checks_name_the_option_or_key_and_suggest():
     assert "unknown key 'patiense' in trainer.early_stopping" in problem and "did you mean 'patience'" in problem
     (problem,) = check_overrides(["regularizer=[l2,l3]"])
     assert problem.startswith("regularizer=l3: unknown regularizer option 'l3'; valid: alpha_dropout, dropout, l1")
+
+
+CONTRADICTIONS = {  # the overrides, and what the one problem must say (naming both keys where there are two)
+    "regularizer=[l2,l2]": "regularizer: l2 is chosen twice; give each option once",
+    "trainer.seeds=[0,1] trainer.seed=3": "trainer.seed: 3 beside trainer.seeds=[0, 1]: the members' seeds are",
+    "data.val_size=0.5 data.test_size=0.6": "data.val_size: 0.5 with data.test_size=0.6 adds up to 1 or more",
+    "pretrain=rotation data=synthetic": "pretrain: pretrain=rotation rotates square images; data=synthetic's",
+}
+
+
+@pytest.mark.parametrize("overrides", CONTRADICTIONS)
+def test_contradictions_are_refused_before_anything_is_made(overrides, tmp_path):
+    from dnnrun import cli
+
+    problems = cli.check_command_line([*overrides.split(), f"outputs={tmp_path}"])
+    assert any(CONTRADICTIONS[overrides] in p for p in problems), problems
+    assert list(tmp_path.iterdir()) == []

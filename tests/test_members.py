@@ -362,3 +362,27 @@ def test_members_draw_their_plots_when_asked(tmp_path: Path):
         member = tmp_path / "members" / f"seed_{seed}"
         assert (member / "plots" / "learning_curves.png").is_file()
         assert set(json.loads((member / "activations.json").read_text())) == {"start", "end"}
+
+
+def test_a_finished_members_run_resumed_ends_as_it_did(tmp_path: Path):
+    """Dropout and batch norm: resuming after the last epoch trains nothing more and tests the same
+    best weights again."""
+    args = [*SMALL, "trainer.seeds=[0,1]", "regularizer=[dropout]", "norm=batchnorm"]
+    first = loop.run(make_config(*args), tmp_path)
+    again = loop.run(make_config(*args, "trainer.resume=auto"), tmp_path)
+    assert again["status"] == "completed" and again["aggregate"] == first["aggregate"]
+
+
+def test_members_signalled_twice_end_as_a_single_run_does(tmp_path: Path):
+    """A real process: SIGINT after step 5, again during the checkpoint's write and while the end is
+    recorded: exit 130, no traceback, the checkpoint whole, and the resume ends as a run never
+    stopped. (kill -9 leaves the files as test_members_stopped_mid_epoch_resume_from_that_step's crash.)"""
+    args = [*SMALL[:1], "trainer.seeds=[0,1]", "trainer.epochs=2", "regularizer=[dropout]", "data=synthetic"]
+    loop.run(make_config(*args), tmp_path / "straight")
+    run = tmp_path / "signalled"
+    faults_env = {"DNNRUN_FAULT": "int@step=5,int@save=1,int@status=1"}
+    result = run_cli(*args, f"hydra.run.dir={run}", cwd=tmp_path, env=faults_env, process=True)
+    assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr
+    assert json.loads((run / "status.json").read_text())["status"] == "interrupted"
+    loop.run(make_config(*args, "trainer.resume=auto"), run)
+    assert _same(run, tmp_path / "straight")

@@ -360,3 +360,14 @@ def test_the_overfitting_diagnosis_compares_the_training_loss_measured_as_valida
     assert diagnosis._overfitting(history) == []
     falling = [{**r, "train_eval/loss": 0.3 - 0.02 * r["epoch"]} for r in history]
     assert diagnosis._overfitting(falling)[0].endswith("(0.260 -> 0.140): overfitting")
+
+
+def test_resume_auto_without_last_pt_beside_the_runs_files_is_refused_and_loses_nothing(run_dir: Path):
+    """Killed before last.pt was first written, or last.pt deleted: best.pt and metrics.jsonl are
+    the run's; a fresh start would overwrite them."""
+    loop.run(make_config("trainer.epochs=2"), run_dir)
+    (run_dir / "checkpoints" / "last.pt").unlink()
+    kept = {p.name: p.read_bytes() for p in (run_dir / "checkpoints" / "best.pt", run_dir / "metrics.jsonl")}
+    with pytest.raises(UserError, match=r"trainer.resume=auto: .* holds a run \(best.pt, metrics.jsonl\) but no "):
+        loop.run(make_config("trainer.epochs=3", "trainer.resume=auto"), run_dir)
+    assert {p.name: p.read_bytes() for p in (run_dir / "checkpoints" / "best.pt", run_dir / "metrics.jsonl")} == kept

@@ -269,7 +269,10 @@ def _group_choices(composer: Composer, parsed: list, problems: list[str]) -> tup
                 n for n in (value if isinstance(value, list) else [value]) if n is not None and str(n) not in options
             ]
             problems += [f"{key}={n}: " + unknown(f"{key} option", n, options) for n in bad]
-            if not bad:
+            chosen = [str(n) for n in value] if isinstance(value, list) else []
+            twice = sorted({n for n in chosen if chosen.count(n) > 1})
+            problems += [f"{key}: {n} is chosen twice; give each option once" for n in twice]
+            if not bad and not twice:
                 valid.append(o if text is None else parse(f"{o.get_key_element()}={text}"))
         if valid and o.is_sweep_override():
             group_sweeps.append(valid)

@@ -103,6 +103,12 @@ class TrainerConfig:
                 problems.add(f"{key}.{name}", f"must be > 0 or null, got {value}")
         if not 0 <= self.seed < 2**32:  # what numpy's generator takes
             problems.add(f"{key}.seed", f"must be in [0, 2**32), got {self.seed}")
+        if self.seeds is not None and self.seed != 0:
+            problems.add(
+                f"{key}.seed",
+                f"{self.seed} beside {key}.seeds={self.seeds}: the members' seeds are trainer.seeds, and "
+                f"trainer.seed would be ignored; give one of them",
+            )
         if self.seeds is not None and (
             len(self.seeds) < 2
             or len(set(self.seeds)) != len(self.seeds)
@@ -258,6 +264,12 @@ def _check_across_groups(cfg: dict[str, Any], problems: Problems) -> None:
     if cfg["pretrain"].name != "none" and cfg["transfer"].source is not None:
         problems.add(
             "pretrain", "pretraining and transfer.source both set the hidden layers' starting weights; choose one"
+        )
+    if cfg["pretrain"].name == "rotation" and cfg["data"].name in NOT_IMAGES:
+        problems.add(
+            "pretrain",
+            f"pretrain=rotation rotates square images; data={cfg['data'].name}'s examples are vectors "
+            "(use an image set, e.g. data=digits, or pretrain=autoencoder)",
         )
     if cfg["pretrain"].name == "rbm" and (cfg["act"].name != "sigmoid" or cfg["norm"].name != "none"):
         problems.add(

@@ -194,6 +194,7 @@ _MNIST_FILES = (
 _MNIST_ARCHIVES = tuple(f"{name}.gz" for name in _MNIST_FILES)
 
 NOT_IMAGES = ("synthetic",)  # sets whose examples have no image shape (Arrays.shape is None): no augmentation
+CARVED_TEST = ("digits", "synthetic")  # sets without an official test split: data.test_size carves one out
 DATASETS: dict[str, Callable[..., Arrays]] = {
     "digits": digits,
     "synthetic": synthetic,
@@ -260,6 +261,14 @@ class DataConfig:
                     f"integer, without a decimal point), got {value!r}",
                 )
                 sizes_ok = False
+        fractions = isinstance(self.val_size, float) and isinstance(self.test_size, float)
+        if sizes_ok and fractions and self.name in CARVED_TEST and self.val_size + self.test_size >= 1:
+            problems.add(
+                f"{key}.val_size",
+                f"{self.val_size:g} with {key}.test_size={self.test_size:g} adds up to 1 or more: as fractions of "
+                f"one set they would overlap or leave nothing to train on (test_size is the share of all "
+                f"examples, val_size the share of what is left); lower one of them",
+            )
         if self.max_train is not None and self.max_train < 1:
             problems.add(f"{key}.max_train", f"must be >= 1 or null, got {self.max_train}")
         if self.classes is not None and (len(self.classes) < 2 or len(set(self.classes)) != len(self.classes)):

@@ -59,6 +59,13 @@ def checkpoint_to_resume(resume: str | None, run: RunDir) -> Path | None:
     if resume == "auto":
         if run.last.exists():
             return run.last
+        left = [p.name for p in (run.best, run.metrics) if p.exists() and p.stat().st_size]
+        if left:  # killed before last.pt was written, or it was deleted: a fresh start would overwrite the run
+            raise UserError(
+                f"trainer.resume=auto: {run} holds a run ({', '.join(left)}) but no checkpoints/last.pt to go on "
+                f"from; go on from its best epoch in another directory (trainer.resume={run.best} "
+                f"hydra.run.dir=NEW), or remove {run} to start it again"
+            )
         log.warning("trainer.resume=auto: no checkpoint in %s; starting fresh", run.checkpoints)
         return None
     path = Path(resume).expanduser()
