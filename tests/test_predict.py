@@ -4,6 +4,12 @@ what the checkpoint holds (the weights, the config and the preprocessing fitted 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import io
+import logging
+import os
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +20,7 @@ import dnnrun
 from conftest import make_config, run_cli
 from dnnrun.data.datasets import DataConfig, load as load_data
 from dnnrun.errors import DataError, UserError
+from dnnrun.inference import predict
 from dnnrun.store import checkpoint
 from dnnrun.training import loop
 
@@ -143,7 +150,9 @@ def test_bad_inputs_are_refused_naming_the_file_and_what_was_expected(trained: P
         expected = f"predict.input {path}: example 1 (counting from 0) holds NaN or infinite values"
     elif case == "size":
         (path := tmp_path / "images").mkdir()
-        Image.fromarray(np.zeros((10, 12), dtype=np.uint8)).save(path / "a.png")
+        Image.fromarray(np.zeros((10, 12), dtype=np.uint8)).save(png := io.BytesIO(), "PNG")
+        data = png.getvalue()
+        (path / "a.png").write_bytes(data[: data.index(b"IDAT") + 4])  # no pixels: the size is refused from the header
         expected = f"predict.input: {path / 'a.png'} is 12 x 10 pixels; the model takes 8 x 8"
     else:
         path = tmp_path / "missing.npy"
@@ -155,6 +164,128 @@ def test_bad_inputs_are_refused_naming_the_file_and_what_was_expected(trained: P
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert expected in result.stderr, result.stderr
     assert not run.exists()
+
+
+@pytest.fixture(scope="module")
+def model(trained: Path) -> predict.Model:
+    return dnnrun.load(trained)
+
+
+class _Mkdir:
+    """Unpickled, it makes a folder: an object array holding it shows whether a reader unpickles."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.path),)
+
+
+def _npy_header(path: Path, shape: tuple[int, ...], data: bytes = b"") -> None:
+    """A .npy file (format 1.0) whose header, written by hand, claims float64 of `shape`; then `data`."""
+    header = f"{{'descr': '<f8', 'fortran_order': False, 'shape': {shape}, }}".encode()
+    header += b" " * (-(len(header) + 11) % 64) + b"\n"  # magic, version and length take 10 bytes; 64-aligned
+    path.write_bytes(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header + data)
+
+
+def _png_claiming(path: Path, width: int, height: int) -> None:
+    """An 8 x 8 PNG whose header (IHDR, its CRC made to match) claims width x height pixels."""
+    from PIL import Image
+
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(png := io.BytesIO(), "PNG")
+    data = bytearray(png.getvalue())  # 8 bytes of signature; IHDR: length, b"IHDR", width, height, ..., CRC
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(data[12:29]))
+    path.write_bytes(data)
+
+
+RECORDS = np.zeros(3, dtype=[("a", "<f8"), ("b", "<i4")])
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["records", "strings", "pickle", "huge", "truncated", "shape", "npz", "csv"]
+    + ["bomb", "over_limit", "eps", "frames", "alpha", "16bit"],
+)
+def test_unsafe_or_unfit_inputs_are_refused_before_their_data_is_read(
+    model: predict.Model, tmp_path: Path, monkeypatch, case: str
+):
+    from PIL import Image
+
+    path, image = tmp_path / f"x.{case if case in ('npz', 'csv') else 'npy'}", tmp_path / "images" / "a.png"
+    image.parent.mkdir()
+    if case == "records":
+        np.save(path, RECORDS)
+        expected = f"{path} holds records (fields a, b) of dtype |V12, not numbers: refused unread"
+    elif case == "strings":
+        np.save(path, np.full((2, 64), "1"))
+        expected = f"{path} holds strings of dtype <U1, not numbers: refused unread"
+    elif case == "pickle":
+        np.save(path, np.array([_Mkdir(tmp_path / "unpickled")] * 2, dtype=object), allow_pickle=True)
+        expected = f"{path} holds Python objects (a pickle) of dtype |O, not numbers: refused unread"
+    elif case == "huge":
+        _npy_header(path, (1 << 40, 64))
+        expected = f"{path} holds {1 << 46:,} values, more than the {predict.MAX_INPUT_VALUES:,} one input may hold"
+    elif case == "truncated":
+        _npy_header(path, (1000, 64), bytes(16))
+        expected = f"{path} claims an array of shape (1000, 64) and dtype <f8 (512,000 bytes), but 16 bytes follow"
+    elif case == "shape":  # checked from the header: the file holds no data
+        _npy_header(path, (3, 10))
+        expected = f"predict.input {path}: examples of shape (10,); the model takes (1, 8, 8) or rows of 64 values"
+    elif case == "npz":
+        np.savez(path, x=RECORDS)
+        expected = f"{path} (array x) holds records (fields a, b)"
+    elif case == "csv":  # one field over the csv module's limit (131 072 characters)
+        path.write_text("1" * 200_000 + "\n")
+        expected = f"{path}, line 1 is longer than 5,120 characters"
+    elif case == "bomb":
+        _png_claiming(image, 100_000, 100_000)
+        expected = f"{image} claims more pixels in its header than Pillow's decompression-bomb limit of "
+        expected += f"{Image.MAX_IMAGE_PIXELS:,}"
+    elif case == "over_limit":  # over Pillow's limit, under twice it: Pillow itself only warns
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40)
+        Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(image)
+        expected = f"{image} claims more pixels in its header than Pillow's decompression-bomb limit of 40 "
+    elif case == "eps":  # Pillow would read it as EPS, with Ghostscript
+        image.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n%%EndComments\n")
+        expected = f"{image} is not an image dnnrun reads (PNG, JPEG, BMP, GIF, TIFF, WEBP)"
+    elif case == "frames":
+        frames = [Image.fromarray(np.full((8, 8), v, dtype=np.uint8)) for v in (0, 255)]
+        frames[0].save(image := image.with_suffix(".gif"), save_all=True, append_images=frames[1:])
+        expected = f"{image} holds several frames; the model takes one image per file"
+    elif case == "alpha":
+        Image.fromarray(np.zeros((8, 8, 4), dtype=np.uint8)).save(image)  # RGBA, every pixel transparent
+        expected = f"{image} has transparent pixels; the model takes opaque grey images"
+    else:
+        Image.fromarray(np.zeros((8, 8), dtype=np.uint16)).save(image)
+        expected = f"{image} has pixels of mode I;16 (Pillow's name); dnnrun reads 8-bit grey and colour images only"
+    with pytest.raises(UserError) as refused:
+        predict.read(path if path.exists() else image.parent, model)
+    assert expected in str(refused.value) and "\n" not in str(refused.value)
+    assert not (tmp_path / "unpickled").exists()
+
+
+def test_images_of_the_other_colour_are_converted_and_the_log_says_so(model: predict.Model, tmp_path: Path, caplog):
+    from PIL import Image
+
+    # A stand-in for a model trained on RGB images of 8 x 8: reading looks only at the shape a model takes
+    rgb_model = predict.Model(
+        model.module, model.config, dataclasses.replace(model.preprocess, shape=(3, 8, 8)), CPU, model.source
+    )
+    x, _ = _raw_test_split()
+    (rgb := tmp_path / "rgb").mkdir()
+    (grey := tmp_path / "grey").mkdir()
+    for i, pixels in enumerate(x[:2, 0].numpy().astype(np.uint8)):
+        Image.fromarray(np.stack([pixels] * 3, -1)).save(rgb / f"{i}.png")  # grey values in R, G and B
+        Image.fromarray(pixels).save(grey / f"{i}.png")
+    with caplog.at_level(logging.INFO, logger="dnnrun"):
+        assert torch.equal(predict.read(grey, model)[0], x[:2])
+        assert not caplog.text  # nothing to convert, nothing said
+        assert torch.equal(predict.read(rgb, model)[0], x[:2])  # L = 0.299 R + 0.587 G + 0.114 B: the grey value
+        assert f"2 of the 2 images in {rgb} are colour (0.png first): read as grey" in caplog.text
+        caplog.clear()
+        assert torch.equal(predict.read(grey, rgb_model)[0], x[:2].expand(-1, 3, -1, -1))
+        assert f"2 of the 2 images in {grey} are grey (0.png first): read as RGB" in caplog.text
 
 
 def test_mode_predict_needs_its_checkpoint_and_input_and_old_checkpoints_are_refused(trained: Path, tmp_path: Path):

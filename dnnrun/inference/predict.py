@@ -23,9 +23,11 @@ import csv
 import io
 import logging
 import math
+import warnings
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -41,6 +43,25 @@ from dnnrun.training import runtime
 
 log = logging.getLogger("dnnrun")
 IMAGE_FILES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+# Pillow's readers of IMAGE_FILES, the only ones tried whatever a file holds (its EPS reader runs Ghostscript)
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")
+# Pillow's modes of the images read: 8-bit (or 1-bit) grey, and 8-bit colour (a palette's too)
+GREY_MODES = ("1", "L", "LA")
+COLOUR_MODES = ("P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
+# What one predict.input may hold, checked before it is read: predict holds all of it in memory at
+# once, as float32 (N, *shape) and again preprocessed. 2**28 values are 1 GiB as float32 (60 000
+# Fashion-MNIST images are 47M values); more is for dnnrun.load(...).predict in a loop over parts.
+MAX_INPUT_VALUES = 1 << 28
+NUMBERS = "uif"  # numpy's kinds of the dtypes read: unsigned and signed integers, floats (of at most 64 bits)
+_NOT_NUMBERS = {  # what an array of another kind holds, for the message that refuses it
+    "b": "booleans",
+    "c": "complex numbers",
+    "O": "Python objects (a pickle)",
+    "U": "strings",
+    "S": "bytes",
+    "M": "dates",
+    "m": "time spans",
+}
 
 
 class Model:
@@ -146,7 +167,9 @@ def build(cfg: RunConfig, preprocess: Preprocess, state: dict[str, torch.Tensor]
 
 def read(path: Path, model: Model) -> tuple[torch.Tensor, list[str]]:
     """The examples in a .npy, .npz or .csv file, or the image files of a folder (sorted by name),
-    and what names each in predictions.csv (its row number, or its file name)."""
+    and what names each in predictions.csv (its row number, or its file name). What a file claims
+    (an array's shape and type, an image's size and mode) is checked before its data is read, and
+    nothing in it is run: no pickle, no Ghostscript."""
     if path.is_dir():
         return _images(path, model)
     if not path.is_file():
@@ -154,51 +177,131 @@ def read(path: Path, model: Model) -> tuple[torch.Tensor, list[str]]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".npy":
-            array = np.load(path, allow_pickle=False)
+            with open(path, "rb") as f:
+                array = _npy(f, path.stat().st_size, str(path), model)
         elif suffix == ".npz":
-            with np.load(path, allow_pickle=False) as arrays:
-                names = list(arrays.keys())
-                key = names[0] if len(names) == 1 else next((k for k in ("x", "inputs") if k in names), None)
-                if key is None:
-                    raise DataError(
-                        f"predict.input: {path} holds arrays {', '.join(names)}; name the inputs x "
-                        "(or hold one array only)"
-                    )
-                array = arrays[key]
+            array = _npz(path, model)
         elif suffix == ".csv":
-            array = _csv(path)
+            array = _csv(path, math.prod(model.shape))
         else:
             raise DataError(f"predict.input: {path} is neither .npy, .npz nor .csv (nor a folder of images)")
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, zipfile.BadZipFile, NotImplementedError) as exc:  # NotImplemented: a zip's method
         raise DataError(f"predict.input: cannot read {path} ({' '.join(str(exc).split())[:200]})") from None
     if array.ndim < 1 or len(array) == 0:
         raise DataError(f"predict.input: {path} holds no examples")
-    return model.inputs(array, f"predict.input {path}"), [str(i) for i in range(len(array))]
+    # float32 is what Model.inputs makes of any numbers; made here, it takes as well a big-endian or
+    # uint16 array, which torch.as_tensor refuses
+    x = array.astype(np.float32, copy=False)
+    return model.inputs(x, f"predict.input {path}"), [str(i) for i in range(len(array))]
 
 
-def _csv(path: Path) -> np.ndarray:
-    """Rows of numbers; a first row that is not numbers is a header."""
-    rows = list(csv.reader(io.StringIO(path.read_text())))
-    rows = [r for r in rows if r]
-    try:
-        [float(v) for v in rows[0]]
-    except (ValueError, IndexError):
-        rows = rows[1:]
-    values = []
-    for i, row in enumerate(rows):
-        try:
-            values.append([float(v) for v in row])
-        except ValueError:
-            raise DataError(f"predict.input: {path}, data row {i + 1} holds a value that is not a number") from None
-        if len(values[-1]) != len(values[0]):
+def _too_many(where: str | Path, count: int) -> DataError:
+    return DataError(
+        f"predict.input: {where} holds {count:,} values, more than the {MAX_INPUT_VALUES:,} one input may hold "
+        "(MAX_INPUT_VALUES): predict in parts, with dnnrun.load(...).predict in a loop"
+    )
+
+
+def _npy(f: BinaryIO, size: int, where: str, model: Model) -> np.ndarray:
+    """The array of a .npy file (or an .npz member) of `size` bytes, its header checked before its
+    data is read: numbers only (never a pickle), at most MAX_INPUT_VALUES of them, examples of the
+    model's shape, and no more bytes than the file holds."""
+    version = np.lib.format.read_magic(f)
+    if version not in ((1, 0), (2, 0)):  # 3.0: a header in UTF-8, only for records with such field names
+        raise DataError(
+            f"predict.input: {where} is a .npy file of format version {version[0]}.{version[1]}; dnnrun "
+            "reads versions 1.0 and 2.0 (what numpy writes for arrays of numbers)"
+        )
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read_header(f)  # a literal of at most 10 000 characters, parsed, not run
+    if dtype.kind not in NUMBERS or dtype.itemsize > 8:
+        holds = f"records (fields {', '.join(dtype.names)})" if dtype.names else _NOT_NUMBERS.get(dtype.kind, "")
+        raise DataError(
+            f"predict.input: {where} holds {holds or 'values'} of dtype {dtype.str}, not numbers: refused unread; "
+            "expected an array of integers or floats (of at most 64 bits)"
+        )
+    if any(n < 0 for n in shape):
+        raise DataError(f"predict.input: cannot read {where} (its header claims the shape {shape})")
+    if not shape or shape[0] == 0:
+        raise DataError(f"predict.input: {where} holds no examples")
+    count = math.prod(shape)
+    if count > MAX_INPUT_VALUES:
+        raise _too_many(where, count)
+    # The model's own check of one example's shape, on a stand-in of the claimed shape (zero strides: no memory)
+    model.inputs(torch.zeros(()).expand(1, *shape[1:]), f"predict.input {where}")
+    follow = size - f.tell()
+    if count * dtype.itemsize > follow:
+        raise DataError(
+            f"predict.input: {where} claims an array of shape {shape} and dtype {dtype.str} "
+            f"({count * dtype.itemsize:,} bytes), but {follow:,} bytes follow its header: refused unread"
+        )
+    f.seek(0)
+    return np.lib.format.read_array(f, allow_pickle=False)
+
+
+def _npz(path: Path, model: Model) -> np.ndarray:
+    """The inputs of an .npz archive: its one array, or the one named x (or inputs)."""
+    with zipfile.ZipFile(path) as archive:
+        members = {name.removesuffix(".npy"): name for name in archive.namelist()}
+        names = list(members)
+        key = names[0] if len(names) == 1 else next((k for k in ("x", "inputs") if k in names), None)
+        if key is None:
             raise DataError(
-                f"predict.input: {path}, data row {i + 1} has {len(values[-1])} values, the first {len(values[0])}"
+                f"predict.input: {path} holds arrays {', '.join(names)}; name the inputs x (or hold one array only)"
             )
-    return np.asarray(values, dtype=np.float64)
+        info = archive.getinfo(members[key])
+        if not info.filename.endswith(".npy") or info.flag_bits & 0x1:  # bit 0: encrypted
+            raise DataError(f"predict.input: {path} holds {info.filename}, not a .npy array as numpy.savez writes")
+        with archive.open(info) as f:
+            return _npy(f, info.file_size, f"{path} (array {key})", model)
+
+
+def _csv(path: Path, features: int) -> np.ndarray:
+    """Rows of numbers; a first row that is not numbers is a header. Read a line at a time, each at
+    most `longest` characters, to at most MAX_INPUT_VALUES values."""
+    longest = 64 * features + 1024  # a float's text takes at most 24 characters: "-1.7976931348623157e+308"
+
+    def lines(f):
+        for number, line in enumerate(iter(lambda: f.readline(longest + 1), ""), 1):
+            if len(line) > longest:
+                raise DataError(
+                    f"predict.input: {path}, line {number} is longer than {longest:,} characters; a row of "
+                    f"the model's {features} values takes far fewer"
+                )
+            yield line
+
+    values: list[np.ndarray] = []
+    header, count = False, 0
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a BOM is not part of the first value
+        reader = csv.reader(lines(f))
+        try:
+            for row in reader:
+                if not row:
+                    continue
+                try:
+                    values.append(np.array([float(v) for v in row]))
+                except ValueError:
+                    if values or header:
+                        raise DataError(
+                            f"predict.input: {path}, data row {len(values) + 1} holds a value that is not a number"
+                        ) from None
+                    header = True
+                    continue
+                if len(values[-1]) != len(values[0]):
+                    raise DataError(
+                        f"predict.input: {path}, data row {len(values)} has {len(values[-1])} values, "
+                        f"the first {len(values[0])}"
+                    )
+                count += len(values[-1])
+                if count > MAX_INPUT_VALUES:
+                    raise _too_many(path, count)
+        except csv.Error as exc:
+            raise DataError(f"predict.input: cannot read {path}, line {reader.line_num} ({exc})") from None
+    return np.array(values, dtype=np.float64)
 
 
 def _images(folder: Path, model: Model) -> tuple[torch.Tensor, list[str]]:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     shape = model.shape
     if len(shape) != 3:
@@ -206,29 +309,81 @@ def _images(folder: Path, model: Model) -> tuple[torch.Tensor, list[str]]:
             f"predict.input: {folder} is a folder of images, but the model takes vectors of "
             f"{shape[0]} values (give a .npy, .npz or .csv file)"
         )
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_FILES)
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_FILES and p.is_file())
     if not files:
         raise DataError(f"predict.input: {folder} holds no image files ({', '.join(IMAGE_FILES)})")
-    channels, height, width = shape
+    if len(files) * math.prod(shape) > MAX_INPUT_VALUES:
+        raise _too_many(folder, len(files) * math.prod(shape))
+    grey = shape[0] == 1
     resizes = model.config.data.resize is not None or model_mod.MODELS[model.config.model.name].own_inputs
-    images = []
+    images, converted = [], []
     for file in files:
         try:
-            with Image.open(file) as image:
-                image = image.convert("L" if channels == 1 else "RGB")
-                if image.size != (width, height):
-                    if not resizes:
-                        raise DataError(
-                            f"predict.input: {file} is {image.size[0]} x {image.size[1]} pixels; the model "
-                            f"takes {width} x {height} (it has no resize layer: train with data.resize to "
-                            "take other sizes)"
-                        )
-                    image = image.resize((width, height), Image.BILINEAR)
-                array = np.asarray(image, dtype=np.uint8)
-        except (UnidentifiedImageError, OSError) as exc:
+            array, changed = _image(file, grey, (shape[2], shape[1]), resizes)
+        except UnidentifiedImageError:
+            raise DataError(
+                f"predict.input: {file} is not an image dnnrun reads ({', '.join(IMAGE_FORMATS)})"
+            ) from None
+        except (OSError, ValueError, SyntaxError, EOFError) as exc:  # Pillow's plugins raise each
             raise DataError(f"predict.input: cannot read {file} as an image ({exc})") from None
         images.append(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
+        if changed:
+            converted.append(file.name)
+    if converted:
+        log.warning(
+            "predict.input: %d of the %d images in %s are %s (%s first): read as %s, as the model was trained on %s "
+            "images",
+            len(converted),
+            len(files),
+            folder,
+            *(
+                ("colour", converted[0], "grey (L = 0.299 R + 0.587 G + 0.114 B)", "grey")
+                if grey
+                else ("grey", converted[0], "RGB (the grey value in each of R, G and B)", "RGB")
+            ),
+        )
     return model.inputs(np.stack(images), f"predict.input {folder}"), [f.name for f in files]
+
+
+def _image(file: Path, grey: bool, size: tuple[int, int], resizes: bool) -> tuple[np.ndarray, bool]:
+    """One image file as uint8 pixels, (H, W) grey or (H, W, 3) RGB, of `size` (width, height),
+    and whether its colours were converted to be so. What its header claims (its size, its mode,
+    its frames) is checked before its pixels are decoded."""
+    from PIL import Image
+
+    with open(file, "rb") as f, warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # Pillow's limit refuses, not warns
+        try:
+            image = Image.open(f, formats=IMAGE_FORMATS)
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+            raise DataError(
+                f"predict.input: {file} claims more pixels in its header than Pillow's decompression-bomb "
+                f"limit of {Image.MAX_IMAGE_PIXELS:,} (PIL.Image.MAX_IMAGE_PIXELS): refused unread"
+            ) from None
+        if image.size != size and not resizes:
+            raise DataError(
+                f"predict.input: {file} is {image.size[0]} x {image.size[1]} pixels; the model takes "
+                f"{size[0]} x {size[1]} (it has no resize layer: train with data.resize to take other sizes)"
+            )
+        if getattr(image, "is_animated", False):
+            raise DataError(f"predict.input: {file} holds several frames; the model takes one image per file")
+        if image.mode not in GREY_MODES + COLOUR_MODES:
+            raise DataError(
+                f"predict.input: {file} has pixels of mode {image.mode} (Pillow's name); dnnrun reads 8-bit grey "
+                f"and colour images only (modes {', '.join(GREY_MODES + COLOUR_MODES)})"
+            )
+        was_grey = image.mode in GREY_MODES
+        if "A" in image.getbands() or "transparency" in image.info:
+            image = image.convert("RGBA")
+            if image.getchannel("A").getextrema()[0] < 255:
+                raise DataError(
+                    f"predict.input: {file} has transparent pixels; the model takes opaque "
+                    f"{'grey' if grey else 'RGB'} images (flatten it onto a background first)"
+                )
+        image = image.convert("L" if grey else "RGB")
+        if image.size != size:
+            image = image.resize(size, Image.BILINEAR)
+        return np.asarray(image, dtype=np.uint8), was_grey != grey
 
 
 # ---------------------------------------------------------------------------------------------
