@@ -1,3 +1,3 @@
-from dnnrun.cli import console
+from dnnrun.entry import console
 
 console()

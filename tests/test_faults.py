@@ -461,3 +461,15 @@ def test_a_job_that_a_dying_joblib_worker_takes_down_is_resumed_not_restarted_by
     assert "resumed from" in taken_down.log.read_text()
     assert [r["epoch"] for r in taken_down.read_metrics()] == [1, 2, 3]
     assert taken_down.read_metrics()[0] == first_epoch  # epoch 1 as the first attempt trained it: not again
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_as_the_command_starts_ends_it_with_one_line(signum, code):
+    """From the command's first line (dnnrun.entry), before the command line is even imported: the
+    signal's exit code and one line, never a KeyboardInterrupt's traceback."""
+    program = (
+        "import os, signal, time; from dnnrun.entry import install; install(); "
+        f"os.kill(os.getpid(), {int(signum)}); time.sleep(10)"
+    )
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    assert result.returncode == code and result.stderr == f"error: stopped by {signal.Signals(signum).name}\n"
