@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from conftest import make_config, run_cli
-from dnnrun.errors import ConfigError, Interrupted, UserError
+from dnnrun.errors import ConfigError, Interrupted, RunError, UserError
 from dnnrun.inference import evaluate
 from dnnrun.store import checkpoint
 from dnnrun.store.rundir import RunDir, SweepDir, read_jsonl
@@ -473,3 +473,44 @@ def test_a_signal_as_the_command_starts_ends_it_with_one_line(signum, code):
     )
     result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
     assert result.returncode == code and result.stderr == f"error: stopped by {signal.Signals(signum).name}\n"
+
+
+def test_a_status_that_cannot_be_recorded_is_one_line_and_the_runs_ending_stands(tmp_path: Path):
+    result = _faulty_run(tmp_path, "enospc@status=1", process=False)
+    assert result.returncode == 0 and "Traceback" not in result.stdout + result.stderr
+    assert f"cannot record how the run ended in {tmp_path / 'run' / 'status.json'}: No space left" in result.stderr
+
+
+def test_a_full_disk_under_run_log_ends_the_run_with_its_path(tmp_path: Path, monkeypatch, capsys):
+    """A log line that cannot be written (a full disk) is reported as any file the run cannot
+    write, once, never as logging's own "--- Logging error ---" traceback."""
+    import errno
+
+    written = []
+
+    def full(self):
+        written.append(1)
+        if len(written) > 3:  # run.log has its first lines
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(loop.RunLog, "flush", full)
+    with pytest.raises(RunError, match=r"cannot write .*run\.log: No space left on device"):
+        loop.run(make_config(*SETUP[1:]), tmp_path / "run")
+    assert "Logging error" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "failed"
+
+
+def test_a_run_directory_that_cannot_be_held_is_one_line(tmp_path: Path, monkeypatch):
+    import errno
+
+    real = Path.write_text
+
+    def full(self, *a, **kw):
+        if self.name == ".owner":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    result = run_cli(*SETUP, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr, result.stderr
+    assert "cannot write" in result.stderr and ".owner: No space left on device" in result.stderr

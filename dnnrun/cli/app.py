@@ -76,6 +76,9 @@ class App:
                     hold.enter_context(run.owned())
                 except UserError as exc:  # another dnnrun holds it: refused, and its files left alone
                     busy = str(exc)
+                except RunError as exc:  # a full or read-only disk: nothing can be recorded there either
+                    error(f"{exc} (run directory: {run})")
+                    sys.exit(exc.exit_code)
             refusal = busy or _refusal(cfg, run, sweep)
             if refusal is None and sweeping:
                 previous = run.read_status() or {}
@@ -103,7 +106,10 @@ class App:
                         if rejected is not None:
                             record_end(rejected, code, failure, job)
                     if in_sweep:
-                        sweep.update_table()
+                        try:
+                            sweep.update_table()
+                        except RunError as exc:  # a full or read-only disk: the job's own ending stands
+                            error(str(exc))
                 if held.signum and sweeping and code not in (EXIT_INTERRUPTED, EXIT_TERMINATED):  # the sweep stops here
                     sys.exit(Interrupted(held.signum).exit_code)
             if code == EXIT_INTERNAL and not sweeping and not isinstance(failure, RunError):

@@ -27,14 +27,15 @@ def record_end(run: RunDir, code: int, failure: BaseException | None, job: dict)
     from dnnrun.training import faults
 
     injected = faults.from_env()
-    if injected is not None:  # tests: a signal while the end is recorded
-        injected.at("status", 1)
     try:
+        if injected is not None:  # tests: a signal, or a full disk, while the end is recorded
+            injected.at("status", 1)
         run.write_status(STATUS_OF_EXIT.get(code, "failed"), code, job, failure_text(failure))
-    except OSError as exc:  # a read-only or full directory: said once, and the run's own exit code stands
+    except (OSError, RunError) as exc:  # a read-only or full directory: said once, the run's own exit code stands
         from dnnrun.cli.messages import error
 
-        error(f"cannot record how the run ended in {run.status}: {exc.strerror or exc}")
+        why = exc.strerror if isinstance(exc, OSError) else str(exc).rpartition(": ")[2]
+        error(f"cannot record how the run ended in {run.status}: {why or exc}")
 
 
 def failure_text(failure: BaseException | None) -> str | None:

@@ -36,7 +36,11 @@ class SweepReport(Callback):
 def report_sweep(sweep_dir: Path) -> bool:
     """Rewrite sweep.csv and print how many jobs completed and every one that did not; whether one did not."""
     sweep = SweepDir(sweep_dir)
-    rows = sweep.update_table()
+    try:
+        rows = sweep.update_table()
+    except RunError as exc:  # a full or read-only disk: the jobs' own records stand
+        error(str(exc))
+        return True
     failed = [r for r in rows if r["status"] != "completed"]
     print(f"sweep: {len(rows) - len(failed)} of {len(rows)} jobs completed; table: {sweep.table}")
     for row in failed:

@@ -286,7 +286,10 @@ class RunDir:
                     f"{self} is in use by another dnnrun process{holder}; wait for it to end, "
                     f"or choose another directory (hydra.run.dir=...)"
                 ) from None
-            self.owner.write_text(f"{os.getpid()}\n")
+            try:
+                self.owner.write_text(f"{os.getpid()}\n")
+            except OSError as exc:  # a full or read-only disk: the run could not write anything either
+                raise RunError(f"cannot write {self.owner}: {exc.strerror or exc}") from exc
             try:
                 yield
             finally:

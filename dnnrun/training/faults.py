@@ -12,7 +12,7 @@ KIND   nan    the training loss becomes NaN (POINT must be step)
               With arrive, a barrier between the processes of a sweep, so that what a test sees
               does not depend on which process is faster. Faults at one point fire in the order given.
        raise  an exception
-       enospc the write fails as on a full disk (POINT must be save)
+       enospc the write fails as on a full disk (POINT must be save or status)
        kill   SIGKILL: the process dies on the spot
        term, int, usr2   the process sends itself SIGTERM, SIGINT or SIGUSR2, as a scheduler,
               `docker stop`, Ctrl-C or Slurm would
@@ -75,7 +75,7 @@ class Hook(Callback):
 KINDS = ("nan", "arrive", "hold", "wait", "raise", "enospc", "kill", "term", "int", "usr2")
 POINTS = ("step", "epoch", "save", "status")
 SIGNALS = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT, "usr2": signal.SIGUSR2}
-ONLY_AT = {"nan": "step", "enospc": "save"}
+ONLY_AT = {"nan": ("step",), "enospc": ("save", "status")}
 WAIT_S = 120
 
 
@@ -164,10 +164,15 @@ def parse(spec: str) -> Faults:
     faults = []
     for item in spec.split(","):
         match = re.fullmatch(r"(\w+)@(\w+)=(\d+)", item.strip())
-        if not match or match[1] not in KINDS or match[2] not in POINTS or ONLY_AT.get(match[1], match[2]) != match[2]:
+        if (
+            not match
+            or match[1] not in KINDS
+            or match[2] not in POINTS
+            or match[2] not in ONLY_AT.get(match[1], POINTS)
+        ):
             raise UserError(
                 f"DNNRUN_FAULT={spec!r}: expected KIND@POINT=N[,...] with KIND one of {', '.join(KINDS)} and POINT "
-                f"one of {', '.join(POINTS)} (nan only at step, enospc only at save)"
+                f"one of {', '.join(POINTS)} (nan only at step, enospc only at save or status)"
             )
         faults.append(Fault(match[1], match[2], int(match[3])))
     return Faults(faults)

@@ -609,10 +609,31 @@ def logging_to(handler: logging.Handler):
         log.removeHandler(handler)
 
 
+class RunLog(logging.FileHandler):
+    """run.log. A line that cannot be written (a full disk) ends the run as any file the run cannot
+    write does (RunError: exit 1, the path and the reason), once: the handler leaves the logger
+    first, so that saying so goes to the terminal only."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        import sys
+
+        exc = sys.exc_info()[1]
+        if not isinstance(exc, OSError):
+            return super().handleError(record)
+        log.removeHandler(self)
+        raise RunError(f"cannot write {self.baseFilename}: {exc.strerror or exc}") from exc
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:  # the last lines, on a disk that is full: the failure is the run's already
+            pass
+
+
 @contextlib.contextmanager
 def run_log(run_dir: RunDir, early: logging.handlers.MemoryHandler):
     """run.log, starting with what was logged before it existed."""
-    handler = logging.FileHandler(run_dir.log)
+    handler = RunLog(run_dir.log)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
