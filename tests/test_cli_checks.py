@@ -459,3 +459,20 @@ def test_an_outputs_root_that_cannot_be_made_is_refused_without_a_traceback(root
     result = run_cli(f"outputs={root}", "trainer.epochs=1", cwd=tmp_path, root_at_cwd=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert "hydra.run.dir cannot be made:" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["trainer.epochs=${python.eval:'1+1'}"],
+        ["hydra.run.dir=${foo.bar:1}"],
+        ["-m", "act=relu,elu", "hydra.sweep.dir=${foo.bar:1}"],
+        ["hydra.run.dir=${oc.env:DNNRUN_NOT_SET_ANYWHERE}"],
+    ],
+    ids=["a value", "the run directory", "the sweep directory", "an unset variable"],
+)
+def test_an_interpolation_that_cannot_resolve_is_refused_without_a_traceback(args, tmp_path):
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stdout + result.stderr, result.stderr
+    assert "Unsupported interpolation type" in result.stderr or "not found" in result.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -20,7 +20,7 @@ from hydra.core.override_parser.types import ValueType
 from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import InterpolationToMissingValueError, OmegaConfBaseException
+from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue, OmegaConfBaseException
 
 from dnnrun.cli.compose import COMPOSE_ERRORS, Composer, Refused, composer_for, parse, quoted
 from dnnrun.cli.conf import CONFIG_NAME
@@ -224,6 +224,7 @@ def _check_composed(
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     resolvable = _resolvable(master)
     where, root = _select(resolvable, key), _select(resolvable, "outputs")
+    problems += _unresolvable(resolvable, key)
     problems += (
         hydra_problems(resolvable.hydra) + code_problems(resolvable.hydra) + plugin_problems(resolvable.hydra, root)
     )
@@ -454,6 +455,19 @@ def _select(cfg: DictConfig, key: str) -> str | None:
     except OmegaConfBaseException:
         return None
     return None if value is None else str(value)
+
+
+def _unresolvable(cfg: DictConfig, key: str) -> list[str]:
+    """A directory that will never resolve (a resolver that does not exist, an environment variable
+    that is not set): Hydra would fail on it as it launches, with a traceback. One known only at
+    launch (the job's number, the time) is not a problem."""
+    try:
+        OmegaConf.select(cfg, key, throw_on_missing=True)
+    except (MissingMandatoryValue, InterpolationToMissingValueError):
+        return []
+    except OmegaConfBaseException as exc:
+        return [f"{key}: {explain(exc)}"]
+    return []
 
 
 def _directory_problems(cfg: DictConfig, key: str, where: str | None) -> list[str]:
