@@ -34,9 +34,11 @@ def good(tmp_path_factory) -> Path:
 
 
 def _changed(good: Path, out: Path, change) -> Path:
-    """`good` as plain data, changed by `change(state)`, saved with torch.save: still weights_only-loadable."""
+    """`good` as plain data, changed by `change(state)`, saved with torch.save: still weights_only-loadable,
+    its checksum that of the changed tensors (a file made so, not damaged: tests/test_integrity.py's)."""
     state = torch.load(good, weights_only=True)
     change(state)
+    state[checkpoint.CHECKSUM] = checkpoint.checksum(state)
     torch.save(state, out)
     torch.load(out, weights_only=True)  # the premise: the file itself loads
     return out
@@ -326,3 +328,9 @@ def test_a_checkpoint_of_a_newer_version_is_refused(good: Path, tmp_path: Path):
     path = _changed(good, tmp_path / "x.pt", lambda s: s.update(version=99))
     with pytest.raises(UserError, match=re.escape(f"{path} is a dnnrun checkpoint of version 99; this dnnrun reads")):
         checkpoint.load(path, training=True)
+
+
+def test_a_weight_of_no_dimensions_is_refused_not_a_traceback(good: Path, tmp_path: Path):
+    path = _changed(good, tmp_path / "x.pt", lambda s: s["model"].update({"hidden1.linear.weight": torch.zeros(())}))
+    with pytest.raises(UserError, match=re.escape(f"{path} does not fit this model")):
+        loop.run(make_config(*SETUP[1:], "trainer.epochs=2", f"trainer.resume={path}"), tmp_path / "run")

@@ -335,7 +335,7 @@ def test_a_sweep_job_cannot_escape_the_outputs_root(tmp_path: Path):
         cwd=tmp_path,
     )
     assert (
-        result.returncode == 2 and "hydra.sweep.subdir: '../../../escaped' leads out" in result.stderr
+        result.returncode == 2 and "hydra.sweep.subdir: '../../../escaped' may lead out" in result.stderr
     )  # the pre-check
     assert not (tmp_path.parent / "escaped").exists() and not (tmp_path / "sweep").exists()
 

@@ -19,9 +19,9 @@ import torch
 from rich.table import Table
 from torch import nn
 
-from dnnrun.config.run_config import RunConfig, parse_run_config
+from dnnrun.config.run_config import RunConfig
 from dnnrun.data.datasets import DEFAULT_ROOT
-from dnnrun.errors import ConfigError, UserError
+from dnnrun.errors import UserError
 from dnnrun.insight.console import console
 from dnnrun.models.network import DROPOUTS
 from dnnrun.models.registry import fitting_config
@@ -70,13 +70,7 @@ def run(cfg: RunConfig, run_dir: str | Path, on_start: Callable[[], None] | None
         raise UserError("mode=evaluate needs evaluate.checkpoint=PATH (a dnnrun checkpoint)")
     path = Path(ev.checkpoint).expanduser()
     ckpt = checkpoint.load(path)
-    try:
-        trained = parse_run_config(ckpt["config"])
-    except ConfigError as exc:
-        raise UserError(
-            f"{path} is not a usable dnnrun checkpoint: the config saved in it is invalid:\n"
-            + "\n".join(f"  - {p}" for p in exc.problems)
-        ) from None
+    trained = checkpoint.run_config(ckpt, path)
     # The model and data as trained, as Lightning's load_from_checkpoint restores the saved
     # hyperparameters unless told otherwise. Where the files live: the command line's data.root,
     # else $DNNRUN_DATA, else the checkpoint's own root. Every conf/data/*.yaml (and DataConfig's

@@ -3,9 +3,11 @@
 CHECKPOINT is a checkpoint file, or a run directory (its checkpoints/best.pt).
 
 - safetensors (the default): the model's weights, its config and the inputs' preprocessing
-  (scaling statistics, shape, class names). The file holds tensors and strings only, so loading it
-  cannot run code; `dnnrun.load`, `mode=predict`, `transfer.source` and `evaluate.checkpoint`
-  accept it in place of a checkpoint.
+  (scaling statistics, shape, class names), with the checksum of its tensors. The file holds
+  tensors and strings only, so loading it cannot run code; `dnnrun.load`, `mode=predict`,
+  `transfer.source` and `evaluate.checkpoint` accept it in place of a checkpoint. The weights are
+  checked first to be exactly those of the model the config describes (its keys and shapes, the
+  model built on torch's meta device, as a reader of the file builds it).
 - onnx (`pip install 'dnnrun[onnx]'`): one graph from raw inputs to class probabilities, the
   preprocessing (scaling, a zoo network's resizing and normalization) and the softmax included.
   Input `inputs`, float32 (batch, *shape) as the data set has the values (pixels 0..255); output
@@ -19,12 +21,16 @@ import argparse
 import contextlib
 import io
 import json
+import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from dnnrun.errors import UserError, command
-from dnnrun.store.checkpoint import export_safetensors
+from dnnrun.store import checkpoint
 from dnnrun.store.rundir import RunDir, atomic_write
+
+log = logging.getLogger("dnnrun")
 
 
 @command
@@ -38,6 +44,33 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or source.with_suffix(f".{args.format}")
     print(export_onnx(source, out) if args.format == "onnx" else export_safetensors(source, out))
     return 0
+
+
+def export_safetensors(source: Path, out: Path) -> Path:
+    """The weights, config and preprocessing of `source` as safetensors, once the weights are checked
+    to fit the model that the config describes."""
+    state = checkpoint.load(source)
+    check_model(state, source)
+    return checkpoint.write_safetensors(state, out)
+
+
+def check_model(state: dict[str, Any], path: Path) -> None:
+    """Refuse (UserError) weights that are not exactly those of the model that the checkpoint's
+    config and preprocessing describe, built on the meta device as dnnrun.load builds it: the same
+    keys, the same shapes. A checkpoint without its preprocessing (written before checkpoints held
+    it) says too little to build the model: its export is written unchecked, with a warning."""
+    import torch
+
+    from dnnrun.data.datasets import Preprocess
+    from dnnrun.inference.predict import build
+
+    trained = checkpoint.run_config(state, path)
+    if state.get("inputs") is None:
+        log.warning("%s holds no preprocessing: its weights cannot be checked against its config", path)
+        return
+    with torch.device("meta"):
+        model = build(trained, Preprocess.from_dict(state["inputs"]), state["model"])
+    checkpoint.check_fits(model, state["model"], path)
 
 
 def export_onnx(source: Path, out: Path) -> Path:

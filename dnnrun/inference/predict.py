@@ -32,9 +32,9 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from dnnrun.config.run_config import RunConfig, parse_run_config
+from dnnrun.config.run_config import RunConfig
 from dnnrun.data.datasets import Preprocess
-from dnnrun.errors import ConfigError, DataError, UserError
+from dnnrun.errors import DataError, UserError
 from dnnrun.inference import evaluate
 from dnnrun.models import registry as model_mod
 from dnnrun.store import checkpoint
@@ -136,13 +136,7 @@ def load(path: str | Path, device: str = "cpu") -> Model:
             "checkpoints held it. Evaluate it with mode=evaluate, which reads its data set again, or train "
             "it again to apply it to new inputs"
         )
-    try:
-        trained = parse_run_config(ckpt["config"])
-    except ConfigError as exc:
-        raise UserError(
-            f"{path} is not a usable dnnrun checkpoint: the config saved in it is invalid:\n"
-            + "\n".join(f"  - {p}" for p in exc.problems)
-        ) from None
+    trained = checkpoint.run_config(ckpt, path)
     preprocess = Preprocess.from_dict(ckpt["inputs"])
     module = build(trained, preprocess, ckpt["model"])
     checkpoint.load_into(module, ckpt["model"], path)

@@ -199,7 +199,19 @@ def _classifier(features: nn.Module, arch: str) -> tuple[str, nn.Linear]:
 
 def load_weights(cfg: ZooConfig) -> dict[str, torch.Tensor]:
     """model.weights as a state dict of the architecture, keys as torchvision names them: a
-    safetensors file, a weights-only torch file, or torchvision's weights by name (downloaded)."""
+    safetensors file, a weights-only torch file, or torchvision's weights by name (downloaded);
+    refused when a tensor is not a real one (checkpoint.tensor_problem: a crafted file's expanded
+    tensor, checked before anything copies it) or a weight is not finite."""
+    from dnnrun.store import checkpoint
+
+    state = _read_weights(cfg)
+    problems = (checkpoint.tensor_problem(name, t) for name, t in state.items())
+    if problem := next(filter(None, problems), None) or checkpoint.weights_problem(state):
+        raise UserError(f"model.weights: {cfg.weights} cannot be used: {problem}")
+    return state
+
+
+def _read_weights(cfg: ZooConfig) -> dict[str, torch.Tensor]:
     import torch
 
     path = Path(cfg.weights).expanduser()
@@ -218,7 +230,9 @@ def load_weights(cfg: ZooConfig) -> dict[str, torch.Tensor]:
                 f"model.weights: cannot read {path} as a safetensors file or a weights-only state_dict "
                 f"({' '.join(str(exc).split())[:200]})"
             ) from None
-        if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in state.items()
+        ):
             raise UserError(f"model.weights: {path} holds no state_dict (a mapping of parameter names to tensors)")
         return state
     return _download(cfg)
