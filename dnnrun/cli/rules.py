@@ -40,7 +40,7 @@ def code_problems(hydra: DictConfig) -> list[str]:
                 or path == SEARCH_SPACE
                 or (in_logging and not isinstance(value, (MissingMandatoryValue, InterpolationToMissingValueError)))
             ):
-                problems.append(f"{path}: cannot be checked before the run ({explain(value)}); give it a plain value")
+                problems.append(unresolved(path, value))
         elif name == "_target_":
             problems += _target_problems(path, value)
         elif path == SEARCH_SPACE and value is not None:
@@ -63,6 +63,11 @@ def code_problems(hydra: DictConfig) -> list[str]:
         elif in_logging and isinstance(value, str) and value.startswith("ext://") and value not in LOG_STREAMS:
             problems.append(f"{path}: {value!r} would import a module; valid: {', '.join(LOG_STREAMS)}")
     return problems
+
+
+def unresolved(path: str, exc: Exception) -> str:
+    """A setting whose value is known only when Hydra runs, so that no check can see it now."""
+    return f"{path}: cannot be checked before the run ({explain(exc)}); give it a plain value"
 
 
 def _target_problems(path: str, target: object) -> list[str]:
@@ -248,7 +253,7 @@ def plugin_problems(hydra: DictConfig, root: str | None) -> list[str]:
             try:
                 value = settings[key]
             except OmegaConfBaseException as exc:
-                problems.append(f"{path}: cannot be checked before the run ({explain(exc)}); give it a plain value")
+                problems.append(unresolved(path, exc))
                 continue
             if kind is None:
                 problems.append(
@@ -427,7 +432,7 @@ def hydra_problems(hydra: DictConfig, spec: dict | None = None, path: str = "hyd
         try:
             value = hydra[key]
         except OmegaConfBaseException as exc:
-            problems.append(f"{where}: cannot be checked before the run ({explain(exc)}); give it a plain value")
+            problems.append(unresolved(where, exc))
             continue
         if isinstance(rule, dict):
             if isinstance(value, DictConfig):
@@ -477,7 +482,7 @@ def _env_set(where: str, value: object) -> list[str]:
         try:
             setting = value[name]
         except OmegaConfBaseException as exc:
-            problems.append(f"{where}.{name}: cannot be checked before the run ({explain(exc)})")
+            problems.append(unresolved(f"{where}.{name}", exc))
             continue
         if pattern is None:
             problems.append(_env_refused(f"{where}.{name}"))

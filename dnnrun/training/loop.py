@@ -94,7 +94,7 @@ class Tally:
     device and are read every CHECK_EVERY steps and at the epoch's end."""
 
     def __init__(self, progress: EpochProgress, eager: bool):
-        self.eager = eager
+        self.eager, self.start = eager, progress  # where this process took the epoch up
         self.loss_sum = [m.loss_sum for m in progress.members]
         self.correct = [m.correct for m in progress.members]
         self.seen = [m.seen for m in progress.members]
@@ -157,6 +157,11 @@ class Tally:
             for k, h in enumerate(hits):
                 self.correct[k] += h
 
+    def lr(self, engine, k: int) -> float:
+        """The rate member k's last step used: the engine's, or the saved one when this process
+        took no step of the epoch (a resume at its very end)."""
+        return engine.lr(k) if self.steps else self.start.members[k].lr
+
     def running(self) -> Running:
         """The epoch so far for the progress bar, the mean over the members (a read of the device)."""
         loss = sum(v for v in self.loss_sum if math.isfinite(v))  # a diverged member's is not
@@ -206,7 +211,7 @@ class Loop:
         self.plots = self.rank == 0 and (plots is True or (plots == "auto" and self.k == 1))
         self.snapshotted = self.k == 1 or self.plots  # members': for their plots only (16 members: 32 passes)
         self.train_eval = train_eval_subset(cfg, self.data.train, self.engine.member_module(0))
-        self.tally = Tally(EpochProgress(0, [MemberProgress(g.get_state()) for g in self.shuffles]), True)  # an epoch's
+        self.tally: Tally | None = None  # the running epoch's (made at its start)
 
         self.early_stopping = EarlyStopping(tc.early_stopping, tc.monitor, self.k)
         self.loggers = loggers.Loggers(cfg.logger, self.dirs)
@@ -338,8 +343,6 @@ class Loop:
             progress.members = [dataclasses.replace(m, loss_sum=0.0, correct=0, seen=0) for m in progress.members]
         if self.world > 1:  # other dropout masks on every rank, the same after a resume
             torch.manual_seed(hash((self.cfg.trainer.seed, self.rank, epoch)) % 2**63)
-        self.epoch_start_shuffles = [m.shuffle_state for m in progress.members]
-        self.lrs = [m.lr for m in progress.members]
         orders = []
         for g, m in zip(self.shuffles, progress.members):
             g.set_state(m.shuffle_state)  # draws the epoch's order (again, after a resume)
@@ -396,7 +399,7 @@ class Loop:
         tc, tally = self.cfg.trainer, self.tally
         totals = distributed.sum_across([*tally.loss_sum, *tally.correct, *tally.seen], self.device)
         loss_sum, correct, seen = (totals[i * self.k : (i + 1) * self.k] for i in range(3))
-        lrs = [self.engine.lr(k) if tally.steps else self.lrs[k] for k in range(self.k)]
+        lrs = [tally.lr(self.engine, k) for k in range(self.k)]
         val_loss, val_acc = self.engine.evaluate(self.data.val, tc.eval_batch_size)
         elapsed = time.perf_counter() - began
         records = {
@@ -439,8 +442,8 @@ class Loop:
         state.progress = EpochProgress(
             tally.batches,
             [
-                MemberProgress(self.epoch_start_shuffles[k], totals[k], int(totals[self.k + k]),
-                               int(totals[2 * self.k + k]), self.engine.lr(k) if tally.steps else self.lrs[k])
+                MemberProgress(tally.start.members[k].shuffle_state, totals[k], int(totals[self.k + k]),
+                               int(totals[2 * self.k + k]), tally.lr(self.engine, k))
                 for k in range(self.k)
             ],
         )  # fmt: skip
@@ -540,7 +543,8 @@ class Loop:
 
 
 def _status(ending: Diverged | Interrupted | None, member: MemberState | None = None) -> str:
-    if member is not None and member.diverged is not None or isinstance(ending, Diverged):
+    """How the run (or, given, one of its members) ended, as summary.json says it."""
+    if isinstance(ending, Diverged) or (member is not None and member.diverged is not None):
         return "diverged"
     return "interrupted" if isinstance(ending, Interrupted) else "completed"
 
