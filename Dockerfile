@@ -16,6 +16,7 @@ WORKDIR /opt/dnnrun
 COPY pyproject.toml README.md ./
 COPY dnnrun ./dnnrun
 COPY conf ./conf
+COPY hydra_plugins ./hydra_plugins
 # The README's install step, unchanged.
 RUN pip install -e ".[dev]"
 

@@ -2,7 +2,8 @@
 
 The CLI prints each of these as one clear message, without a traceback: UserError and its kinds
 (bad input, exit 2), RunError (the surroundings failed, exit 1), Diverged (exit 3) and Interrupted
-(130 or 143). Any other exception is a bug: it gets a traceback and exit code 1.
+(130 or 143). Any other exception is a bug: it gets a traceback and exit code 1. A trial of a
+search that the pruner stopped (Pruned) is no failure: exit code 0, status "pruned".
 """
 
 from __future__ import annotations
@@ -57,6 +58,17 @@ class Interrupted(BaseException):
         self.signum = signum
         self.exit_code = 128 + signum
         super().__init__(f"stopped by {signal.Signals(signum).name}")
+
+
+class Pruned(Exception):
+    """An Optuna search's pruner stopped this trial after an epoch: its monitored metric was behind
+    the other trials' at the same epoch. The trial ends early, as planned: not a failure."""
+
+    exit_code = EXIT_OK
+
+    def __init__(self, epoch: int, monitor: str, value: float, pruner: str):
+        self.epoch = epoch
+        super().__init__(f"pruned after epoch {epoch} by the {pruner} pruner ({monitor} {value:.4g})")
 
 
 class Diverged(Exception):

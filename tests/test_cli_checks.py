@@ -87,9 +87,9 @@ CODE_IN_CONFIG = {
         ["hydra.launcher._target_: 'builtins.open' " + NOT_ALLOWED],
     ),
     "sweeper": (["-m", "hydra.sweeper._target_=os.system"], ["hydra.sweeper._target_: 'os.system' " + NOT_ALLOWED]),
-    "optuna's custom search space": (
-        ["-m", "experiment=search", "hydra.sweeper.custom_search_space=os.system"],
-        ["hydra.sweeper.custom_search_space: 'os.system' names a function"],
+    "a search's sampler": (
+        ["-m", "experiment=search", "hydra.sweeper.sampler._target_=os.system"],
+        ["hydra.sweeper.sampler._target_: 'os.system' " + NOT_ALLOWED],
     ),
     "logging class on the command line": (
         ["hydra.hydra_logging.handlers.console.class=os.system"],
@@ -329,9 +329,30 @@ PLUGIN_REFUSALS = {
         ["-m", "experiment=search", "hydra.sweeper.storage=sqlite:////elsewhere.db"],
         "hydra.sweeper.storage resolves to /elsewhere.db, outside the outputs root",
     ),
-    "an Optuna database server": (
-        ["-m", "experiment=search", "hydra.sweeper.storage=postgresql://host/db"],
-        "only a SQLite file under the outputs root",
+    "an Optuna journal elsewhere": (
+        ["-m", "experiment=search", "hydra.sweeper.storage=journal:////elsewhere.log"],
+        "hydra.sweeper.storage resolves to /elsewhere.log, outside the outputs root",
+    ),
+    "a storage of another scheme": (
+        ["-m", "experiment=search", "hydra.sweeper.storage=redis://host/0"],
+        "hydra.sweeper.storage: 'redis://host/0' is not a storage dnnrun can use; valid: sqlite:///PATH",
+    ),
+    "a password in the storage's URL": (
+        ["-m", "experiment=search", "hydra.sweeper.storage=postgresql://me:pw@host/db"],
+        "hydra.sweeper.storage: the URL holds a password, which would be written into the run's .hydra/ files",
+    ),
+    "a pruner that does not exist": (
+        ["-m", "experiment=search", "hydra.sweeper.pruner=medain"],
+        "hydra.sweeper.pruner: 'medain' is not a pruner; valid: median, hyperband, none (did you mean 'median'?)",
+    ),
+    "no trials": (["-m", "experiment=search", "hydra.sweeper.n_trials=0"], "hydra.sweeper.n_trials: must be a whole"),
+    "a Slurm signal as late as the time limit": (
+        ["-m", "hydra/launcher=slurm", "hydra.launcher.timeout_min=1"],
+        "hydra.launcher.signal_delay_s: 120 s before a time limit of 60 s (hydra.launcher.timeout_min=1) comes",
+    ),
+    "a Slurm setting outside the allow-list": (
+        ["-m", "hydra/launcher=slurm", "+hydra.launcher.wckey_cmd=x"],
+        "hydra.launcher.wckey_cmd: not a setting dnnrun passes to SlurmLauncher",
     ),
     "an unknown launcher setting": (
         ["-m", "hydra/launcher=joblib", "+hydra.launcher.foo=1"],
@@ -374,6 +395,8 @@ def test_plugin_settings_that_run_commands_or_write_elsewhere_are_refused(case, 
         ],
         ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
         ["-m", "experiment=search", "hydra.sweeper.storage=sqlite:///{root}/study.db", "hydra.sweeper.n_trials=3"],
+        ["-m", "experiment=search", "hydra.sweeper.storage=journal:///{root}/s.log", "hydra.sweeper.pruner=hyperband"],
+        ["-m", "experiment=search", "hydra.sweeper.storage=postgresql://me@db.example:5432/studies"],
         [
             "+hydra.job_logging.handlers.file.class=logging.FileHandler",
             "+hydra.job_logging.handlers.file.filename=${{hydra:runtime.output_dir}}/job.log",

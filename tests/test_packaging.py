@@ -20,7 +20,7 @@ def wheel(tmp_path_factory) -> Path:
     src = tmp_path_factory.mktemp("src")
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
-    for name in ("dnnrun", "conf"):
+    for name in ("dnnrun", "conf", "hydra_plugins"):
         shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
@@ -38,6 +38,8 @@ def test_the_wheel_contains_every_config(wheel: Path):
     assert "dnnrun/conf/config.yaml" in configs and len(configs) >= 10
     assert configs <= names
     assert "dnnrun/cli/__init__.py" in names
+    assert "hydra_plugins/dnnrun_optuna/optuna_sweeper.py" in names  # where Hydra finds dnnrun's sweeper
+    assert "hydra_plugins/__init__.py" not in names  # a namespace that other plugins share
 
 
 def test_an_installed_wheel_composes_its_config_away_from_the_source_tree(wheel: Path, tmp_path: Path):

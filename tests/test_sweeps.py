@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from conftest import make_config, run_cli
 from dnnrun.insight import report
@@ -167,26 +166,6 @@ def test_submitit_requeues_a_timed_out_job_which_finishes_as_if_uninterrupted(tm
     requeued = torch.load(job / "checkpoints" / "last.pt", weights_only=True)["model"]
     straight = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(requeued[k], straight[k]) for k in straight)
-
-
-def test_the_optuna_search_preset_gets_the_monitored_metric_back(tmp_path: Path):
-    sweep = tmp_path / "sweep"
-    result = run_cli(
-        "-m",
-        "experiment=search",
-        "hydra.sweeper.n_trials=3",
-        "data=synthetic",
-        "trainer.epochs=1",
-        f"hydra.sweep.dir={sweep}",
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr
-    found = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
-    best = [
-        json.loads((j / "summary.json").read_text())["best"]["value"] for j in [j.path for j in SweepDir(sweep).jobs()]
-    ]
-    assert len(best) == 3 and found["best_value"] == pytest.approx(min(best))
-    assert set(found["best_params"]) == {"optimizer.lr", "regularizer.dropout.rate", "model.width"}
 
 
 def _torchrun(tmp_path: Path, name: str, *overrides: str) -> dict:

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -30,6 +31,7 @@ from dnnrun.errors import (
     EXIT_TERMINATED,
     Diverged,
     Interrupted,
+    Pruned,
     RunError,
     UserError,
 )
@@ -82,7 +84,7 @@ class App:
             refusal = busy or _refusal(cfg, run, sweep)
             if refusal is None and sweeping:
                 previous = run.read_status() or {}
-                done = previous.get("status") == "completed"
+                done = previous.get("status") in ("completed", "pruned")
                 if done and previous.get("job", {}).get("overrides") == job["overrides"]:
                     log.info("job %s already completed in %s: skipped", hc.job.num, run)
                     return run.read().get(_monitor(cfg))
@@ -170,10 +172,17 @@ def _run(cfg: DictConfig, run: RunDir, hc: DictConfig, sweeping: bool, rank: int
             return EXIT_OK, evaluate.run(run_cfg, run.path, on_start=start)["deterministic"]["accuracy"], None, True
         if run_cfg.mode == "predict":
             return EXIT_OK, predict.run(run_cfg, run.path, on_start=start)["examples"], None, True
-        summary = loop.run(
-            run_cfg, run.path if rank == 0 else Path(hc.runtime.output_dir), on_start=start, hook=faults.from_env()
-        )
+        trial = _trial(run_cfg, hc) if sweeping else None
+        with contextlib.ExitStack() as scratch:
+            # Rank 0 writes the run directory; another rank trains in a scratch one of its own (the
+            # Slurm tasks of one launcher job are all given the job's directory).
+            own = run.path
+            if rank > 0:
+                own = Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix=f"dnnrun-rank{rank}-")))
+            summary = loop.run(run_cfg, own, on_start=start, hook=faults.from_env(), trial=trial)
         return EXIT_OK, summary["best"]["value"], None, True
+    except Pruned as exc:  # the search's pruner stopped the trial (the loop has said so): not a failure
+        return EXIT_OK, None, exc, True
     except (UserError, OmegaConfBaseException) as exc:
         error(str(exc))
         return getattr(exc, "exit_code", EXIT_BAD_INPUT), None, exc, bool(started)
@@ -187,6 +196,19 @@ def _run(cfg: DictConfig, run: RunDir, hc: DictConfig, sweeping: bool, rank: int
         if sweeping:
             log.exception("job %s failed", hc.job.num)
         return EXIT_INTERNAL, None, exc, bool(started)
+
+
+def _trial(run_cfg, hc: DictConfig):
+    """The search's trial that this job is (dnnrun's Optuna sweeper), or None."""
+    from dnnrun.cli.search import job_trial
+
+    trial = job_trial(hc)
+    if trial is not None and run_cfg.trainer.seeds is not None:
+        raise UserError(
+            "trainer.seeds: a search's trial is one run (its value one model's); search without trainer.seeds "
+            "and compare the best settings over seeds afterwards"
+        )
+    return trial
 
 
 def _save_snapshot(cfg: DictConfig, hc: DictConfig, run: RunDir) -> None:

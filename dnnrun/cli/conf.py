@@ -7,6 +7,7 @@ joblib and submitit (they import the task function's module to unpickle it)."""
 from __future__ import annotations
 
 import hashlib
+import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -22,6 +23,19 @@ def _config_dir() -> Path:
 
 
 CONFIG_DIR = _config_dir()
+
+
+def _plugins_visible() -> None:
+    """Hydra finds plugins by listing the folders of the hydra_plugins namespace on sys.path. A
+    wheel puts dnnrun's sweeper (hydra_plugins/dnnrun_optuna) into site-packages; an editable
+    install (pip install -e) maps it through an import hook that such a listing does not see, so
+    the checkout is put at the end of sys.path (where it adds nothing else)."""
+    top = Path(__file__).resolve().parents[2]
+    if (top / "hydra_plugins" / "dnnrun_optuna").is_dir() and str(top) not in sys.path:
+        sys.path.append(str(top))
+
+
+_plugins_visible()
 CONFIG_NAME = "config"  # the primary config: config.yaml
 
 # Paths make unreadable directory names, and a job's directory is found again by its name.

@@ -2,9 +2,9 @@
 
 Hydra instantiates hydra.callbacks, .launcher and .sweeper (and any `_target_` nested in them),
 hands hydra.job_logging and hydra.hydra_logging to logging.config.dictConfig (which calls `()`
-factories and imports the names in `class` and `ext://` values), and Optuna's sweeper calls
-hydra.sweeper.custom_search_space. None of these may name code other than dnnrun's sweep report,
-Hydra's launchers and sweepers, Optuna's samplers and the classes of Python's logging."""
+factories and imports the names in `class` and `ext://` values). None of these may name code other
+than dnnrun's sweep report, Hydra's launchers and sweepers, Optuna's samplers and the classes of
+Python's logging."""
 
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ ALLOWED_TARGETS = ("dnnrun.cli.SweepReport",)  # besides Hydra's own launchers a
 SAMPLER = re.compile(r"optuna\.samplers\.[A-Z]\w*")  # Optuna's sampler classes, under hydra.sweeper
 LOG_STREAMS = ("ext://sys.stdout", "ext://sys.stderr")  # the only `ext://` names a logging config may use
 LOGGING = ("hydra.job_logging", "hydra.hydra_logging")  # handed to logging.config.dictConfig
-SEARCH_SPACE = "hydra.sweeper.custom_search_space"  # a function Optuna's sweeper imports and calls
 
 
 def code_problems(hydra: DictConfig) -> list[str]:
@@ -35,19 +34,12 @@ def code_problems(hydra: DictConfig) -> list[str]:
         name = path.rpartition(".")[2]
         in_logging = path.startswith(tuple(f"{p}." for p in LOGGING))
         if isinstance(value, Exception):
-            if (
-                name in ("_target_", "class", "()")
-                or path == SEARCH_SPACE
-                or (in_logging and not isinstance(value, (MissingMandatoryValue, InterpolationToMissingValueError)))
+            if name in ("_target_", "class", "()") or (
+                in_logging and not isinstance(value, (MissingMandatoryValue, InterpolationToMissingValueError))
             ):
                 problems.append(unresolved(path, value))
         elif name == "_target_":
             problems += _target_problems(path, value)
-        elif path == SEARCH_SPACE and value is not None:
-            problems.append(
-                f"{path}: {value!r} names a function for Optuna to call, which a config may not do; "
-                f"give the search space in hydra.sweeper.params instead"
-            )
         elif in_logging and name == "()":
             problems.append(
                 f"{path}: a '()' factory calls any importable function and is not allowed in a "
@@ -147,6 +139,8 @@ def outside_outputs(root: str, places: dict[str, Path]) -> str | None:
 # not listed here is refused rather than passed through.
 
 VALUE, PATH, LINE, NEVER, SBATCH, STORAGE = "value", "path", "line", "never", "sbatch", "storage"
+COUNT, FRACTION, DIRECTION, PRUNER = "count", "fraction", "direction", "pruner"
+DIRECTIONS = ("minimize", "maximize")
 _SUBMITIT = {
     "submitit_folder": PATH,
     "timeout_min": VALUE,
@@ -195,18 +189,17 @@ PLUGIN_SETTINGS = {
         "setup": NEVER,
         "srun_args": NEVER,
     },
-    "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper": {
+    "hydra_plugins.dnnrun_optuna.optuna_sweeper.OptunaSweeper": {
         "sampler": VALUE,
-        "direction": VALUE,
+        "direction": DIRECTION,
         "storage": STORAGE,
         "study_name": LINE,
-        "n_trials": VALUE,
-        "n_jobs": VALUE,
-        "max_failure_rate": VALUE,
-        "search_space": VALUE,
+        "n_trials": COUNT,
+        "n_jobs": COUNT,
+        "pruner": PRUNER,
+        "max_failure_rate": FRACTION,
         "params": VALUE,
-        "custom_search_space": VALUE,
-    },  # the sampler's _target_ and custom_search_space: code_problems
+    },  # the sampler's _target_: code_problems
 }
 # sbatch options that hydra.launcher.additional_parameters may set (one line each); none runs a program.
 SBATCH_OPTIONS = (
@@ -262,7 +255,31 @@ def plugin_problems(hydra: DictConfig, root: str | None) -> list[str]:
                 )
             else:
                 problems += _setting_problems(path, kind, value, root)
+        if node == "launcher" and "signal_delay_s" in allowed:
+            problems += _signal_delay_problems(settings)
+        if node == "sweeper" and allowed.get("storage") == STORAGE and settings.get("storage") is None:
+            from dnnrun.cli.search import STORAGE_ENV, storage_problem
+
+            if os.environ.get(STORAGE_ENV):  # the storage given in the environment instead
+                problems += filter(None, [storage_problem(STORAGE_ENV, os.environ[STORAGE_ENV], root)])
     return problems
+
+
+def _signal_delay_problems(settings: DictConfig) -> list[str]:
+    """Slurm sends SIGUSR2 signal_delay_s before the time limit; submitit handles it only once the
+    job has started (seconds in): a delay as long as the limit kills the job instead of requeuing it."""
+    try:
+        delay, limit = settings.get("signal_delay_s"), settings.get("timeout_min")
+    except OmegaConfBaseException:
+        return []  # said by the settings' own checks
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (delay, limit))
+    if numbers and delay >= limit * 60 - 10:
+        return [
+            f"hydra.launcher.signal_delay_s: {delay} s before a time limit of {limit * 60:g} s "
+            f"(hydra.launcher.timeout_min={limit}) comes before the job can handle it; give a delay at least "
+            f"10 s shorter than the limit"
+        ]
+    return []
 
 
 def _setting_problems(path: str, kind: str, value: object, root: str | None) -> list[str]:
@@ -279,11 +296,20 @@ def _setting_problems(path: str, kind: str, value: object, root: str | None) -> 
         outside = outside_outputs(root, {path: Path(str(value).split("%", 1)[0])})
         return [outside] if outside else []
     if kind == STORAGE:
-        url = str(value)
-        if not url.startswith("sqlite:///"):
-            return [f"{path}: only a SQLite file under the outputs root (sqlite:///PATH) may hold a study, got {url!r}"]
-        outside = outside_outputs(root, {path: Path(url.removeprefix("sqlite:///"))}) if root is not None else None
-        return [outside] if outside else []
+        from dnnrun.cli.search import storage_problem
+
+        problem = storage_problem(path, str(value), root)
+        return [problem] if problem else []
+    if kind == COUNT and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        return [f"{path}: must be a whole number of at least 1, got {value!r}"]
+    if kind == FRACTION and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1):
+        return [f"{path}: must be a number from 0 to 1, got {value!r}"]
+    if kind == DIRECTION and value not in DIRECTIONS:
+        return [f"{path}: must be minimize or maximize, got {value!r}{did_you_mean(str(value), DIRECTIONS)}"]
+    if kind == PRUNER:
+        from dnnrun.cli.search import PRUNERS, pruner_problem
+
+        return [] if value in PRUNERS else [pruner_problem(str(value))]
     if kind == SBATCH and isinstance(value, DictConfig):
         found = []
         for option, setting in value.items():

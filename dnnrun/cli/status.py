@@ -9,6 +9,7 @@ from dnnrun.errors import (
     EXIT_TERMINATED,
     Diverged,
     Interrupted,
+    Pruned,
     RunError,
     UserError,
 )
@@ -19,7 +20,7 @@ STATUS_OF_EXIT = {
     EXIT_DIVERGED: "diverged",
     EXIT_INTERRUPTED: "interrupted",
     EXIT_TERMINATED: "interrupted",
-}  # any other code: "failed"
+}  # any other code: "failed"; a pruned trial (exit 0): "pruned"
 
 
 def record_end(run: RunDir, code: int, failure: BaseException | None, job: dict) -> None:
@@ -30,7 +31,8 @@ def record_end(run: RunDir, code: int, failure: BaseException | None, job: dict)
     try:
         if injected is not None:  # tests: a signal, or a full disk, while the end is recorded
             injected.at("status", 1)
-        run.write_status(STATUS_OF_EXIT.get(code, "failed"), code, job, failure_text(failure))
+        status = "pruned" if isinstance(failure, Pruned) else STATUS_OF_EXIT.get(code, "failed")
+        run.write_status(status, code, job, failure_text(failure))
     except (OSError, RunError) as exc:  # a read-only or full directory: said once, the run's own exit code stands
         from dnnrun.cli.messages import error
 
@@ -44,6 +46,6 @@ def failure_text(failure: BaseException | None) -> str | None:
         return None
     if isinstance(failure, KeyboardInterrupt):
         return "interrupted"
-    if isinstance(failure, (UserError, Diverged, RunError, Interrupted)):
+    if isinstance(failure, (UserError, Diverged, RunError, Interrupted, Pruned)):
         return str(failure)
     return f"{type(failure).__name__}: {failure}"

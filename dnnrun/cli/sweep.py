@@ -12,9 +12,10 @@ from omegaconf import DictConfig, OmegaConf
 from dnnrun.cli.messages import error
 from dnnrun.cli.status import record_end
 from dnnrun.errors import EXIT_INTERNAL, RunError
-from dnnrun.store.rundir import SweepDir
+from dnnrun.store.rundir import RunDir, SweepDir
 
 DIED = "its process died before it finished (killed?)"
+ENDED_WELL = ("completed", "pruned")  # a trial the search's pruner stopped is no failure
 
 
 class SweepFailed(SystemExit):
@@ -29,20 +30,34 @@ class SweepReport(Callback):
     """Hydra's callback at the end of a sweep (conf/config.yaml: hydra.callbacks.sweep_report)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        if report_sweep(Path(config.hydra.sweep.dir)):
+        from dnnrun.cli.search import SWEEPER
+
+        shared = OmegaConf.select(config, "hydra.sweeper._target_") == SWEEPER  # a search: other processes' jobs too
+        if report_sweep(Path(config.hydra.sweep.dir), shared):
             raise SweepFailed()
 
 
-def report_sweep(sweep_dir: Path) -> bool:
-    """Rewrite sweep.csv and print how many jobs completed and every one that did not; whether one did not."""
+def report_sweep(sweep_dir: Path, shared: bool = False) -> bool:
+    """Rewrite sweep.csv and print how many jobs completed and every one that did not; whether one
+    did not. shared: a search's sweep directory, which other processes of the search share (their
+    jobs still running are theirs, not failures)."""
     sweep = SweepDir(sweep_dir)
     try:
         rows = sweep.update_table()
     except RunError as exc:  # a full or read-only disk: the jobs' own records stand
         error(str(exc))
         return True
-    failed = [r for r in rows if r["status"] != "completed"]
-    print(f"sweep: {len(rows) - len(failed)} of {len(rows)} jobs completed; table: {sweep.table}")
+    # another process's job, in a sweep directory that processes of one search share
+    running = [r for r in rows if shared and r["status"] == "running" and RunDir(r["run_dir"]).in_use()]
+    failed = [r for r in rows if r["status"] not in ENDED_WELL and r not in running]
+    pruned = sum(r["status"] == "pruned" for r in rows)
+    completed = sum(r["status"] == "completed" for r in rows)
+    print(
+        f"sweep: {completed} of {len(rows)} jobs completed"
+        + (f", {pruned} pruned" if pruned else "")
+        + (f", {len(running)} running in another process" if running else "")
+        + f"; table: {sweep.table}"
+    )
     for row in failed:
         error(
             f"job {row['job']} ({row['overrides'] or 'no overrides'}): {row['status']}"

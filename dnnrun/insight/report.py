@@ -219,7 +219,8 @@ def write_markdown(
     ]
     for i, row in enumerate(groups, start=1):
         lines.append("| " + " | ".join(_cells(i, row, settings, labels)) + " |")
-    failures = [m for row in groups for m in row["members"] if m["status"] not in ("completed", "running")]
+    # a trial a search's pruner stopped is no failure
+    failures = [m for row in groups for m in row["members"] if m["status"] not in ("completed", "running", "pruned")]
     if failures:
         lines += ["", "## Runs that did not complete", ""]
         lines += [f"- `{m['name']}`: {m['status']}" + (f": {m['error']}" if m.get("error") else "") for m in failures]

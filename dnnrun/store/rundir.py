@@ -297,6 +297,21 @@ class RunDir:
         finally:
             os.close(fd)
 
+    def in_use(self) -> bool:
+        """Whether a process holds the directory now (owned(): another process of a search that
+        shares the sweep directory, say)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False  # closing the descriptor releases it
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
     # What a directory holds
     def holds_run(self) -> list[str]:
         """The files that show another run used this directory (a fresh run must not overwrite them)."""

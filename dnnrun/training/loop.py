@@ -29,7 +29,7 @@ import torch
 
 from dnnrun.data.augment import Augment
 from dnnrun.data.datasets import Split
-from dnnrun.errors import Diverged, Interrupted, RunError
+from dnnrun.errors import Diverged, Interrupted, Pruned, RunError
 from dnnrun.insight import advice, diagnosis, diagnostics, loggers
 from dnnrun.insight.console import EpochBar, Running, console, print_diagnosis, results_table
 from dnnrun.models.network import DROPOUTS, count_parameters
@@ -42,6 +42,7 @@ from dnnrun.training.checkpointing import Checkpoints
 from dnnrun.training.early_stopping import EarlyStopping
 from dnnrun.training.engine import Step
 from dnnrun.training.faults import Hook
+from dnnrun.training.pruning import Pruning, Trial
 from dnnrun.training.signals import StopFlag
 from dnnrun.training.state import EpochProgress, MemberProgress, MemberState, TrainState
 from dnnrun.training.transfer import Unfreezing
@@ -57,15 +58,20 @@ CHECK_EVERY = 32
 
 
 def run(
-    cfg: RunConfig, run_dir: str | os.PathLike, on_start: Callable[[], None] | None = None, hook: Hook | None = None
+    cfg: RunConfig,
+    run_dir: str | os.PathLike,
+    on_start: Callable[[], None] | None = None,
+    hook: Hook | None = None,
+    trial: Trial | None = None,
 ) -> dict[str, Any]:
     """Train as configured; write metrics, checkpoints, summary and log under run_dir; return the
-    summary. Raises Diverged or Interrupted, once recorded, for a run that ended so.
+        summary. Raises Diverged, Interrupted or Pruned, once recorded, for a run that ended so.
 
-    Everything that can refuse the run (device, resume path, the checkpoint and its config, the
-    data, the transfer source, the memory) is checked before the first write, so a refused run
-    leaves its directory as it was. `on_start` runs once the run owns the directory (the CLI writes
-    Hydra's config snapshot there); `hook` is called at fixed points of the loop (tests)."""
+        Everything that can refuse the run (device, resume path, the checkpoint and its config, the
+        data, the transfer source, the memory) is checked before the first write, so a refused run
+        leaves its directory as it was. `on_start` runs once the run owns the directory (the CLI writes
+        Hydra's config snapshot there); `hook` is called at fixed points of the loop (tests); `trial`:
+    the search's trial this run is, told each epoch's monitored value (pruning.py)."""
     run_dir = RunDir(run_dir)
     runtime.warm_up()
     device = runtime.resolve_device(cfg.trainer.device)
@@ -79,7 +85,7 @@ def run(
     summary: dict[str, Any] = {"status": "running", "started": now(), "run_dir": str(run_dir)}
     stop = StopFlag()
     with _recording(run_dir, summary), run_log(run_dir, early), stop.installed():
-        loop = Loop(cfg, run_dir, device, start, summary, stop, hook or Hook())
+        loop = Loop(cfg, run_dir, device, start, summary, stop, hook or Hook(), trial)
         ending = loop.fit()
         summary = loop.finish(ending)
     if ending is not None:
@@ -186,6 +192,7 @@ class Loop:
         summary: dict[str, Any],
         stop: StopFlag,
         hook: Hook,
+        trial: Trial | None = None,
     ):
         tc = cfg.trainer
         self.cfg, self.run_dir, self.device, self.data, self.summary, self.stop = (
@@ -217,11 +224,14 @@ class Loop:
         self.loggers = loggers.Loggers(cfg.logger, self.dirs)
         inputs = self.data.preprocess.to_dict() if self.data.preprocess else None
         self.checkpoints = Checkpoints(run_dir, self.dirs, cfg.raw, inputs, self.early_stopping, hook.before_rename)
-        features = [Unfreezing(cfg.transfer, reuse), self.early_stopping]  # in the order they are called
+        self.pruning = Pruning(trial, tc.monitor) if trial is not None else None
+        features = [Unfreezing(cfg.transfer, reuse), self.early_stopping, self.pruning]  # in the order they are called
         if every := diagnostics_every(cfg, self.engine):
             module, unit = self.engine.module, ACTIVATIONS[cfg.act.name]
             features.append(diagnostics.LayerStats(module, unit, every, run_dir, self.loggers.each[0]))
-        self.callbacks = Callbacks([*features, EpochBar(tc.progress, tc.epochs), self.loggers, self.checkpoints, hook])
+        self.callbacks = Callbacks(
+            [*filter(None, features), EpochBar(tc.progress, tc.epochs), self.loggers, self.checkpoints, hook]
+        )
         if start.checkpoint is not None:
             self.state = self.checkpoints.restore(self, start.checkpoint, start.resume_from)
             self.snapshots = [d.read_activations() for d in self.dirs]
@@ -264,16 +274,18 @@ class Loop:
     # The loop
 
     def active(self) -> list[int]:
-        """The members that train on: neither diverged nor stopped early."""
+        """The members that train on: neither diverged nor stopped early (nor pruned)."""
+        if self.pruning is not None and self.pruning.pruned is not None:
+            return []
         return [
             k for k, m in enumerate(self.state.members) if m.diverged is None and self.early_stopping.reason(k) is None
         ]
 
-    def fit(self) -> Diverged | Interrupted | None:
+    def fit(self) -> Diverged | Interrupted | Pruned | None:
         """Epochs of shuffled mini-batches, one update each, then validation, the epoch's records,
         checkpoint and decisions. Returns what ended the run early: Diverged (a single run's first
         non-finite loss, or the last member's), Interrupted (SIGINT or SIGTERM, once where it
-        stopped is saved), or None."""
+        stopped is saved), Pruned (a search's pruner stopped the trial), or None."""
         state, tc = self.state, self.cfg.trainer
         self.stop.deferring = True  # from here on a signal lets the current step finish and is saved
         self.callbacks.train_start(self)
@@ -292,7 +304,7 @@ class Loop:
             return Interrupted(self.stop.signum)
         if all(m.diverged for m in state.members):  # members: the last of them diverged
             return Diverged(max(m.diverged_at for m in state.members), "every member diverged")
-        return None
+        return self.pruning.pruned if self.pruning is not None else None
 
     def _epoch(self, epoch: int, active: list[int]) -> Diverged | Interrupted | None:
         state = self.state
@@ -459,10 +471,11 @@ class Loop:
     # -----------------------------------------------------------------------------------------
     # The end
 
-    def finish(self, ending: Diverged | Interrupted | None) -> dict[str, Any]:
+    def finish(self, ending: Diverged | Interrupted | Pruned | None) -> dict[str, Any]:
         """The end of the run, whatever ended it: each member's best weights and test pass (a run
-        that completed), activation snapshots, diagnosis, and summary; for members their own
-        checkpoints and the aggregate with the ensemble; plots. Returns the run's summary."""
+        that completed; not a pruned trial), activation snapshots, diagnosis, and summary; for
+        members their own checkpoints and the aggregate with the ensemble; plots. Returns the run's
+        summary."""
         tc, state, summary = self.cfg.trainer, self.state, self.summary
         if ending is None and self.stop.signum:  # never report an interrupted run as completed
             ending = Interrupted(self.stop.signum)
@@ -487,6 +500,8 @@ class Loop:
             summaries.append(self._member_summary(k, member, test))
         if self.k == 1:
             summary.update(summaries[0], epochs_run=state.epoch, steps=state.step)
+            if isinstance(ending, Pruned):  # members in a search are refused (cli/app.py)
+                summary["stop_reason"] = str(ending)
         else:
             self.checkpoints.write_members(self, last)
             logits = self.engine.logits(self.data.test.x, tc.eval_batch_size)
@@ -505,7 +520,8 @@ class Loop:
 
             for run in self.dirs:
                 plot_run(run)
-        finish_summary(self.run_dir, summary, _status(ending), error=str(ending) if ending else None)
+        failure = str(ending) if ending is not None and not isinstance(ending, Pruned) else None
+        finish_summary(self.run_dir, summary, _status(ending), error=failure)
         if self.k > 1:
             console.print(members.table(summaries, summary["aggregate"], summary["ensemble"]))
             log.info("run directory: %s (members under members/)", self.run_dir)
@@ -542,10 +558,12 @@ class Loop:
         return entry
 
 
-def _status(ending: Diverged | Interrupted | None, member: MemberState | None = None) -> str:
+def _status(ending: Diverged | Interrupted | Pruned | None, member: MemberState | None = None) -> str:
     """How the run (or, given, one of its members) ended, as summary.json says it."""
     if isinstance(ending, Diverged) or (member is not None and member.diverged is not None):
         return "diverged"
+    if isinstance(ending, Pruned):
+        return "pruned"
     return "interrupted" if isinstance(ending, Interrupted) else "completed"
 
 
