@@ -20,8 +20,17 @@ from dnnrun.store.rundir import SweepDir
 from dnnrun.training import distributed, loop
 from services import slurm
 
-# Small and quick: the processes' start-up (torch, Hydra) takes most of each test.
-OVERRIDES = ["data=synthetic", "trainer.epochs=2", "trainer.diagnostics.plots=false"]
+# Small and quick: the processes' start-up (torch, Hydra) takes most of each test. With pretraining
+# (every rank must start from the same pretrained weights) and 833 training examples (the last
+# global batch of 1 leaves rank 1 nothing).
+OVERRIDES = [
+    "data=synthetic",
+    "trainer.epochs=2",
+    "pretrain=autoencoder",
+    "pretrain.epochs=1",
+    "data.max_train=833",
+    "trainer.diagnostics.plots=false",
+]
 
 
 @pytest.fixture(scope="module")

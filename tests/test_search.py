@@ -161,3 +161,19 @@ def test_two_processes_share_one_study_on_postgresql_with_pruning(tmp_path: Path
     written = [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".pt"]
     assert not [p for p in written if secret.encode() in p.read_bytes()]
     assert all(secret not in out + err for out, err in outputs)
+
+
+def test_a_search_stops_asking_for_trials_once_too_many_failed(tmp_path: Path):
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        *SEARCH,
+        "trainer.epochs=1",
+        "hydra.sweeper.n_trials=4",
+        "hydra.sweeper.max_failure_rate=0.5",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+        env={"DNNRUN_FAULT": "raise@epoch=1"},  # every trial fails in its first epoch
+    )
+    assert result.returncode == 1
+    assert "1 of this process's 1 trials failed, more than hydra.sweeper.max_failure_rate=0.5" in result.stderr
+    assert _results(sweep)["trials"] == {"fail": 1} and [j["status"] for j in _jobs(sweep).values()] == ["failed"]

@@ -3,13 +3,15 @@
 requeued or near its time limit continues from its own checkpoints/last.pt and ends as an
 uninterrupted run of the same config would.
 
-Both sweeps run at once in one module fixture, since the time limit takes long to come (slurmctld
-checks time limits every 30 s); the tests then check what happened. A requeued job may start again
+Both sweeps run at once, driven from a thread that the session starts before its first test, since
+the time limit takes long to come (slurmctld checks time limits every 30 s): the rest of the suite
+runs meanwhile, and these tests then check what happened. A requeued job may start again
 only after a while (AuthInfo=cred_expire in slurm.conf): the fixture lets it start at once
 (scontrol update StartTime=now), as an administrator would."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import csv
 import json
 import os
@@ -31,6 +33,9 @@ from dnnrun.training import loop
 from services import PARTITION, slurm, start as start_service
 
 TIMEOUT_S = 180  # for both sweeps: each job trains for about a second, after ~5 s of imports
+# Beside the rest of the suite, on the same cores, and with submitit's polls further apart as a job
+# runs longer (up to a minute), they take longer.
+EARLY_TIMEOUT_S = 480
 
 
 class Sweep:
@@ -150,37 +155,42 @@ def _array_task(pid: str) -> int:
     return int(task)
 
 
-EARLY: dict[str, Sweep] = {}
-
-
-def _timed_sweep(root: Path, partition: str) -> Sweep:
-    return Sweep(
-        root, partition, "trainer.epochs=3", "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=50"
-    )
+EARLY: list[concurrent.futures.Future] = []  # the sweeps, driven in a thread from the session's start
 
 
 def start_early() -> None:
-    """Submit the time-limit sweep before the session's first test (conftest's
-    pytest_collection_finish): it waits most of its minute for slurmctld's time-limit check, and the
-    other tests run meanwhile. Where Slurm is not up, nothing: the fixture says why."""
+    """Start the sweeps before the session's first test (conftest's pytest_collection_finish): they
+    mostly wait (for the fixture's signals, for slurmctld's time-limit check, for a requeued job to
+    start again), and the other tests run meanwhile. The thread only runs commands and reads files;
+    the jobs train in Slurm's processes. Where Slurm is not up, nothing: the fixture says why."""
     if start_service("slurm.sh") is not None:
         return
-    timed = _timed_sweep(Path(tempfile.mkdtemp(prefix="dnnrun-slurm-timed-")) / "timed", PARTITION)
-    timed.start({"DNNRUN_FAULT": "hold@epoch=2"})  # held until Slurm's SIGUSR2 (faults.WAIT_S at most)
-    EARLY["timed"] = timed
+    root = Path(tempfile.mkdtemp(prefix="dnnrun-slurm-"))
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="slurm-sweeps")
+    EARLY.append(pool.submit(_drive, root, PARTITION, EARLY_TIMEOUT_S))
+    pool.shutdown(wait=False)
 
 
 @pytest.fixture(scope="module")
 def sweeps(tmp_path_factory) -> SimpleNamespace:
+    """The sweeps' ends (_drive), from the thread start_early started, or driven here."""
+    partition = slurm()
+    if EARLY:
+        found = EARLY.pop().result(timeout=EARLY_TIMEOUT_S + 30)
+        yield found
+        shutil.rmtree(found.root, ignore_errors=True)
+    else:
+        yield _drive(tmp_path_factory.mktemp("slurm"), partition, TIMEOUT_S)
+
+
+def _drive(root: Path, partition: str, timeout_s: float) -> SimpleNamespace:
     """`interrupted`: jobs 0 (3 epochs) and 1 (4 epochs) stop after their epoch 2 (its checkpoint
-    written) until the fixture acts: job 0 gets SIGUSR2 as from a preempting scheduler (submitit
-    requeues it), job 1 is requeued by Slurm (scontrol requeue: killed, then started again) and then
-    fails at its epoch 4. Then the same command once more (`rerun`).
+    written) until this acts: job 0 gets SIGUSR2 as from a preempting scheduler (submitit requeues
+    it), job 1 is requeued by Slurm (scontrol requeue: killed, then started again) and then fails at
+    its epoch 4. Then the same command once more (`rerun`).
     `timed`: one job of 3 epochs with a 1-minute limit (the least Slurm takes) and Slurm's SIGUSR2
     50 s before it: from 10 s into the job (well after submitit handles the signal), at slurmctld's
     next time-limit check. The job waits after its epoch 2 until then (or fails after faults.WAIT_S)."""
-    partition = slurm()
-    root = tmp_path_factory.mktemp("slurm")
     arrived = root / "arrived"
     interrupted = Sweep(
         root / "interrupted",
@@ -188,21 +198,20 @@ def sweeps(tmp_path_factory) -> SimpleNamespace:
         "trainer.epochs=3,4",
         "hydra.launcher.timeout_min=30",  # far away: submitit calls a SIGUSR2 a preemption
     )
-    timed = EARLY.pop("timed", None)  # submitted as the session started (start_early)
-    if timed is None:
-        timed = _timed_sweep(root / "timed", partition)
-        timed.start({"DNNRUN_FAULT": "hold@epoch=2"})
-    found = SimpleNamespace(interrupted=interrupted, timed=timed)
+    limits = ["hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=50"]
+    timed = Sweep(root / "timed", partition, "trainer.epochs=3", *limits)
+    found = SimpleNamespace(interrupted=interrupted, timed=timed, root=root)
     handled: set[str] = set()
-    deadline = time.monotonic() + TIMEOUT_S
+    deadline = time.monotonic() + timeout_s
     try:
+        timed.start({"DNNRUN_FAULT": "hold@epoch=2"})
         interrupted.start(
             {"DNNRUN_FAULT": "arrive@epoch=2,hold@epoch=2,raise@epoch=4", "DNNRUN_FAULT_ARRIVE": str(arrived)}
         )
         while True:
             if time.monotonic() > deadline:
                 pytest.fail(
-                    f"the sweeps took over {TIMEOUT_S} s; squeue:\n{_run('squeue', '-r', check=False)}\n"
+                    f"the sweeps took over {timeout_s} s; squeue:\n{_run('squeue', '-r', check=False)}\n"
                     + "\n".join(s.output.read_text() for s in (interrupted, timed))
                 )
             for pid in sorted({p.name for p in arrived.iterdir()} - handled) if arrived.is_dir() else []:
@@ -225,8 +234,6 @@ def sweeps(tmp_path_factory) -> SimpleNamespace:
     finally:
         interrupted.stop()
         timed.stop()
-        if not timed.root.is_relative_to(root):  # start_early's folder
-            shutil.rmtree(timed.root.parent, ignore_errors=True)
     assert len(handled) == 2, found.first["output"]
     return found
 

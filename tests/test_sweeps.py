@@ -142,32 +142,6 @@ def test_joblib_runs_jobs_in_parallel_dividing_the_cores(tmp_path: Path):
     assert (sweep / "sweep.csv").exists()
 
 
-def test_submitit_requeues_a_timed_out_job_which_finishes_as_if_uninterrupted(tmp_path: Path):
-    sweep = tmp_path / "sweep"
-    # USR2 is what Slurm sends before a job's time limit and what submitit's local executor sends too.
-    result = run_cli(
-        "-m",
-        "hydra/launcher=submitit_local",
-        "hydra.launcher.timeout_min=5",
-        "data=synthetic",
-        "trainer.epochs=4",
-        f"hydra.sweep.dir={sweep}",
-        cwd=tmp_path,
-        env={"DNNRUN_FAULT": "usr2@epoch=2"},
-        process=True,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    (job,) = [j.path for j in SweepDir(sweep).jobs()]
-    assert _status(job) == "completed"
-    logs = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_log.err"))
-    assert "Caught signal SIGUSR2" in logs
-    assert "resumed from" in (job / "run.log").read_text()
-    loop.run(make_config("trainer.epochs=4"), tmp_path / "straight")
-    requeued = torch.load(job / "checkpoints" / "last.pt", weights_only=True)["model"]
-    straight = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=True)["model"]
-    assert all(torch.equal(requeued[k], straight[k]) for k in straight)
-
-
 def _torchrun(tmp_path: Path, name: str, *overrides: str) -> dict:
     data = [] if any(o.startswith("data=") for o in overrides) else ["data=synthetic"]
     command = [
@@ -195,18 +169,11 @@ def _close(a: Path, b: Path) -> bool:
     return all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
 
 
-# With pretraining (every rank must start from the same pretrained weights) and 833 training
-# examples (the last global batch of 1 leaves rank 1 nothing); a conv net with max-norm filters and
-# frozen and then unfrozen transferred conv blocks (DDP must learn that their gradients exist
-# again). No batch norm: on the CPU each rank normalizes its half batch (SyncBatchNorm is for CUDA).
+# A conv net with max-norm filters and frozen and then unfrozen transferred conv blocks (DDP must
+# learn that their gradients exist again). No batch norm: on the CPU each rank normalizes its half
+# batch (SyncBatchNorm is for CUDA). Pretraining and a ragged last batch: tests/test_multinode.py.
 CONV = ["data=digits", "model=cnn", "model.channels=[4,8]", "regularizer=[max_norm]", "data.max_train=600"]
 TORCHRUN_CASES = {
-    "pretraining and a ragged last batch": [
-        "trainer.epochs=2",
-        "pretrain=autoencoder",
-        "pretrain.epochs=1",
-        "data.max_train=833",
-    ],
     "a conv net's frozen then unfrozen transferred blocks": [
         *CONV,
         "trainer.epochs=2",

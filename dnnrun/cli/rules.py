@@ -273,7 +273,7 @@ def _signal_delay_problems(settings: DictConfig) -> list[str]:
     except OmegaConfBaseException:
         return []  # said by the settings' own checks
     numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (delay, limit))
-    if numbers and delay >= limit * 60 - 10:
+    if numbers and delay > limit * 60 - 10:
         return [
             f"hydra.launcher.signal_delay_s: {delay} s before a time limit of {limit * 60:g} s "
             f"(hydra.launcher.timeout_min={limit}) comes before the job can handle it; give a delay at least "
