@@ -288,11 +288,9 @@ class Search:
         from hydra.core.utils import JobStatus
         from optuna.trial import TrialState
 
-        run = RunDir(self.sweep.path / str(trial.number))
-        if ret is not None and ret.hydra_cfg is not None:
-            run = RunDir(ret.hydra_cfg.hydra.runtime.output_dir)
-        status = (run.read_status() or {}).get("status")
-        value = ret.return_value if ret is not None and ret.status == JobStatus.COMPLETED else None
+        ran = ret.hydra_cfg is not None  # else the launcher could not even start the job
+        status = ((RunDir(ret.hydra_cfg.hydra.runtime.output_dir).read_status() or {}) if ran else {}).get("status")
+        value = ret.return_value if ret.status == JobStatus.COMPLETED else None
         if status == "completed" and isinstance(value, (int, float)) and math.isfinite(value):
             study.tell(trial, float(value), skip_if_finished=True)
             return "complete"
