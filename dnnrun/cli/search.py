@@ -320,9 +320,11 @@ class Search:
         text = OmegaConf.to_yaml(OmegaConf.create(results))
         self.sweep.path.mkdir(parents=True, exist_ok=True)
         atomic_write(self.sweep.path / "optimization_results.yaml", lambda f: f.write(text.encode()))
-        pruned = counts.get("pruned", 0)
+        ended = f"{len(done)} complete, {counts.get('pruned', 0)} pruned" + "".join(
+            f", {counts[state]} {state}" for state in ("fail", "running") if counts.get(state)
+        )  # running: other processes' trials
         print(
-            f"search: {len(trials)} trials in study {study.study_name!r} ({len(done)} complete, {pruned} pruned); "
+            f"search: {len(trials)} trials in study {study.study_name!r} ({ended}); "
             f"best {results['best_value']} (trial {results['best_trial']}): {results['best_params']}"
         )
 

@@ -48,7 +48,7 @@ def report_sweep(sweep_dir: Path, shared: bool = False) -> bool:
         error(str(exc))
         return True
     # another process's job, in a sweep directory that processes of one search share
-    running = [r for r in rows if shared and r["status"] == "running" and RunDir(r["run_dir"]).in_use()]
+    running = [r for r in rows if shared and r["status"] not in ENDED_WELL and RunDir(r["run_dir"]).in_use()]
     failed = [r for r in rows if r["status"] not in ENDED_WELL and r not in running]
     pruned = sum(r["status"] == "pruned" for r in rows)
     completed = sum(r["status"] == "completed" for r in rows)
