@@ -26,6 +26,9 @@ from dnnrun.config.run_config import RunConfig, parse_run_config
 
 DNNRUN = Path(sys.executable).parent / "dnnrun"  # the console script of the environment under test
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n 2: two workers share the cores, one thread each
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # torch in this worker, and the processes its tests start
+
 
 def compose_raw(*overrides: str) -> dict:
     """The plain config Hydra composes from conf/ with these overrides (a copy: composing takes
@@ -138,8 +141,10 @@ def _process_state(argv: list[str], cwd: Path, env: dict[str, str]):
 
 
 def pytest_collection_finish(session) -> None:
-    """Slurm's time limit takes up to a minute to come: tests/test_slurm.py submits that sweep before
-    the first test, so that the suite goes on meanwhile."""
+    """Slurm's time limit takes up to a minute to come: tests/test_slurm.py starts its sweeps before
+    the first test, so that the suite goes on meanwhile (with pytest -n, the other worker does)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
     for module in {item.module for item in session.items if item.module.__name__ == "test_slurm"}:
         module.start_early()
 
