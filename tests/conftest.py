@@ -140,15 +140,6 @@ def _process_state(argv: list[str], cwd: Path, env: dict[str, str]):
             lg.propagate = propagate
 
 
-def pytest_collection_finish(session) -> None:
-    """Slurm's time limit takes up to a minute to come: tests/test_slurm.py starts its sweeps before
-    the first test, so that the suite goes on meanwhile (with pytest -n, the other worker does)."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        return
-    for module in {item.module for item in session.items if item.module.__name__ == "test_slurm"}:
-        module.start_early()
-
-
 def write_idx(path: Path, array: np.ndarray) -> None:
     magic = {1: 2049, 3: 2051}[array.ndim]
     header = struct.pack(">" + "I" * (1 + array.ndim), magic, *array.shape)

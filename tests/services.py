@@ -32,7 +32,7 @@ def postgres() -> str:
 
 
 def _require(script: str, *args: str) -> None:
-    problem = start(script, *args)
+    problem = _start(script, *args)
     if problem is None:
         return
     if os.environ.get("CI") == "true":
@@ -41,7 +41,7 @@ def _require(script: str, *args: str) -> None:
 
 
 @functools.cache
-def start(script: str, *args: str) -> str | None:
+def _start(script: str, *args: str) -> str | None:
     """None once the script has the service up, else why it has not (the script's own words)."""
     command = ["bash", str(SERVICES / script), *args]
     try:

@@ -3,22 +3,18 @@
 requeued or near its time limit continues from its own checkpoints/last.pt and ends as an
 uninterrupted run of the same config would.
 
-Both sweeps run at once, driven from a thread that the session starts before its first test, since
-the time limit takes long to come (slurmctld checks time limits every 30 s): the rest of the suite
-runs meanwhile, and these tests then check what happened. A requeued job may start again
+Both sweeps run at once in one module fixture, since the time limit takes long to come (slurmctld
+checks time limits every 30 s); the tests then check what happened. A requeued job may start again
 only after a while (AuthInfo=cred_expire in slurm.conf): the fixture lets it start at once
 (scontrol update StartTime=now), as an administrator would."""
 
 from __future__ import annotations
 
-import concurrent.futures
 import csv
 import json
 import os
 import re
-import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,12 +26,11 @@ from conftest import DNNRUN, make_config
 from dnnrun.insight import report
 from dnnrun.store.rundir import SweepDir
 from dnnrun.training import loop
-from services import PARTITION, slurm, start as start_service
+from services import slurm
 
-TIMEOUT_S = 180  # for both sweeps: each job trains for about a second, after ~5 s of imports
-# Beside the rest of the suite, on the same cores, and with submitit's polls further apart as a job
-# runs longer (up to a minute), they take longer.
-EARLY_TIMEOUT_S = 480
+# For both sweeps: each job trains for about a second, after ~5 s of imports; beside the other
+# pytest worker, and with submitit's polls further apart as a job runs longer, they take longer.
+TIMEOUT_S = 300
 
 
 class Sweep:
@@ -155,35 +150,12 @@ def _array_task(pid: str) -> int:
     return int(task)
 
 
-EARLY: list[concurrent.futures.Future] = []  # the sweeps, driven in a thread from the session's start
-
-
-def start_early() -> None:
-    """Start the sweeps before the session's first test (conftest's pytest_collection_finish): they
-    mostly wait (for the fixture's signals, for slurmctld's time-limit check, for a requeued job to
-    start again), and the other tests run meanwhile. The thread only runs commands and reads files;
-    the jobs train in Slurm's processes. Where Slurm is not up, nothing: the fixture says why."""
-    if start_service("slurm.sh") is not None:
-        return
-    root = Path(tempfile.mkdtemp(prefix="dnnrun-slurm-"))
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="slurm-sweeps")
-    EARLY.append(pool.submit(_drive, root, PARTITION, EARLY_TIMEOUT_S))
-    pool.shutdown(wait=False)
-
-
 @pytest.fixture(scope="module")
 def sweeps(tmp_path_factory) -> SimpleNamespace:
-    """The sweeps' ends (_drive), from the thread start_early started, or driven here."""
-    partition = slurm()
-    if EARLY:
-        found = EARLY.pop().result(timeout=EARLY_TIMEOUT_S + 30)
-        yield found
-        shutil.rmtree(found.root, ignore_errors=True)
-    else:
-        yield _drive(tmp_path_factory.mktemp("slurm"), partition, TIMEOUT_S)
+    return _drive(tmp_path_factory.mktemp("slurm"), slurm())
 
 
-def _drive(root: Path, partition: str, timeout_s: float) -> SimpleNamespace:
+def _drive(root: Path, partition: str) -> SimpleNamespace:
     """`interrupted`: jobs 0 (3 epochs) and 1 (4 epochs) stop after their epoch 2 (its checkpoint
     written) until this acts: job 0 gets SIGUSR2 as from a preempting scheduler (submitit requeues
     it), job 1 is requeued by Slurm (scontrol requeue: killed, then started again) and then fails at
@@ -200,9 +172,9 @@ def _drive(root: Path, partition: str, timeout_s: float) -> SimpleNamespace:
     )
     limits = ["hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=50"]
     timed = Sweep(root / "timed", partition, "trainer.epochs=3", *limits)
-    found = SimpleNamespace(interrupted=interrupted, timed=timed, root=root)
+    found = SimpleNamespace(interrupted=interrupted, timed=timed)
     handled: set[str] = set()
-    deadline = time.monotonic() + timeout_s
+    deadline = time.monotonic() + TIMEOUT_S
     try:
         timed.start({"DNNRUN_FAULT": "hold@epoch=2"})
         interrupted.start(
@@ -211,7 +183,7 @@ def _drive(root: Path, partition: str, timeout_s: float) -> SimpleNamespace:
         while True:
             if time.monotonic() > deadline:
                 pytest.fail(
-                    f"the sweeps took over {timeout_s} s; squeue:\n{_run('squeue', '-r', check=False)}\n"
+                    f"the sweeps took over {TIMEOUT_S} s; squeue:\n{_run('squeue', '-r', check=False)}\n"
                     + "\n".join(s.output.read_text() for s in (interrupted, timed))
                 )
             for pid in sorted({p.name for p in arrived.iterdir()} - handled) if arrived.is_dir() else []:
