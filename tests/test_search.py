@@ -58,7 +58,7 @@ def test_pruned_trials_stop_early_and_the_best_trial_is_unchanged(tmp_path: Path
     assert (pruned["best_trial"], pruned["best_params"]) == (full["best_trial"], full["best_params"])
     assert pruned["best_value"] == full["best_value"]
     stopped = [job for job in jobs.values() if job["status"] == "pruned"]
-    assert len(stopped) == n_pruned and all(job["exit_code"] == 0 for job in stopped)
+    assert len(stopped) == n_pruned and all(job["exit_code"] == 0 and "error" not in job for job in stopped)
     for job in stopped:
         summary = json.loads((job["dir"] / "summary.json").read_text())
         assert summary["status"] == "pruned" and summary["test"] is None and "error" not in summary

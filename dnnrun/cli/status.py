@@ -46,6 +46,8 @@ def failure_text(failure: BaseException | None) -> str | None:
         return None
     if isinstance(failure, KeyboardInterrupt):
         return "interrupted"
-    if isinstance(failure, (UserError, Diverged, RunError, Interrupted, Pruned)):
+    if isinstance(failure, Pruned):  # not a failure: summary.json's stop_reason says where it stopped
+        return None
+    if isinstance(failure, (UserError, Diverged, RunError, Interrupted)):
         return str(failure)
     return f"{type(failure).__name__}: {failure}"

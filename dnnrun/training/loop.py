@@ -65,12 +65,12 @@ def run(
     trial: Trial | None = None,
 ) -> dict[str, Any]:
     """Train as configured; write metrics, checkpoints, summary and log under run_dir; return the
-        summary. Raises Diverged, Interrupted or Pruned, once recorded, for a run that ended so.
+    summary. Raises Diverged, Interrupted or Pruned, once recorded, for a run that ended so.
 
-        Everything that can refuse the run (device, resume path, the checkpoint and its config, the
-        data, the transfer source, the memory) is checked before the first write, so a refused run
-        leaves its directory as it was. `on_start` runs once the run owns the directory (the CLI writes
-        Hydra's config snapshot there); `hook` is called at fixed points of the loop (tests); `trial`:
+    Everything that can refuse the run (device, resume path, the checkpoint and its config, the
+    data, the transfer source, the memory) is checked before the first write, so a refused run
+    leaves its directory as it was. `on_start` runs once the run owns the directory (the CLI writes
+    Hydra's config snapshot there); `hook` is called at fixed points of the loop (tests); `trial`:
     the search's trial this run is, told each epoch's monitored value (pruning.py)."""
     run_dir = RunDir(run_dir)
     runtime.warm_up()
