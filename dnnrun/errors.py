@@ -20,6 +20,18 @@ EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C): 128 + 2
 EXIT_TERMINATED = 143  # SIGTERM (docker stop, a scheduler): 128 + 15
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: output cut short by a closed pipe (`dnnrun --help | head`), as for git
 
+# What each exit code means (the README's and the documentation's table are made from this).
+EXIT_CODES = {
+    EXIT_OK: "completed; in a search, also a trial the pruner stopped (status `pruned`)",
+    EXIT_INTERNAL: "an internal error (with a traceback), a failed write (with the path and the reason), "
+    "or a sweep in which some job did not complete",
+    EXIT_BAD_INPUT: "bad input: config, files, device, checkpoint",
+    EXIT_DIVERGED: "diverged: a NaN or infinity in the loss or a gradient",
+    EXIT_INTERRUPTED: "interrupted by SIGINT (Ctrl-C)",
+    EXIT_TERMINATED: "interrupted by SIGTERM",
+    EXIT_BROKEN_PIPE: "`--help` or `--version` output cut short by a closed pipe (`dnnrun --help | head`), as for git",
+}
+
 
 class UserError(Exception):
     """Bad input: a config value, a missing file, a missing device."""

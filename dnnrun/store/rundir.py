@@ -1,25 +1,9 @@
 """Every file a run or a sweep writes, known in one place.
 
-A run directory (`RunDir`):
-
-    .hydra/config.yaml, hydra.yaml, overrides.yaml   the composed config (the CLI, once the run owns the directory)
-    run.log                   the run's log
-    summary.json              how the run went: written when it starts and when it ends
-    status.json               how its process ended (status, exit code, job): the CLI's record, read by sweeps
-    metrics.jsonl             one JSON line per epoch
-    diagnostics.jsonl         per-layer statistics every trainer.diagnostics.every steps
-    activations.json          activation histograms at the start and the end of training
-    checkpoints/last.pt       where training goes on from (trainer.resume=auto)
-    checkpoints/best.pt       the epoch with the best trainer.monitor
-    checkpoints/pretrained.pt the weights after pretraining
-    plots/NAME.png            drawn at the end of a run and by dnnrun-plot
-    tensorboard/              logger=tensorboard
-    evaluation.json           mode=evaluate
-    lr_find.json              mode=lr_find
-    .owner                    the pid of the process that holds the directory, while it does (RunDir.owned)
+A run directory (`RunDir`) holds the files of RUN_FILES below.
 
 A sweep directory (`SweepDir`) holds its jobs' run directories, named N_OVERRIDES by the job
-number N, a directory N_rejected for a job refused before it began, and sweep.csv.
+number N, and the files of SWEEP_FILES.
 
 Files are written atomically (a temporary file, fsynced, renamed), so a crash leaves the old file
 or the new one, never a torn one; JSON-lines files are appended to and read while being written.
@@ -176,6 +160,35 @@ def now() -> str:
 
 # ---------------------------------------------------------------------------------------------
 # A run
+
+
+# Every file of a run directory, with what it holds (the documentation's run-directory page is made from this).
+RUN_FILES = (
+    (".hydra/config.yaml, hydra.yaml, overrides.yaml", "the composed config, once the run owns the directory"),
+    ("run.log", "the run's log"),
+    ("summary.json", "how the run went: written when it starts and when it ends"),
+    ("status.json", "how its process ended (status, exit code, job): the CLI's record, read by sweeps"),
+    ("metrics.jsonl", "one JSON line per epoch"),
+    ("diagnostics.jsonl", "per-layer statistics every trainer.diagnostics.every steps"),
+    ("activations.json", "activation histograms at the start and the end of training"),
+    ("checkpoints/last.pt", "where training goes on from (trainer.resume=auto)"),
+    ("checkpoints/best.pt", "the epoch with the best trainer.monitor"),
+    ("checkpoints/pretrained.pt", "the weights after pretraining"),
+    ("plots/NAME.png", "drawn at the end of a run and by dnnrun-plot"),
+    ("tensorboard/", "logger=tensorboard"),
+    ("evaluation.json", "mode=evaluate"),
+    ("lr_find.json", "mode=lr_find"),
+    (".owner", "the pid of the process that holds the directory, while it does (RunDir.owned)"),
+)
+# A sweep directory's own files, beside its jobs' run directories.
+SWEEP_FILES = (
+    ("N_OVERRIDES/", "job N's run directory (its overrides in .hydra/overrides.yaml)"),
+    ("N_rejected/", "job N, refused before it began: its status.json says why"),
+    ("sweep.csv", "one row per job: status, exit code, epochs, best and test metrics, overrides"),
+    ("multirun.yaml", "the sweep's config (Hydra's)"),
+    ("optimization_results.yaml", "a search's best trial and how its trials ended"),
+    ("optuna.journal", "a search's study, when no hydra.sweeper.storage is given"),
+)
 
 
 class RunDir:
