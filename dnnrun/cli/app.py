@@ -35,7 +35,7 @@ from dnnrun.errors import (
     RunError,
     UserError,
 )
-from dnnrun.store.rundir import RunDir, SweepDir
+from dnnrun.store.rundir import ENDED_WELL, RunDir, SweepDir
 
 log = logging.getLogger("dnnrun")
 
@@ -84,7 +84,7 @@ class App:
             refusal = busy or _refusal(cfg, run, sweep)
             if refusal is None and sweeping:
                 previous = run.read_status() or {}
-                done = previous.get("status") in ("completed", "pruned")
+                done = previous.get("status") in ENDED_WELL
                 if done and previous.get("job", {}).get("overrides") == job["overrides"]:
                     log.info("job %s already completed in %s: skipped", hc.job.num, run)
                     return run.read().get(_monitor(cfg))

@@ -40,6 +40,7 @@ from dnnrun.store.rundir import RunDir, SweepDir, atomic_write
 
 log = logging.getLogger("dnnrun")
 
+SWEEPER = "hydra_plugins.dnnrun_optuna.optuna_sweeper.OptunaSweeper"  # hydra.sweeper._target_ of a search
 STORAGE_ENV = "DNNRUN_OPTUNA_STORAGE"  # a storage URL that may hold a password: read, never written
 JOURNAL = "optuna.journal"  # the study of a search given no storage, in its sweep directory
 FILE_SCHEMES = ("sqlite", "journal")  # a file under the outputs root
@@ -140,8 +141,7 @@ def search_space(params: DictConfig | None, arguments: Sequence[str]) -> tuple[d
     replace the params' of the same key; its plain overrides apply to every trial."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    given = {str(k): str(v) if not isinstance(v, str) else v for k, v in (params or {}).items()}
-    lines = [f"{k}={v}" for k, v in given.items()] + list(arguments)
+    lines = [f"{k}={v}" for k, v in (params or {}).items()] + list(arguments)
     space, fixed = {}, {}
     for override in OverridesParser.create().parse_overrides(lines):
         key = override.get_key_element()
@@ -416,9 +416,6 @@ def job_trial(hc: DictConfig) -> JobTrial | None:
             f"this job is trial {hc.job.num} of the study {name!r} in {shown}, which cannot be read: {_reason(exc)}"
         ) from exc
     return JobTrial(optuna.trial.Trial(study, trial_id), str(sweeper.pruner))
-
-
-SWEEPER = "hydra_plugins.dnnrun_optuna.optuna_sweeper.OptunaSweeper"
 
 
 def pruner_problem(name: str) -> str:

@@ -12,10 +12,9 @@ from omegaconf import DictConfig, OmegaConf
 from dnnrun.cli.messages import error
 from dnnrun.cli.status import record_end
 from dnnrun.errors import EXIT_INTERNAL, RunError
-from dnnrun.store.rundir import RunDir, SweepDir
+from dnnrun.store.rundir import ENDED_WELL, RunDir, SweepDir
 
 DIED = "its process died before it finished (killed?)"
-ENDED_WELL = ("completed", "pruned")  # a trial the search's pruner stopped is no failure
 
 
 class SweepFailed(SystemExit):

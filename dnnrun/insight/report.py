@@ -26,7 +26,7 @@ from rich.table import Table
 
 from dnnrun.errors import UserError, command
 from dnnrun.insight.console import console
-from dnnrun.store.rundir import RunDir, SweepDir
+from dnnrun.store.rundir import ENDED_WELL, RunDir, SweepDir
 from dnnrun.training.metrics import maximized
 
 METRICS = ("val/loss", "val/acc", "test/loss", "test/acc", "epochs", "time_s")
@@ -219,8 +219,7 @@ def write_markdown(
     ]
     for i, row in enumerate(groups, start=1):
         lines.append("| " + " | ".join(_cells(i, row, settings, labels)) + " |")
-    # a trial a search's pruner stopped is no failure
-    failures = [m for row in groups for m in row["members"] if m["status"] not in ("completed", "running", "pruned")]
+    failures = [m for row in groups for m in row["members"] if m["status"] not in (*ENDED_WELL, "running")]
     if failures:
         lines += ["", "## Runs that did not complete", ""]
         lines += [f"- `{m['name']}`: {m['status']}" + (f": {m['error']}" if m.get("error") else "") for m in failures]

@@ -162,6 +162,10 @@ def now() -> str:
 # A run
 
 
+# How a run that ended well says so in its status.json: a trial a search's pruner stopped is no
+# failure (a sweep's end, a re-run that skips finished jobs and the report go by this).
+ENDED_WELL = ("completed", "pruned")
+
 # Every file of a run directory, with what it holds (the documentation's run-directory page is made from this).
 RUN_FILES = (
     (".hydra/config.yaml, hydra.yaml, overrides.yaml", "the composed config, once the run owns the directory"),
