@@ -334,3 +334,14 @@ def test_a_weight_of_no_dimensions_is_refused_not_a_traceback(good: Path, tmp_pa
     path = _changed(good, tmp_path / "x.pt", lambda s: s["model"].update({"hidden1.linear.weight": torch.zeros(())}))
     with pytest.raises(UserError, match=re.escape(f"{path} does not fit this model")):
         loop.run(make_config(*SETUP[1:], "trainer.epochs=2", f"trainer.resume={path}"), tmp_path / "run")
+
+
+def test_a_setting_added_since_a_checkpoint_reads_as_what_the_checkpoint_did():
+    """data.val_from came after version-1 files: missing, it is 'random' (what they did); 'end' is a change."""
+    from dnnrun.training.checkpointing import config_changes
+
+    saved = {"data": {"name": "digits", "val_size": 0.1}}
+    assert config_changes(saved, {"data": {"name": "digits", "val_size": 0.1, "val_from": "random"}}) == []
+    assert config_changes(saved, {"data": {"name": "digits", "val_size": 0.1, "val_from": "end"}}) == [
+        "data.val_from: 'random' in the checkpoint, 'end' now"
+    ]

@@ -3,6 +3,7 @@ files written here (no download)."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import re
@@ -83,6 +84,32 @@ def test_a_class_that_does_not_exist_is_a_data_error(ids_data):
 def test_max_train_caps_the_training_set_only(ids_data):
     d = ids_data(max_train=50)
     assert (len(d.train), len(d.val), len(d.test)) == (50, 40, 100)
+
+
+def test_val_from_end_takes_the_file_s_last_examples_before_the_classes_filter(monkeypatch):
+    """As the book (X_train_full[-5000:], then the tasks' classes): the tail of the training file,
+    in its order, then filtered; max_train keeps the first examples of what is left."""
+    monkeypatch.setitem(data.DATASETS, "ids", _ids_loader())
+    x_test, y_test = torch.zeros(10, 2, dtype=torch.uint8), torch.arange(10) % 5
+    monkeypatch.setitem(
+        data.DATASETS,
+        "ids_test",
+        lambda root, download: dataclasses.replace(_ids_loader()(root, download), x_test=x_test, y_test=y_test),
+    )
+    cfg = dict(scaling="none", val_from="end", val_size=100)
+    d = load(DataConfig(name="ids_test", **cfg), CPU)
+    assert _ids(d.val) == set(range(400, 500)) and _ids(d.train) == set(range(400))
+    d = load(DataConfig(name="ids_test", classes=[3, 1], max_train=7, **cfg), CPU)
+    assert _ids(d.val) == {i for i in range(400, 500) if i % 5 in (1, 3)}
+    assert sorted(_ids(d.train)) == [1, 3, 6, 8, 11, 13, 16]
+    # without a test file (digits): the tail first, then the test split drawn from the rest
+    d = load(DataConfig(name="ids", **cfg, test_size=50), CPU)
+    assert _ids(d.val) == set(range(400, 500)) and len(d.test) == 50 and len(d.train) == 350
+    d = load(DataConfig(name="ids", scaling="none", val_from="end", val_size=0.1, test_size=0.2), CPU)
+    assert (len(d.train), len(d.val), len(d.test)) == (360, 40, 100)  # the same sizes as val_from=random
+    assert _ids(d.val) == set(range(460, 500))
+    with pytest.raises(DataError, match="data.val_size"):
+        load(DataConfig(name="ids_test", scaling="none", val_from="end", val_size=500), CPU)
 
 
 def test_a_validation_split_that_leaves_nothing_is_a_data_error(ids_data):

@@ -95,7 +95,7 @@ DIGITS = "digits.npz"  # in the package: images (1797, 64), 8 x 8 row by row, an
 
 def digits(root: Path, download: bool) -> Arrays:
     """The 8x8 handwritten digits shipped in the package (dnnrun/data/digits.npz): 1,797 images, pixel
-    values 0..16, from the UCI "Optical Recognition of Handwritten Digits" set (README: Data)."""
+    values 0..16, from the UCI "Optical Recognition of Handwritten Digits" set (docs/data.md)."""
     import numpy as np
     import torch
 
@@ -236,6 +236,9 @@ class DataConfig:
     download: bool = True  # try to download torchvision sets whose files are missing
     # a number in (0, 1): a fraction of the training set; an integer: a number of examples (1.0 is neither)
     val_size: float | int = 0.1
+    # random: drawn with split_seed; end: the last val_size examples of the training file, taken before
+    # `classes` filters (as Keras' validation_split and the book's X_train_full[-5000:])
+    val_from: Literal["random", "end"] = "random"
     test_size: float | int = 0.2  # as val_size; only for sets without an official test split (digits, synthetic)
     scaling: Literal["none", "unit", "standardize"] = "standardize"  # unit: to [0, 1]
     classes: list[int] | None = None  # keep only these labels, relabelled 0..k-1 in this order
@@ -284,6 +287,8 @@ class DataConfig:
             )
         elif self.folds is None and self.fold is not None:
             problems.add(f"{key}.fold", f"needs {key}.folds (how many folds), e.g. {key}.folds=5")
+        if self.folds is not None and self.val_from == "end":
+            problems.add(f"{key}.val_from", f"'end' takes no folds: k-fold validates on a fold; drop {key}.folds")
         check_rules(self.params, RULES, key, problems)
         for name in self.augment:
             if name not in AUGMENTATIONS:
@@ -420,18 +425,35 @@ def load(cfg: DataConfig, device: torch.device) -> Data:
     )
     x_train, y_train, x_test, y_test = arrays.x_train, arrays.y_train, arrays.x_test, arrays.y_test
     n_classes = arrays.n_classes
+    ending = None  # val_from=end: the tail carved before the classes filter, as the book splits before filtering
+    if cfg.val_from == "end":
+        k = _count(cfg.val_size, len(y_train) - (0 if x_test is not None else _count(cfg.test_size, len(y_train))))
+        if k >= len(y_train):
+            raise DataError(f"data.val_size of {k} examples leaves none of the {len(y_train)} for training; lower it")
+        x_train, y_train, ending = x_train[:-k], y_train[:-k], (x_train[-k:], y_train[-k:])
     if cfg.classes is not None:
         bad = [c for c in cfg.classes if not 0 <= c < n_classes]
         if bad:
             raise DataError(f"data.classes: {bad} are not labels of {cfg.name} (valid: 0..{n_classes - 1})")
         x_train, y_train = _keep_classes(x_train, y_train, cfg.classes, n_classes)
+        if ending is not None:
+            ending = _keep_classes(*ending, cfg.classes, n_classes)
         if x_test is not None:
             x_test, y_test = _keep_classes(x_test, y_test, cfg.classes, n_classes)
         n_classes = len(cfg.classes)
     if x_test is None:
-        x_train, y_train, x_test, y_test = _split_off(x_train, y_train, cfg.test_size, cfg.split_seed, "data.test_size")
+        # test_size is a share of every example: with val_from=end, of those the tail holds too
+        test_size = cfg.test_size if ending is None else _count(cfg.test_size, len(y_train) + len(ending[1]))
+        x_train, y_train, x_test, y_test = _split_off(x_train, y_train, test_size, cfg.split_seed, "data.test_size")
     # A different seed stream from the test split's, so the two carve-outs are independent.
-    if cfg.folds is not None:
+    if ending is not None:
+        x_val, y_val = ending
+        if len(y_val) == 0 or len(y_train) == 0:
+            raise DataError(
+                f"data.val_from=end: data.classes {cfg.classes} leave {len(y_train)} training and {len(y_val)} "
+                f"validation examples; use data.val_from=random or another data.val_size"
+            )
+    elif cfg.folds is not None:
         x_train, y_train, x_val, y_val = _fold(x_train, y_train, cfg.folds, cfg.fold, cfg.split_seed + 1)
     else:
         x_train, y_train, x_val, y_val = _split_off(x_train, y_train, cfg.val_size, cfg.split_seed + 1, "data.val_size")

@@ -94,9 +94,14 @@ def load_resumable(path: Path, cfg: RunConfig, device: torch.device) -> dict[str
     return ckpt
 
 
+# Settings added after checkpoints were first written, each with the value that does what a
+# checkpoint without it did: a config that lacks one (a saved one, a YAML of its own) reads as having it.
+ADDED_SETTINGS = {"data.val_from": "random"}
+
+
 def config_changes(saved: dict[str, Any], now: dict[str, Any], where: str = "the checkpoint") -> list[str]:
     """'key: X in the checkpoint, Y now' for each setting that differs and alters the result."""
-    old, new = flatten(saved), flatten(now)
+    old, new = ADDED_SETTINGS | flatten(saved), ADDED_SETTINGS | flatten(now)
     changes = []
     for key in sorted(old.keys() | new.keys()):
         if key.endswith(".option"):
