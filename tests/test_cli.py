@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -117,15 +118,18 @@ def test_multirun_writes_one_directory_per_job(tmp_path: Path):
 
 def test_help_lists_every_group_and_option_with_a_description(tmp_path: Path):
     from dnnrun.cli import CONFIG_DIR, GROUP_HELP, option_line
+    from dnnrun.cli.help import group_options
 
     result = run_cli("--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     for group in (p for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name != "hydra"):
         assert GROUP_HELP.get(group.name), f"no description for group {group.name}"
         assert f"{group.name}: {GROUP_HELP[group.name]}" in result.stdout
-        for option in group.glob("*.yaml"):
-            assert option_line(option), f"{option} has no description comment"
-            assert f"  {option.stem:<20} {option_line(option)}" in result.stdout
+        options = group_options(group.name)  # experiment=chapter/prelu: the files in its folders too
+        assert {path for _, path in options} == set(group.rglob("*.yaml"))
+        for name, path in options:
+            assert option_line(path), f"{path} has no description comment"
+            assert re.search(rf"^  {re.escape(name)} +{re.escape(option_line(path))}$", result.stdout, re.M)
 
 
 BAD_INPUTS = {
@@ -153,6 +157,7 @@ BAD_INPUTS = {
         ],
     ),
     "override syntax": (["trainer.epochs=["], ["trainer.epochs=["]),
+    "a config printed for a sweep": (["--cfg", "job", "-m", "act=relu,elu"], ["--cfg prints one", "drop -m"]),
 }
 
 

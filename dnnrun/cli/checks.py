@@ -141,6 +141,16 @@ def preflight(argv: list[str]) -> Preflight:
         return unchecked
     if args.experimental_rerun is not None:
         return dataclasses.replace(unchecked, problems=[RERUN_REFUSED])
+    shown = [flag for flag, given in (("--cfg", args.cfg), ("--info", args.info)) if given]
+    if shown and (args.multirun or args.run):
+        mode = "-m (--multirun)" if args.multirun else "--run"
+        return dataclasses.replace(
+            unchecked,
+            problems=[
+                f"{shown[0]} prints one composed config and runs nothing; drop {mode} (a sweep's "
+                f"comma-separated values: give one of them)"
+            ],
+        )
     if not args.overrides and not (args.config_path or args.config_name or args.config_dir):
         return unchecked  # dnnrun's own config as shipped
     checked = _check(

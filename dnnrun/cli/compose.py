@@ -58,11 +58,16 @@ class Composer:
         )
 
     def options(self, group: str) -> list[str]:
+        """A group's options, those of its folders too, as Hydra selects them: experiment=chapter/prelu."""
         from hydra.core.object_type import ObjectType
 
-        return self.loader.get_group_options(
-            group, results_filter=ObjectType.CONFIG, config_name=self.config_name, overrides=self.base
-        )
+        def listed(kind) -> list[str]:
+            return self.loader.get_group_options(
+                group, results_filter=kind, config_name=self.config_name, overrides=self.base
+            )
+
+        nested = [f"{sub}/{name}" for sub in listed(ObjectType.GROUP) for name in self.options(f"{group}/{sub}")]
+        return sorted(listed(ObjectType.CONFIG) + nested)
 
     def compose(self, overrides: list, mode) -> DictConfig:
         try:

@@ -13,7 +13,7 @@ from dnnrun.cli.conf import CONFIG_DIR
 GROUP_HELP = {
     "data": "the dataset, its splits and input scaling",
     "model": "the network",
-    "init": "how every Linear weight is initialized (biases start at zero)",
+    "init": "how every Linear and Conv weight is initialized (biases start at zero)",
     "act": "the hidden layers' activation function",
     "norm": "a normalization layer in each hidden block",
     "optimizer": "the update rule",
@@ -32,6 +32,13 @@ def option_line(path: Path) -> str:
         if line.startswith("#") and "@package" not in line:
             return line.lstrip("#").strip()
     return ""
+
+
+def group_options(group: str) -> list[tuple[str, Path]]:
+    """A group's options as they are chosen (experiment=chapter/prelu for a file in a folder), with their files."""
+    folder = CONFIG_DIR / group
+    paths = sorted(folder.rglob("*.yaml"), key=lambda p: (len(p.relative_to(folder).parts), p))
+    return [(p.relative_to(folder).with_suffix("").as_posix(), p) for p in paths]
 
 
 def settings(path: Path = CONFIG_DIR / "config.yaml") -> list[tuple[str, str, list[tuple[str, str]]]]:
@@ -93,8 +100,10 @@ def help_text() -> str:
         default = defaults.get(group)
         default = ",".join(default) if isinstance(default, list) else default
         lines += ["", f"{group}: {GROUP_HELP.get(group, '')}" + (f" (default: {default})" if default else "")]
-        for path in sorted((CONFIG_DIR / group).glob("*.yaml")):
-            lines.append(f"  {path.stem:<20} {option_line(path)}")
+        options = group_options(group)
+        width = max([20, *(len(option) for option, _ in options)])
+        for option, path in options:
+            lines.append(f"  {option:<{width}} {option_line(path)}")
     found = settings()
     width = max((len(key) for _, _, keys in found for key, _ in keys), default=0)
     for section, about, keys in found:
