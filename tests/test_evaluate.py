@@ -13,6 +13,7 @@ import torch
 
 from conftest import make_config, run_cli, write_mnist_like
 from dnnrun.data.datasets import load
+from dnnrun.errors import UserError
 from dnnrun.inference import evaluate
 from dnnrun.training import loop, metrics, runtime
 
@@ -80,6 +81,11 @@ def test_dnnrun_mode_evaluate_reports_deterministic_and_mc_dropout_figures(tmp_p
     assert mc["samples"] == 10 and mc["dropout_layers"] == 3 and mc["spread"] > 0
     for name in ("accuracy", "nll", "ece", "entropy"):
         assert math.isfinite(mc[name])
+    # a run directory stands for its best.pt, as for mode=predict and dnnrun.load
+    again = evaluate.run(make_config("mode=evaluate", f"evaluate.checkpoint={tmp_path / 'trained'}"), tmp_path / "e2")
+    assert again["checkpoint"] == str(best) and again["deterministic"] == report["deterministic"]
+    with pytest.raises(UserError, match="has no checkpoints/best.pt"):
+        evaluate.run(make_config("mode=evaluate", f"evaluate.checkpoint={tmp_path / 'eval'}"), tmp_path / "e3")
 
 
 def test_evaluate_without_a_checkpoint_exits_2(tmp_path: Path):

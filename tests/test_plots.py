@@ -131,3 +131,17 @@ def test_importing_the_plots_module_imports_neither_matplotlib_nor_torch():
     code = "import sys, dnnrun.insight.plots; print(sorted(m for m in ('matplotlib', 'torch') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_deep_net_s_layer_axis_names_at_most_max_layer_labels_layers(tmp_path: Path, drawn: list):
+    """100 layers' names on one axis overlap: every k-th is named, the first and the output always."""
+    layers = {f"hidden{i}": {"grad_norm": 1.0 / i, "saturated": 0.5} for i in range(1, 101)} | {
+        "output": {"grad_norm": 1.0}
+    }
+    records = [{"step": s, "epoch": 1, "layers": layers} for s in (1, 100, 200)]
+    plots.gradient_flow(records, tmp_path / "gradient_flow.png")
+    plots.unit_health(records, tmp_path / "unit_health.png")
+    for fig in drawn:
+        names = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+        assert len(names) <= plots.MAX_LAYER_LABELS + 1
+        assert names[0] == "hidden1" and names[-1] in ("output", "hidden100")

@@ -67,8 +67,14 @@ def run(cfg: RunConfig, run_dir: str | Path, on_start: Callable[[], None] | None
     writes Hydra's config snapshot)."""
     ev, run_dir = cfg.evaluate, RunDir(run_dir)
     if ev.checkpoint is None:
-        raise UserError("mode=evaluate needs evaluate.checkpoint=PATH (a dnnrun checkpoint)")
+        raise UserError("mode=evaluate needs evaluate.checkpoint=PATH (a dnnrun checkpoint or run directory)")
     path = Path(ev.checkpoint).expanduser()
+    if path.is_dir():  # a run directory: its best.pt, as mode=predict and dnnrun.load take it
+        path = RunDir(path).best
+        if not path.is_file():
+            raise UserError(
+                f"evaluate.checkpoint: {path.parent.parent} has no checkpoints/best.pt: is it a run directory?"
+            )
     ckpt = checkpoint.load(path)
     trained = checkpoint.run_config(ckpt, path)
     # The model and data as trained, as Lightning's load_from_checkpoint restores the saved

@@ -128,6 +128,16 @@ def _monitor(run: RunDir) -> str:
     return ((config or {}).get("trainer") or {}).get("monitor") or "val/loss"
 
 
+MAX_LAYER_LABELS = 25  # a 100-layer net's labels would overlap: every k-th layer is named, and the output
+
+
+def _layer_ticks(ax, layers: list[str]) -> None:
+    """One y tick per layer, at most MAX_LAYER_LABELS of them (the first, every k-th, the last)."""
+    k = max(1, -(-len(layers) // MAX_LAYER_LABELS))
+    shown = sorted({*range(0, len(layers), k), len(layers) - 1})
+    ax.set_yticks(shown, [layers[i] for i in shown])
+
+
 def gradient_flow(records: list[dict], path: Path) -> Path:
     from matplotlib.colors import LogNorm
 
@@ -148,7 +158,7 @@ def gradient_flow(records: list[dict], path: Path) -> Path:
         norm=LogNorm(vmin=min(positive), vmax=max(positive)),
         extent=_extent(steps, len(layers)),
     )
-    ax.set_yticks(range(len(layers)), layers)
+    _layer_ticks(ax, layers)
     ax.set(xlabel="step", ylabel="layer", title="gradient flow: L2 norm of each layer's weight gradient (log scale)")
     fig.colorbar(image, ax=ax, label="gradient norm")
     fig.tight_layout()
@@ -220,7 +230,7 @@ def unit_health(records: list[dict], path: Path) -> Path:
             vmax=1,
             extent=_extent(steps, len(layers)),
         )
-        ax.set_yticks(range(len(layers)), layers)
+        _layer_ticks(ax, layers)
         ax.set(xlabel="step", ylabel="layer", title=f"fraction of {kind} units")
         fig.colorbar(image, ax=ax, label=f"{kind} fraction")
     fig.tight_layout()

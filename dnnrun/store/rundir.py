@@ -180,9 +180,11 @@ RUN_FILES = (
     ("checkpoints/pretrained.pt", "the weights after pretraining"),
     ("plots/NAME.png", "drawn at the end of a run and by dnnrun-plot"),
     ("tensorboard/", "logger=tensorboard"),
+    ("members/seed_N/", "trainer.seeds: each member's metrics, summary, checkpoints (and plots with plots=true)"),
     ("evaluation.json", "mode=evaluate"),
-    ("lr_find.json", "mode=lr_find"),
-    (".owner", "the pid of the process that holds the directory, while it does (RunDir.owned)"),
+    ("lr_find.json, plots/lr_find.png", "mode=lr_find"),
+    ("predictions.csv", "mode=predict"),
+    (".owner", "the pid of the process that holds (or last held) the directory (RunDir.owned)"),
 )
 # A sweep directory's own files, beside its jobs' run directories.
 SWEEP_FILES = (
@@ -192,6 +194,8 @@ SWEEP_FILES = (
     ("multirun.yaml", "the sweep's config (Hydra's)"),
     ("optimization_results.yaml", "a search's best trial and how its trials ended"),
     ("optuna.journal", "a search's study, when no hydra.sweeper.storage is given"),
+    ("report.md, report.csv, *.png", "dnnrun-report: the jobs ranked, and their figures"),
+    (".sweep.lock", "held by the process that runs the sweep"),
 )
 
 

@@ -102,7 +102,9 @@ def run(cfg: RunConfig, run_dir: str | Path, on_start: Callable[[], None] | None
     model.to(device)
     optimizer = optim.build(cfg.optimizer, model)
     result = find(model, optimizer, data.train, tc.batch_size, cfg.lr_find, torch.Generator().manual_seed(tc.seed))
-    result.update(optimizer=cfg.optimizer.name, batch_size=tc.batch_size, steps=len(result["lrs"]))
+    result.update(
+        optimizer=cfg.optimizer.option or cfg.optimizer.name, batch_size=tc.batch_size, steps=len(result["lrs"])
+    )
     run_dir.write_lr_find(result)
     from dnnrun.insight.plots import lr_find_plot  # matplotlib is imported only when plots are drawn
 
@@ -123,7 +125,7 @@ def run(cfg: RunConfig, run_dir: str | Path, on_start: Callable[[], None] | None
         console.print(
             f"lr_find: {len(result['lrs'])} steps, stopped because {result['stopped']}; the smoothed loss is lowest "
             f"at lr {result['min_loss_lr']:.2e}, and a tenth of that is a safe rate.\n"
-            f"Suggested: optimizer={cfg.optimizer.name} optimizer.lr={result['suggestion']:.2g}   "
+            f"Suggested: optimizer={result['optimizer']} optimizer.lr={result['suggestion']:.2g}   "
             f"(curve: {run_dir.plot('lr_find')})"
         )
     log.info("written: %s, %s", run_dir.lr_find, run_dir.plot("lr_find"))
