@@ -1,4 +1,4 @@
-"""One prepared GPU check: every GPU claim of the README measured in one call (about 5 minutes on
+"""One prepared GPU check: every GPU claim of the documentation measured in one call (about 5 minutes on
 one H100, at most 8), printed as one table (ours and baseline in seconds, memory in MiB). Without
 CUDA, or with --dry-run, the same code paths run on toy sizes and models in seconds (the tests run
 it so; its figures then mean nothing).

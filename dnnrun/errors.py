@@ -1,4 +1,4 @@
-"""How runs end besides completing, and their exit codes (README: Exit codes).
+"""How runs end besides completing, and their exit codes (docs/reference/exit-codes.md).
 
 The CLI prints each of these as one clear message, without a traceback: UserError and its kinds
 (bad input, exit 2), RunError (the surroundings failed, exit 1), Diverged (exit 3) and Interrupted
@@ -20,7 +20,7 @@ EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C): 128 + 2
 EXIT_TERMINATED = 143  # SIGTERM (docker stop, a scheduler): 128 + 15
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: output cut short by a closed pipe (`dnnrun --help | head`), as for git
 
-# What each exit code means (the README's and the documentation's table are made from this).
+# What each exit code means (docs/reference/exit-codes.md is made from this).
 EXIT_CODES = {
     EXIT_OK: "completed; in a search, also a trial the pruner stopped (status `pruned`)",
     EXIT_INTERNAL: "an internal error (with a traceback), a failed write (with the path and the reason), "

@@ -1,4 +1,4 @@
-"""The diagnosis says what to try: every rule's remedies (README's "which remedy for which
+"""The diagnosis says what to try: every rule's remedies (docs/reference/diagnosis.md: "which remedy for which
 problem") are real dnnrun overrides, and they are printed under each finding."""
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def test_a_misspelled_remedy_would_be_caught(override: str):
 @pytest.mark.parametrize("remedy", EVERY_REMEDY, ids=str)
 def test_a_remedy_prints_as_typed_in_a_shell(remedy: Remedy):
     command = str(remedy).split(" (", 1)[0]  # before its note
-    assert shlex.split(command) == list(remedy.overrides)  # 'regularizer=[l2]' quoted, as README shows
+    assert shlex.split(command) == list(remedy.overrides)  # 'regularizer=[l2]' quoted, as the diagnosis prints it
 
 
 def test_a_finding_is_stored_and_compared_as_its_sentence():

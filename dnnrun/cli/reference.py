@@ -1,7 +1,8 @@
 """The documentation's reference pages, made from the code so that they cannot drift from it:
 every option of every group with its parameters and defaults (conf/, as `dnnrun --help` reads
-it), the exit codes (errors.EXIT_CODES) and the files of a run and a sweep directory
-(store/rundir.py). tests/test_docs.py fails when the committed pages differ from what this makes.
+it), the exit codes (errors.EXIT_CODES), the files of a run and a sweep directory
+(store/rundir.py), and when each rule of the diagnosis speaks and what it suggests
+(insight/diagnosis.py). tests/test_docs.py fails when the committed pages differ from what this makes.
 
     python -m dnnrun.cli.reference            write docs/reference/*.md
     python -m dnnrun.cli.reference --check    exit 1 and name the pages that differ
@@ -16,7 +17,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from dnnrun.cli.conf import CONFIG_DIR
-from dnnrun.cli.help import GROUP_HELP, option_line, settings
+from dnnrun.cli.help import GROUP_HELP, group_options, option_line, settings
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "reference"
 NOTICE = "<!-- Made by `python -m dnnrun.cli.reference` from the code: edit the code, not this page. -->"
@@ -45,11 +46,11 @@ def options_page() -> str:
         default = ",".join(default) if isinstance(default, list) else default
         lines += ["", f"## {group}", "", GROUP_HELP[group] + (f" (default: `{default}`)." if default else ".")]
         lines += ["", "| option | what it is | parameters (defaults) |", "| --- | --- | --- |"]
-        for path in sorted((CONFIG_DIR / group).glob("*.yaml")):
+        for option, path in group_options(group):
             keys = [key for _, _, found in settings(path) for key, _ in found]
             keys = [k for k in keys if k.partition("=")[0] not in ("option", "name")]
             shown = "<br>".join(f"`{_cell(k)}`" for k in keys) if group != "experiment" else "(several groups)"
-            lines.append(f"| `{path.stem}` | {_cell(option_line(path))} | {shown or '-'} |")
+            lines.append(f"| `{option}` | {_cell(option_line(path))} | {shown or '-'} |")
     lines += ["", "## Settings outside the groups", "", "| setting (default) | what it does |", "| --- | --- |"]
     for _, about, keys in settings():
         for key, text in keys:
@@ -78,7 +79,32 @@ def run_directory_page() -> str:
     return "\n".join(lines) + "\n"
 
 
-PAGES = {"options.md": options_page, "exit-codes.md": exit_codes_page, "run-directory.md": run_directory_page}
+def diagnosis_page() -> str:
+    from dnnrun.insight.diagnosis import REMEDIES, WHEN
+
+    lines = [NOTICE, "", "# The diagnosis: which remedy for which problem", ""]
+    lines += [
+        "At the end of every run each rule below looks at `metrics.jsonl` and `diagnostics.jsonl`; one whose",
+        "numbers cross its threshold adds a sentence to the diagnosis (the terminal and `summary.json`), followed",
+        "by a `try:` line of these overrides, in this order, ready to paste. A healthy run gets none.",
+        "",
+        "| rule | speaks when | try |",
+        "| --- | --- | --- |",
+    ]
+    for rule, remedies in REMEDIES.items():
+        tried = "<br>".join(
+            f"`{_cell(' '.join(r.overrides))}`" + (f" ({_cell(r.note)})" if r.note else "") for r in remedies
+        )
+        lines.append(f"| {rule.replace('_', ' ')} | {_cell(WHEN[rule])} | {tried} |")
+    return "\n".join(lines) + "\n"
+
+
+PAGES = {
+    "options.md": options_page,
+    "exit-codes.md": exit_codes_page,
+    "run-directory.md": run_directory_page,
+    "diagnosis.md": diagnosis_page,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

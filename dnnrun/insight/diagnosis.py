@@ -3,8 +3,8 @@ per-layer records (diagnostics.jsonl), each a plain sentence with what to try. A
 when its numbers cross a threshold, so a healthy run gets an empty diagnosis.
 
 A finding is a `Finding`: a str (the sentence, which is what summary.json stores) that also knows
-its rule and that rule's remedies, dnnrun overrides from README's "which remedy for which problem"
-table (REMEDIES below; tests/test_remedies.py composes every one against conf/)."""
+its rule and that rule's remedies, dnnrun overrides (REMEDIES below, and WHEN, when each rule speaks:
+docs/reference/diagnosis.md is made from both; tests/test_remedies.py composes every remedy against conf/)."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ _SCALED_INIT = (
     _SELU,
 )
 
-# rule -> what to try, in README's order ("which remedy for which problem").
+# rule -> what to try, in this order (docs/reference/diagnosis.md: which remedy for which problem).
 REMEDIES: dict[str, tuple[Remedy, ...]] = {
     "vanishing_gradients": (*_SCALED_INIT, *_each("norm=batchnorm")),
     "exploding_gradients": (*_SCALED_INIT, *_each("norm=batchnorm", "trainer.clip_norm=1.0")),
@@ -76,6 +76,23 @@ REMEDIES: dict[str, tuple[Remedy, ...]] = {
     "overfitting": _each(
         "regularizer=[l2]", "regularizer=[dropout]", "regularizer=[max_norm]", "trainer.early_stopping.patience=10"
     ),
+}
+
+
+# rule -> when it speaks, from the thresholds above (docs/reference/diagnosis.md).
+WHEN: dict[str, str] = {
+    "vanishing_gradients": f"the first hidden layer's gradient norm is under {VANISHING:g} of the output layer's "
+    "(median over the monitored steps)",
+    "exploding_gradients": f"the first hidden layer's gradient norm is over {EXPLODING:g} times the output layer's "
+    "(median over the monitored steps)",
+    "activation_drift": f"the last hidden layer's activation std is over {ACTIVATION_DRIFT:g} times the first's, or "
+    f"under 1/{ACTIVATION_DRIFT:g} of it",
+    "saturated_units": f"over {SATURATED:.0%} of a layer's outputs (units x examples) lie within {SATURATION:g} of "
+    "an asymptote of sigmoid or tanh",
+    "dead_units": f"over {DEAD:.0%} of a layer's units output 0 for every example of the monitored batch",
+    "not_learning": "validation accuracy under 1.5 x chance at the end, and training loss over 0.9 x its first epoch's",
+    "overfitting": f"validation loss rose for {OVERFIT_EPOCHS} epochs or more, to over {OVERFIT_RISE:.0%} above its "
+    "best, while training loss fell",
 }
 
 

@@ -1,6 +1,6 @@
 """hydra/sweeper=optuna: dnnrun's Optuna sweeper (the search itself: dnnrun/cli/search.py).
 
-Registered with Hydra here, with its settings and defaults (README: Searches). Importing this
+Registered with Hydra here, with its settings and defaults (docs/sweeps-and-clusters.md). Importing this
 module is cheap: Hydra imports every plugin module at start-up; Optuna is imported by the search."""
 
 # No `from __future__ import annotations`: Hydra runs this module without registering it in
