@@ -235,3 +235,21 @@ def test_a_run_directory_that_cannot_take_status_json_ends_with_a_message_not_a_
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
     assert f"cannot record how the run ended in {tmp_path / 'run' / 'status.json'}: Permission denied" in result.stderr
+
+
+def test_a_reader_that_stops_early_does_not_stop_the_run(tmp_path: Path):
+    """`dnnrun | head -2`: once head has its lines the pipe is closed; the run goes on quietly and
+    ends as it would have, recorded (status.json, run.log), with its own exit code."""
+    import subprocess
+
+    from conftest import DNNRUN
+
+    run = tmp_path / "run"
+    command = [str(DNNRUN), "trainer.epochs=3", "data=synthetic", f"hydra.run.dir={run}", f"outputs={tmp_path}"]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.readline()  # the first line, then the reader goes away
+    process.stdout.close()
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err.decode()
+    assert json.loads((run / "status.json").read_text())["status"] == "completed"
+    assert "epoch 3/3" in (run / "run.log").read_text() and b"Traceback" not in err

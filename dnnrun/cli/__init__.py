@@ -97,6 +97,9 @@ def _main(argv: list[str]) -> None:
         return
     from dnnrun.cli.checks import check_torch, preflight
     from dnnrun.cli.messages import error
+    from dnnrun.cli.process import outlive_the_reader
+
+    outlive_the_reader()  # `dnnrun | head`: the run goes on, quietly, once head has its lines
     from dnnrun.cli.rerun import expand
     from dnnrun.errors import ConfigError, UserError
 
