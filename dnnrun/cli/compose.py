@@ -57,8 +57,9 @@ class Composer:
             self.loader.get_group_options(key, results_filter=None, config_name=self.config_name, overrides=self.base)
         )
 
-    def options(self, group: str) -> list[str]:
-        """A group's options, those of its folders too, as Hydra selects them: experiment=chapter/prelu."""
+    def options(self, group: str, nested: bool = False) -> list[str]:
+        """A group's options; nested=True: those in its folders too, as Hydra selects them
+        (experiment=chapter/prelu). Each listing composes the config: a folder costs two more."""
         from hydra.core.object_type import ObjectType
 
         def listed(kind) -> list[str]:
@@ -66,8 +67,12 @@ class Composer:
                 group, results_filter=kind, config_name=self.config_name, overrides=self.base
             )
 
-        nested = [f"{sub}/{name}" for sub in listed(ObjectType.GROUP) for name in self.options(f"{group}/{sub}")]
-        return sorted(listed(ObjectType.CONFIG) + nested)
+        found = listed(ObjectType.CONFIG)
+        if nested:
+            found += [
+                f"{sub}/{name}" for sub in listed(ObjectType.GROUP) for name in self.options(f"{group}/{sub}", True)
+            ]
+        return sorted(found)
 
     def compose(self, overrides: list, mode) -> DictConfig:
         try:
