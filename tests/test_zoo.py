@@ -165,3 +165,23 @@ def test_data_resize_puts_a_resize_layer_in_front_of_any_image_model(tmp_path):
     assert summary["status"] == "completed" and trained["hidden2.linear.weight"].shape[1] == 4 * 6 * 6  # 12 pooled once
     with pytest.raises(ConfigError, match="data.resize: resizes images; synthetic's examples are not images"):
         make_config("data.resize=12")
+
+
+def test_the_new_output_layer_follows_init_output_as_every_model_s_does():
+    """init=random_normal draws the hidden layers from N(0, 1); the output layer keeps init.output's
+    Glorot uniform (limit sqrt(6 / (512 + 10)) for resnet18's 512 features), as in an MLP."""
+    from dnnrun.training import runtime
+
+    cfg = make_config("model=zoo", "model.arch=resnet18", "data.resize=32", "init=random_normal", data="digits")
+    model, _ = runtime.build_model(cfg, runtime.load_data(cfg.data, cfg.model, torch.device("cpu")))
+    limit = (6 / (512 + 10)) ** 0.5
+    assert model.output.weight.abs().max() <= limit and model.output.weight.std() > limit / 3
+
+
+def test_what_a_zoo_network_leaves_out_is_said_not_silently_dropped():
+    from dnnrun.insight.advice import warnings
+
+    cfg = make_config("model=zoo", "act=elu", "norm=batchnorm", "regularizer=[l2,dropout]", data="digits")
+    (said,) = [w for w in warnings(cfg) if w.startswith("model=zoo")]
+    assert "act=elu, norm=batchnorm, the dropout regularizers (l1, l2 and max_norm do apply)" in said
+    assert not [w for w in warnings(make_config("model=zoo", "regularizer=[l2]", data="digits")) if "zoo" in w]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from dnnrun.models.registry import MODELS
 from dnnrun.techniques.init import is_lecun
 from dnnrun.techniques.regularizers import combine
 
@@ -19,6 +20,16 @@ def warnings(cfg: RunConfig) -> list[str]:
         t.freeze or t.unfreeze_after is not None or t.layers is not None or t.replace is not None or t.add
     ):
         found.append("transfer settings without transfer.source have no effect: this run trains from scratch")
+    if MODELS[cfg.model.name].own_layers:
+        reg = combine(cfg.regularizer)
+        unused = [f"act={cfg.act.name}"] if cfg.act.name != "relu" else []  # relu: the default, nothing chosen
+        unused += [f"norm={cfg.norm.name}"] if cfg.norm.name != "none" else []
+        unused += ["the dropout regularizers"] if reg.dropout > 0 or reg.input_dropout > 0 else []
+        if unused:
+            found.append(
+                f"model={cfg.model.name} keeps its architecture's own activations, normalization and dropout, so "
+                f"these settings do nothing here: {', '.join(unused)} (l1, l2 and max_norm do apply)"
+            )
     if cfg.norm.on_inputs and cfg.data.scaling == "standardize":
         found.append(
             "norm.on_inputs=true with data.scaling=standardize: the input BN layer is meant to replace "

@@ -376,6 +376,8 @@ class Architecture:
     images: bool = False  # needs images (N, C, H, W): refused for data whose examples are vectors
     # takes pixels in [0, 1] and resizes and normalizes them itself (data.scaling does not apply)
     own_inputs: bool = False
+    # keeps its own activations, normalization and dropout: act, norm and the dropout regularizers do not apply
+    own_layers: bool = False
     weights: OwnWeights | None = None  # the weights its config names to start from
     # None: the members of trainer.seeds can be stacked (torch.func.stack_module_state); else why not
     members: str | None = None
@@ -398,6 +400,7 @@ MODELS = {
         from_config,
         images=True,
         own_inputs=True,
+        own_layers=True,
         weights=ZOO_WEIGHTS,
         members="a zoo network starts from model.weights, and members start from their seeds' initializations",
     ),

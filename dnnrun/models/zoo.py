@@ -179,7 +179,7 @@ def build(cfg: ZooConfig, inputs: Inputs, layers: Layers) -> Network:
     name, classifier = _classifier(features, cfg.arch)
     features.set_submodule(name, nn.Identity())
     output = nn.Linear(classifier.in_features, inputs.classes)
-    initialize(output, layers.init)
+    initialize(output, layers.init, output=output)  # the new output layer: init.output's rule
     return ZooNetwork(OrderedDict([("inputs", ZooInputs(size, mean, std)), ("features", features), (OUTPUT, output)]))
 
 
