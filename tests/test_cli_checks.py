@@ -346,6 +346,10 @@ PLUGIN_REFUSALS = {
         "hydra.sweeper.pruner: 'medain' is not a pruner; valid: median, hyperband, none (did you mean 'median'?)",
     ),
     "no trials": (["-m", "experiment=search", "hydra.sweeper.n_trials=0"], "hydra.sweeper.n_trials: must be a whole"),
+    "members in a search's trials": (
+        ["-m", "experiment=search", "trainer.seeds=[0,1]"],
+        "trainer.seeds: a search's trial is one run (its value one model's)",
+    ),
     "a Slurm signal as late as the time limit": (
         ["-m", "hydra/launcher=slurm", "hydra.launcher.timeout_min=1"],
         "hydra.launcher.signal_delay_s: 120 s before a time limit of 60 s (hydra.launcher.timeout_min=1) comes",

@@ -200,14 +200,11 @@ def _run(cfg: DictConfig, run: RunDir, hc: DictConfig, sweeping: bool, rank: int
 
 def _trial(run_cfg, hc: DictConfig):
     """The search's trial that this job is (dnnrun's Optuna sweeper), or None."""
-    from dnnrun.cli.search import job_trial
+    from dnnrun.cli.search import SEEDS_REFUSED, job_trial
 
     trial = job_trial(hc)
     if trial is not None and run_cfg.trainer.seeds is not None:
-        raise UserError(
-            "trainer.seeds: a search's trial is one run (its value one model's); search without trainer.seeds "
-            "and compare the best settings over seeds afterwards"
-        )
+        raise UserError(SEEDS_REFUSED)  # the command line's check refuses it first (cli/checks.py)
     return trial
 
 

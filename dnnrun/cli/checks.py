@@ -245,6 +245,7 @@ def _check_composed(
         found = hydra_problems(resolvable.hydra) + code_problems(resolvable.hydra) if cfg is not master else []
         if launching:
             found += _directory_problems(resolvable, key, where) + _value_problems(resolvable)
+            found += _search_problems(resolvable) if multirun else []
         problems += [f"with {label}: {p}" if label else p for p in found if p not in problems]
     problems = list(dict.fromkeys(problems))
     pins = _pins(parsed, key, where) if launching and where is not None else None
@@ -496,6 +497,14 @@ def _directory_problems(cfg: DictConfig, key: str, where: str | None) -> list[st
         return []  # the value check reports a bad root; a directory known only at launch: the task checks it
     outside = outside_outputs(root, {key: Path(where)}) or unwritable(Path(where), key)
     return [outside] if outside else []
+
+
+def _search_problems(cfg: DictConfig) -> list[str]:
+    """What a search's jobs cannot be: each is one trial, one model's value (cli/search.py)."""
+    from dnnrun.cli.search import SEEDS_REFUSED, SWEEPER
+
+    searching = OmegaConf.select(cfg, "hydra.sweeper._target_", default=None) == SWEEPER
+    return [SEEDS_REFUSED] if searching and OmegaConf.select(cfg, "trainer.seeds", default=None) is not None else []
 
 
 def _value_problems(cfg: DictConfig) -> list[str]:

@@ -41,6 +41,10 @@ from dnnrun.store.rundir import RunDir, SweepDir, atomic_write
 log = logging.getLogger("dnnrun")
 
 SWEEPER = "hydra_plugins.dnnrun_optuna.optuna_sweeper.OptunaSweeper"  # hydra.sweeper._target_ of a search
+SEEDS_REFUSED = (
+    "trainer.seeds: a search's trial is one run (its value one model's); search without trainer.seeds "
+    "and compare the best settings over seeds afterwards"
+)
 STORAGE_ENV = "DNNRUN_OPTUNA_STORAGE"  # a storage URL that may hold a password: read, never written
 JOURNAL = "optuna.journal"  # the study of a search given no storage, in its sweep directory
 FILE_SCHEMES = ("sqlite", "journal")  # a file under the outputs root

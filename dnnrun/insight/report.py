@@ -7,8 +7,8 @@
 The swept values (the overrides that differ between runs) become columns; runs that differ only by
 trainer.seed or data.fold (k-fold cross-validation) are grouped into mean +- std; groups are ranked by
 their best validation metric. Tables show metrics to 4 decimals and swept values to 3 significant
-digits (report.csv keeps them exact); param_NAME.png puts a numeric parameter on a numeric axis (logarithmic over two decades or
-more), a named one in categories.
+digits (report.csv keeps them exact); param_NAME.png puts a numeric parameter on a numeric axis
+(logarithmic over two decades or more), a named one in categories.
 """
 
 from __future__ import annotations
