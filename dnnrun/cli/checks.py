@@ -278,7 +278,7 @@ def _group_choices(composer: Composer, parsed: list, problems: list[str]) -> tup
             zip(o.sweep_iterator(), o.sweep_string_iterator()) if o.is_sweep_override() else [(o.value(), None)]
         )
         named = [str(n) for value, _ in pairs for n in (value if isinstance(value, list) else [value]) if n is not None]
-        if any(n not in options for n in named):
+        if any("/" in n and n not in options for n in named):
             options = composer.options(key, nested=True)  # experiment=chapter/prelu: an option in a folder
         valid = []
         for value, text in pairs:
