@@ -98,11 +98,10 @@ def _main(argv: list[str]) -> None:
     from dnnrun.cli.checks import check_torch, preflight
     from dnnrun.cli.messages import error
     from dnnrun.cli.process import outlive_the_reader
-
-    outlive_the_reader()  # `dnnrun | head`: the run goes on, quietly, once head has its lines
     from dnnrun.cli.rerun import expand
     from dnnrun.errors import ConfigError, UserError
 
+    outlive_the_reader()  # `dnnrun | head`: the run goes on, quietly, once head has its lines
     try:
         argv = expand(argv)  # rerun=RUN: that run's overrides
     except UserError as exc:

@@ -133,10 +133,10 @@ def outside_outputs(root: str, places: dict[str, Path]) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The settings of the launchers and sweepers that docs/sweeps-and-clusters.md documents: an allow-list. Each setting is
-# a plain value, a path (under the outputs root), a line (one line of text: submitit writes it
-# into the sbatch script), or never set (a shell line or command: setup, srun_args). A setting
-# not listed here is refused rather than passed through.
+# The settings of the launchers and sweepers that docs/sweeps-and-clusters.md documents: an
+# allow-list. Each setting is a plain value, a path (under the outputs root), a line (one line of
+# text: submitit writes it into the sbatch script), or never set (a shell line or command: setup,
+# srun_args). A setting not listed here is refused rather than passed through.
 
 VALUE, PATH, LINE, NEVER, SBATCH, STORAGE = "value", "path", "line", "never", "sbatch", "storage"
 COUNT, FRACTION, DIRECTION, PRUNER = "count", "fraction", "direction", "pruner"
