@@ -177,3 +177,21 @@ def test_a_search_stops_asking_for_trials_once_too_many_failed(tmp_path: Path):
     assert result.returncode == 1
     assert "1 of this process's 1 trials failed, more than hydra.sweeper.max_failure_rate=0.5" in result.stderr
     assert _results(sweep)["trials"] == {"fail": 1} and [j["status"] for j in _jobs(sweep).values()] == ["failed"]
+
+
+def test_a_running_trial_whose_parameters_are_still_being_written_is_no_other_space():
+    """Two processes start on one study: one reads the other's first trial while its parameters are
+    written one at a time. Part of the space fits; a finished trial's space must be the whole one."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from dnnrun.cli.search import other_space
+
+    space = {"lr": FloatDistribution(1e-4, 0.1, log=True), "width": CategoricalDistribution([64, 128])}
+    writing = create_trial(state=TrialState.RUNNING, params={"lr": 0.01}, distributions={"lr": space["lr"]})
+    assert other_space([writing], space) is None
+    done = create_trial(state=TrialState.COMPLETE, value=1.0, params={"lr": 0.01}, distributions={"lr": space["lr"]})
+    assert other_space([done], space) == {"lr": space["lr"]}
+    elsewhere = {"lr": FloatDistribution(1e-3, 1.0, log=True)}
+    running_elsewhere = create_trial(state=TrialState.RUNNING, params={"lr": 0.01}, distributions=elsewhere)
+    assert other_space([running_elsewhere], space) == elsewhere

@@ -269,13 +269,13 @@ class Search:
                 f"hydra.sweeper.direction: the study {name!r} in {shown} is to {study.direction.name.lower()}, "
                 f"not {direction}; give another study_name (hydra.sweeper.study_name=...)"
             )
-        for trial in study.get_trials(deepcopy=False):
-            if trial.distributions and trial.distributions != space:
-                raise UserError(
-                    f"hydra.sweeper.params: the study {name!r} in {shown} searches "
-                    f"{_describe(trial.distributions)}, not {_describe(space)}; give another study_name "
-                    f"(hydra.sweeper.study_name=...) or the same search space"
-                )
+        other = other_space(study.get_trials(deepcopy=False), space)
+        if other is not None:
+            raise UserError(
+                f"hydra.sweeper.params: the study {name!r} in {shown} searches "
+                f"{_describe(other)}, not {_describe(space)}; give another study_name "
+                f"(hydra.sweeper.study_name=...) or the same search space"
+            )
         had = len(study.get_trials(deepcopy=False))
         log.info(
             "study %r in %s: %d of %d trials there; pruner: %s",
@@ -349,6 +349,19 @@ def _consecutive(numbers: list[int], jobs: list[list[str]]):
         else:
             runs.append((number, [job]))
     return runs
+
+
+def other_space(trials: list, space: dict[str, Any]) -> dict[str, Any] | None:
+    """The search space of a study's trial that is not `space`, or None. Another process may be
+    writing a running trial's parameters one at a time: a part of `space` fits it."""
+    from optuna.trial import TrialState
+
+    for trial in trials:
+        partial = trial.state == TrialState.RUNNING
+        fits = trial.distributions.items() <= space.items() if partial else trial.distributions == space
+        if trial.distributions and not fits:
+            return trial.distributions
+    return None
 
 
 def _describe(space: dict[str, Any]) -> str:
