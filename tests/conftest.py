@@ -140,6 +140,13 @@ def _process_state(argv: list[str], cwd: Path, env: dict[str, str]):
             lg.propagate = propagate
 
 
+def last_weights(run: Path) -> dict:
+    """The model's weights in a run's checkpoints/last.pt, loaded weights-only."""
+    import torch
+
+    return torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+
 def write_idx(path: Path, array: np.ndarray) -> None:
     magic = {1: 2049, 3: 2051}[array.ndim]
     header = struct.pack(">" + "I" * (1 + array.ndim), magic, *array.shape)

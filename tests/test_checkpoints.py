@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import make_config, run_cli
+from conftest import last_weights, make_config, run_cli
 from dnnrun.errors import UserError
 from dnnrun.inference import evaluate
 from dnnrun.store import checkpoint
@@ -311,9 +311,7 @@ def test_a_version_1_checkpoint_resumes_to_the_run_this_version_makes(name, wher
     assert [{k: v for k, v in r.items() if not k.startswith("time/")} for r in mine] == [
         {k: v for k, v in r.items() if not k.startswith("time/")} for r in theirs
     ]
-    a, b = (
-        torch.load(tmp_path / d / "checkpoints" / "last.pt", weights_only=True)["model"] for d in ("resumed", "fresh")
-    )
+    a, b = (last_weights(tmp_path / d) for d in ("resumed", "fresh"))
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 

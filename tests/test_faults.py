@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_config, run_cli
+from conftest import last_weights, make_config, run_cli
 from dnnrun.errors import ConfigError, Interrupted, RunError, UserError
 from dnnrun.inference import evaluate
 from dnnrun.store import checkpoint
@@ -47,12 +47,8 @@ def straight(tmp_path_factory) -> Path:
     return run
 
 
-def _weights(run: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
-
-
 def _same_weights(a: Path, b: Path) -> bool:
-    wa, wb = _weights(a), _weights(b)
+    wa, wb = last_weights(a), last_weights(b)
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 

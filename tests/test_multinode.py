@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_config, run_cli
+from conftest import last_weights, make_config, run_cli
 from dnnrun.store.rundir import SweepDir
 from dnnrun.training import distributed, loop
 from services import slurm
@@ -41,10 +41,6 @@ def alone(tmp_path_factory) -> Path:
     return single
 
 
-def _weights(run: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
-
-
 def _figures(run: Path) -> dict[str, float]:
     """The figures a run's summary reports, its timings left out."""
     summary = json.loads((run / "summary.json").read_text())
@@ -60,7 +56,7 @@ def _figures(run: Path) -> dict[str, float]:
 
 def _one_run_of_two_processes(run: Path, alone: Path) -> None:
     """The run's weights and figures are those of one process; only rank 0 wrote its files."""
-    ours, theirs = _weights(run), _weights(alone)
+    ours, theirs = last_weights(run), last_weights(alone)
     assert ours.keys() == theirs.keys()
     assert all(torch.allclose(ours[k], theirs[k], atol=1e-5) for k in theirs), "weights differ from one process's"
     assert _figures(run) == pytest.approx({**_figures(alone), "processes": 2}, rel=1e-5)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import make_config
+from conftest import last_weights, make_config
 from dnnrun.errors import ConfigError
 from dnnrun.models import registry as model
 from dnnrun.models.registry import Inputs, Layers
@@ -130,7 +130,7 @@ def _trained(tmp_path, name: str, *overrides: str) -> dict[str, torch.Tensor]:
     from dnnrun.training import loop
 
     loop.run(make_config("trainer.epochs=1", *overrides), tmp_path / name)
-    return torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=True)["model"]
+    return last_weights(tmp_path / name)
 
 
 def _initial(*overrides: str) -> dict[str, torch.Tensor]:

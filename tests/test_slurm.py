@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import DNNRUN, make_config
+from conftest import DNNRUN, last_weights, make_config
 from dnnrun.insight import report
 from dnnrun.store.rundir import SweepDir
 from dnnrun.training import loop
@@ -228,8 +228,8 @@ def _history(job: Path) -> list[dict]:
 
 def _assert_same_run(job: Path, straight: Path) -> None:
     assert _history(job) == _history(straight)
-    weights = torch.load(job / "checkpoints" / "last.pt", weights_only=True)["model"]
-    expected = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)["model"]
+    weights = last_weights(job)
+    expected = last_weights(straight)
     assert weights.keys() == expected.keys()
     assert all(torch.equal(weights[k], expected[k]) for k in expected)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_config, run_cli
+from conftest import last_weights, make_config, run_cli
 from dnnrun.errors import Interrupted, UserError
 from dnnrun.store import checkpoint
 from dnnrun.store.rundir import read_jsonl
@@ -253,7 +253,7 @@ def test_channels_last_trains_the_same_conv_net(tmp_path: Path):
         for on in (False, True)
     ]
     assert runs[0]["final"]["train/loss"] == pytest.approx(runs[1]["final"]["train/loss"], rel=1e-4)
-    weights = torch.load(tmp_path / "True" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    weights = last_weights(tmp_path / "True")
     assert weights["hidden2.conv.weight"].shape == (8, 4, 3, 3)  # saved as any checkpoint: loads anywhere
 
 

@@ -12,7 +12,7 @@ import torch
 import torchvision.models
 from safetensors.torch import save_file
 
-from conftest import make_config, run_cli
+from conftest import last_weights, make_config, run_cli
 from dnnrun.errors import ConfigError, UserError
 from dnnrun.models import zoo
 from dnnrun.models.network import ZooInputs
@@ -67,7 +67,7 @@ def test_frozen_reused_stages_keep_the_files_weights_and_statistics_while_the_ne
     assert summary["transfer"]["reused_layers"] == [1, 2, 3, 4, 5, 6]
     assert summary["transfer"]["source"] == str(weights)
     given = load_file(str(weights))
-    trained = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["model"]
+    trained = last_weights(tmp_path)
     for name, tensor in given.items():
         if not name.startswith("fc."):  # weights and batch-norm running statistics alike
             assert torch.equal(trained[f"features.{name}"], tensor), name
@@ -92,7 +92,7 @@ def test_transfer_layers_counts_stages_and_the_rest_train_from_scratch(weights, 
     assert summary["transfer"]["reused_layers"] == [1, 2]
     given, trained = (
         load_file(str(weights)),
-        torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["model"],
+        last_weights(tmp_path),
     )
     assert torch.equal(trained["features.conv1.weight"], given["conv1.weight"])
     assert not torch.equal(trained["features.layer1.0.conv1.weight"], given["layer1.0.conv1.weight"])
@@ -106,7 +106,7 @@ def test_unfreezing_trains_the_reused_stages_again(weights, tmp_path):
     loop.run(
         _zoo(weights, "transfer.freeze=true", "transfer.unfreeze_after=1", "transfer.unfreeze_lr_factor=0.1"), tmp_path
     )
-    trained = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["model"]
+    trained = last_weights(tmp_path)
     assert not torch.equal(trained["features.layer4.1.conv2.weight"], load_file(str(weights))["layer4.1.conv2.weight"])
 
 
@@ -161,7 +161,7 @@ def test_data_resize_puts_a_resize_layer_in_front_of_any_image_model(tmp_path):
         ),
         tmp_path,
     )
-    trained = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["model"]
+    trained = last_weights(tmp_path)
     assert summary["status"] == "completed" and trained["hidden2.linear.weight"].shape[1] == 4 * 6 * 6  # 12 pooled once
     with pytest.raises(ConfigError, match="data.resize: resizes images; synthetic's examples are not images"):
         make_config("data.resize=12")
